@@ -1,0 +1,46 @@
+# TuneForge developer entry points. Everything runs inside .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+GEN_DIR := services/common
+
+.PHONY: install up test test-fast protos check-protos lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, pinned to the CPU build on disk; the trainer's own requirement is a range that admits it.
+install: $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q -e services/common -e services/catalog -e services/jobs -e services/gateway \
+		-e services/trainer -e services/cli
+
+up: install
+	$(VENV)/bin/tuneforge up
+
+test:
+	$(PY) -m pytest
+
+protos:
+	rm -rf $(GEN_DIR)/tuneforge
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
+		--mypy_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) $(PROTO_FILES)
+	find $(GEN_DIR)/tuneforge -type d -exec touch {}/__init__.py \;
+
+# Fails when the committed generated code differs from what `make protos` produces.
+check-protos: protos
+	git add -N $(GEN_DIR)/tuneforge
+	git diff --exit-code --stat -- $(GEN_DIR)/tuneforge
+
+lint:
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
+
+clean:
+	rm -rf $(VENV) .tuneforge

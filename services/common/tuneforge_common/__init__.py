@@ -1,0 +1,1 @@
+"""Code shared by the TuneForge services: config, storage, events, errors, parameter schemas."""

@@ -1,0 +1,60 @@
+"""Domain errors. Services raise these; one mapper (grpcutil) turns them into gRPC status codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base class; the message is safe to show to clients."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(DomainError):
+    pass
+
+
+class AlreadyExists(DomainError):
+    pass
+
+
+class FailedPrecondition(DomainError):
+    pass
+
+
+class ResourceExhausted(DomainError):
+    pass
+
+
+class InvalidArgument(DomainError):
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
+        super().__init__(message)
+        self.violations: list[FieldViolation] = list(violations or [])
+
+    @classmethod
+    def for_field(cls, field_name: str, description: str) -> "InvalidArgument":
+        return cls(f"{field_name}: {description}", [FieldViolation(field_name, description)])
+
+
+@dataclass
+class ViolationCollector:
+    """Gathers every violation of a request so the client sees them all at once."""
+
+    violations: list[FieldViolation] = field(default_factory=list)
+
+    def add(self, field_name: str, description: str) -> None:
+        self.violations.append(FieldViolation(field_name, description))
+
+    def raise_if_any(self) -> None:
+        if self.violations:
+            summary = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+            raise InvalidArgument(summary, self.violations)
