@@ -41,7 +41,7 @@ class InvalidArgument(DomainError):
         self.violations: list[FieldViolation] = list(violations or [])
 
     @classmethod
-    def for_field(cls, field_name: str, description: str) -> "InvalidArgument":
+    def for_field(cls, field_name: str, description: str) -> InvalidArgument:
         return cls(f"{field_name}: {description}", [FieldViolation(field_name, description)])
 
 
@@ -58,3 +58,7 @@ class ViolationCollector:
         if self.violations:
             summary = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
             raise InvalidArgument(summary, self.violations)
+
+
+class Unavailable(DomainError):
+    """A dependency (another service) cannot be reached; the client may retry."""

@@ -11,8 +11,16 @@ from .errors import ViolationCollector
 from .methods import env_name
 
 TYPE_NAMES = ("int", "float", "bool", "string")
-_PY_TYPES = {int: "int", float: "float", bool: "bool", str: "string",
-             "int": "int", "float": "float", "bool": "bool", "str": "string"}
+_PY_TYPES = {
+    int: "int",
+    float: "float",
+    bool: "bool",
+    str: "string",
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+    "str": "string",
+}
 
 
 @dataclass(frozen=True)
@@ -39,23 +47,28 @@ class ParamSpec:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ParamSpec":
-        return cls(**{**data, "choices": tuple(data.get("choices", ())),
-                      "aliases": tuple(data.get("aliases", ()))})
+    def from_json(cls, data: dict[str, Any]) -> ParamSpec:
+        return cls(**{**data, "choices": tuple(data.get("choices", ())), "aliases": tuple(data.get("aliases", ()))})
 
 
 def specs_from_dataclass(params_cls: type) -> list[ParamSpec]:
     specs = []
     for f in dataclasses.fields(params_cls):
         meta = f.metadata
-        specs.append(ParamSpec(
-            name=f.name, type=_PY_TYPES[f.type if isinstance(f.type, str) else f.type],
-            help=meta.get("help", ""),
-            default=None if f.default is dataclasses.MISSING else f.default,
-            minimum=meta.get("min"), maximum=meta.get("max"),
-            choices=tuple(meta.get("choices", ())), aliases=tuple(meta.get("aliases", ())),
-            group=meta.get("group", "basic"), required=f.default is dataclasses.MISSING,
-        ))
+        specs.append(
+            ParamSpec(
+                name=f.name,
+                type=_PY_TYPES[f.type if isinstance(f.type, str) else f.type],
+                help=meta.get("help", ""),
+                default=None if f.default is dataclasses.MISSING else f.default,
+                minimum=meta.get("min"),
+                maximum=meta.get("max"),
+                choices=tuple(meta.get("choices", ())),
+                aliases=tuple(meta.get("aliases", ())),
+                group=meta.get("group", "basic"),
+                required=f.default is dataclasses.MISSING,
+            )
+        )
     return specs
 
 
@@ -120,8 +133,9 @@ def _fmt(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-def resolve_parameters(specs: list[ParamSpec], given: dict[str, Any],
-                       field_prefix: str = "parameters") -> dict[str, Any]:
+def resolve_parameters(
+    specs: list[ParamSpec], given: dict[str, Any], field_prefix: str = "parameters"
+) -> dict[str, Any]:
     """Canonical names, coerced types, ranges checked, defaults filled.
 
     Raises InvalidArgument listing every bad field as `parameters.<name>`.

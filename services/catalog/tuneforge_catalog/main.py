@@ -1,0 +1,77 @@
+"""Catalog service process: migrate, seed built-ins, serve gRPC, publish events."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import Field
+
+from tuneforge_common.artifacts import ArtifactStore
+from tuneforge_common.config import CommonSettings
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.events import OutboxPublisher
+from tuneforge_common.grpcutil import start_server
+from tuneforge_common.logs import setup_logging
+from tuneforge_common.runtime import run_service, wait_for_shutdown_signal
+
+from . import api, store
+from .service import Catalog
+
+log = logging.getLogger("tuneforge.catalog")
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class CatalogSettings(CommonSettings):
+    catalog_database_url: str = Field(
+        "sqlite+aiosqlite:///.tuneforge/catalog.db", description="Catalog database (PostgreSQL or SQLite URL)."
+    )
+    catalog_grpc_port: int = Field(50051, description="Catalog gRPC port; 0 picks a free one.")
+    catalog_max_dataset_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload accepted.")
+    catalog_seed_models: str = Field(
+        "",
+        description="os.pathsep-separated model directories registered "
+        "as built-in models at start (name = directory name).",
+    )
+
+
+async def build_catalog(settings: CatalogSettings) -> tuple[Catalog, OutboxPublisher]:
+    engine = make_engine(settings.catalog_database_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_catalog")
+    publisher = OutboxPublisher(
+        engine, store.outbox, settings.nats_url, settings.events_stream, settings.events_subject_root
+    )
+    catalog = Catalog(
+        engine=engine,
+        artifacts=ArtifactStore(settings.artifact_root),
+        subject_root=settings.events_subject_root,
+        max_dataset_bytes=settings.catalog_max_dataset_bytes,
+        on_event=publisher.notify,
+    )
+    await catalog.sync_builtin_methods()
+    for entry in filter(None, settings.catalog_seed_models.split(":")):
+        path = Path(entry)
+        await catalog.register_model_dir(path, name=path.name, description="Built-in model", builtin=True)
+    return catalog, publisher
+
+
+async def serve() -> None:
+    settings = CatalogSettings()
+    setup_logging(settings.log_level)
+    catalog, publisher = await build_catalog(settings)
+    publisher.start()
+    server, port = await start_server([api.binding(catalog)], settings.grpc_host, settings.catalog_grpc_port)
+    log.info("catalog serving on %s:%d", settings.grpc_host, port)
+    print(f"TUNEFORGE_READY catalog grpc={port}", flush=True)
+    await wait_for_shutdown_signal()
+    await server.stop(grace=5)
+    await publisher.stop()
+    await catalog.engine.dispose()
+
+
+def main() -> None:
+    run_service(serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Catalog tables and queries (SQLAlchemy Core, one transaction per use case)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Column, Integer, MetaData, String, Table, Text, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tuneforge_common.db import UtcDateTime
+from tuneforge_common.events import outbox_table
+
+metadata = MetaData()
+
+models = Table(
+    "models",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("uri", Text, nullable=False),
+    Column("architecture", String(255), nullable=False),
+    Column("parameter_count", BigInteger, nullable=False),
+    Column("context_length", Integer, nullable=False),
+    Column("dtype", String(32), nullable=False),
+    Column("has_chat_template", Boolean, nullable=False),
+    Column("builtin", Boolean, nullable=False, default=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("uri", Text, nullable=False),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("row_count", BigInteger, nullable=False),
+    Column("format", String(32), nullable=False),
+    Column("columns", Text, nullable=False),  # JSON list
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+methods = Table(
+    "methods",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("display_name", String(255), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("training_type", String(32), nullable=False),
+    Column("lifecycle", String(32), nullable=False),
+    Column("parameters", Text, nullable=False),  # JSON list of ParamSpec
+    Column("entrypoint", Text, nullable=False),
+    Column("builtin", Boolean, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+outbox = outbox_table(metadata)
+
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+
+
+def encode_page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def decode_page_token(token: str) -> int:
+    from tuneforge_common.errors import InvalidArgument
+
+    if not token:
+        return 0
+    try:
+        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        offset = int(value)
+        if kind != "o" or offset < 0:
+            raise ValueError
+        return offset
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.for_field("page_token", "invalid page token") from None
+
+
+async def list_page(
+    engine: AsyncEngine, table: Table, page_size: int, page_token: str, order_by: Any
+) -> tuple[list[Any], str]:
+    from tuneforge_common.errors import InvalidArgument
+
+    if page_size < 0:
+        raise InvalidArgument.for_field("page_size", "must not be negative")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    offset = decode_page_token(page_token)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(table).order_by(*order_by).offset(offset).limit(size + 1))).all()
+    next_token = encode_page_token(offset + size) if len(rows) > size else ""
+    return list(rows[:size]), next_token
+
+
+async def get_row(engine: AsyncEngine, table: Table, row_id: str) -> Any | None:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(table).where(table.c.id == row_id))).first()
+
+
+async def count(engine: AsyncEngine, table: Table) -> int:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(func.count()).select_from(table))).scalar_one()

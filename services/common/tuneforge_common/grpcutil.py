@@ -1,0 +1,144 @@
+"""gRPC plumbing shared by the services: the one domain-error mapper, server setup, status decoding."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from . import errors
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException) -> grpc.Status:
+    """Domain errors keep their message; anything else is INTERNAL with no exception text."""
+    if isinstance(exc, errors.DomainError):
+        code = next((c for cls, c in _CODES.items() if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+        message = exc.message
+    else:
+        code, message = grpc.StatusCode.INTERNAL, "internal error"
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if isinstance(exc, errors.InvalidArgument) and exc.violations:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in exc.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if not isinstance(exc, errors.DomainError):
+        log.exception("unhandled error in RPC", exc_info=exc)
+    st = status_for(exc)
+    await context.abort(st.code, st.details, st.trailing_metadata)
+
+
+def map_errors(fn: Callable) -> Callable:
+    """Decorate a servicer method (coroutine or async generator) so domain errors become status codes."""
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper
+
+
+@dataclass
+class ServiceBinding:
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str
+
+
+async def start_server(
+    bindings: Iterable[ServiceBinding], host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server with health checking and reflection; port 0 picks a free port."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    bindings = list(bindings)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for b in bindings:
+        b.add_to_server(b.servicer, server)
+    names = [b.full_name for b in bindings] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for b in bindings:
+        await health_servicer.set(b.full_name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+@dataclass
+class DecodedError:
+    code: grpc.StatusCode
+    message: str
+    field_violations: list[tuple[str, str]]
+
+
+def decode_error(err: grpc.aio.AioRpcError) -> DecodedError:
+    """Read code, message and BadRequest field violations from a failed call."""
+    violations: list[tuple[str, str]] = []
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    br = error_details_pb2.BadRequest()
+                    detail.Unpack(br)
+                    violations += [(v.field, v.description) for v in br.field_violations]
+    return DecodedError(err.code(), err.details() or "", violations)
+
+
+assert code_pb2.NOT_FOUND == grpc.StatusCode.NOT_FOUND.value[0]

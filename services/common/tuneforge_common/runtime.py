@@ -1,0 +1,22 @@
+"""Process entry helpers: run a service until SIGTERM/SIGINT, then shut down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+
+async def wait_for_shutdown_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run_service(main: Callable[[], Awaitable[None]]) -> None:
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,287 @@
+"""JobService and AgentService gRPC surfaces: decode, call the use case, encode."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from tuneforge.agent.v1 import agent_pb2 as apb
+from tuneforge.agent.v1 import agent_pb2_grpc
+from tuneforge.jobs.v1 import jobs_pb2 as pb
+from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_common.errors import InvalidArgument
+from tuneforge_common.grpcutil import ServiceBinding, map_errors
+
+from .lifecycle import TERMINAL, JobState
+from .notify import Notifier
+from .service import Jobs, Report
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+WATCH_POLL_S = 1.0
+_REPORTED = {
+    apb.REPORTED_STATE_RUNNING: JobState.RUNNING,
+    apb.REPORTED_STATE_SUCCEEDED: JobState.SUCCEEDED,
+    apb.REPORTED_STATE_FAILED: JobState.FAILED,
+    apb.REPORTED_STATE_CANCELLED: JobState.CANCELLED,
+}
+
+
+def _ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(values)
+    return out
+
+
+def job_to_pb(row: Any) -> pb.Job:
+    return pb.Job(
+        id=row.id,
+        name=row.name,
+        model_id=row.model_id,
+        dataset_id=row.dataset_id,
+        method_id=row.method_id,
+        parameters=_struct(json.loads(row.parameters)),
+        state=pb.JobState.Value(f"JOB_STATE_{row.state}"),
+        state_reason=row.state_reason,
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        priority=row.priority,
+        agent_id=row.agent_id or "",
+        output_uri=row.output_uri,
+        current_step=row.current_step,
+        total_steps=row.total_steps,
+        progress_percent=row.progress,
+        create_time=_ts(row.created_at),
+        start_time=_ts(row.started_at),
+        end_time=_ts(row.ended_at),
+        update_time=_ts(row.updated_at),
+    )
+
+
+def metric_to_pb(row: Any) -> pb.MetricPoint:
+    return pb.MetricPoint(name=row.name, step=row.step, value=row.value, time=_ts(row.recorded_at), attempt=row.attempt)
+
+
+def log_to_pb(row: Any) -> pb.LogLine:
+    return pb.LogLine(seq=row.id, time=_ts(row.recorded_at), stream=row.stream, text=row.text, attempt=row.attempt)
+
+
+def _page(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument.for_field("page_size", "must not be negative")
+    return min(page_size or DEFAULT_PAGE, MAX_PAGE)
+
+
+def _token(value: int) -> str:
+    return base64.urlsafe_b64encode(f"t:{value}".encode()).decode()
+
+
+def _untoken(token: str, field: str = "page_token") -> int:
+    if not token:
+        return 0
+    try:
+        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        if kind != "t" or int(value) < 0:
+            raise ValueError
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.for_field(field, "invalid token") from None
+
+
+def _cursor(version: int, metric_id: int, log_id: int) -> str:
+    return f"v{version}.m{metric_id}.l{log_id}"
+
+
+def _parse_cursor(cursor: str) -> tuple[int, int, int]:
+    if not cursor:
+        return 0, 0, 0
+    try:
+        v, m, lg = cursor.split(".")
+        if v[0] != "v" or m[0] != "m" or lg[0] != "l":
+            raise ValueError
+        return int(v[1:]), int(m[1:]), int(lg[1:])
+    except (ValueError, IndexError):
+        raise InvalidArgument.for_field("after_cursor", "invalid cursor") from None
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, jobs: Jobs, changes: Notifier) -> None:
+        self.jobs = jobs
+        self.changes = changes
+
+    @map_errors
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.SubmitJobResponse:
+        row = await self.jobs.submit(
+            request.model_id,
+            request.dataset_id,
+            request.method_id,
+            json_format.MessageToDict(request.parameters),
+            request.priority,
+            request.name,
+        )
+        return pb.SubmitJobResponse(job=job_to_pb(row))
+
+    @map_errors
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=job_to_pb(await self.jobs.get(request.job_id)))
+
+    @map_errors
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        size, offset = _page(request.page_size), _untoken(request.page_token)
+        rows = await self.jobs.list(size + 1, offset)
+        token = _token(offset + size) if len(rows) > size else ""
+        return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in rows[:size]], next_page_token=token)
+
+    @map_errors
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
+        return pb.CancelJobResponse(job=job_to_pb(await self.jobs.cancel(request.job_id)))
+
+    @map_errors
+    async def ListJobMetrics(self, request: pb.ListJobMetricsRequest, context: Any) -> pb.ListJobMetricsResponse:
+        size = _page(request.page_size)
+        rows = await self.jobs.metrics(request.job_id, list(request.names), _untoken(request.page_token), size + 1)
+        token = _token(rows[size - 1].id) if len(rows) > size else ""
+        return pb.ListJobMetricsResponse(points=[metric_to_pb(r) for r in rows[:size]], next_page_token=token)
+
+    @map_errors
+    async def ListJobLogs(self, request: pb.ListJobLogsRequest, context: Any) -> pb.ListJobLogsResponse:
+        size = _page(request.page_size)
+        rows = await self.jobs.logs(request.job_id, _untoken(request.page_token), size + 1)
+        token = _token(rows[size - 1].id) if len(rows) > size else ""
+        return pb.ListJobLogsResponse(lines=[log_to_pb(r) for r in rows[:size]], next_page_token=token)
+
+    @map_errors
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
+        version, metric_id, log_id = _parse_cursor(request.after_cursor)
+        while True:
+            job = await self.jobs.get(request.job_id)
+            for row in await self.jobs.metrics(job.id, [], metric_id, MAX_PAGE):
+                metric_id = row.id
+                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), metric=metric_to_pb(row))
+            for row in await self.jobs.logs(job.id, log_id, MAX_PAGE):
+                log_id = row.id
+                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), log=log_to_pb(row))
+            if job.version > version:
+                version = job.version
+                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), job=job_to_pb(job))
+            if JobState(job.state) in TERMINAL:
+                return
+            await self.changes.wait(WATCH_POLL_S)
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, jobs: Jobs, changes: Notifier) -> None:
+        self.jobs = jobs
+        self.changes = changes
+
+    @map_errors
+    async def RegisterAgent(self, request: apb.RegisterAgentRequest, context: Any) -> apb.RegisterAgentResponse:
+        resources = json_format.MessageToDict(request.resources, preserving_proto_field_name=True)
+        agent_id = await self.jobs.register_agent(request.name, resources, request.resources.slots or 1)
+        return apb.RegisterAgentResponse(
+            agent_id=agent_id,
+            heartbeat_interval_seconds=self.jobs.heartbeat_interval_seconds,
+            lease_ttl_seconds=self.jobs.lease_ttl_seconds,
+        )
+
+    @map_errors
+    async def Heartbeat(self, request: apb.HeartbeatRequest, context: Any) -> apb.HeartbeatResponse:
+        return apb.HeartbeatResponse(cancel_job_ids=await self.jobs.heartbeat(request.agent_id))
+
+    @map_errors
+    async def StreamAssignments(
+        self, request: apb.StreamAssignmentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[apb.StreamAssignmentsResponse]:
+        cancels_sent: set[str] = set()
+        while True:
+            job = await self.jobs.claim_next(request.agent_id)
+            if job is not None:
+                yield apb.StreamAssignmentsResponse(
+                    assignment=apb.JobAssignment(
+                        job_id=job.id,
+                        attempt=job.attempt,
+                        method_id=job.method_id,
+                        entrypoint=job.entrypoint,
+                        model_uri=job.model_uri,
+                        dataset_uri=job.dataset_uri,
+                        parameters=_struct(json.loads(job.parameters)),
+                        output_uri=job.output_uri,
+                    )
+                )
+                continue
+            for job_id in await self.jobs.cancelling_jobs(request.agent_id):
+                if job_id not in cancels_sent:
+                    cancels_sent.add(job_id)
+                    yield apb.StreamAssignmentsResponse(cancellation=apb.JobCancellation(job_id=job_id))
+            await self.changes.wait(WATCH_POLL_S)
+
+    @map_errors
+    async def ReportJob(
+        self, request_iterator: AsyncIterator[apb.ReportJobRequest], context: Any
+    ) -> AsyncIterator[apb.ReportJobResponse]:
+        async for req in request_iterator:
+            acked = await self.jobs.apply_report(req.agent_id, decode_report(req))
+            yield apb.ReportJobResponse(job_id=req.job_id, attempt=req.attempt, acked_seq=acked)
+
+
+def decode_report(req: apb.ReportJobRequest) -> Report:
+    when = dt.datetime.fromtimestamp(req.time_unix, dt.UTC) if req.time_unix else dt.datetime.now(dt.UTC)
+    kind = req.WhichOneof("report")
+    if kind == "state":
+        state = _REPORTED.get(req.state.state)
+        if state is None:
+            raise InvalidArgument.for_field("state.state", "must be set")
+        return Report(
+            req.job_id,
+            req.attempt,
+            req.seq,
+            "state",
+            when,
+            state=state,
+            reason=req.state.reason,
+            output_uri=req.state.output_uri,
+        )
+    if kind == "metric":
+        return Report(
+            req.job_id,
+            req.attempt,
+            req.seq,
+            "metric",
+            when,
+            step=req.metric.step,
+            values=dict(req.metric.values),
+            total_steps=req.metric.total_steps,
+            progress=req.metric.progress_percent,
+        )
+    if kind == "log":
+        return Report(req.job_id, req.attempt, req.seq, "log", when, stream=req.log.stream, text=req.log.text)
+    raise InvalidArgument.for_field("report", "one of state, metric or log is required")
+
+
+def bindings(jobs: Jobs, changes: Notifier) -> list[ServiceBinding]:
+    return [
+        ServiceBinding(
+            jobs_pb2_grpc.add_JobServiceServicer_to_server,
+            JobServicer(jobs, changes),
+            pb.DESCRIPTOR.services_by_name["JobService"].full_name,
+        ),
+        ServiceBinding(
+            agent_pb2_grpc.add_AgentServiceServicer_to_server,
+            AgentServicer(jobs, changes),
+            apb.DESCRIPTOR.services_by_name["AgentService"].full_name,
+        ),
+    ]

@@ -1,0 +1,67 @@
+"""The catalog as seen by the jobs service: a gRPC client that speaks in domain errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from tuneforge.catalog.v1 import catalog_pb2 as pb
+from tuneforge.catalog.v1 import catalog_pb2_grpc
+from tuneforge_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from tuneforge_common.grpcutil import decode_error
+
+from .service import CatalogInputs
+
+TIMEOUT_S = 10.0
+
+
+class GrpcCatalog:
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = catalog_pb2_grpc.CatalogServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method: Any, request: Any, field: str) -> Any:
+        try:
+            return await method(request, timeout=TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            decoded = decode_error(err)
+            if decoded.code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"{field}: {decoded.message}") from None
+            if decoded.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(
+                    decoded.message, [FieldViolation(f, d) for f, d in decoded.field_violations]
+                ) from None
+            raise Unavailable("catalog service unavailable") from None
+
+    async def resolve_inputs(
+        self, model_id: str, dataset_id: str, method_id: str, parameters: dict[str, Any]
+    ) -> CatalogInputs:
+        model = (await self._call(self.stub.GetModel, pb.GetModelRequest(model_id=model_id), "model_id")).model
+        dataset = (
+            await self._call(self.stub.GetDataset, pb.GetDatasetRequest(dataset_id=dataset_id), "dataset_id")
+        ).dataset
+        method = (await self._call(self.stub.GetMethod, pb.GetMethodRequest(method_id=method_id), "method_id")).method
+        given = struct_pb2.Struct()
+        given.update(parameters)
+        resolved = await self._call(
+            self.stub.ResolveParameters,
+            pb.ResolveParametersRequest(method_id=method_id, parameters=given),
+            "parameters",
+        )
+        return CatalogInputs(
+            model_uri=model.uri,
+            dataset_uri=dataset.uri,
+            entrypoint=method.entrypoint,
+            parameters=_ints_back(json_format.MessageToDict(resolved.parameters), method),
+        )
+
+
+def _ints_back(values: dict[str, Any], method: Any) -> dict[str, Any]:
+    # protobuf Struct carries every number as a double; restore the schema's integers.
+    ints = {p.name for p in method.parameters if p.type == 1}
+    return {k: int(v) if k in ints and isinstance(v, float) else v for k, v in values.items()}

@@ -1,0 +1,66 @@
+"""The job state machine: pure rules, no I/O."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from tuneforge_common.errors import FailedPrecondition
+
+
+class JobState(StrEnum):
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+    PAUSED = "PAUSED"
+
+
+S = JobState
+TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
+# States in which an agent holds the job.
+ON_AGENT = frozenset({S.STARTING, S.RUNNING, S.CANCELLING})
+
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    S.QUEUED: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
+    # STARTING/RUNNING -> QUEUED: the agent was lost and the job is retried.
+    S.STARTING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED, S.PAUSED}),
+    # The run may finish on its own before the terminate reaches it.
+    S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED}),
+    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+def check_transition(current: JobState, target: JobState) -> None:
+    if target not in ALLOWED[current]:
+        raise FailedPrecondition(f"job is {current}; it cannot become {target}")
+
+
+def cancel_target(current: JobState) -> JobState:
+    """Where a terminate request takes a job: at once when no agent holds it, else via CANCELLING."""
+    if current in (S.QUEUED, S.PAUSED):
+        return S.CANCELLED
+    if current in (S.STARTING, S.RUNNING):
+        return S.CANCELLING
+    raise FailedPrecondition(f"job is {current}; only queued, paused or running jobs can be terminated")
+
+
+def after_agent_lost(attempt: int, max_attempts: int, current: JobState) -> tuple[JobState, str]:
+    """A lost agent's job is retried until its attempts are spent."""
+    if current == S.CANCELLING:
+        return S.CANCELLED, "agent lost while cancelling"
+    if attempt >= max_attempts:
+        return S.FAILED, f"agent lost; attempt limit of {max_attempts} reached"
+    return S.QUEUED, f"agent lost during attempt {attempt}; requeued"
+
+
+def progress_percent(step: int, total: int) -> float:
+    if total <= 0:
+        return 0.0
+    return max(0.0, min(100.0, 100.0 * step / total))

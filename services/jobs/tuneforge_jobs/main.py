@@ -1,0 +1,87 @@
+"""Jobs service process: migrate, serve JobService and AgentService, reap lost agents, publish events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from pydantic import Field
+
+from tuneforge_common.artifacts import ArtifactStore
+from tuneforge_common.config import CommonSettings
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.events import OutboxPublisher
+from tuneforge_common.grpcutil import start_server
+from tuneforge_common.logs import setup_logging
+from tuneforge_common.runtime import run_service, wait_for_shutdown_signal
+
+from . import api, store
+from .catalog_client import GrpcCatalog
+from .notify import Notifier
+from .service import Jobs
+
+log = logging.getLogger("tuneforge.jobs")
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class JobsSettings(CommonSettings):
+    jobs_database_url: str = Field(
+        "sqlite+aiosqlite:///.tuneforge/jobs.db", description="Jobs database (PostgreSQL or SQLite URL)."
+    )
+    jobs_grpc_port: int = Field(50052, description="Jobs gRPC port; 0 picks a free one.")
+    catalog_address: str = Field("127.0.0.1:50051", description="host:port of the catalog service.")
+    jobs_max_attempts: int = Field(3, description="Attempts before a job whose agent keeps getting lost fails.")
+    jobs_lease_ttl_seconds: int = Field(15, description="An agent silent this long is lost.")
+    jobs_heartbeat_interval_seconds: int = Field(3, description="How often agents send heartbeats.")
+
+
+async def reaper(jobs: Jobs, interval: float) -> None:
+    while True:
+        try:
+            await jobs.reap_lost_agents()
+        except Exception:  # keep reaping after a transient DB error
+            log.exception("reaper pass failed")
+        await asyncio.sleep(interval)
+
+
+async def serve() -> None:
+    settings = JobsSettings()
+    setup_logging(settings.log_level)
+    engine = make_engine(settings.jobs_database_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    publisher = OutboxPublisher(
+        engine, store.outbox, settings.nats_url, settings.events_stream, settings.events_subject_root
+    )
+    changes = Notifier()
+    catalog = GrpcCatalog(settings.catalog_address)
+    jobs = Jobs(
+        engine=engine,
+        catalog=catalog,
+        artifact_root=ArtifactStore(settings.artifact_root).root,
+        subject_root=settings.events_subject_root,
+        max_attempts=settings.jobs_max_attempts,
+        lease_ttl_seconds=settings.jobs_lease_ttl_seconds,
+        heartbeat_interval_seconds=settings.jobs_heartbeat_interval_seconds,
+        on_event=publisher.notify,
+        on_change=changes.notify,
+    )
+    publisher.start()
+    reaper_task = asyncio.create_task(reaper(jobs, max(1.0, settings.jobs_lease_ttl_seconds / 5)))
+    server, port = await start_server(api.bindings(jobs, changes), settings.grpc_host, settings.jobs_grpc_port)
+    log.info("jobs serving on %s:%d", settings.grpc_host, port)
+    print(f"TUNEFORGE_READY jobs grpc={port}", flush=True)
+    await wait_for_shutdown_signal()
+    await server.stop(grace=5)
+    reaper_task.cancel()
+    await publisher.stop()
+    await catalog.close()
+    await engine.dispose()
+
+
+def main() -> None:
+    run_service(serve)
+
+
+if __name__ == "__main__":
+    main()

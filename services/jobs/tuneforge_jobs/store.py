@@ -1,0 +1,90 @@
+"""Jobs tables (SQLAlchemy Core). Only the jobs service reads or writes them."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text
+
+from tuneforge_common.db import UtcDateTime
+from tuneforge_common.events import outbox_table
+
+metadata = MetaData()
+BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER keys
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, default=""),
+    Column("model_id", String(64), nullable=False),
+    Column("dataset_id", String(64), nullable=False),
+    Column("method_id", String(64), nullable=False),
+    Column("model_uri", Text, nullable=False),
+    Column("dataset_uri", Text, nullable=False),
+    Column("entrypoint", Text, nullable=False),
+    Column("parameters", Text, nullable=False),  # resolved, JSON
+    Column("state", String(16), nullable=False),
+    Column("state_reason", Text, nullable=False, default=""),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("agent_id", String(64), nullable=True),
+    Column("output_uri", Text, nullable=False, default=""),
+    Column("current_step", BigInteger, nullable=False, default=0),
+    Column("total_steps", BigInteger, nullable=False, default=0),
+    Column("progress", Float, nullable=False, default=0.0),
+    # Bumped by every state transition: compare-and-set guard and watch cursor.
+    Column("version", Integer, nullable=False, default=1),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime, nullable=True),
+    Column("ended_at", UtcDateTime, nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_jobs_state_priority", "state", "priority", "created_at"),
+    Index("ix_jobs_agent_state", "agent_id", "state"),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("resources", Text, nullable=False),  # JSON
+    Column("slots", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # ACTIVE, LOST
+    Column("registered_at", UtcDateTime, nullable=False),
+    Column("last_heartbeat_at", UtcDateTime, nullable=False),
+)
+
+metric_points = Table(
+    "metric_points",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("value", Float, nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    Index("ix_metric_points_job_name_step", "job_id", "name", "step"),
+)
+
+log_lines = Table(
+    "log_lines",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("stream", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+)
+
+# Highest report sequence number stored per (job, attempt): makes agent resends idempotent.
+report_acks = Table(
+    "report_acks",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("last_seq", BigInteger, nullable=False),
+)
+
+outbox = outbox_table(metadata)

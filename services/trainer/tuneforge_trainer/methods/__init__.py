@@ -1,0 +1,1 @@
+"""Built-in training methods; each is a module run as `python -m tuneforge_trainer.methods.<name>`."""

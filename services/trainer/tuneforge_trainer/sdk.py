@@ -1,0 +1,207 @@
+"""Runner SDK: the DeepExtension runner contract shared by every training method.
+
+A method is a child process. It reads its hyperparameters from `--key=value` flags (falling back to
+upper-snake environment variables) and reports progress on stdout as `[log_data]: {json}` lines,
+which the agent parses with `parse_log_data`. The agent imports this module, so torch and
+transformers are only imported when the trainer callback is first asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tuneforge_common.params import ParamSpec, check_range, coerce, specs_from_dataclass
+
+LOG_DATA_PREFIX = "[log_data]: "
+
+# LogDataCallback is served by __getattr__ and left out of __all__ so `import *` stays torch-free.
+__all__ = ["LOG_DATA_PREFIX", "log_data", "make_log_data_callback", "parse_flags", "parse_log_data"]
+
+_BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
+
+
+# --- progress lines -----------------------------------------------------------------------------
+
+def _json_value(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # strict JSON has no NaN/Infinity; keep the signal as text
+    return value
+
+
+def format_log_data(progress: float, code: int = 200, **details: Any) -> str:
+    progress = min(100.0, max(0.0, float(progress)))
+    payload = {
+        "code": int(code),
+        "progress": round(progress, 2),
+        "details": {k: _json_value(v) for k, v in details.items() if v is not None},
+    }
+    return LOG_DATA_PREFIX + json.dumps(payload, allow_nan=False, default=str)
+
+
+def log_data(progress: float, code: int = 200, **details: Any) -> None:
+    """Report progress (percent, 0-100) and metrics as one `[log_data]: {json}` line on stdout."""
+    print(format_log_data(progress, code, **details), flush=True)
+
+
+def parse_log_data(line: str) -> dict[str, Any] | None:
+    """The payload of a `[log_data]` line; None for any other line, including malformed ones."""
+    text = line.strip()
+    if not text.startswith(LOG_DATA_PREFIX.rstrip()):
+        return None
+    try:
+        payload = json.loads(text[len(LOG_DATA_PREFIX.rstrip()):])
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+# --- flags ----------------------------------------------------------------------------------------
+
+def _flag_help(params_cls: type, specs: list[ParamSpec]) -> str:
+    lines = [f"{params_cls.__name__}: {(params_cls.__doc__ or '').strip()}", "", "flags:"]
+    for spec in specs:
+        extra = []
+        if spec.choices:
+            extra.append("one of " + ", ".join(spec.choices))
+        if spec.aliases:
+            extra.append("aliases " + ", ".join("--" + a for a in spec.aliases))
+        suffix = f" ({'; '.join(extra)})" if extra else ""
+        lines.append(f"  --{spec.name}={spec.default!r} [{spec.type}, env {spec.env_name}] {spec.help}{suffix}")
+    return "\n".join(lines)
+
+
+def _split_flags(argv: Sequence[str], bool_names: set[str]) -> list[tuple[str, str | None]]:
+    """(name, raw value) pairs from `--key=value` and `--key value`; value None for a bare flag."""
+    pairs: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--") or arg == "--":
+            raise SystemExit(f"error: unexpected argument {arg!r}; flags look like --key=value")
+        key, sep, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if sep:
+            pairs.append((key, value))
+        elif i < len(argv) and not argv[i].startswith("--") and (
+                key not in bool_names or argv[i].strip().lower() in _BOOL_WORDS):
+            pairs.append((key, argv[i]))
+            i += 1
+        else:
+            pairs.append((key, None))
+    return pairs
+
+
+def parse_flags(params_cls: type, argv: Sequence[str] | None = None,
+                environ: Mapping[str, str] | None = None) -> tuple[Any, dict[str, str]]:
+    """Parameters for `params_cls` from flags, then environment, then defaults; plus unknown flags.
+
+    Unknown flags (the runner's --model_path, --dataset_path, --output_dir, ...) are returned as
+    extras. A bad value raises SystemExit naming the flag or environment variable.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    environ = os.environ if environ is None else environ
+    specs = specs_from_dataclass(params_cls)
+    by_name = {s.name: s for s in specs}
+    alias_to_name = {alias: s.name for s in specs for alias in s.aliases}
+    if "--help" in argv or "-h" in argv:
+        print(_flag_help(params_cls, specs))
+        raise SystemExit(0)
+
+    given: dict[str, tuple[str, Any]] = {}  # canonical name -> (where it came from, raw value)
+    extras: dict[str, str] = {}
+    for key, raw in _split_flags(argv, {s.name for s in specs if s.type == "bool"} |
+                                 {a for a, n in alias_to_name.items() if by_name[n].type == "bool"}):
+        name = key if key in by_name else alias_to_name.get(key)
+        if name is None:
+            extras[key] = "true" if raw is None else raw
+            continue
+        if name in given:
+            raise SystemExit(f"error: --{key}: given twice (as {given[name][0]} and --{key})")
+        spec = by_name[name]
+        if raw is None:
+            if spec.type != "bool":
+                raise SystemExit(f"error: --{key}: needs a value ({spec.type})")
+            raw = "true"
+        given[name] = (f"--{key}", raw)
+    for spec in specs:
+        if spec.name not in given and spec.env_name in environ:
+            given[spec.name] = (f"environment variable {spec.env_name}", environ[spec.env_name])
+
+    values: dict[str, Any] = {}
+    for spec in specs:
+        if spec.name not in given:
+            if spec.required:
+                raise SystemExit(f"error: --{spec.name} is required")
+            values[spec.name] = spec.default
+            continue
+        source, raw = given[spec.name]
+        try:
+            value = coerce(spec, raw)
+        except ValueError as exc:
+            raise SystemExit(f"error: {source}: {exc}") from None
+        problem = check_range(spec, value)
+        if problem:
+            raise SystemExit(f"error: {source}: {problem}")
+        values[spec.name] = value
+    field_names = {f.name for f in dataclasses.fields(params_cls)}
+    return params_cls(**{k: v for k, v in values.items() if k in field_names}), extras
+
+
+# --- transformers callback (built lazily) -------------------------------------------------------
+
+def _numeric(value: Any) -> float | int | None:
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+_callback_class: type | None = None
+
+
+def _build_callback_class() -> type:
+    global _callback_class
+    if _callback_class is not None:
+        return _callback_class
+    from transformers import TrainerCallback
+
+    class LogDataCallback(TrainerCallback):
+        """Reports every Trainer log (loss, learning_rate, grad_norm, eval_loss, ...) as log_data."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            progress = 100.0 * state.global_step / state.max_steps if state.max_steps else 0.0
+            details: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
+            for key, value in (logs or {}).items():
+                number = _numeric(value)
+                if number is not None:
+                    details[key] = number
+            log_data(progress, **details)
+
+    _callback_class = LogDataCallback
+    return LogDataCallback
+
+
+def make_log_data_callback() -> Any:
+    """A new LogDataCallback instance (imports transformers)."""
+    return _build_callback_class()()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LogDataCallback":
+        return _build_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
