@@ -1,0 +1,70 @@
+"""`tuneforge` command line (Typer + Rich)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .embedded import EmbeddedStack
+
+app = typer.Typer(help="TuneForge: fine-tune language models on your own GPU nodes.", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """TuneForge command line."""
+
+
+@app.command()
+def up(
+    data_dir: Path = typer.Option(Path(os.environ.get("TUNEFORGE_DATA_DIR", ".tuneforge")), help="Where "
+                                  "SQLite files, artifacts, logs and the built-in model live."),
+    port: int = typer.Option(int(os.environ.get("TUNEFORGE_GATEWAY_PORT", "8080")),
+                             help="Gateway HTTP port (another free one is used when it is taken)."),
+) -> None:
+    """Run the embedded default: NATS, SQLite, catalog, jobs, one trainer agent and the gateway."""
+    stack = EmbeddedStack(data_dir=data_dir, gateway_port=port, nats_url=os.environ.get("TUNEFORGE_NATS_URL", ""))
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    started = time.monotonic()
+    try:
+        with console.status("starting TuneForge") as status:
+            stack.start(progress=lambda msg: status.update(msg))
+        table = Table(title=f"TuneForge is up ({time.monotonic() - started:.1f}s)")
+        table.add_column("service")
+        table.add_column("address")
+        table.add_row("gateway", stack.gateway_url)
+        for name in ("catalog", "jobs"):
+            table.add_row(f"{name} (gRPC)", f"127.0.0.1:{stack.ports[name]}")
+        table.add_row("nats", f"127.0.0.1:{stack.ports['nats']}" if "nats" in stack.ports else stack.nats_url)
+        table.add_row("data", str(stack.data_dir))
+        console.print(table)
+        console.print(f"TUNEFORGE_GATEWAY_URL={stack.gateway_url}", highlight=False, soft_wrap=True)
+        console.print("Logs are in data/logs. Press Ctrl-C to stop.")
+        while not stopping:
+            exited = stack.first_exit()
+            if exited:
+                console.print(f"[red]{exited[0]} exited with code {exited[1]}; stopping[/red]")
+                raise typer.Exit(1)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:
+        console.print(f"[red]failed to start: {exc}[/red] (see {stack.data_dir}/logs)")
+        raise typer.Exit(1) from None
+    finally:
+        console.print("stopping TuneForge ...")
+        stack.stop()
+        console.print("stopped.")

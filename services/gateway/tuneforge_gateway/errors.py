@@ -1,0 +1,61 @@
+"""The one place gRPC status codes become HTTP statuses and JSON error bodies."""
+
+from __future__ import annotations
+
+import grpc
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tuneforge_common.grpcutil import decode_error
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+
+
+def error_body(code: str, message: str, violations: list[tuple[str, str]] | None = None) -> dict:
+    body: dict = {"code": code, "message": message}
+    if violations:
+        body["field_violations"] = [{"field": f, "description": d} for f, d in violations]
+        body["field"] = violations[0][0]
+    return {"error": body}
+
+
+async def grpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, grpc.aio.AioRpcError)
+    decoded = decode_error(exc)
+    status = HTTP_STATUS.get(decoded.code, 500)
+    # UNAVAILABLE/INTERNAL texts come from the transport or a service's internals: keep them out.
+    message = decoded.message if status < 500 else "a backend service is unavailable" if status == 503 \
+        else "internal error"
+    return JSONResponse(error_body(decoded.code.name, message, decoded.field_violations), status_code=status)
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    violations = [(".".join(str(p) for p in err["loc"] if p != "body"), err["msg"]) for err in exc.errors()]
+    summary = "; ".join(f"{f}: {d}" for f, d in violations)
+    return JSONResponse(error_body("INVALID_ARGUMENT", summary, violations), status_code=400)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    violations = [(exc.field, exc.message)] if exc.field else None
+    return JSONResponse(error_body(exc.code, exc.message, violations), status_code=exc.status)
