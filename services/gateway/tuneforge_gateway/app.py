@@ -12,6 +12,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
@@ -32,24 +33,34 @@ LATENCY = Histogram("tuneforge_gateway_request_seconds", "HTTP request latency",
 def to_json(message: Any) -> dict[str, Any]:
     data = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
-    return _tidy(data)
+    return _tidy(message.DESCRIPTOR, data)
 
 
-def _tidy(data: Any) -> Any:
-    """Enum names without their type prefix (JOB_STATE_RUNNING -> RUNNING) for HTTP clients."""
-    if isinstance(data, dict):
-        out = {}
-        for key, value in data.items():
-            if key == "state" and isinstance(value, str):
-                value = value.removeprefix("JOB_STATE_")
-            elif key == "format" and isinstance(value, str):
-                value = value.removeprefix("DATASET_FORMAT_").lower()
-            elif key == "type" and isinstance(value, str):
-                value = value.removeprefix("PARAMETER_TYPE_").lower()
-            out[key] = _tidy(value)
-        return out
-    if isinstance(data, list):
-        return [_tidy(v) for v in data]
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+_ENUM_PREFIXES = ("JOB_STATE_", "DATASET_FORMAT_", "PARAMETER_TYPE_")
+
+
+def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """HTTP-friendly JSON: 64-bit integers as numbers, enum names without their type prefix,
+    and integral parameter values as integers (protobuf Struct carries every number as a double)."""
+    for fd in descriptor.fields:
+        if fd.name not in data:
+            continue
+        value = data[fd.name]
+        if fd.type in _INT64:
+            data[fd.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif fd.type == FieldDescriptor.TYPE_ENUM and isinstance(value, str):
+            for prefix in _ENUM_PREFIXES:
+                value = value.removeprefix(prefix)
+            data[fd.name] = value.lower() if fd.enum_type.name in ("DatasetFormat", "ParameterType") else value
+        elif fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Struct":
+            data[fd.name] = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in value.items()}
+        elif fd.message_type is not None and not fd.message_type.full_name.startswith("google.protobuf"):
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, dict):
+                    _tidy(fd.message_type, item)
     return data
 
 

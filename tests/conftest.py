@@ -1,0 +1,91 @@
+"""Shared fixtures: the machine's real PostgreSQL and NATS, each test run in its own database and stream.
+
+When PostgreSQL or NATS is unreachable the tests that need them fail (never skip): a green run
+must mean the storage and event paths were exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PG_ADMIN_URL = os.environ.get("TUNEFORGE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+NATS_URL = os.environ.get("TUNEFORGE_TEST_NATS_URL", "nats://127.0.0.1:4222")
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def require(url: str, port: int, what: str) -> None:
+    if not _reachable(url, port):
+        pytest.fail(f"{what} is not reachable at {url}: these tests need it (they never skip)")
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards; yields its asyncpg URL."""
+    require(PG_ADMIN_URL, 5432, "PostgreSQL")
+    name = f"tuneforge_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """Store tests run on both engines from the same code."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def nats_url() -> str:
+    require(NATS_URL, 4222, "NATS")
+    return NATS_URL
+
+
+@pytest.fixture
+def event_names() -> tuple[str, str]:
+    """(stream, subject root) unique to this test so runs never collide on the shared server."""
+    suffix = uuid.uuid4().hex[:10]
+    return f"TUNEFORGE_TEST_{suffix}", f"tftest{suffix}"
+
+
+@pytest.fixture
+async def js_cleanup(nats_url: str, event_names: tuple[str, str]) -> AsyncIterator[None]:
+    yield
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().delete_stream(event_names[0])
+    except Exception:
+        pass
+    await nc.close()
