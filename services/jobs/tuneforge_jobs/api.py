@@ -169,15 +169,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         version, metric_id, log_id = _parse_cursor(request.after_cursor)
         while True:
             job = await self.jobs.get(request.job_id)
+            if job.version > version:
+                version = job.version
+                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), job=job_to_pb(job))
             for row in await self.jobs.metrics(job.id, [], metric_id, MAX_PAGE):
                 metric_id = row.id
                 yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), metric=metric_to_pb(row))
             for row in await self.jobs.logs(job.id, log_id, MAX_PAGE):
                 log_id = row.id
                 yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), log=log_to_pb(row))
-            if job.version > version:
-                version = job.version
-                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), job=job_to_pb(job))
             if JobState(job.state) in TERMINAL:
                 return
             await self.changes.wait(WATCH_POLL_S)

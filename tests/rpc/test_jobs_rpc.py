@@ -1,0 +1,153 @@
+"""JobService and AgentService over a real in-process grpc.aio server (port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from tests.integration.test_jobs_service import StaticCatalog
+from tuneforge.agent.v1 import agent_pb2 as apb
+from tuneforge.agent.v1 import agent_pb2_grpc
+from tuneforge.jobs.v1 import jobs_pb2 as pb
+from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.grpcutil import decode_error, start_server
+from tuneforge_jobs import api
+from tuneforge_jobs.main import MIGRATIONS
+from tuneforge_jobs.notify import Notifier
+from tuneforge_jobs.service import Jobs
+from tuneforge_trainer.agent import Reporter, _Pending
+
+
+class Stubs:
+    jobs: jobs_pb2_grpc.JobServiceStub
+    agents: agent_pb2_grpc.AgentServiceStub
+
+
+@pytest.fixture
+async def stubs(tmp_path) -> AsyncIterator[Stubs]:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    changes = Notifier()
+    jobs = Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge",
+                on_change=changes.notify)
+    server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    s = Stubs()
+    s.jobs, s.agents = jobs_pb2_grpc.JobServiceStub(channel), agent_pb2_grpc.AgentServiceStub(channel)
+    yield s
+    await channel.close()
+    await server.stop(None)
+    await engine.dispose()
+
+
+async def submit(s: Stubs) -> pb.Job:
+    return (await s.jobs.SubmitJob(pb.SubmitJobRequest(model_id="m1", dataset_id="d1", method_id="sft-lora"),
+                                   timeout=5)).job
+
+
+async def next_assignment(s: Stubs, agent_id: str) -> apb.JobAssignment:
+    call = s.agents.StreamAssignments(apb.StreamAssignmentsRequest(agent_id=agent_id))
+    msg = await asyncio.wait_for(call.read(), 5)
+    call.cancel()
+    return msg.assignment
+
+
+async def drain(reporter: Reporter, s: Stubs) -> None:
+    task = asyncio.create_task(reporter.run_stream(s.agents))
+    for _ in range(100):
+        if not reporter.pending:
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert not reporter.pending, "reports not acknowledged"
+
+
+async def test_agent_pulls_a_job_reports_it_and_a_watcher_sees_everything_once(stubs):
+    job = await submit(stubs)
+    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(
+        name="n1", resources=apb.AgentResources(slots=1)), timeout=5)).agent_id
+    assignment = await next_assignment(stubs, agent_id)
+    assert (assignment.job_id, assignment.attempt, assignment.parameters["max_steps"]) == (job.id, 1, 5)
+    assert assignment.output_uri == f"/a/jobs/{job.id}/output"
+
+    reporter = Reporter(agent_id=agent_id)
+    reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING))
+    for step in (1, 2):
+        reporter.add(job.id, 1, metric=apb.MetricReport(step=step, values={"loss": 3.0 - step}, total_steps=2))
+        reporter.add(job.id, 1, log=apb.LogReport(stream="stdout", text=f"step {step}"))
+    await drain(reporter, stubs)
+
+    seen = []
+    cursor = ""
+    async for update in stubs.jobs.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=5):
+        seen.append(update)
+        cursor = update.cursor
+        if update.WhichOneof("update") == "log" and update.log.text == "step 2":
+            break
+    assert [u.metric.value for u in seen if u.WhichOneof("update") == "metric"] == [2.0, 1.0]
+    assert [u.job.state for u in seen if u.WhichOneof("update") == "job"] == [pb.JOB_STATE_RUNNING]
+
+    reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED, output_uri="/a/out"))
+    await drain(reporter, stubs)
+    # Resuming from the cursor gives only what came after it, and the stream ends at a terminal state.
+    rest = [u async for u in stubs.jobs.WatchJob(pb.WatchJobRequest(job_id=job.id, after_cursor=cursor),
+                                                 timeout=5)]
+    assert [u.WhichOneof("update") for u in rest] == ["job"]
+    assert rest[0].job.state == pb.JOB_STATE_SUCCEEDED and rest[0].job.progress_percent == 100.0
+
+
+async def test_reporter_resends_unacknowledged_reports_after_reconnect_without_duplicates(stubs):
+    job = await submit(stubs)
+    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1"), timeout=5)).agent_id
+    await next_assignment(stubs, agent_id)
+    reporter = Reporter(agent_id=agent_id)
+    for i in range(5):
+        reporter.add(job.id, 1, log=apb.LogReport(text=f"line {i}"))
+    await drain(reporter, stubs)
+    # Pretend the acks for the last two were lost in a dropped connection: they go out again.
+    for i in (3, 4):
+        reporter.pending.append(_Pending(apb.ReportJobRequest(agent_id=agent_id, job_id=job.id, attempt=1,
+                                                              seq=i + 1, log=apb.LogReport(text=f"line {i}"))))
+    reporter.add(job.id, 1, log=apb.LogReport(text="line 5"))
+    await drain(reporter, stubs)
+    lines = (await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id), timeout=5)).lines
+    assert [line.text for line in lines] == [f"line {i}" for i in range(6)]
+
+
+async def test_errors_carry_the_right_codes_and_fields(stubs):
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stubs.jobs.GetJob(pb.GetJobRequest(job_id="nope"), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stubs.jobs.SubmitJob(pb.SubmitJobRequest(model_id="", dataset_id="", method_id="x"), timeout=5)
+    err = decode_error(exc.value)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in err.field_violations] == ["model_id", "dataset_id"]
+    job = await submit(stubs)
+    await stubs.jobs.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stubs.jobs.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stubs.agents.Heartbeat(apb.HeartbeatRequest(agent_id="ghost"), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_watch_honours_the_callers_deadline(stubs):
+    job = await submit(stubs)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in stubs.jobs.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=0.5):
+            pass
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_list_jobs_pages_with_tokens(stubs):
+    ids = [(await submit(stubs)).id for _ in range(3)]
+    page1 = await stubs.jobs.ListJobs(pb.ListJobsRequest(page_size=2), timeout=5)
+    page2 = await stubs.jobs.ListJobs(pb.ListJobsRequest(page_size=2, page_token=page1.next_page_token), timeout=5)
+    assert sorted(j.id for j in [*page1.jobs, *page2.jobs]) == sorted(ids) and not page2.next_page_token
