@@ -29,27 +29,32 @@ async def stream_messages(nats_url: str, stream: str, subject_root: str) -> list
         await nc.close()
 
 
-async def wait_until_published(engine, timeout: float = 10.0) -> None:
+async def wait_until_published(engine, seconds: float = 10.0) -> None:
     from sqlalchemy import func, select
 
-    for _ in range(int(timeout / 0.1)):
+    for _ in range(int(seconds / 0.1)):
         async with engine.connect() as conn:
-            left = (await conn.execute(select(func.count()).select_from(store.outbox)
-                                       .where(store.outbox.c.published_at.is_(None)))).scalar_one()
+            left = (
+                await conn.execute(
+                    select(func.count()).select_from(store.outbox).where(store.outbox.c.published_at.is_(None))
+                )
+            ).scalar_one()
         if left == 0:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("outbox not drained")
 
 
-async def test_each_state_change_is_published_once_even_when_republished(postgres_url, nats_url, event_names,
-                                                                         js_cleanup):
+async def test_each_state_change_is_published_once_even_when_republished(
+    postgres_url, nats_url, event_names, js_cleanup
+):
     stream, root = event_names
     engine = make_engine(postgres_url)
     await migrate(engine, MIGRATIONS, "alembic_version_jobs")
     publisher = OutboxPublisher(engine, store.outbox, nats_url, stream, root, poll_interval=0.05)
-    jobs = Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root=root,
-                on_event=publisher.notify)
+    jobs = Jobs(
+        engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root=root, on_event=publisher.notify
+    )
     publisher.start()
     try:
         job = await jobs.submit("m1", "d1", "sft-lora", {})
@@ -68,7 +73,11 @@ async def test_each_state_change_is_published_once_even_when_republished(postgre
         await engine.dispose()
     messages = await stream_messages(nats_url, stream, root)
     assert [(m["from"], m["to"]) for m in messages] == [
-        (None, "QUEUED"), ("QUEUED", "STARTING"), ("STARTING", "RUNNING"), ("RUNNING", "SUCCEEDED")]
+        (None, "QUEUED"),
+        ("QUEUED", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "SUCCEEDED"),
+    ]
     assert {m["subject"] for m in messages} == {f"{root}.jobs.job.state_changed"}
     assert len({m["id"] for m in messages}) == 4
 

@@ -21,12 +21,14 @@ from tuneforge_jobs.service import CatalogInputs, Jobs, Report
 class StaticCatalog:
     """The catalog port with fixed answers; unknown ids are NOT_FOUND as the real one says."""
 
-    async def resolve_inputs(self, model_id: str, dataset_id: str, method_id: str,
-                             parameters: dict[str, Any]) -> CatalogInputs:
+    async def resolve_inputs(
+        self, model_id: str, dataset_id: str, method_id: str, parameters: dict[str, Any]
+    ) -> CatalogInputs:
         if model_id != "m1":
             raise NotFound(f"model_id: model {model_id!r} not found")
-        return CatalogInputs("/models/m1", "/data/d1.jsonl", "tuneforge_trainer.methods.sft_lora",
-                             {"max_steps": 5, **parameters})
+        return CatalogInputs(
+            "/models/m1", "/data/d1.jsonl", "tuneforge_trainer.methods.sft_lora", {"max_steps": 5, **parameters}
+        )
 
 
 class Clock:
@@ -41,8 +43,15 @@ class Clock:
 async def jobs(database_url) -> AsyncIterator[Jobs]:
     engine = make_engine(database_url)
     await migrate(engine, MIGRATIONS, "alembic_version_jobs")
-    yield Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/artifacts", subject_root="tuneforge",
-               max_attempts=2, lease_ttl_seconds=10, clock=Clock())
+    yield Jobs(
+        engine=engine,
+        catalog=StaticCatalog(),
+        artifact_root="/artifacts",
+        subject_root="tuneforge",
+        max_attempts=2,
+        lease_ttl_seconds=10,
+        clock=Clock(),
+    )
     await engine.dispose()
 
 
@@ -70,8 +79,12 @@ async def test_job_runs_queued_to_succeeded_with_one_event_per_transition(jobs):
     await jobs.apply_report(agent, report(job, 4, "state", state=JobState.SUCCEEDED, output_uri="/out"))
     job = await jobs.get(job.id)
     assert (job.state, job.output_uri, job.current_step, job.total_steps) == (JobState.SUCCEEDED, "/out", 1, 4)
-    assert await events(jobs) == [(None, "QUEUED"), ("QUEUED", "STARTING"), ("STARTING", "RUNNING"),
-                                  ("RUNNING", "SUCCEEDED")]
+    assert await events(jobs) == [
+        (None, "QUEUED"),
+        ("QUEUED", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "SUCCEEDED"),
+    ]
 
 
 async def test_resent_reports_are_stored_once(jobs):
@@ -95,8 +108,9 @@ async def test_concurrent_claims_never_hand_one_job_to_two_agents(jobs):
     claimed = [r.id for r in results if r is not None and not isinstance(r, BaseException)]
     assert len(claimed) == len(set(claimed)) <= 3
     async with jobs.engine.connect() as conn:
-        starting = (await conn.execute(select(func.count()).select_from(store.jobs)
-                                       .where(store.jobs.c.state == "STARTING"))).scalar_one()
+        starting = (
+            await conn.execute(select(func.count()).select_from(store.jobs).where(store.jobs.c.state == "STARTING"))
+        ).scalar_one()
     assert starting == len(claimed)
 
 

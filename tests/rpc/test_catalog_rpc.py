@@ -20,8 +20,12 @@ from tuneforge_common.grpcutil import decode_error, start_server
 @pytest.fixture
 async def catalog_stub(database_url, tmp_path) -> AsyncIterator[catalog_pb2_grpc.CatalogServiceStub]:
     model_dir = write_fake_model_dir(tmp_path / "models" / "tiny-test", params=100)
-    settings = CatalogSettings(catalog_database_url=database_url, artifact_root=str(tmp_path / "artifacts"),
-                               catalog_max_dataset_bytes=4096, catalog_seed_models=str(model_dir))
+    settings = CatalogSettings(
+        catalog_database_url=database_url,
+        artifact_root=str(tmp_path / "artifacts"),
+        catalog_max_dataset_bytes=4096,
+        catalog_seed_models=str(model_dir),
+    )
     catalog, _publisher = await build_catalog(settings)
     server, port = await start_server([api.binding(catalog)], "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -44,8 +48,9 @@ async def upload(stub, name: str, *chunks: bytes) -> pb.UploadDatasetResponse:
 
 
 async def test_health_and_reflection_are_served(catalog_stub):
-    resp = await catalog_stub.health.Check(health_pb2.HealthCheckRequest(
-        service="tuneforge.catalog.v1.CatalogService"), timeout=5)
+    resp = await catalog_stub.health.Check(
+        health_pb2.HealthCheckRequest(service="tuneforge.catalog.v1.CatalogService"), timeout=5
+    )
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -54,7 +59,11 @@ async def test_seeded_model_is_inspected_without_loading_it(catalog_stub):
     assert [m.id for m in models] == ["tiny-test"]
     m = models[0]
     assert (m.architecture, m.parameter_count, m.context_length, m.has_chat_template) == (
-        "LlamaForCausalLM", 100, 2048, True)
+        "LlamaForCausalLM",
+        100,
+        2048,
+        True,
+    )
 
 
 async def test_upload_in_chunks_counts_rows_and_dedups_content(catalog_stub, tmp_path):
@@ -72,8 +81,9 @@ async def test_bad_jsonl_is_refused_with_line_number_and_nothing_stored(catalog_
         await upload(catalog_stub, "bad", chat_jsonl(2) + b"{oops\n")
     err = decode_error(exc.value)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.field_violations == [("content", "line 3: not valid JSON (Expecting property name enclosed in "
-                                                "double quotes at column 2)")]
+    assert err.field_violations == [
+        ("content", "line 3: not valid JSON (Expecting property name enclosed in double quotes at column 2)")
+    ]
     assert (await catalog_stub.ListDatasets(pb.ListDatasetsRequest(), timeout=5)).datasets == []
     assert not (tmp_path / "artifacts" / "datasets").exists()
 
@@ -86,9 +96,11 @@ async def test_upload_over_the_limit_is_resource_exhausted(catalog_stub):
 
 
 async def test_unknown_ids_are_not_found(catalog_stub):
-    for call, req in [(catalog_stub.GetModel, pb.GetModelRequest(model_id="nope")),
-                      (catalog_stub.GetDataset, pb.GetDatasetRequest(dataset_id="nope")),
-                      (catalog_stub.GetMethod, pb.GetMethodRequest(method_id="nope"))]:
+    for call, req in [
+        (catalog_stub.GetModel, pb.GetModelRequest(model_id="nope")),
+        (catalog_stub.GetDataset, pb.GetDatasetRequest(dataset_id="nope")),
+        (catalog_stub.GetMethod, pb.GetMethodRequest(method_id="nope")),
+    ]:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await call(req, timeout=5)
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
@@ -106,8 +118,9 @@ async def test_resolve_parameters_names_the_bad_field(catalog_stub):
     params = struct_pb2.Struct()
     params.update({"lora_rank": 9999, "colour": "blue"})
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await catalog_stub.ResolveParameters(pb.ResolveParametersRequest(method_id="sft-lora", parameters=params),
-                                             timeout=5)
+        await catalog_stub.ResolveParameters(
+            pb.ResolveParametersRequest(method_id="sft-lora", parameters=params), timeout=5
+        )
     err = decode_error(exc.value)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert {f for f, _ in err.field_violations} == {"parameters.lora_rank", "parameters.colour"}
@@ -117,8 +130,9 @@ async def test_list_pages_with_tokens(catalog_stub):
     for i in range(3):
         await upload(catalog_stub, f"d{i}", chat_jsonl(1 + i))
     page1 = await catalog_stub.ListDatasets(pb.ListDatasetsRequest(page_size=2), timeout=5)
-    page2 = await catalog_stub.ListDatasets(pb.ListDatasetsRequest(page_size=2, page_token=page1.next_page_token),
-                                            timeout=5)
+    page2 = await catalog_stub.ListDatasets(
+        pb.ListDatasetsRequest(page_size=2, page_token=page1.next_page_token), timeout=5
+    )
     assert [d.name for d in page1.datasets] + [d.name for d in page2.datasets] == ["d0", "d1", "d2"]
     assert page2.next_page_token == ""
     with pytest.raises(grpc.aio.AioRpcError) as exc:

@@ -32,8 +32,9 @@ async def stubs(tmp_path) -> AsyncIterator[Stubs]:
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
     await migrate(engine, MIGRATIONS, "alembic_version_jobs")
     changes = Notifier()
-    jobs = Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge",
-                on_change=changes.notify)
+    jobs = Jobs(
+        engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge", on_change=changes.notify
+    )
     server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     s = Stubs()
@@ -45,8 +46,9 @@ async def stubs(tmp_path) -> AsyncIterator[Stubs]:
 
 
 async def submit(s: Stubs) -> pb.Job:
-    return (await s.jobs.SubmitJob(pb.SubmitJobRequest(model_id="m1", dataset_id="d1", method_id="sft-lora"),
-                                   timeout=5)).job
+    return (
+        await s.jobs.SubmitJob(pb.SubmitJobRequest(model_id="m1", dataset_id="d1", method_id="sft-lora"), timeout=5)
+    ).job
 
 
 async def next_assignment(s: Stubs, agent_id: str) -> apb.JobAssignment:
@@ -69,8 +71,11 @@ async def drain(reporter: Reporter, s: Stubs) -> None:
 
 async def test_agent_pulls_a_job_reports_it_and_a_watcher_sees_everything_once(stubs):
     job = await submit(stubs)
-    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(
-        name="n1", resources=apb.AgentResources(slots=1)), timeout=5)).agent_id
+    agent_id = (
+        await stubs.agents.RegisterAgent(
+            apb.RegisterAgentRequest(name="n1", resources=apb.AgentResources(slots=1)), timeout=5
+        )
+    ).agent_id
     assignment = await next_assignment(stubs, agent_id)
     assert (assignment.job_id, assignment.attempt, assignment.parameters["max_steps"]) == (job.id, 1, 5)
     assert assignment.output_uri == f"/a/jobs/{job.id}/output"
@@ -90,15 +95,27 @@ async def test_agent_pulls_a_job_reports_it_and_a_watcher_sees_everything_once(s
         if update.WhichOneof("update") == "log" and update.log.text == "step 2":
             break
     assert [u.metric.value for u in seen if u.WhichOneof("update") == "metric"] == [2.0, 1.0]
+    assert [(u.event.from_state, u.event.to_state) for u in seen if u.WhichOneof("update") == "event"] == [
+        (pb.JOB_STATE_UNSPECIFIED, pb.JOB_STATE_QUEUED),
+        (pb.JOB_STATE_QUEUED, pb.JOB_STATE_STARTING),
+        (pb.JOB_STATE_STARTING, pb.JOB_STATE_RUNNING),
+    ]
     assert [u.job.state for u in seen if u.WhichOneof("update") == "job"] == [pb.JOB_STATE_RUNNING]
 
     reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED, output_uri="/a/out"))
     await drain(reporter, stubs)
     # Resuming from the cursor gives only what came after it, and the stream ends at a terminal state.
-    rest = [u async for u in stubs.jobs.WatchJob(pb.WatchJobRequest(job_id=job.id, after_cursor=cursor),
-                                                 timeout=5)]
-    assert [u.WhichOneof("update") for u in rest] == ["job"]
-    assert rest[0].job.state == pb.JOB_STATE_SUCCEEDED and rest[0].job.progress_percent == 100.0
+    rest = [u async for u in stubs.jobs.WatchJob(pb.WatchJobRequest(job_id=job.id, after_cursor=cursor), timeout=5)]
+    assert [u.WhichOneof("update") for u in rest] == ["event", "job"]
+    assert rest[0].event.to_state == pb.JOB_STATE_SUCCEEDED
+    assert rest[1].job.state == pb.JOB_STATE_SUCCEEDED and rest[1].job.progress_percent == 100.0
+    history = (await stubs.jobs.ListJobEvents(pb.ListJobEventsRequest(job_id=job.id), timeout=5)).events
+    assert [e.to_state for e in history] == [
+        pb.JOB_STATE_QUEUED,
+        pb.JOB_STATE_STARTING,
+        pb.JOB_STATE_RUNNING,
+        pb.JOB_STATE_SUCCEEDED,
+    ]
 
 
 async def test_reporter_resends_unacknowledged_reports_after_reconnect_without_duplicates(stubs):
@@ -111,8 +128,13 @@ async def test_reporter_resends_unacknowledged_reports_after_reconnect_without_d
     await drain(reporter, stubs)
     # Pretend the acks for the last two were lost in a dropped connection: they go out again.
     for i in (3, 4):
-        reporter.pending.append(_Pending(apb.ReportJobRequest(agent_id=agent_id, job_id=job.id, attempt=1,
-                                                              seq=i + 1, log=apb.LogReport(text=f"line {i}"))))
+        reporter.pending.append(
+            _Pending(
+                apb.ReportJobRequest(
+                    agent_id=agent_id, job_id=job.id, attempt=1, seq=i + 1, log=apb.LogReport(text=f"line {i}")
+                )
+            )
+        )
     reporter.add(job.id, 1, log=apb.LogReport(text="line 5"))
     await drain(reporter, stubs)
     lines = (await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id), timeout=5)).lines

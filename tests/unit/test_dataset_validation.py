@@ -20,24 +20,30 @@ def test_chat_rows_are_counted_and_columns_reported():
     assert (stats.row_count, stats.format, stats.columns) == (2, "chat", ["messages"])
 
 
-@pytest.mark.parametrize("row,fmt", [
-    ({"prompt": "a", "completion": "b"}, "prompt_completion"),
-    ({"question": "a", "answer": "b"}, "prompt_completion"),
-    ({"prompt": "a", "chosen": "b", "rejected": "c"}, "preference"),
-    ({"text": "a"}, "text"),
-])
+@pytest.mark.parametrize(
+    "row,fmt",
+    [
+        ({"prompt": "a", "completion": "b"}, "prompt_completion"),
+        ({"question": "a", "answer": "b"}, "prompt_completion"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, "preference"),
+        ({"text": "a"}, "text"),
+    ],
+)
 def test_formats_are_detected(row, fmt):
     assert inspect_jsonl(lines(row)).format == fmt
 
 
-@pytest.mark.parametrize("bad,problem", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "JSON object"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
-    ({"messages": []}, "non-empty"),
-    ({"prompt": "a", "chosen": "b"}, "rejected"),
-    ({"n": 1}, "unrecognised row"),
-])
+@pytest.mark.parametrize(
+    "bad,problem",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ({"messages": []}, "non-empty"),
+        ({"prompt": "a", "chosen": "b"}, "rejected"),
+        ({"n": 1}, "unrecognised row"),
+    ],
+)
 def test_first_bad_line_is_named(bad, problem):
     with pytest.raises(InvalidArgument) as exc:
         inspect_jsonl(lines(CHAT, CHAT, bad, "{bad"))

@@ -16,10 +16,13 @@ def test_defaults_fill_every_parameter_in_schema_order():
 
 
 def test_openai_and_mistral_aliases_map_to_canonical_names():
-    resolved = resolve_parameters(SPECS, {"training_steps": 10, "warmup_fraction": 0.1, "seq_len": 256,
-                                          "n_epochs": 2})
+    resolved = resolve_parameters(SPECS, {"training_steps": 10, "warmup_fraction": 0.1, "seq_len": 256, "n_epochs": 2})
     assert (resolved["max_steps"], resolved["warmup_ratio"], resolved["max_seq_length"], resolved["epochs"]) == (
-        10, 0.1, 256, 2.0)
+        10,
+        0.1,
+        256,
+        2.0,
+    )
 
 
 def test_strings_from_forms_are_coerced_to_the_schema_type():
@@ -29,11 +32,18 @@ def test_strings_from_forms_are_coerced_to_the_schema_type():
 
 def test_every_bad_field_is_named_in_one_error():
     with pytest.raises(InvalidArgument) as exc:
-        resolve_parameters(SPECS, {"bogus": 1, "lora_rank": 0, "learning_rate": "fast", "max_steps": 2.5,
-                                   "lr_scheduler_type": "zigzag"})
+        resolve_parameters(
+            SPECS,
+            {"bogus": 1, "lora_rank": 0, "learning_rate": "fast", "max_steps": 2.5, "lr_scheduler_type": "zigzag"},
+        )
     fields = {v.field for v in exc.value.violations}
-    assert fields == {"parameters.bogus", "parameters.lora_rank", "parameters.learning_rate",
-                      "parameters.max_steps", "parameters.lr_scheduler_type"}
+    assert fields == {
+        "parameters.bogus",
+        "parameters.lora_rank",
+        "parameters.learning_rate",
+        "parameters.max_steps",
+        "parameters.lr_scheduler_type",
+    }
     assert "must be >= 1" in exc.value.message
 
 

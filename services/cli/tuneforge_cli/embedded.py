@@ -73,8 +73,9 @@ class EmbeddedStack:
         log_file = log_path.open("ab")
         self.log_files.append(log_file)
         # Own process group: Ctrl-C in the terminal reaches only the launcher, which stops children in order.
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=self.data_dir)
+        proc = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.data_dir
+        )
         self.procs[name] = proc
         return proc
 
@@ -88,16 +89,21 @@ class EmbeddedStack:
         self.ports["nats"] = port
         store_dir = self.data_dir / "nats"
         store_dir.mkdir(parents=True, exist_ok=True)
-        proc = self._spawn("nats", [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
-                           dict(os.environ))
+        proc = self._spawn(
+            "nats", [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)], dict(os.environ)
+        )
         wait_for(lambda: tcp_open(port), "NATS", 20, [proc])
         return f"nats://127.0.0.1:{port}"
 
     def build_model(self) -> None:
         if (self.model_dir / "config.json").exists():
             return
-        subprocess.run([self.python, "-m", "tuneforge_trainer.tiny_model", str(self.model_dir)], check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [self.python, "-m", "tuneforge_trainer.tiny_model", str(self.model_dir)],
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.DEVNULL,
+        )
 
     def start(self, progress: Callable[[str], None] = lambda _: None) -> None:
         self.data_dir = self.data_dir.resolve()

@@ -24,10 +24,14 @@ def _root() -> None:
 
 @app.command()
 def up(
-    data_dir: Path = typer.Option(Path(os.environ.get("TUNEFORGE_DATA_DIR", ".tuneforge")), help="Where "
-                                  "SQLite files, artifacts, logs and the built-in model live."),
-    port: int = typer.Option(int(os.environ.get("TUNEFORGE_GATEWAY_PORT", "8080")),
-                             help="Gateway HTTP port (another free one is used when it is taken)."),
+    data_dir: Path = typer.Option(
+        Path(os.environ.get("TUNEFORGE_DATA_DIR", ".tuneforge")),
+        help="Where SQLite files, artifacts, logs and the built-in model live.",
+    ),
+    port: int = typer.Option(
+        int(os.environ.get("TUNEFORGE_GATEWAY_PORT", "8080")),
+        help="Gateway HTTP port (another free one is used when it is taken).",
+    ),
 ) -> None:
     """Run the embedded default: NATS, SQLite, catalog, jobs, one trainer agent and the gateway."""
     stack = EmbeddedStack(data_dir=data_dir, gateway_port=port, nats_url=os.environ.get("TUNEFORGE_NATS_URL", ""))

@@ -31,13 +31,19 @@ LATENCY = Histogram("tuneforge_gateway_request_seconds", "HTTP request latency",
 
 
 def to_json(message: Any) -> dict[str, Any]:
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return _tidy(message.DESCRIPTOR, data)
 
 
-_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
 _ENUM_PREFIXES = ("JOB_STATE_", "DATASET_FORMAT_", "PARAMETER_TYPE_")
 
 
@@ -99,8 +105,12 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
         assert backends is not None
         return backends
 
-    app = FastAPI(title="TuneForge", version="0.1.0", lifespan=lifespan,
-                  description="Fine-tune language models on your own GPU nodes.")
+    app = FastAPI(
+        title="TuneForge",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Fine-tune language models on your own GPU nodes.",
+    )
     app.add_exception_handler(grpc.aio.AioRpcError, grpc_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ApiError, api_error_handler)
@@ -124,8 +134,7 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
             except grpc.aio.AioRpcError:
                 status[name] = "UNREACHABLE"
         ok = all(v == "SERVING" for v in status.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "services": status},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "degraded", "services": status}, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -135,45 +144,58 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
 
     @app.get("/api/v1/models")
     async def list_models(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
-        return to_json(await be().catalog.ListModels(cpb.ListModelsRequest(page_size=page_size,
-                                                                           page_token=page_token),
-                                                     timeout=RPC_TIMEOUT_S))
+        return to_json(
+            await be().catalog.ListModels(
+                cpb.ListModelsRequest(page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
+            )
+        )
 
     @app.get("/api/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict:
-        return to_json((await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id),
-                                                    timeout=RPC_TIMEOUT_S)).model)
+        return to_json(
+            (await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)).model
+        )
 
     @app.get("/api/v1/methods")
     async def list_methods(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
-        return to_json(await be().catalog.ListMethods(cpb.ListMethodsRequest(page_size=page_size,
-                                                                             page_token=page_token),
-                                                      timeout=RPC_TIMEOUT_S))
+        return to_json(
+            await be().catalog.ListMethods(
+                cpb.ListMethodsRequest(page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
+            )
+        )
 
     @app.get("/api/v1/methods/{method_id}")
     async def get_method(method_id: str) -> dict:
-        return to_json((await be().catalog.GetMethod(cpb.GetMethodRequest(method_id=method_id),
-                                                     timeout=RPC_TIMEOUT_S)).method)
+        return to_json(
+            (await be().catalog.GetMethod(cpb.GetMethodRequest(method_id=method_id), timeout=RPC_TIMEOUT_S)).method
+        )
 
     @app.get("/api/v1/datasets")
     async def list_datasets(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
-        return to_json(await be().catalog.ListDatasets(cpb.ListDatasetsRequest(page_size=page_size,
-                                                                               page_token=page_token),
-                                                       timeout=RPC_TIMEOUT_S))
+        return to_json(
+            await be().catalog.ListDatasets(
+                cpb.ListDatasetsRequest(page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
+            )
+        )
 
     @app.get("/api/v1/datasets/{dataset_id}")
     async def get_dataset(dataset_id: str) -> dict:
-        return to_json((await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=dataset_id),
-                                                      timeout=RPC_TIMEOUT_S)).dataset)
+        return to_json(
+            (await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=dataset_id), timeout=RPC_TIMEOUT_S)).dataset
+        )
 
     @app.post("/api/v1/datasets", status_code=201)
-    async def upload_dataset(file: UploadFile = File(..., description="JSONL file"),
-                             name: str = Form("", max_length=255), description: str = Form("")) -> dict:
+    async def upload_dataset(
+        file: UploadFile = File(..., description="JSONL file"),
+        name: str = Form("", max_length=255),
+        description: str = Form(""),
+    ) -> dict:
         dataset_name = name or (file.filename or "").rsplit("/", 1)[-1] or "dataset"
 
         async def requests() -> AsyncIterator[cpb.UploadDatasetRequest]:
-            yield cpb.UploadDatasetRequest(metadata=cpb.DatasetUploadMetadata(name=dataset_name,
-                                                                              description=description))
+            yield cpb.UploadDatasetRequest(
+                metadata=cpb.DatasetUploadMetadata(name=dataset_name, description=description)
+            )
             while chunk := await file.read(UPLOAD_CHUNK):
                 yield cpb.UploadDatasetRequest(chunk=chunk)
 
@@ -186,15 +208,26 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
     async def submit_job(body: SubmitJobBody) -> dict:
         params = struct_pb2.Struct()
         params.update(body.parameters)
-        resp = await be().jobs.SubmitJob(jpb.SubmitJobRequest(
-            model_id=body.model_id, dataset_id=body.dataset_id, method_id=body.method_id, parameters=params,
-            priority=body.priority, name=body.name), timeout=RPC_TIMEOUT_S)
+        resp = await be().jobs.SubmitJob(
+            jpb.SubmitJobRequest(
+                model_id=body.model_id,
+                dataset_id=body.dataset_id,
+                method_id=body.method_id,
+                parameters=params,
+                priority=body.priority,
+                name=body.name,
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
         return to_json(resp.job)
 
     @app.get("/api/v1/jobs")
     async def list_jobs(page_size: int = Query(0, ge=0, le=1000), page_token: str = "") -> dict:
-        return to_json(await be().jobs.ListJobs(jpb.ListJobsRequest(page_size=page_size, page_token=page_token),
-                                                timeout=RPC_TIMEOUT_S))
+        return to_json(
+            await be().jobs.ListJobs(
+                jpb.ListJobsRequest(page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
+            )
+        )
 
     @app.get("/api/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> dict:
@@ -202,16 +235,27 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
 
     @app.post("/api/v1/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str) -> dict:
-        return to_json((await be().jobs.CancelJob(jpb.CancelJobRequest(job_id=job_id),
-                                                  timeout=RPC_TIMEOUT_S)).job)
+        return to_json((await be().jobs.CancelJob(jpb.CancelJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
+
+    @app.get("/api/v1/jobs/{job_id}/history")
+    async def job_history(job_id: str, page_size: int = Query(0, ge=0, le=1000), page_token: str = "") -> dict:
+        """The job's state transitions, oldest first."""
+        return to_json(
+            await be().jobs.ListJobEvents(
+                jpb.ListJobEventsRequest(job_id=job_id, page_size=page_size, page_token=page_token),
+                timeout=RPC_TIMEOUT_S,
+            )
+        )
 
     @app.get("/api/v1/jobs/{job_id}/metrics")
     async def job_metrics(job_id: str, name: list[str] = Query(default=[])) -> dict:
         points: list[dict] = []
         token = ""
         while True:
-            resp = await be().jobs.ListJobMetrics(jpb.ListJobMetricsRequest(
-                job_id=job_id, names=name, page_size=1000, page_token=token), timeout=RPC_TIMEOUT_S)
+            resp = await be().jobs.ListJobMetrics(
+                jpb.ListJobMetricsRequest(job_id=job_id, names=name, page_size=1000, page_token=token),
+                timeout=RPC_TIMEOUT_S,
+            )
             points += [to_json(p) for p in resp.points]
             token = resp.next_page_token
             if not token:
@@ -222,19 +266,27 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
         return {"job_id": job_id, "series": series, "points": points}
 
     @app.get("/api/v1/jobs/{job_id}/logs")
-    async def job_logs(job_id: str, format: str = Query("json", pattern="^(json|text)$"),
-                       page_size: int = Query(0, ge=0, le=1000), page_token: str = "") -> Any:
+    async def job_logs(
+        job_id: str,
+        format: str = Query("json", pattern="^(json|text)$"),
+        page_size: int = Query(0, ge=0, le=1000),
+        page_token: str = "",
+    ) -> Any:
         if format == "text":
             lines, token = [], ""
             while True:
-                resp = await be().jobs.ListJobLogs(jpb.ListJobLogsRequest(job_id=job_id, page_size=1000,
-                                                                          page_token=token), timeout=RPC_TIMEOUT_S)
+                resp = await be().jobs.ListJobLogs(
+                    jpb.ListJobLogsRequest(job_id=job_id, page_size=1000, page_token=token), timeout=RPC_TIMEOUT_S
+                )
                 lines += [line.text for line in resp.lines]
                 token = resp.next_page_token
                 if not token:
                     return PlainTextResponse("\n".join(lines) + ("\n" if lines else ""))
-        return to_json(await be().jobs.ListJobLogs(jpb.ListJobLogsRequest(
-            job_id=job_id, page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S))
+        return to_json(
+            await be().jobs.ListJobLogs(
+                jpb.ListJobLogsRequest(job_id=job_id, page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
+            )
+        )
 
     @app.get("/api/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
@@ -255,7 +307,8 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
             finally:
                 call.cancel()
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     return app

@@ -38,8 +38,9 @@ async def grpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
     decoded = decode_error(exc)
     status = HTTP_STATUS.get(decoded.code, 500)
     # UNAVAILABLE/INTERNAL texts come from the transport or a service's internals: keep them out.
-    message = decoded.message if status < 500 else "a backend service is unavailable" if status == 503 \
-        else "internal error"
+    message = (
+        decoded.message if status < 500 else "a backend service is unavailable" if status == 503 else "internal error"
+    )
     return JSONResponse(error_body(decoded.code.name, message, decoded.field_violations), status_code=status)
 
 

@@ -80,6 +80,21 @@ def log_to_pb(row: Any) -> pb.LogLine:
     return pb.LogLine(seq=row.id, time=_ts(row.recorded_at), stream=row.stream, text=row.text, attempt=row.attempt)
 
 
+def _state(value: str | None) -> int:
+    return pb.JobState.Value(f"JOB_STATE_{value}") if value else pb.JOB_STATE_UNSPECIFIED
+
+
+def event_to_pb(row: Any) -> pb.JobEvent:
+    return pb.JobEvent(
+        seq=row.id,
+        time=_ts(row.recorded_at),
+        from_state=_state(row.from_state),
+        to_state=_state(row.to_state),
+        attempt=row.attempt,
+        reason=row.reason,
+    )
+
+
 def _page(page_size: int) -> int:
     if page_size < 0:
         raise InvalidArgument.for_field("page_size", "must not be negative")
@@ -102,18 +117,18 @@ def _untoken(token: str, field: str = "page_token") -> int:
         raise InvalidArgument.for_field(field, "invalid token") from None
 
 
-def _cursor(version: int, metric_id: int, log_id: int) -> str:
-    return f"v{version}.m{metric_id}.l{log_id}"
+def _cursor(event_id: int, metric_id: int, log_id: int) -> str:
+    return f"e{event_id}.m{metric_id}.l{log_id}"
 
 
 def _parse_cursor(cursor: str) -> tuple[int, int, int]:
     if not cursor:
         return 0, 0, 0
     try:
-        v, m, lg = cursor.split(".")
-        if v[0] != "v" or m[0] != "m" or lg[0] != "l":
+        e, m, lg = cursor.split(".")
+        if e[0] != "e" or m[0] != "m" or lg[0] != "l":
             raise ValueError
-        return int(v[1:]), int(m[1:]), int(lg[1:])
+        return int(e[1:]), int(m[1:]), int(lg[1:])
     except (ValueError, IndexError):
         raise InvalidArgument.for_field("after_cursor", "invalid cursor") from None
 
@@ -165,20 +180,37 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return pb.ListJobLogsResponse(lines=[log_to_pb(r) for r in rows[:size]], next_page_token=token)
 
     @map_errors
+    async def ListJobEvents(self, request: pb.ListJobEventsRequest, context: Any) -> pb.ListJobEventsResponse:
+        size = _page(request.page_size)
+        rows = await self.jobs.events(request.job_id, _untoken(request.page_token), size + 1)
+        token = _token(rows[size - 1].id) if len(rows) > size else ""
+        return pb.ListJobEventsResponse(events=[event_to_pb(r) for r in rows[:size]], next_page_token=token)
+
+    @map_errors
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
-        version, metric_id, log_id = _parse_cursor(request.after_cursor)
+        """Every state transition (with the job as it is now after the last one), metric point and log line,
+        each once, in the order they were stored; ends after the job reaches a terminal state."""
+        event_id, metric_id, log_id = _parse_cursor(request.after_cursor)
         while True:
+            events = await self.jobs.events(request.job_id, event_id, MAX_PAGE)
             job = await self.jobs.get(request.job_id)
-            if job.version > version:
-                version = job.version
-                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), job=job_to_pb(job))
+            finished = JobState(job.state) in TERMINAL
+            if finished:
+                # The terminal transition may have committed between the two reads; after it nothing changes.
+                events += await self.jobs.events(job.id, events[-1].id if events else event_id, MAX_PAGE)
+            for row in events:
+                event_id = row.id
+                yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), event=event_to_pb(row))
+            if events:
+                yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), job=job_to_pb(job))
+            # A terminal state is the agent's last report: once it is seen, every metric and log line is stored.
             for row in await self.jobs.metrics(job.id, [], metric_id, MAX_PAGE):
                 metric_id = row.id
-                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), metric=metric_to_pb(row))
+                yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), metric=metric_to_pb(row))
             for row in await self.jobs.logs(job.id, log_id, MAX_PAGE):
                 log_id = row.id
-                yield pb.WatchJobResponse(cursor=_cursor(version, metric_id, log_id), log=log_to_pb(row))
-            if JobState(job.state) in TERMINAL:
+                yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), log=log_to_pb(row))
+            if finished and len(events) < MAX_PAGE:
                 return
             await self.changes.wait(WATCH_POLL_S)
 

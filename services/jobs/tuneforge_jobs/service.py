@@ -126,12 +126,7 @@ class Jobs:
                     updated_at=now,
                 )
             )
-            await self._event(
-                conn,
-                job_id,
-                "state_changed",
-                {"from": None, "to": JobState.QUEUED, "attempt": 0, "reason": "submitted"},
-            )
+            await self._state_event(conn, job_id, None, JobState.QUEUED, 0, "submitted")
         self._after_commit()
         return await self.get(job_id)
 
@@ -174,6 +169,20 @@ class Jobs:
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).all())
 
+    async def events(self, job_id: str, after_id: int, limit: int) -> list[Any]:
+        await self.get(job_id)
+        async with self.engine.connect() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        select(store.job_events)
+                        .where(store.job_events.c.job_id == job_id, store.job_events.c.id > after_id)
+                        .order_by(store.job_events.c.id)
+                        .limit(limit)
+                    )
+                ).all()
+            )
+
     async def logs(self, job_id: str, after_id: int, limit: int) -> list[Any]:
         await self.get(job_id)
         async with self.engine.connect() as conn:
@@ -190,8 +199,32 @@ class Jobs:
 
     # -- state machine --------------------------------------------------------
 
-    async def _event(self, conn: AsyncConnection, job_id: str, event: str, payload: dict[str, Any]) -> None:
-        await write_event(conn, store.outbox, f"{self.subject_root}.jobs.job.{event}", {"job_id": job_id, **payload})
+    async def _state_event(
+        self,
+        conn: AsyncConnection,
+        job_id: str,
+        from_state: JobState | None,
+        to_state: JobState,
+        attempt: int,
+        reason: str,
+    ) -> None:
+        """History row and outbox event, in the transaction that changes the state."""
+        await conn.execute(
+            store.job_events.insert().values(
+                job_id=job_id,
+                from_state=from_state,
+                to_state=to_state,
+                attempt=attempt,
+                reason=reason,
+                recorded_at=self.clock(),
+            )
+        )
+        await write_event(
+            conn,
+            store.outbox,
+            f"{self.subject_root}.jobs.job.state_changed",
+            {"job_id": job_id, "from": from_state, "to": to_state, "attempt": attempt, "reason": reason},
+        )
 
     async def _transition_in(
         self, conn: AsyncConnection, job: Any, target: JobState, reason: str, **values: Any
@@ -211,12 +244,7 @@ class Jobs:
         )
         if result.rowcount != 1:
             return False
-        await self._event(
-            conn,
-            job.id,
-            "state_changed",
-            {"from": current, "to": target, "attempt": values.get("attempt", job.attempt), "reason": reason},
-        )
+        await self._state_event(conn, job.id, current, target, values.get("attempt", job.attempt), reason)
         return True
 
     async def transition(

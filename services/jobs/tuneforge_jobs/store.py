@@ -78,6 +78,19 @@ log_lines = Table(
     Column("recorded_at", UtcDateTime, nullable=False),
 )
 
+# Every state transition, for the job's history and watchers that must not miss a short-lived state.
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("from_state", String(16), nullable=True),
+    Column("to_state", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+)
+
 # Highest report sequence number stored per (job, attempt): makes agent resends idempotent.
 report_acks = Table(
     "report_acks",

@@ -73,15 +73,18 @@ class Reporter:
     def add(self, job_id: str, attempt: int, **report: Any) -> None:
         key = (job_id, attempt)
         self.seqs[key] = self.seqs.get(key, 0) + 1
-        req = apb.ReportJobRequest(agent_id=self.agent_id, job_id=job_id, attempt=attempt, seq=self.seqs[key],
-                                   time_unix=time.time(), **report)
+        req = apb.ReportJobRequest(
+            agent_id=self.agent_id, job_id=job_id, attempt=attempt, seq=self.seqs[key], time_unix=time.time(), **report
+        )
         self.pending.append(_Pending(req))
         self.wake.set()
 
     def ack(self, job_id: str, attempt: int, acked_seq: int) -> None:
-        self.pending = [p for p in self.pending
-                        if not (p.request.job_id == job_id and p.request.attempt == attempt
-                                and p.request.seq <= acked_seq)]
+        self.pending = [
+            p
+            for p in self.pending
+            if not (p.request.job_id == job_id and p.request.attempt == attempt and p.request.seq <= acked_seq)
+        ]
 
     def unacked(self, job_id: str) -> int:
         return sum(1 for p in self.pending if p.request.job_id == job_id)
@@ -125,11 +128,23 @@ def _flag_value(value: Any) -> Any:
     return value
 
 
-def build_command(python: str, entrypoint: str, params: dict[str, Any], model_path: str, dataset_path: str,
-                  output_dir: str, resume_from: str) -> list[str]:
+def build_command(
+    python: str,
+    entrypoint: str,
+    params: dict[str, Any],
+    model_path: str,
+    dataset_path: str,
+    output_dir: str,
+    resume_from: str,
+) -> list[str]:
     """DeepExtension's runner contract: every hyperparameter as --key=value, booleans as true/false."""
-    values = {**{k: _flag_value(v) for k, v in params.items()}, "model_path": model_path,
-              "dataset_path": dataset_path, "output_dir": output_dir, "resume_from_checkpoint": resume_from}
+    values = {
+        **{k: _flag_value(v) for k, v in params.items()},
+        "model_path": model_path,
+        "dataset_path": dataset_path,
+        "output_dir": output_dir,
+        "resume_from_checkpoint": resume_from,
+    }
     target = [entrypoint] if entrypoint.endswith(".py") else ["-m", entrypoint]
     flags = [f"--{k}={'true' if v is True else 'false' if v is False else v}" for k, v in values.items()]
     return [python, *target, *flags]
@@ -139,8 +154,11 @@ def metric_report(parsed: dict[str, Any]) -> apb.MetricReport | None:
     details = parsed.get("details") or {}
     if not isinstance(details, dict):
         return None
-    values = {k: float(v) for k, v in details.items()
-              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values = {
+        k: float(v)
+        for k, v in details.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     try:
         step = int(details.get("step", 0))
         progress = float(parsed.get("progress", 0.0))
@@ -160,8 +178,9 @@ class JobRun:
         self.proc: asyncio.subprocess.Process | None = None
         self.cancelled = False
         self.shutting_down = False
-        self.workdir = (Path(agent.settings.agent_work_dir).resolve() / assignment.job_id
-                        / f"attempt-{assignment.attempt}")
+        self.workdir = (
+            Path(agent.settings.agent_work_dir).resolve() / assignment.job_id / f"attempt-{assignment.attempt}"
+        )
 
     def report(self, **report: Any) -> None:
         self.agent.reporter.add(self.a.job_id, self.a.attempt, **report)
@@ -188,19 +207,41 @@ class JobRun:
             model_path, dataset_path = await asyncio.to_thread(self._stage_inputs)
             output_dir = self.workdir / "output"
             params = json_format.MessageToDict(self.a.parameters)
-            cmd = build_command(self.agent.settings.agent_python, self.a.entrypoint, params, model_path,
-                                dataset_path, str(output_dir), self.a.resume_from_uri)
-            env = {**os.environ, **to_env({k: _flag_value(v) for k, v in params.items()}),
-                   "MODEL_PATH": model_path, "DATASET_PATH": dataset_path, "OUTPUT_DIR": str(output_dir),
-                   "RESUME_FROM_CHECKPOINT": self.a.resume_from_uri, "TUNEFORGE_JOB_ID": self.a.job_id,
-                   "TUNEFORGE_ATTEMPT": str(self.a.attempt), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+            cmd = build_command(
+                self.agent.settings.agent_python,
+                self.a.entrypoint,
+                params,
+                model_path,
+                dataset_path,
+                str(output_dir),
+                self.a.resume_from_uri,
+            )
+            env = {
+                **os.environ,
+                **to_env({k: _flag_value(v) for k, v in params.items()}),
+                "MODEL_PATH": model_path,
+                "DATASET_PATH": dataset_path,
+                "OUTPUT_DIR": str(output_dir),
+                "RESUME_FROM_CHECKPOINT": self.a.resume_from_uri,
+                "TUNEFORGE_JOB_ID": self.a.job_id,
+                "TUNEFORGE_ATTEMPT": str(self.a.attempt),
+                "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1",
+            }
             self.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-                cwd=str(self.workdir), start_new_session=True, limit=LINE_LIMIT)
+                *cmd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=str(self.workdir),
+                start_new_session=True,
+                limit=LINE_LIMIT,
+            )
             self.report(state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason=f"pid {self.proc.pid}"))
             stderr_tail: list[str] = []
-            await asyncio.gather(self._pump(self.proc.stdout, "stdout", None),
-                                 self._pump(self.proc.stderr, "stderr", stderr_tail))
+            await asyncio.gather(
+                self._pump(self.proc.stdout, "stdout", None), self._pump(self.proc.stderr, "stderr", stderr_tail)
+            )
             code = await self.proc.wait()
             if self.shutting_down:
                 # The agent is stopping, not the job: its lease lapses and the job is retried elsewhere.
@@ -211,12 +252,18 @@ class JobRun:
                 store = ArtifactStore(self.agent.settings.artifact_root)
                 await asyncio.to_thread(store.put_dir, str(output_dir), self.a.output_uri)
                 self.log_line("agent", f"output stored at {self.a.output_uri}")
-                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED, reason="completed",
-                                                  output_uri=self.a.output_uri))
+                self.report(
+                    state=apb.StateReport(
+                        state=apb.REPORTED_STATE_SUCCEEDED, reason="completed", output_uri=self.a.output_uri
+                    )
+                )
             else:
                 last = stderr_tail[-1] if stderr_tail else "no error output"
-                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED,
-                                                  reason=f"training process exited with code {code}: {last}"))
+                self.report(
+                    state=apb.StateReport(
+                        state=apb.REPORTED_STATE_FAILED, reason=f"training process exited with code {code}: {last}"
+                    )
+                )
         except Exception as exc:  # staging or upload failed: the job fails with the reason, the agent lives on
             log.exception("job %s failed on the agent", self.a.job_id)
             self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=f"agent error: {exc}"))
@@ -265,8 +312,13 @@ def detect_gpus() -> list[str]:
     try:
         import subprocess
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         return []
@@ -282,9 +334,13 @@ class Agent:
 
     def resources(self) -> apb.AgentResources:
         gpus = detect_gpus()
-        return apb.AgentResources(gpu_count=len(gpus), gpu_models=gpus, cpu_count=os.cpu_count() or 1,
-                                  memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                                  slots=self.settings.agent_slots)
+        return apb.AgentResources(
+            gpu_count=len(gpus),
+            gpu_models=gpus,
+            cpu_count=os.cpu_count() or 1,
+            memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            slots=self.settings.agent_slots,
+        )
 
     async def run_forever(self) -> None:
         backoff = 0.5
@@ -304,13 +360,16 @@ class Agent:
                     backoff = 0.5
 
     async def _session(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
-        resp = await stub.RegisterAgent(apb.RegisterAgentRequest(name=self.settings.agent_name,
-                                                                 resources=self.resources()), timeout=10)
+        resp = await stub.RegisterAgent(
+            apb.RegisterAgentRequest(name=self.settings.agent_name, resources=self.resources()), timeout=10
+        )
         self.agent_id = self.reporter.agent_id = resp.agent_id
         log.info("registered as %s", self.agent_id)
-        tasks = [asyncio.create_task(self._heartbeats(stub, resp.heartbeat_interval_seconds or 3)),
-                 asyncio.create_task(self._assignments(stub)),
-                 asyncio.create_task(self.reporter.run_stream(stub))]
+        tasks = [
+            asyncio.create_task(self._heartbeats(stub, resp.heartbeat_interval_seconds or 3)),
+            asyncio.create_task(self._assignments(stub)),
+            asyncio.create_task(self.reporter.run_stream(stub)),
+        ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -322,8 +381,9 @@ class Agent:
 
     async def _heartbeats(self, stub: agent_pb2_grpc.AgentServiceStub, interval: float) -> None:
         while True:
-            resp = await stub.Heartbeat(apb.HeartbeatRequest(agent_id=self.agent_id,
-                                                             running_job_ids=list(self.runs)), timeout=10)
+            resp = await stub.Heartbeat(
+                apb.HeartbeatRequest(agent_id=self.agent_id, running_job_ids=list(self.runs)), timeout=10
+            )
             for job_id in resp.cancel_job_ids:
                 self._cancel(job_id)
             await asyncio.sleep(interval)
@@ -343,8 +403,7 @@ class Agent:
         self.runs[assignment.job_id] = run
         task = asyncio.create_task(run.run(), name=f"job-{assignment.job_id}")
         self.tasks.add(task)
-        task.add_done_callback(lambda t, job_id=assignment.job_id: (self.tasks.discard(t),
-                                                                    self.runs.pop(job_id, None)))
+        task.add_done_callback(lambda t, job_id=assignment.job_id: (self.tasks.discard(t), self.runs.pop(job_id, None)))
 
     def _cancel(self, job_id: str) -> None:
         run = self.runs.get(job_id)

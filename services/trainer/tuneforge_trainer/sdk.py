@@ -28,9 +28,13 @@ _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 
 # --- progress lines -----------------------------------------------------------------------------
 
+
 def _json_value(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        value = value.item()
+        try:
+            value = value.item()
+        except (TypeError, ValueError, RuntimeError):  # not a single element: json's default=str
+            pass
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # strict JSON has no NaN/Infinity; keep the signal as text
     return value
@@ -57,13 +61,14 @@ def parse_log_data(line: str) -> dict[str, Any] | None:
     if not text.startswith(LOG_DATA_PREFIX.rstrip()):
         return None
     try:
-        payload = json.loads(text[len(LOG_DATA_PREFIX.rstrip()):])
+        payload = json.loads(text[len(LOG_DATA_PREFIX.rstrip()) :])
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
 
 
 # --- flags ----------------------------------------------------------------------------------------
+
 
 def _flag_help(params_cls: type, specs: list[ParamSpec]) -> str:
     lines = [f"{params_cls.__name__}: {(params_cls.__doc__ or '').strip()}", "", "flags:"]
@@ -74,7 +79,8 @@ def _flag_help(params_cls: type, specs: list[ParamSpec]) -> str:
         if spec.aliases:
             extra.append("aliases " + ", ".join("--" + a for a in spec.aliases))
         suffix = f" ({'; '.join(extra)})" if extra else ""
-        lines.append(f"  --{spec.name}={spec.default!r} [{spec.type}, env {spec.env_name}] {spec.help}{suffix}")
+        kind = f"[{spec.type}, env {spec.env_name}]"
+        lines.append(f"  --{spec.name}={spec.default!r} {kind} {spec.help}{suffix}")
     return "\n".join(lines)
 
 
@@ -91,8 +97,11 @@ def _split_flags(argv: Sequence[str], bool_names: set[str]) -> list[tuple[str, s
         key = key.replace("-", "_")
         if sep:
             pairs.append((key, value))
-        elif i < len(argv) and not argv[i].startswith("--") and (
-                key not in bool_names or argv[i].strip().lower() in _BOOL_WORDS):
+        elif (
+            i < len(argv)
+            and not argv[i].startswith("--")
+            and (key not in bool_names or argv[i].strip().lower() in _BOOL_WORDS)
+        ):
             pairs.append((key, argv[i]))
             i += 1
         else:
@@ -100,8 +109,9 @@ def _split_flags(argv: Sequence[str], bool_names: set[str]) -> list[tuple[str, s
     return pairs
 
 
-def parse_flags(params_cls: type, argv: Sequence[str] | None = None,
-                environ: Mapping[str, str] | None = None) -> tuple[Any, dict[str, str]]:
+def parse_flags(
+    params_cls: type, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Any, dict[str, str]]:
     """Parameters for `params_cls` from flags, then environment, then defaults; plus unknown flags.
 
     Unknown flags (the runner's --model_path, --dataset_path, --output_dir, ...) are returned as
@@ -118,8 +128,11 @@ def parse_flags(params_cls: type, argv: Sequence[str] | None = None,
 
     given: dict[str, tuple[str, Any]] = {}  # canonical name -> (where it came from, raw value)
     extras: dict[str, str] = {}
-    for key, raw in _split_flags(argv, {s.name for s in specs if s.type == "bool"} |
-                                 {a for a, n in alias_to_name.items() if by_name[n].type == "bool"}):
+    for key, raw in _split_flags(
+        argv,
+        {s.name for s in specs if s.type == "bool"}
+        | {a for a, n in alias_to_name.items() if by_name[n].type == "bool"},
+    ):
         name = key if key in by_name else alias_to_name.get(key)
         if name is None:
             extras[key] = "true" if raw is None else raw
@@ -158,11 +171,12 @@ def parse_flags(params_cls: type, argv: Sequence[str] | None = None,
 
 # --- transformers callback (built lazily) -------------------------------------------------------
 
+
 def _numeric(value: Any) -> float | int | None:
     if hasattr(value, "item") and callable(value.item):
         try:
             value = value.item()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

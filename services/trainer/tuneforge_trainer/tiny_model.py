@@ -42,15 +42,23 @@ def build_tokenizer():
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     lines = CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
     backend.train_from_iterator(lines, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        extra_special_tokens=[IM_START, IM_END], chat_template=CHAT_TEMPLATE,
-        model_max_length=MAX_LENGTH, padding_side="right",
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        extra_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_LENGTH,
+        padding_side="right",
     )
 
 
@@ -63,9 +71,17 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH,
-        tie_word_embeddings=True, bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        tie_word_embeddings=True,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
         dtype="float32",
     )
     # fork_rng: the fixed seed must not leak into the caller's global RNG state.
@@ -74,7 +90,9 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
         model = LlamaForCausalLM(config).to(torch.float32)
     # Chat replies end with <|im_end|>, plain text with </s>: stop on either.
     model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[IM_END]], pad_token_id=ids[PAD],
+        bos_token_id=ids[BOS],
+        eos_token_id=[ids[EOS], ids[IM_END]],
+        pad_token_id=ids[PAD],
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
@@ -83,8 +101,11 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tuneforge_trainer.tiny_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tuneforge_trainer.tiny_model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if OUTPUT_DIR/config.json exists")
@@ -92,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.output_dir / "config.json").exists() and not args.force:
         print(f"{args.output_dir} already holds a model; use --force to rebuild")
         return 0
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # keep the CLI output to one line
     path = build_tiny_model(args.output_dir, seed=args.seed)
     print(f"tiny model written to {path}")
     return 0

@@ -15,13 +15,15 @@ Dataset rows (JSON lines), detected from the columns:
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tuneforge_common.methods import SftLoraParams
-
 from tuneforge_trainer.sdk import log_data, make_log_data_callback, parse_flags
 
 PROMPT_CANDIDATES = ("question", "instruction", "query", "input", "prompt")
@@ -34,6 +36,7 @@ class DatasetProblem(Exception):
 
 
 # --- dataset -------------------------------------------------------------------------------------
+
 
 def _line_number(path: Path, row_index: int) -> int:
     """1-based file line of the row_index-th JSON row (blank lines are not rows)."""
@@ -55,19 +58,19 @@ def _first_bad_line(path: Path) -> str | None:
             try:
                 row = json.loads(line)
             except ValueError as exc:
-                return f"line {number}: invalid JSON ({exc})"
+                return f"{path} line {number}: invalid JSON ({exc})"
             if not isinstance(row, dict):
-                return f"line {number}: expected a JSON object, got {type(row).__name__}"
+                return f"{path} line {number}: expected a JSON object, got {type(row).__name__}"
     return None
 
 
-def load_rows(path: Path, max_samples: int):
+def load_rows(path: Path, max_samples: int, cache_dir: str | None = None):
     import datasets
 
     if not path.is_file():
         raise DatasetProblem(f"dataset file not found: {path}")
     try:
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as exc:  # the json builder's errors do not name the line; find it ourselves
         raise DatasetProblem(_first_bad_line(path) or f"cannot read {path} as JSON lines: {exc}") from exc
     if len(dataset) == 0:
@@ -93,9 +96,11 @@ def _pick(columns: list[str], explicit: str, candidates: tuple[str, ...], what: 
     for name in candidates:
         if name in columns:
             return name
-    raise DatasetProblem(f"no {what} column: expected one of {', '.join(candidates)} (or set "
-                         f"--prompt_{'input' if what == 'prompt' else 'output'}_column); "
-                         f"the dataset has {', '.join(columns)}")
+    raise DatasetProblem(
+        f"no {what} column: expected one of {', '.join(candidates)} (or set "
+        f"--prompt_{'input' if what == 'prompt' else 'output'}_column); "
+        f"the dataset has {', '.join(columns)}"
+    )
 
 
 def _check_messages(value: Any) -> str | None:
@@ -124,7 +129,8 @@ def prepare_dataset(dataset, params: SftLoraParams, has_chat_template: bool, pat
                 raise fail(i, problem)
         # Drop the keys pyarrow adds as None to messages that lack them, so the template sees clean dicts.
         dataset = dataset.select_columns(["messages"]).map(
-            lambda row: {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
+            lambda row: {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+        )
         return dataset, "chat"
     if not explicit and "prompt" in columns and "completion" in columns:
         for i, row in enumerate(dataset.select_columns(["prompt", "completion"])):
@@ -138,12 +144,19 @@ def prepare_dataset(dataset, params: SftLoraParams, has_chat_template: bool, pat
                 raise fail(i, "column 'text' is missing or empty")
         return dataset.select_columns(["text"]), "text"
 
+    if not explicit and not any(c in columns for c in PROMPT_CANDIDATES):
+        raise DatasetProblem(
+            f"cannot tell the row format from the columns {', '.join(columns)}: expected 'messages' (chat), "
+            f"'prompt' and 'completion', 'text', or a prompt/answer pair ({'/'.join(PROMPT_CANDIDATES)} and "
+            f"{'/'.join(ANSWER_CANDIDATES)}, or name them with --prompt_input_column/--prompt_output_column)"
+        )
     prompt_col = _pick(columns, params.prompt_input_column, PROMPT_CANDIDATES, "prompt")
     answer_col = _pick(columns, params.prompt_output_column, ANSWER_CANDIDATES, "answer")
     if prompt_col == answer_col:
         raise DatasetProblem(f"prompt and answer columns are both {prompt_col!r}")
     # Alpaca-style rows keep their optional `input` as context under the instruction.
-    context_col = "input" if prompt_col == "instruction" and "input" in columns and answer_col != "input" else None
+    alpaca = prompt_col == "instruction" and "input" in columns and answer_col != "input"
+    context_col = "input" if alpaca else None
     rows = []
     for i, row in enumerate(dataset):
         prompt, answer = _text(row.get(prompt_col)), _text(row.get(answer_col))
@@ -155,8 +168,12 @@ def prepare_dataset(dataset, params: SftLoraParams, has_chat_template: bool, pat
         if context:
             prompt = f"{prompt}\n\n{context}"
         if has_chat_template:
-            rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "completion": [{"role": "assistant", "content": answer}]})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                }
+            )
         else:
             rows.append({"prompt": prompt + "\n", "completion": answer})
     import datasets
@@ -166,20 +183,31 @@ def prepare_dataset(dataset, params: SftLoraParams, has_chat_template: bool, pat
 
 # --- training ------------------------------------------------------------------------------------
 
+
 def _required(extras: dict[str, str]) -> dict[str, str]:
-    missing = [f"--{k}" for k in REQUIRED_EXTRAS if not extras.get(k)]
+    # Flag first, then the upper-snake environment variable, as for the hyperparameters.
+    values = {k: extras.get(k) or os.environ.get(k.upper(), "") for k in REQUIRED_EXTRAS}
+    missing = [f"--{k}" for k, v in values.items() if not v]
     if missing:
         raise SystemExit(f"error: missing required flag(s): {', '.join(missing)}")
-    return {k: extras[k] for k in REQUIRED_EXTRAS}
+    return values
 
 
 def train(params: SftLoraParams, extras: dict[str, str]) -> dict[str, Any]:
+    # The Arrow copies of the dataset live as long as the run, unless the user chose a datasets cache.
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return _train(params, extras, None)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-datasets-") as cache_dir:
+        return _train(params, extras, cache_dir)
+
+
+def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None) -> dict[str, Any]:
     paths = _required(extras)
     model_path, dataset_path = Path(paths["model_path"]), Path(paths["dataset_path"])
     output_dir = Path(paths["output_dir"])
     if not (model_path / "config.json").is_file():
         raise SystemExit(f"error: --model_path={model_path}: no model there (config.json missing)")
-    resume: str | bool | None = extras.get("resume_from_checkpoint") or None
+    resume: str | bool | None = extras.get("resume_from_checkpoint", os.environ.get("RESUME_FROM_CHECKPOINT")) or None
     if resume is not None:
         if resume.lower() == "true":
             resume = True  # Trainer picks the last checkpoint in output_dir
@@ -198,12 +226,14 @@ def train(params: SftLoraParams, extras: dict[str, str]) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_warning()
+    # PEFT/TRL still call the renamed is_gradient_checkpointing; the warning is noise for users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        dataset = load_rows(dataset_path, params.max_samples)
+        dataset = load_rows(dataset_path, params.max_samples, cache_dir)
         dataset, data_format = prepare_dataset(dataset, params, bool(tokenizer.chat_template), dataset_path)
     except DatasetProblem as exc:
         raise SystemExit(f"error: dataset: {exc}") from None
@@ -233,7 +263,8 @@ def train(params: SftLoraParams, extras: dict[str, str]) -> dict[str, Any]:
         max_length=params.max_seq_length,
         bf16=bf16,  # SFTConfig defaults bf16 to True, which CPUs and older GPUs cannot honour
         fp16=False,
-        gradient_checkpointing=cuda,  # saves GPU memory; only slows small CPU runs down
+        # transformers 5 renamed gradient_checkpointing (TRL still sets the old name, which then warns).
+        activation_checkpointing=cuda,  # saves GPU memory; only slows small CPU runs down
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -241,12 +272,19 @@ def train(params: SftLoraParams, extras: dict[str, str]) -> dict[str, Any]:
         dataloader_pin_memory=cuda,
     )
     peft_config = LoraConfig(
-        r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-        target_modules="all-linear", task_type="CAUSAL_LM",
+        r=params.lora_rank,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[make_log_data_callback()],
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[make_log_data_callback()],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout
     result = trainer.train(resume_from_checkpoint=resume)
@@ -254,9 +292,14 @@ def train(params: SftLoraParams, extras: dict[str, str]) -> dict[str, Any]:
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     metrics = dict(result.metrics)
-    log_data(100, step=result.global_step, epoch=trainer.state.epoch, train_loss=result.training_loss,
-             train_runtime=metrics.get("train_runtime"),
-             train_samples_per_second=metrics.get("train_samples_per_second"))
+    log_data(
+        100,
+        step=result.global_step,
+        epoch=trainer.state.epoch,
+        train_loss=result.training_loss,
+        train_runtime=metrics.get("train_runtime"),
+        train_samples_per_second=metrics.get("train_samples_per_second"),
+    )
     return metrics
 
 

@@ -65,6 +65,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobLogsRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobLogsResponse.FromString,
                 _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/ListJobEvents',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/tuneforge.jobs.v1.JobService/WatchJob',
                 request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
@@ -112,6 +117,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobEvents(self, request, context):
+        """The job's state history, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Server stream of state changes, metric points and log lines, starting
         after the given cursor.
@@ -152,6 +164,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobLogs,
                     request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobLogsRequest.FromString,
                     response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobLogsResponse.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobEventsResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -322,6 +339,33 @@ class JobService:
             '/tuneforge.jobs.v1.JobService/ListJobLogs',
             tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobLogsRequest.SerializeToString,
             tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/ListJobEvents',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobEventsRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class JobServiceStub:
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]
     ListJobMetrics: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobMetricsRequest, _jobs_pb2.ListJobMetricsResponse]
     ListJobLogs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobLogsRequest, _jobs_pb2.ListJobLogsResponse]
+    ListJobEvents: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobEventsRequest, _jobs_pb2.ListJobEventsResponse]
+    """The job's state history, oldest first."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]
     """Server stream of state changes, metric points and log lines, starting
     after the given cursor.
@@ -55,6 +57,8 @@ class JobServiceAsyncStub(JobServiceStub):
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]  # type: ignore[assignment]
     ListJobMetrics: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobMetricsRequest, _jobs_pb2.ListJobMetricsResponse]  # type: ignore[assignment]
     ListJobLogs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobLogsRequest, _jobs_pb2.ListJobLogsResponse]  # type: ignore[assignment]
+    ListJobEvents: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobEventsRequest, _jobs_pb2.ListJobEventsResponse]  # type: ignore[assignment]
+    """The job's state history, oldest first."""
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Server stream of state changes, metric points and log lines, starting
     after the given cursor.
@@ -104,6 +108,14 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.ListJobLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ListJobLogsResponse, _abc.Awaitable[_jobs_pb2.ListJobLogsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListJobEvents(
+        self,
+        request: _jobs_pb2.ListJobEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListJobEventsResponse, _abc.Awaitable[_jobs_pb2.ListJobEventsResponse]]:
+        """The job's state history, oldest first."""
 
     @_abc_1.abstractmethod
     def WatchJob(

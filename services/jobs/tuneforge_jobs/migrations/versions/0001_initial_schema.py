@@ -70,6 +70,20 @@ def upgrade() -> None:
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_outbox_published_at'), ['published_at'], unique=False)
 
+    op.create_table('job_events',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('job_id', sa.String(length=64), nullable=False),
+    sa.Column('from_state', sa.String(length=16), nullable=True),
+    sa.Column('to_state', sa.String(length=16), nullable=False),
+    sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('recorded_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('job_events', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_job_events_job_id'), ['job_id'], unique=False)
+
     op.create_table('log_lines',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('job_id', sa.String(length=64), nullable=False),
@@ -118,6 +132,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_log_lines_job_id'))
 
     op.drop_table('log_lines')
+    with op.batch_alter_table('job_events', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_job_events_job_id'))
+
+    op.drop_table('job_events')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_outbox_published_at'))
 
