@@ -1,0 +1,215 @@
+"""The embedded default end to end: `tuneforge up` as a process, a real tiny training job through the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "examples" / "datasets" / "sample-chat.jsonl"
+
+
+class Stack:
+    def __init__(self, proc: subprocess.Popen, url: str, data_dir: Path, output: list[str]) -> None:
+        self.proc, self.url, self.data_dir, self.output = proc, url, data_dir, output
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("embedded")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env.pop("TUNEFORGE_NATS_URL", None)  # the embedded default starts its own NATS from the wheel
+    cli = Path(sys.executable).parent / "tuneforge"
+    proc = subprocess.Popen(
+        [str(cli), "up", "--data-dir", str(data_dir), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    output: list[str] = []
+    url = ""
+    deadline = time.monotonic() + 180
+    assert proc.stdout is not None
+    while time.monotonic() < deadline and not url:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if line.startswith("TUNEFORGE_GATEWAY_URL="):
+            url = line.strip().split("=", 1)[1]
+    if not url:
+        proc.kill()
+        logs = "".join((data_dir / "logs" / f).read_text()[-2000:] for f in os.listdir(data_dir / "logs"))
+        pytest.fail("stack did not come up:\n" + "".join(output) + logs)
+    stack = Stack(proc, url, data_dir, output)
+    yield stack
+    if proc.poll() is None:
+        proc.kill()
+
+
+def error_of(resp: httpx.Response) -> dict:
+    return resp.json()["error"]
+
+
+def test_gateway_reports_healthy_services(stack):
+    resp = stack.http.get("/healthz")
+    assert resp.status_code == 200
+    assert resp.json()["services"] == {"catalog": "SERVING", "jobs": "SERVING"}
+
+
+def test_builtin_tiny_chat_model_and_sft_lora_method_are_listed(stack):
+    models = stack.http.get("/api/v1/models").json()["models"]
+    tiny = next(m for m in models if m["id"] == "tiny-chat")
+    assert tiny["architecture"] == "LlamaForCausalLM" and tiny["has_chat_template"] and tiny["parameter_count"] > 0
+    methods = stack.http.get("/api/v1/methods").json()["methods"]
+    assert "sft-lora" in [m["id"] for m in methods]
+
+
+def test_bad_uploads_name_the_line_and_store_nothing(stack):
+    bad_json = b'{"text": "fine"}\n{"text": broken}\n'
+    resp = stack.http.post("/api/v1/datasets", files={"file": ("bad.jsonl", bad_json)})
+    assert resp.status_code == 400
+    assert error_of(resp)["field"] == "content" and "line 2" in error_of(resp)["message"]
+    resp = stack.http.post(
+        "/api/v1/datasets", files={"file": ("latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"))}
+    )
+    assert resp.status_code == 400 and "line 1: not valid UTF-8" in error_of(resp)["message"]
+    assert stack.http.get("/api/v1/datasets").json()["datasets"] == []
+
+
+def test_bad_job_requests_get_404_and_400_naming_the_field(stack):
+    ds = stack.http.post("/api/v1/datasets", files={"file": ("s.jsonl", SAMPLE.read_bytes())}).json()
+    cases = [
+        ({"model_id": "no-such-model", "dataset_id": ds["id"]}, 404, None),
+        ({"model_id": "tiny-chat", "dataset_id": "no-such-ds"}, 404, None),
+        ({"model_id": "tiny-chat", "dataset_id": ds["id"], "method_id": "nope"}, 404, None),
+        (
+            {"model_id": "tiny-chat", "dataset_id": ds["id"], "parameters": {"warp_factor": 9}},
+            400,
+            "parameters.warp_factor",
+        ),
+        (
+            {"model_id": "tiny-chat", "dataset_id": ds["id"], "parameters": {"lora_rank": 0}},
+            400,
+            "parameters.lora_rank",
+        ),
+        ({"dataset_id": ds["id"]}, 400, "model_id"),
+    ]
+    for body, status, field in cases:
+        resp = stack.http.post("/api/v1/jobs", json=body)
+        assert resp.status_code == status, (body, resp.text)
+        if field:
+            assert error_of(resp)["field"] == field
+    assert stack.http.get("/api/v1/jobs").json()["jobs"] == []
+    assert stack.http.get("/api/v1/jobs/no-such-job").status_code == 404
+
+
+def read_sse(resp: httpx.Response, until_state: str) -> list[tuple[str, str, dict]]:
+    events, event_id, kind = [], "", ""
+    for line in resp.iter_lines():
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+            events.append((event_id, kind, data))
+            if kind == "job" and data["state"] == until_state:
+                return events
+    return events
+
+
+def test_a_real_tiny_job_trains_to_succeeded_with_metrics_logs_and_a_peft_adapter(stack):
+    ds = stack.http.post(
+        "/api/v1/datasets", files={"file": ("sample-chat.jsonl", SAMPLE.read_bytes())}, data={"name": "sample-chat"}
+    )
+    assert ds.status_code == 201 and ds.json()["row_count"] == 40 and ds.json()["format"] == "chat"
+    started = time.monotonic()
+    resp = stack.http.post(
+        "/api/v1/jobs",
+        json={
+            "model_id": "tiny-chat",
+            "dataset_id": ds.json()["id"],
+            "method_id": "sft-lora",
+            "parameters": {"training_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "lora_rank": 4},
+        },
+    )
+    assert resp.status_code == 201, resp.text
+    job = resp.json()
+    assert job["state"] == "QUEUED" and job["parameters"]["max_steps"] == 6 and job["parameters"]["lora_rank"] == 4
+
+    with stack.http.stream("GET", f"/api/v1/jobs/{job['id']}/events", timeout=180) as sse:
+        assert sse.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(sse, "SUCCEEDED")
+    elapsed = time.monotonic() - started
+    transitions = [d["to_state"] for _, kind, d in events if kind == "event"]
+    assert transitions == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"], events[-3:]
+    assert elapsed < 60, f"tiny job took {elapsed:.1f}s"
+
+    # Reconnecting with Last-Event-ID resumes after that event: no gap, no duplicate.
+    second_id = [eid for eid, kind, _ in events if kind == "event"][1]
+    with stack.http.stream("GET", f"/api/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": second_id}) as sse:
+        resumed = read_sse(sse, "SUCCEEDED")
+    assert [d["to_state"] for _, kind, d in resumed if kind == "event"] == ["RUNNING", "SUCCEEDED"]
+
+    final = stack.http.get(f"/api/v1/jobs/{job['id']}").json()
+    assert (final["state"], final["current_step"], final["progress_percent"], final["attempt"]) == (
+        "SUCCEEDED",
+        6,
+        100.0,
+        1,
+    )
+    loss = stack.http.get(f"/api/v1/jobs/{job['id']}/metrics", params={"name": "loss"}).json()["series"]["loss"]
+    assert [step for step, _ in loss] == [1, 2, 3, 4, 5, 6] and all(v > 0 for _, v in loss)
+    log_text = stack.http.get(f"/api/v1/jobs/{job['id']}/logs", params={"format": "text"}).text
+    assert "attempt 1 starting" in log_text and "output stored at" in log_text
+
+    adapter_dir = Path(final["output_uri"])
+    assert (adapter_dir / "adapter_config.json").is_file()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(stack.data_dir / "models" / "tiny-chat")
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum().item() > 0 for p in lora_b)  # trained, not the zero init
+
+
+def test_terminating_a_running_job_stops_its_process(stack):
+    ds = stack.http.get("/api/v1/datasets").json()["datasets"][0]
+    job = stack.http.post(
+        "/api/v1/jobs", json={"model_id": "tiny-chat", "dataset_id": ds["id"], "parameters": {"max_steps": 100000}}
+    ).json()
+    for _ in range(300):
+        state = stack.http.get(f"/api/v1/jobs/{job['id']}").json()["state"]
+        if state == "RUNNING":
+            break
+        time.sleep(0.1)
+    assert stack.http.post(f"/api/v1/jobs/{job['id']}/cancel").json()["state"] == "CANCELLING"
+    for _ in range(300):
+        final = stack.http.get(f"/api/v1/jobs/{job['id']}").json()
+        if final["state"] == "CANCELLED":
+            break
+        time.sleep(0.1)
+    assert final["state"] == "CANCELLED"
+
+
+def test_ctrl_c_stops_every_process_cleanly(stack):
+    children = psutil.Process(stack.proc.pid).children(recursive=True)
+    assert len(children) >= 5  # nats, catalog, jobs, trainer, gateway
+    stack.proc.send_signal(signal.SIGINT)
+    assert stack.proc.wait(60) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
