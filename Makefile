@@ -8,23 +8,26 @@ export HF_HUB_OFFLINE := 1
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN_DIR := services/common
 
-.PHONY: install up test test-fast protos check-protos lint clean
+STAMP := $(VENV)/.tuneforge-installed
+PACKAGES := services/common services/catalog services/jobs services/gateway services/trainer services/cli
 
-$(PY):
-	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+.PHONY: install up test protos check-protos lint clean
+
+install: $(STAMP)
 
 # torch first, pinned to the CPU build on disk; the trainer's own requirement is a range that admits it.
-install: $(PY)
+$(STAMP): requirements-dev.txt $(addsuffix /pyproject.toml,$(PACKAGES))
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-dev.txt
-	$(PIP) install -q -e services/common -e services/catalog -e services/jobs -e services/gateway \
-		-e services/trainer -e services/cli
+	$(PIP) install -q $(addprefix -e ,$(PACKAGES))
+	touch $@
 
 up: install
 	$(VENV)/bin/tuneforge up
 
-test:
+test: install
 	$(PY) -m pytest
 
 protos:
@@ -39,8 +42,8 @@ check-protos: protos
 	git diff --exit-code --stat -- $(GEN_DIR)/tuneforge
 
 lint:
-	$(VENV)/bin/ruff check services tests bench
-	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .tuneforge
