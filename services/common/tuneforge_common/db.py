@@ -53,6 +53,9 @@ def make_engine(url: str) -> AsyncEngine:
             # WAL lets readers run beside the one writer; busy_timeout waits instead of failing.
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            # With WAL, NORMAL loses no committed data on a process crash (only on power loss) and spares an
+            # fsync per commit.
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -25,6 +26,7 @@ from .service import Jobs, Report
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 WATCH_POLL_S = 1.0
+REPORT_BATCH = 1000
 _REPORTED = {
     apb.REPORTED_STATE_RUNNING: JobState.RUNNING,
     apb.REPORTED_STATE_SUCCEEDED: JobState.SUCCEEDED,
@@ -265,42 +267,56 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def ReportJob(
         self, request_iterator: AsyncIterator[apb.ReportJobRequest], context: Any
     ) -> AsyncIterator[apb.ReportJobResponse]:
-        async for req in request_iterator:
-            acked = await self.jobs.apply_report(req.agent_id, decode_report(req))
-            yield apb.ReportJobResponse(job_id=req.job_id, attempt=req.attempt, acked_seq=acked)
+        """Reports that arrive while a batch is being stored are stored together in the next transaction."""
+        queue: asyncio.Queue[apb.ReportJobRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    queue.put_nowait(req)
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (first := await queue.get()) is not None:
+                batch, ended = [decode_report(first)], False
+                while len(batch) < REPORT_BATCH and not queue.empty():
+                    item = queue.get_nowait()
+                    if item is None:
+                        ended = True
+                        break
+                    batch.append(decode_report(item))
+                for (job_id, attempt), seq in (await self.jobs.apply_reports(batch)).items():
+                    yield apb.ReportJobResponse(job_id=job_id, attempt=attempt, acked_seq=seq)
+                if ended:
+                    break
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
 
 def decode_report(req: apb.ReportJobRequest) -> Report:
     when = dt.datetime.fromtimestamp(req.time_unix, dt.UTC) if req.time_unix else dt.datetime.now(dt.UTC)
+    head = dict(job_id=req.job_id, attempt=req.attempt, seq=req.seq, time=when, agent_id=req.agent_id)
     kind = req.WhichOneof("report")
     if kind == "state":
         state = _REPORTED.get(req.state.state)
         if state is None:
             raise InvalidArgument.for_field("state.state", "must be set")
-        return Report(
-            req.job_id,
-            req.attempt,
-            req.seq,
-            "state",
-            when,
-            state=state,
-            reason=req.state.reason,
-            output_uri=req.state.output_uri,
-        )
+        return Report(**head, kind="state", state=state, reason=req.state.reason, output_uri=req.state.output_uri)
     if kind == "metric":
+        m = req.metric
         return Report(
-            req.job_id,
-            req.attempt,
-            req.seq,
-            "metric",
-            when,
-            step=req.metric.step,
-            values=dict(req.metric.values),
-            total_steps=req.metric.total_steps,
-            progress=req.metric.progress_percent,
+            **head,
+            kind="metric",
+            step=m.step,
+            values=dict(m.values),
+            total_steps=m.total_steps,
+            progress=m.progress_percent,
         )
     if kind == "log":
-        return Report(req.job_id, req.attempt, req.seq, "log", when, stream=req.log.stream, text=req.log.text)
+        return Report(**head, kind="log", stream=req.log.stream, text=req.log.text)
     raise InvalidArgument.for_field("report", "one of state, metric or log is required")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -48,6 +49,7 @@ class Report:
     seq: int
     kind: str  # state, metric, log
     time: dt.datetime
+    agent_id: str = ""
     state: JobState | None = None
     reason: str = ""
     output_uri: str = ""
@@ -396,85 +398,118 @@ class Jobs:
 
     async def apply_report(self, agent_id: str, report: Report) -> int:
         """Store one report exactly once; returns the highest sequence number stored for (job, attempt)."""
-        async with self.engine.begin() as conn:
-            ack = (
-                await conn.execute(
-                    select(store.report_acks.c.last_seq).where(
-                        store.report_acks.c.job_id == report.job_id, store.report_acks.c.attempt == report.attempt
-                    )
-                )
-            ).scalar_one_or_none()
-            if ack is not None and report.seq <= ack:
-                return ack  # a resend after reconnect: already stored
-            job = (await conn.execute(select(store.jobs).where(store.jobs.c.id == report.job_id))).first()
-            if job is None:
-                raise NotFound(f"job {report.job_id!r} not found")
-            if job.agent_id != agent_id or job.attempt != report.attempt:
-                # A report from an attempt that no longer owns the job (e.g. after a requeue): drop it.
-                return report.seq
-            await self._apply(conn, job, report)
-            if ack is None:
-                await conn.execute(
-                    store.report_acks.insert().values(job_id=report.job_id, attempt=report.attempt, last_seq=report.seq)
-                )
-            else:
-                await conn.execute(
-                    update(store.report_acks)
-                    .where(
-                        and_(store.report_acks.c.job_id == report.job_id, store.report_acks.c.attempt == report.attempt)
-                    )
-                    .values(last_seq=report.seq)
-                )
-        self._after_commit()
-        return report.seq
+        acks = await self.apply_reports([dataclasses.replace(report, agent_id=agent_id)])
+        return acks[(report.job_id, report.attempt)]
 
-    async def _apply(self, conn: AsyncConnection, job: Any, report: Report) -> None:
-        if report.kind == "log":
-            await conn.execute(
-                store.log_lines.insert().values(
-                    job_id=job.id,
-                    attempt=report.attempt,
-                    stream=report.stream or "stdout",
-                    text=report.text,
-                    recorded_at=report.time,
-                )
-            )
-        elif report.kind == "metric":
-            if report.values:
-                await conn.execute(
-                    store.metric_points.insert(),
-                    [
-                        dict(
-                            job_id=job.id,
-                            attempt=report.attempt,
-                            name=name,
-                            step=report.step,
-                            value=value,
-                            recorded_at=report.time,
+    async def apply_reports(self, reports: list[Report]) -> dict[tuple[str, int], int]:
+        """Store a batch of reports in one transaction, each exactly once and in order.
+
+        Returns, per (job, attempt), the highest sequence number stored: the agent's acknowledgement.
+        """
+        acks: dict[tuple[str, int], int] = {}
+        changed: set[tuple[str, int]] = set()
+        async with self.engine.begin() as conn:
+            keys = {(r.job_id, r.attempt) for r in reports}
+            stored: dict[tuple[str, int], int] = {}
+            for job_id, attempt in keys:
+                last = (
+                    await conn.execute(
+                        select(store.report_acks.c.last_seq).where(
+                            store.report_acks.c.job_id == job_id, store.report_acks.c.attempt == attempt
                         )
-                        for name, value in report.values.items()
-                    ],
-                )
-            total = report.total_steps or job.total_steps
-            progress = report.progress or lifecycle.progress_percent(report.step, total)
-            await conn.execute(
-                update(store.jobs)
-                .where(store.jobs.c.id == job.id)
-                .values(
-                    current_step=max(job.current_step, report.step),
-                    total_steps=total,
-                    progress=progress,
-                    updated_at=self.clock(),
-                )
+                    )
+                ).scalar_one_or_none()
+                if last is not None:
+                    stored[(job_id, attempt)] = last
+            batch = _ReportBatch(self, conn)
+            for r in reports:
+                key = (r.job_id, r.attempt)
+                last = acks.get(key, stored.get(key))
+                if last is not None and r.seq <= last:
+                    acks[key] = last  # a resend after reconnect: already stored
+                    continue
+                job = await batch.job(r.job_id)
+                if job.agent_id != r.agent_id or job.attempt != r.attempt:
+                    # From an attempt that no longer owns the job (e.g. after a requeue): acknowledged, dropped.
+                    acks[key] = r.seq
+                    continue
+                await batch.add(job, r)
+                acks[key] = r.seq
+                changed.add(key)
+            await batch.flush()
+            for key in changed:
+                values = {"last_seq": acks[key]}
+                if key in stored:
+                    await conn.execute(
+                        update(store.report_acks)
+                        .where(and_(store.report_acks.c.job_id == key[0], store.report_acks.c.attempt == key[1]))
+                        .values(**values)
+                    )
+                else:
+                    await conn.execute(store.report_acks.insert().values(job_id=key[0], attempt=key[1], **values))
+        if changed:
+            self._after_commit()
+        return acks
+
+
+class _ReportBatch:
+    """Accumulates one transaction's log lines, metric points and progress; state changes apply in order."""
+
+    def __init__(self, jobs: Jobs, conn: AsyncConnection) -> None:
+        self.jobs = jobs
+        self.conn = conn
+        self.rows: dict[str, Any] = {}
+        self.logs: list[dict[str, Any]] = []
+        self.points: list[dict[str, Any]] = []
+        self.progress: dict[str, dict[str, Any]] = {}
+
+    async def job(self, job_id: str) -> Any:
+        if job_id not in self.rows:
+            row = (await self.conn.execute(select(store.jobs).where(store.jobs.c.id == job_id))).first()
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            self.rows[job_id] = row
+        return self.rows[job_id]
+
+    async def add(self, job: Any, r: Report) -> None:
+        if r.kind == "log":
+            self.logs.append(
+                dict(job_id=job.id, attempt=r.attempt, stream=r.stream or "stdout", text=r.text, recorded_at=r.time)
             )
-        elif report.kind == "state" and report.state is not None:
-            target = report.state
+        elif r.kind == "metric":
+            self.points += [
+                dict(job_id=job.id, attempt=r.attempt, name=name, step=r.step, value=value, recorded_at=r.time)
+                for name, value in r.values.items()
+            ]
+            before = self.progress.get(job.id, {"current_step": job.current_step, "total_steps": job.total_steps})
+            total = r.total_steps or before["total_steps"]
+            self.progress[job.id] = {
+                "current_step": max(before["current_step"], r.step),
+                "total_steps": total,
+                "progress": r.progress or lifecycle.progress_percent(r.step, total),
+            }
+        elif r.kind == "state" and r.state is not None:
+            await self.flush()  # progress and lines before the state that follows them
+            target = r.state
             if target == JobState.CANCELLED and job.state != JobState.CANCELLING:
                 target = JobState.FAILED  # the process stopped without a terminate: say so
             if JobState(job.state) == target:
                 return
             extra: dict[str, Any] = {}
             if target == JobState.SUCCEEDED:
-                extra = {"output_uri": report.output_uri or job.output_uri, "progress": 100.0}
-            if not await self._transition_in(conn, job, target, report.reason, **extra):
+                extra = {"output_uri": r.output_uri or job.output_uri, "progress": 100.0}
+            if not await self.jobs._transition_in(self.conn, job, target, r.reason, **extra):
                 raise FailedPrecondition("job changed concurrently")
+            del self.rows[job.id]  # reload: version and state changed
+
+    async def flush(self) -> None:
+        if self.logs:
+            await self.conn.execute(store.log_lines.insert(), self.logs)
+        if self.points:
+            await self.conn.execute(store.metric_points.insert(), self.points)
+        for job_id, values in self.progress.items():
+            await self.conn.execute(
+                update(store.jobs).where(store.jobs.c.id == job_id).values(updated_at=self.jobs.clock(), **values)
+            )
+            self.rows.pop(job_id, None)
+        self.logs, self.points, self.progress = [], [], {}
