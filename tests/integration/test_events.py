@@ -58,7 +58,7 @@ async def test_each_state_change_is_published_once_even_when_republished(
     publisher.start()
     try:
         job = await jobs.submit("m1", "d1", "sft-lora", {})
-        agent = await jobs.register_agent("a", {}, 1)
+        agent, _ = await jobs.register_agent("a", {}, 1)
         job = await jobs.claim_next(agent)
         await jobs.apply_report(agent, report(job, 1, "state", state=JobState.RUNNING))
         await jobs.apply_report(agent, report(job, 2, "state", state=JobState.SUCCEEDED))

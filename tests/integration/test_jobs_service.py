@@ -70,7 +70,7 @@ def report(job, seq: int, kind: str, **kw) -> Report:
 async def test_job_runs_queued_to_succeeded_with_one_event_per_transition(jobs):
     job = await jobs.submit("m1", "d1", "sft-lora", {"lora_rank": 4})
     assert job.state == JobState.QUEUED
-    agent = await jobs.register_agent("a", {}, 1)
+    agent, _ = await jobs.register_agent("a", {}, 1)
     job = await jobs.claim_next(agent)
     assert (job.state, job.attempt, job.agent_id) == (JobState.STARTING, 1, agent)
     await jobs.apply_report(agent, report(job, 1, "state", state=JobState.RUNNING))
@@ -89,7 +89,7 @@ async def test_job_runs_queued_to_succeeded_with_one_event_per_transition(jobs):
 
 async def test_resent_reports_are_stored_once(jobs):
     await jobs.submit("m1", "d1", "sft-lora", {})
-    agent = await jobs.register_agent("a", {}, 1)
+    agent, _ = await jobs.register_agent("a", {}, 1)
     job = await jobs.claim_next(agent)
     acks = []
     for _ in range(3):  # the agent reconnects and resends what it had not seen acknowledged
@@ -103,7 +103,7 @@ async def test_resent_reports_are_stored_once(jobs):
 async def test_concurrent_claims_never_hand_one_job_to_two_agents(jobs):
     for _ in range(3):
         await jobs.submit("m1", "d1", "sft-lora", {})
-    agents = [await jobs.register_agent(f"a{i}", {}, 1) for i in range(6)]
+    agents = [(await jobs.register_agent(f"a{i}", {}, 1))[0] for i in range(6)]
     results = await asyncio.gather(*(jobs.claim_next(a) for a in agents), return_exceptions=True)
     claimed = [r.id for r in results if r is not None and not isinstance(r, BaseException)]
     assert len(claimed) == len(set(claimed)) <= 3
@@ -118,7 +118,7 @@ async def test_priority_then_age_decides_the_next_job(jobs):
     old_low = await jobs.submit("m1", "d1", "sft-lora", {}, priority=0)
     jobs.clock.now += dt.timedelta(seconds=1)
     high = await jobs.submit("m1", "d1", "sft-lora", {}, priority=5)
-    agent = await jobs.register_agent("a", {}, 2)
+    agent, _ = await jobs.register_agent("a", {}, 2)
     assert (await jobs.claim_next(agent)).id == high.id
     assert (await jobs.claim_next(agent)).id == old_low.id
     assert await jobs.claim_next(agent) is None  # both slots busy, queue empty
@@ -127,7 +127,7 @@ async def test_priority_then_age_decides_the_next_job(jobs):
 async def test_lost_agent_job_is_requeued_then_fails_past_the_attempt_limit(jobs):
     job = await jobs.submit("m1", "d1", "sft-lora", {})
     for attempt in (1, 2):
-        agent = await jobs.register_agent(f"a{attempt}", {}, 1)
+        agent, _ = await jobs.register_agent(f"a{attempt}", {}, 1)
         claimed = await jobs.claim_next(agent)
         assert claimed.attempt == attempt
         jobs.clock.now += dt.timedelta(seconds=11)  # heartbeats stop
@@ -140,11 +140,11 @@ async def test_lost_agent_job_is_requeued_then_fails_past_the_attempt_limit(jobs
 
 async def test_reports_from_a_superseded_attempt_are_ignored(jobs):
     await jobs.submit("m1", "d1", "sft-lora", {})
-    a1 = await jobs.register_agent("a1", {}, 1)
+    a1, _ = await jobs.register_agent("a1", {}, 1)
     first = await jobs.claim_next(a1)
     jobs.clock.now += dt.timedelta(seconds=11)
     await jobs.reap_lost_agents()
-    a2 = await jobs.register_agent("a2", {}, 1)
+    a2, _ = await jobs.register_agent("a2", {}, 1)
     await jobs.claim_next(a2)
     await jobs.apply_report(a1, report(first, 1, "state", state=JobState.SUCCEEDED))
     assert (await jobs.get(first.id)).state == JobState.STARTING
@@ -154,7 +154,7 @@ async def test_cancel_of_a_queued_job_is_immediate_and_of_a_running_one_goes_via
     queued = await jobs.submit("m1", "d1", "sft-lora", {})
     assert (await jobs.cancel(queued.id)).state == JobState.CANCELLED
     running = await jobs.submit("m1", "d1", "sft-lora", {})
-    agent = await jobs.register_agent("a", {}, 1)
+    agent, _ = await jobs.register_agent("a", {}, 1)
     await jobs.claim_next(agent)
     assert (await jobs.cancel(running.id)).state == JobState.CANCELLING
     assert await jobs.heartbeat(agent) == [running.id]
@@ -169,3 +169,20 @@ async def test_unknown_model_is_not_found_and_nothing_is_stored(jobs):
     with pytest.raises(NotFound, match="model_id"):
         await jobs.submit("nope", "d1", "sft-lora", {})
     assert await jobs.list(10, 0) == []
+
+
+async def test_a_reconnecting_agent_keeps_its_lease_and_jobs_but_not_after_it_lapsed(jobs):
+    job = await jobs.submit("m1", "d1", "sft-lora", {})
+    agent, resumed = await jobs.register_agent("a", {}, 1)
+    assert not resumed
+    await jobs.claim_next(agent)
+    jobs.clock.now += dt.timedelta(seconds=5)
+    assert await jobs.register_agent("a", {}, 1, resume_agent_id=agent) == (agent, True)
+    jobs.clock.now += dt.timedelta(seconds=8)  # 13 s after the claim, 8 s after the renewal
+    assert await jobs.reap_lost_agents() == 0
+    assert (await jobs.get(job.id)).agent_id == agent
+    jobs.clock.now += dt.timedelta(seconds=11)
+    assert await jobs.reap_lost_agents() == 1
+    new_id, resumed = await jobs.register_agent("a", {}, 1, resume_agent_id=agent)
+    assert new_id != agent and not resumed
+    assert (await jobs.get(job.id)).state == JobState.QUEUED

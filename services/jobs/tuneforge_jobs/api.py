@@ -225,11 +225,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     @map_errors
     async def RegisterAgent(self, request: apb.RegisterAgentRequest, context: Any) -> apb.RegisterAgentResponse:
         resources = json_format.MessageToDict(request.resources, preserving_proto_field_name=True)
-        agent_id = await self.jobs.register_agent(request.name, resources, request.resources.slots or 1)
+        agent_id, resumed = await self.jobs.register_agent(
+            request.name, resources, request.resources.slots or 1, request.resume_agent_id
+        )
         return apb.RegisterAgentResponse(
             agent_id=agent_id,
             heartbeat_interval_seconds=self.jobs.heartbeat_interval_seconds,
             lease_ttl_seconds=self.jobs.lease_ttl_seconds,
+            resumed=resumed,
         )
 
     @map_errors

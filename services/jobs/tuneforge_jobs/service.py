@@ -264,12 +264,23 @@ class Jobs:
 
     # -- agents ---------------------------------------------------------------
 
-    async def register_agent(self, name: str, resources: dict[str, Any], slots: int) -> str:
+    async def register_agent(
+        self, name: str, resources: dict[str, Any], slots: int, resume_agent_id: str = ""
+    ) -> tuple[str, bool]:
+        """A new lease, or the old one back when the agent reconnects before it lapsed."""
         if not name:
             raise InvalidArgument.for_field("name", "is required")
-        agent_id = new_id("agent")
         now = self.clock()
         async with self.engine.begin() as conn:
+            if resume_agent_id:
+                resumed = await conn.execute(
+                    update(store.agents)
+                    .where(store.agents.c.id == resume_agent_id, store.agents.c.status == "ACTIVE")
+                    .values(last_heartbeat_at=now, resources=json.dumps(resources), slots=max(1, slots))
+                )
+                if resumed.rowcount == 1:
+                    return resume_agent_id, True
+            agent_id = new_id("agent")
             await conn.execute(
                 store.agents.insert().values(
                     id=agent_id,
@@ -281,7 +292,7 @@ class Jobs:
                     last_heartbeat_at=now,
                 )
             )
-        return agent_id
+        return agent_id, False
 
     async def _active_agent(self, conn: AsyncConnection, agent_id: str) -> Any:
         agent = (await conn.execute(select(store.agents).where(store.agents.c.id == agent_id))).first()

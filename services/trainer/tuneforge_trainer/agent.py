@@ -361,10 +361,17 @@ class Agent:
 
     async def _session(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
         resp = await stub.RegisterAgent(
-            apb.RegisterAgentRequest(name=self.settings.agent_name, resources=self.resources()), timeout=10
+            apb.RegisterAgentRequest(
+                name=self.settings.agent_name, resources=self.resources(), resume_agent_id=self.agent_id
+            ),
+            timeout=10,
         )
+        if self.agent_id and not resp.resumed and self.runs:
+            # Our lease lapsed while we were away: the service has requeued these jobs, so stop our copies.
+            log.warning("lease lost; stopping %d job(s) the service has requeued", len(self.runs))
+            await self.shutdown()
         self.agent_id = self.reporter.agent_id = resp.agent_id
-        log.info("registered as %s", self.agent_id)
+        log.info("registered as %s (resumed=%s)", self.agent_id, resp.resumed)
         tasks = [
             asyncio.create_task(self._heartbeats(stub, resp.heartbeat_interval_seconds or 3)),
             asyncio.create_task(self._assignments(stub)),

@@ -107,7 +107,10 @@ class RegisterAgentRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    RESUME_AGENT_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    resume_agent_id: _builtins.str
+    """After a reconnect: the id this agent had. While its lease holds, the agent keeps it and its jobs."""
     @_builtins.property
     def resources(self) -> Global___AgentResources: ...
     def __init__(
@@ -115,10 +118,11 @@ class RegisterAgentRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         resources: Global___AgentResources | None = ...,
+        resume_agent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "resources", b"resources", "resume_agent_id", b"resume_agent_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,20 +135,26 @@ class RegisterAgentResponse(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     heartbeat_interval_seconds: _builtins.int
     """Send a heartbeat at least this often (seconds)."""
     lease_ttl_seconds: _builtins.int
+    resumed: _builtins.bool
+    """True when resume_agent_id was still leased: the agent's running jobs are still its own. False means
+    they were handed back to the queue, and the agent must stop them.
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         heartbeat_interval_seconds: _builtins.int = ...,
         lease_ttl_seconds: _builtins.int = ...,
+        resumed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "lease_ttl_seconds", b"lease_ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "lease_ttl_seconds", b"lease_ttl_seconds", "resumed", b"resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
