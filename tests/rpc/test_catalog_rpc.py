@@ -96,6 +96,9 @@ async def test_upload_over_the_limit_is_resource_exhausted(catalog_stub):
 
 
 async def test_unknown_ids_are_not_found(catalog_stub):
+    from prometheus_client import REGISTRY
+
+    before = REGISTRY.get_sample_value("tuneforge_grpc_requests_total", {"method": "GetModel", "code": "NOT_FOUND"})
     for call, req in [
         (catalog_stub.GetModel, pb.GetModelRequest(model_id="nope")),
         (catalog_stub.GetDataset, pb.GetDatasetRequest(dataset_id="nope")),
@@ -104,6 +107,8 @@ async def test_unknown_ids_are_not_found(catalog_stub):
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await call(req, timeout=5)
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    after = REGISTRY.get_sample_value("tuneforge_grpc_requests_total", {"method": "GetModel", "code": "NOT_FOUND"})
+    assert after == (before or 0) + 1  # counted by code for Prometheus
 
 
 async def test_sft_lora_schema_is_listed_with_help_and_bounds(catalog_stub):

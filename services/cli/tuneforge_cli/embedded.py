@@ -113,6 +113,8 @@ class EmbeddedStack:
         progress("starting NATS")
         nats_url = self._start_nats()
         self.ports.update(catalog=free_port(), jobs=free_port(), gateway=free_port(self.gateway_port))
+        metrics = {name: free_port() for name in ("catalog", "jobs", "trainer")}
+        self.ports.update({f"{name}-metrics": port for name, port in metrics.items()})
         env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
@@ -131,13 +133,23 @@ class EmbeddedStack:
             "TUNEFORGE_AGENT_PYTHON": self.python,
         }
         progress("starting catalog")
-        catalog = self._spawn("catalog", [self.python, "-m", "tuneforge_catalog"], env)
+        catalog = self._spawn(
+            "catalog",
+            [self.python, "-m", "tuneforge_catalog"],
+            {**env, "TUNEFORGE_METRICS_PORT": str(metrics["catalog"])},
+        )
         wait_for(lambda: tcp_open(self.ports["catalog"]), "catalog", 60, [catalog])
         progress("starting jobs")
-        jobs = self._spawn("jobs", [self.python, "-m", "tuneforge_jobs"], env)
+        jobs = self._spawn(
+            "jobs", [self.python, "-m", "tuneforge_jobs"], {**env, "TUNEFORGE_METRICS_PORT": str(metrics["jobs"])}
+        )
         wait_for(lambda: tcp_open(self.ports["jobs"]), "jobs", 60, [jobs])
         progress("starting trainer agent")
-        self._spawn("trainer", [self.python, "-m", "tuneforge_trainer.agent"], env)
+        self._spawn(
+            "trainer",
+            [self.python, "-m", "tuneforge_trainer.agent"],
+            {**env, "TUNEFORGE_METRICS_PORT": str(metrics["trainer"])},
+        )
         progress("starting gateway")
         gateway = self._spawn("gateway", [self.python, "-m", "tuneforge_gateway"], env)
         wait_for(self._healthy, "gateway /healthz", 60, [gateway, catalog, jobs])

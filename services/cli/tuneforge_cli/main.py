@@ -50,8 +50,11 @@ def up(
         table.add_column("service")
         table.add_column("address")
         table.add_row("gateway", stack.gateway_url)
+        table.add_row("gateway /metrics", f"{stack.gateway_url}/metrics")
         for name in ("catalog", "jobs"):
             table.add_row(f"{name} (gRPC)", f"127.0.0.1:{stack.ports[name]}")
+        for name in ("catalog", "jobs", "trainer"):
+            table.add_row(f"{name} /metrics", f"http://127.0.0.1:{stack.ports[name + '-metrics']}/metrics")
         table.add_row("nats", f"127.0.0.1:{stack.ports['nats']}" if "nats" in stack.ports else stack.nats_url)
         table.add_row("data", str(stack.data_dir))
         console.print(table)

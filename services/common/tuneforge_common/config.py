@@ -17,3 +17,4 @@ class CommonSettings(BaseSettings):
     artifact_root: str = Field(".tuneforge/artifacts", description="fsspec URI or path of the artifact store.")
     grpc_host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     log_level: str = Field("INFO", description="Python log level.")
+    metrics_port: int = Field(-1, description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables.")

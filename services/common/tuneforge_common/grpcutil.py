@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +17,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from prometheus_client import Counter, Histogram, start_http_server
 
 from . import errors
 
 log = logging.getLogger(__name__)
+
+RPCS = Counter("tuneforge_grpc_requests_total", "gRPC requests handled", ["method", "code"])
+RPC_SECONDS = Histogram("tuneforge_grpc_request_seconds", "gRPC handling time (streams: whole stream)", ["method"])
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVER_OPTIONS = [
@@ -66,31 +72,62 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 
 
 def map_errors(fn: Callable) -> Callable:
-    """Decorate a servicer method (coroutine or async generator) so domain errors become status codes."""
+    """Decorate a servicer method (coroutine or async generator): domain errors become status codes, and
+    every call is counted and timed for Prometheus."""
+    method = fn.__name__
+
+    def observe(started: float, code: grpc.StatusCode) -> None:
+        RPCS.labels(method, code.name).inc()
+        RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 async for item in fn(self, request, context):
                     yield item
             except (grpc.aio.AbortError, GeneratorExit):
+                code = grpc.StatusCode.ABORTED
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
+                code = status_for(exc).code
                 await _abort(context, exc)
+            finally:
+                observe(started, code)
 
         return gen_wrapper
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await fn(self, request, context)
         except grpc.aio.AbortError:
+            code = grpc.StatusCode.ABORTED
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
+            code = status_for(exc).code
             await _abort(context, exc)
+        finally:
+            observe(started, code)
 
     return wrapper
+
+
+def serve_metrics(port: int, host: str) -> int | None:
+    """Prometheus /metrics on its own HTTP port; negative disables it, 0 picks a free port."""
+    if port < 0:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    return server.server_address[1]
 
 
 @dataclass

@@ -12,7 +12,7 @@ from tuneforge_common.artifacts import ArtifactStore
 from tuneforge_common.config import CommonSettings
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.events import OutboxPublisher
-from tuneforge_common.grpcutil import start_server
+from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
 from tuneforge_common.runtime import run_service, wait_for_shutdown_signal
 
@@ -70,7 +70,8 @@ async def serve() -> None:
     reaper_task = asyncio.create_task(reaper(jobs, max(1.0, settings.jobs_lease_ttl_seconds / 5)))
     server, port = await start_server(api.bindings(jobs, changes), settings.grpc_host, settings.jobs_grpc_port)
     log.info("jobs serving on %s:%d", settings.grpc_host, port)
-    print(f"TUNEFORGE_READY jobs grpc={port}", flush=True)
+    metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
+    print(f"TUNEFORGE_READY jobs grpc={port} metrics={metrics}", flush=True)
     await wait_for_shutdown_signal()
     await server.stop(grace=5)
     reaper_task.cancel()

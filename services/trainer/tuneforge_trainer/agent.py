@@ -30,7 +30,7 @@ from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
 from tuneforge_common.artifacts import ArtifactStore
 from tuneforge_common.config import CommonSettings
-from tuneforge_common.grpcutil import start_server
+from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
 from tuneforge_common.params import to_env
 from tuneforge_common.runtime import wait_for_shutdown_signal
@@ -430,7 +430,8 @@ async def serve() -> None:
     setup_logging(settings.log_level)
     agent = Agent(settings)
     server, port = await start_server([], settings.grpc_host, settings.agent_grpc_port)
-    print(f"TUNEFORGE_READY trainer grpc={port}", flush=True)
+    metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
+    print(f"TUNEFORGE_READY trainer grpc={port} metrics={metrics}", flush=True)
     runner = asyncio.create_task(agent.run_forever())
     await wait_for_shutdown_signal()
     await agent.shutdown()
