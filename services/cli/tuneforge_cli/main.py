@@ -41,7 +41,9 @@ def up(
         nonlocal stopping
         stopping = True
 
+    # Both handled explicitly: a launcher started in the background inherits an ignored SIGINT.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         with console.status("starting TuneForge") as status:

@@ -48,7 +48,7 @@ _ENUM_PREFIXES = ("JOB_STATE_", "DATASET_FORMAT_", "PARAMETER_TYPE_")
 
 
 def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """HTTP-friendly JSON: 64-bit integers as numbers, enum names without their type prefix,
+    """HTTP-friendly JSON: 64-bit integers as numbers, enum names without their type prefix (null when unset),
     and integral parameter values as integers (protobuf Struct carries every number as a double)."""
     for fd in descriptor.fields:
         if fd.name not in data:
@@ -57,6 +57,9 @@ def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
         if fd.type in _INT64:
             data[fd.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
         elif fd.type == FieldDescriptor.TYPE_ENUM and isinstance(value, str):
+            if value.endswith("_UNSPECIFIED"):
+                data[fd.name] = None
+                continue
             for prefix in _ENUM_PREFIXES:
                 value = value.removeprefix(prefix)
             data[fd.name] = value.lower() if fd.enum_type.name in ("DatasetFormat", "ParameterType") else value
