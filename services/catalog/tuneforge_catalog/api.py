@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format
 
 from tuneforge.catalog.v1 import catalog_pb2 as pb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2
 from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.grpcutil import ServiceBinding, map_errors
+from tuneforge_common.paging import struct, timestamp
 from tuneforge_common.params import ParamSpec
 
 from . import store
@@ -33,12 +34,6 @@ _FORMATS = {
 }
 
 
-def _ts(value: Any) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def model_to_pb(row: Any) -> common_pb2.Model:
     return common_pb2.Model(
         id=row.id,
@@ -51,7 +46,7 @@ def model_to_pb(row: Any) -> common_pb2.Model:
         dtype=row.dtype,
         has_chat_template=row.has_chat_template,
         builtin=row.builtin,
-        create_time=_ts(row.created_at),
+        create_time=timestamp(row.created_at),
     )
 
 
@@ -66,7 +61,7 @@ def dataset_to_pb(row: Any) -> common_pb2.Dataset:
         row_count=row.row_count,
         format=_FORMATS.get(row.format, 0),
         columns=json.loads(row.columns),
-        create_time=_ts(row.created_at),
+        create_time=timestamp(row.created_at),
     )
 
 
@@ -100,7 +95,7 @@ def method_to_pb(row: Any) -> common_pb2.TrainingMethod:
         parameters=[spec_to_pb(s) for s in specs],
         entrypoint=row.entrypoint,
         builtin=row.builtin,
-        create_time=_ts(row.created_at),
+        create_time=timestamp(row.created_at),
     )
 
 
@@ -176,9 +171,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     ) -> pb.ResolveParametersResponse:
         given = json_format.MessageToDict(request.parameters)
         resolved = await self.catalog.resolve_parameters(request.method_id, given)
-        out = struct_pb2.Struct()
-        out.update(resolved)
-        return pb.ResolveParametersResponse(parameters=out)
+        return pb.ResolveParametersResponse(parameters=struct(resolved))
 
 
 def binding(catalog: Catalog) -> ServiceBinding:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Column, Integer, MetaData, String, Table, Text, func, select
@@ -10,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tuneforge_common.db import UtcDateTime
 from tuneforge_common.events import outbox_table
+from tuneforge_common.paging import decode_token, encode_token, page_size
 
 metadata = MetaData()
 
@@ -64,37 +64,14 @@ MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 
 
-def encode_page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
-
-
-def decode_page_token(token: str) -> int:
-    from tuneforge_common.errors import InvalidArgument
-
-    if not token:
-        return 0
-    try:
-        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        offset = int(value)
-        if kind != "o" or offset < 0:
-            raise ValueError
-        return offset
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument.for_field("page_token", "invalid page token") from None
-
-
 async def list_page(
-    engine: AsyncEngine, table: Table, page_size: int, page_token: str, order_by: Any
+    engine: AsyncEngine, table: Table, requested_size: int, page_token: str, order_by: Any
 ) -> tuple[list[Any], str]:
-    from tuneforge_common.errors import InvalidArgument
-
-    if page_size < 0:
-        raise InvalidArgument.for_field("page_size", "must not be negative")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    offset = decode_page_token(page_token)
+    size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    offset = decode_token(page_token)
     async with engine.connect() as conn:
         rows = (await conn.execute(select(table).order_by(*order_by).offset(offset).limit(size + 1))).all()
-    next_token = encode_page_token(offset + size) if len(rows) > size else ""
+    next_token = encode_token(offset + size) if len(rows) > size else ""
     return list(rows[:size]), next_token
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -71,6 +71,18 @@ def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
                 if isinstance(item, dict):
                     _tidy(fd.message_type, item)
     return data
+
+
+async def every_page(call: Any, request_for: Callable[[str], Any], items: str) -> list[Any]:
+    """Follow next_page_token to the end of a gRPC list call."""
+    collected: list[Any] = []
+    token = ""
+    while True:
+        resp = await call(request_for(token), timeout=RPC_TIMEOUT_S)
+        collected += getattr(resp, items)
+        token = resp.next_page_token
+        if not token:
+            return collected
 
 
 class SubmitJobBody(BaseModel):
@@ -252,17 +264,14 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
 
     @app.get("/api/v1/jobs/{job_id}/metrics")
     async def job_metrics(job_id: str, name: list[str] = Query(default=[])) -> dict:
-        points: list[dict] = []
-        token = ""
-        while True:
-            resp = await be().jobs.ListJobMetrics(
-                jpb.ListJobMetricsRequest(job_id=job_id, names=name, page_size=1000, page_token=token),
-                timeout=RPC_TIMEOUT_S,
+        points = [
+            to_json(p)
+            for p in await every_page(
+                be().jobs.ListJobMetrics,
+                lambda token: jpb.ListJobMetricsRequest(job_id=job_id, names=name, page_size=1000, page_token=token),
+                "points",
             )
-            points += [to_json(p) for p in resp.points]
-            token = resp.next_page_token
-            if not token:
-                break
+        ]
         series: dict[str, list[list[float]]] = {}
         for p in points:
             series.setdefault(p["name"], []).append([int(p["step"]), p["value"]])
@@ -276,15 +285,12 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
         page_token: str = "",
     ) -> Any:
         if format == "text":
-            lines, token = [], ""
-            while True:
-                resp = await be().jobs.ListJobLogs(
-                    jpb.ListJobLogsRequest(job_id=job_id, page_size=1000, page_token=token), timeout=RPC_TIMEOUT_S
-                )
-                lines += [line.text for line in resp.lines]
-                token = resp.next_page_token
-                if not token:
-                    return PlainTextResponse("\n".join(lines) + ("\n" if lines else ""))
+            lines = await every_page(
+                be().jobs.ListJobLogs,
+                lambda token: jpb.ListJobLogsRequest(job_id=job_id, page_size=1000, page_token=token),
+                "lines",
+            )
+            return PlainTextResponse("".join(f"{line.text}\n" for line in lines))
         return to_json(
             await be().jobs.ListJobLogs(
                 jpb.ListJobLogsRequest(job_id=job_id, page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format
 
 from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
@@ -18,6 +17,7 @@ from tuneforge.jobs.v1 import jobs_pb2 as pb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.grpcutil import ServiceBinding, map_errors
+from tuneforge_common.paging import decode_token, encode_token, page_size, struct, timestamp
 
 from .lifecycle import TERMINAL, JobState
 from .notify import Notifier
@@ -35,20 +35,6 @@ _REPORTED = {
 }
 
 
-def _ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(values)
-    return out
-
-
 def job_to_pb(row: Any) -> pb.Job:
     return pb.Job(
         id=row.id,
@@ -56,7 +42,7 @@ def job_to_pb(row: Any) -> pb.Job:
         model_id=row.model_id,
         dataset_id=row.dataset_id,
         method_id=row.method_id,
-        parameters=_struct(json.loads(row.parameters)),
+        parameters=struct(json.loads(row.parameters)),
         state=pb.JobState.Value(f"JOB_STATE_{row.state}"),
         state_reason=row.state_reason,
         attempt=row.attempt,
@@ -67,19 +53,23 @@ def job_to_pb(row: Any) -> pb.Job:
         current_step=row.current_step,
         total_steps=row.total_steps,
         progress_percent=row.progress,
-        create_time=_ts(row.created_at),
-        start_time=_ts(row.started_at),
-        end_time=_ts(row.ended_at),
-        update_time=_ts(row.updated_at),
+        create_time=timestamp(row.created_at),
+        start_time=timestamp(row.started_at),
+        end_time=timestamp(row.ended_at),
+        update_time=timestamp(row.updated_at),
     )
 
 
 def metric_to_pb(row: Any) -> pb.MetricPoint:
-    return pb.MetricPoint(name=row.name, step=row.step, value=row.value, time=_ts(row.recorded_at), attempt=row.attempt)
+    return pb.MetricPoint(
+        name=row.name, step=row.step, value=row.value, time=timestamp(row.recorded_at), attempt=row.attempt
+    )
 
 
 def log_to_pb(row: Any) -> pb.LogLine:
-    return pb.LogLine(seq=row.id, time=_ts(row.recorded_at), stream=row.stream, text=row.text, attempt=row.attempt)
+    return pb.LogLine(
+        seq=row.id, time=timestamp(row.recorded_at), stream=row.stream, text=row.text, attempt=row.attempt
+    )
 
 
 def _state(value: str | None) -> int:
@@ -89,34 +79,12 @@ def _state(value: str | None) -> int:
 def event_to_pb(row: Any) -> pb.JobEvent:
     return pb.JobEvent(
         seq=row.id,
-        time=_ts(row.recorded_at),
+        time=timestamp(row.recorded_at),
         from_state=_state(row.from_state),
         to_state=_state(row.to_state),
         attempt=row.attempt,
         reason=row.reason,
     )
-
-
-def _page(page_size: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument.for_field("page_size", "must not be negative")
-    return min(page_size or DEFAULT_PAGE, MAX_PAGE)
-
-
-def _token(value: int) -> str:
-    return base64.urlsafe_b64encode(f"t:{value}".encode()).decode()
-
-
-def _untoken(token: str, field: str = "page_token") -> int:
-    if not token:
-        return 0
-    try:
-        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        if kind != "t" or int(value) < 0:
-            raise ValueError
-        return int(value)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument.for_field(field, "invalid token") from None
 
 
 def _cursor(event_id: int, metric_id: int, log_id: int) -> str:
@@ -158,9 +126,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @map_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        size, offset = _page(request.page_size), _untoken(request.page_token)
+        size, offset = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), decode_token(request.page_token)
         rows = await self.jobs.list(size + 1, offset)
-        token = _token(offset + size) if len(rows) > size else ""
+        token = encode_token(offset + size) if len(rows) > size else ""
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in rows[:size]], next_page_token=token)
 
     @map_errors
@@ -169,23 +137,23 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @map_errors
     async def ListJobMetrics(self, request: pb.ListJobMetricsRequest, context: Any) -> pb.ListJobMetricsResponse:
-        size = _page(request.page_size)
-        rows = await self.jobs.metrics(request.job_id, list(request.names), _untoken(request.page_token), size + 1)
-        token = _token(rows[size - 1].id) if len(rows) > size else ""
+        size = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+        rows = await self.jobs.metrics(request.job_id, list(request.names), decode_token(request.page_token), size + 1)
+        token = encode_token(rows[size - 1].id) if len(rows) > size else ""
         return pb.ListJobMetricsResponse(points=[metric_to_pb(r) for r in rows[:size]], next_page_token=token)
 
     @map_errors
     async def ListJobLogs(self, request: pb.ListJobLogsRequest, context: Any) -> pb.ListJobLogsResponse:
-        size = _page(request.page_size)
-        rows = await self.jobs.logs(request.job_id, _untoken(request.page_token), size + 1)
-        token = _token(rows[size - 1].id) if len(rows) > size else ""
+        size = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+        rows = await self.jobs.logs(request.job_id, decode_token(request.page_token), size + 1)
+        token = encode_token(rows[size - 1].id) if len(rows) > size else ""
         return pb.ListJobLogsResponse(lines=[log_to_pb(r) for r in rows[:size]], next_page_token=token)
 
     @map_errors
     async def ListJobEvents(self, request: pb.ListJobEventsRequest, context: Any) -> pb.ListJobEventsResponse:
-        size = _page(request.page_size)
-        rows = await self.jobs.events(request.job_id, _untoken(request.page_token), size + 1)
-        token = _token(rows[size - 1].id) if len(rows) > size else ""
+        size = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+        rows = await self.jobs.events(request.job_id, decode_token(request.page_token), size + 1)
+        token = encode_token(rows[size - 1].id) if len(rows) > size else ""
         return pb.ListJobEventsResponse(events=[event_to_pb(r) for r in rows[:size]], next_page_token=token)
 
     @map_errors
@@ -255,7 +223,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         entrypoint=job.entrypoint,
                         model_uri=job.model_uri,
                         dataset_uri=job.dataset_uri,
-                        parameters=_struct(json.loads(job.parameters)),
+                        parameters=struct(json.loads(job.parameters)),
                         output_uri=job.output_uri,
                     )
                 )
