@@ -44,6 +44,8 @@ check-protos: protos
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services/common/tuneforge_common services/catalog/tuneforge_catalog services/jobs/tuneforge_jobs \
+		services/gateway/tuneforge_gateway services/trainer/tuneforge_trainer services/cli/tuneforge_cli
 
 clean:
 	rm -rf $(VENV) .tuneforge

@@ -168,7 +168,7 @@ async def test_cancel_of_a_queued_job_is_immediate_and_of_a_running_one_goes_via
 async def test_unknown_model_is_not_found_and_nothing_is_stored(jobs):
     with pytest.raises(NotFound, match="model_id"):
         await jobs.submit("nope", "d1", "sft-lora", {})
-    assert await jobs.list(10, 0) == []
+    assert await jobs.list_jobs(10, 0) == []
 
 
 async def test_a_reconnecting_agent_keeps_its_lease_and_jobs_but_not_after_it_lapsed(jobs):

@@ -59,7 +59,7 @@ def dataset_to_pb(row: Any) -> common_pb2.Dataset:
         sha256=row.sha256,
         size_bytes=row.size_bytes,
         row_count=row.row_count,
-        format=_FORMATS.get(row.format, 0),
+        format=_FORMATS.get(row.format, common_pb2.DATASET_FORMAT_UNSPECIFIED),
         columns=json.loads(row.columns),
         create_time=timestamp(row.created_at),
     )

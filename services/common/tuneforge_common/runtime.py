@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
 async def wait_for_shutdown_signal() -> None:
@@ -15,7 +16,7 @@ async def wait_for_shutdown_signal() -> None:
     await stop.wait()
 
 
-def run_service(main: Callable[[], Awaitable[None]]) -> None:
+def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         asyncio.run(main())
     except KeyboardInterrupt:

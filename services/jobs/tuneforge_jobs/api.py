@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -72,7 +73,7 @@ def log_to_pb(row: Any) -> pb.LogLine:
     )
 
 
-def _state(value: str | None) -> int:
+def _state(value: str | None) -> pb.JobState.ValueType:
     return pb.JobState.Value(f"JOB_STATE_{value}") if value else pb.JOB_STATE_UNSPECIFIED
 
 
@@ -127,7 +128,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @map_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         size, offset = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), decode_token(request.page_token)
-        rows = await self.jobs.list(size + 1, offset)
+        rows = await self.jobs.list_jobs(size + 1, offset)
         token = encode_token(offset + size) if len(rows) > size else ""
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in rows[:size]], next_page_token=token)
 
@@ -269,17 +270,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 def decode_report(req: apb.ReportJobRequest) -> Report:
     when = dt.datetime.fromtimestamp(req.time_unix, dt.UTC) if req.time_unix else dt.datetime.now(dt.UTC)
-    head = dict(job_id=req.job_id, attempt=req.attempt, seq=req.seq, time=when, agent_id=req.agent_id)
+    head = functools.partial(Report, req.job_id, req.attempt, req.seq, time=when, agent_id=req.agent_id)
     kind = req.WhichOneof("report")
     if kind == "state":
         state = _REPORTED.get(req.state.state)
         if state is None:
             raise InvalidArgument.for_field("state.state", "must be set")
-        return Report(**head, kind="state", state=state, reason=req.state.reason, output_uri=req.state.output_uri)
+        return head(kind="state", state=state, reason=req.state.reason, output_uri=req.state.output_uri)
     if kind == "metric":
         m = req.metric
-        return Report(
-            **head,
+        return head(
             kind="metric",
             step=m.step,
             values=dict(m.values),
@@ -287,7 +287,7 @@ def decode_report(req: apb.ReportJobRequest) -> Report:
             progress=m.progress_percent,
         )
     if kind == "log":
-        return Report(**head, kind="log", stream=req.log.stream, text=req.log.text)
+        return head(kind="log", stream=req.log.stream, text=req.log.text)
     raise InvalidArgument.for_field("report", "one of state, metric or log is required")
 
 

@@ -139,7 +139,7 @@ class Jobs:
             raise NotFound(f"job {job_id!r} not found")
         return row
 
-    async def list(self, limit: int, offset: int) -> list[Any]:
+    async def list_jobs(self, limit: int, offset: int) -> list[Any]:
         async with self.engine.connect() as conn:
             return list(
                 (

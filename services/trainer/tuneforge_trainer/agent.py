@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -410,7 +411,11 @@ class Agent:
         self.runs[assignment.job_id] = run
         task = asyncio.create_task(run.run(), name=f"job-{assignment.job_id}")
         self.tasks.add(task)
-        task.add_done_callback(lambda t, job_id=assignment.job_id: (self.tasks.discard(t), self.runs.pop(job_id, None)))
+        task.add_done_callback(functools.partial(self._finished, assignment.job_id))
+
+    def _finished(self, job_id: str, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self.runs.pop(job_id, None)
 
     def _cancel(self, job_id: str) -> None:
         run = self.runs.get(job_id)

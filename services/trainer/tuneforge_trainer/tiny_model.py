@@ -87,7 +87,7 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
     # fork_rng: the fixed seed must not leak into the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config).float()
     # Chat replies end with <|im_end|>, plain text with </s>: stop on either.
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS],

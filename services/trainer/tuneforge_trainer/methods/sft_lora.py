@@ -157,7 +157,7 @@ def prepare_dataset(dataset, params: SftLoraParams, has_chat_template: bool, pat
     # Alpaca-style rows keep their optional `input` as context under the instruction.
     alpaca = prompt_col == "instruction" and "input" in columns and answer_col != "input"
     context_col = "input" if alpaca else None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, row in enumerate(dataset):
         prompt, answer = _text(row.get(prompt_col)), _text(row.get(answer_col))
         if prompt is None:
@@ -207,12 +207,13 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
     output_dir = Path(paths["output_dir"])
     if not (model_path / "config.json").is_file():
         raise SystemExit(f"error: --model_path={model_path}: no model there (config.json missing)")
-    resume: str | bool | None = extras.get("resume_from_checkpoint", os.environ.get("RESUME_FROM_CHECKPOINT")) or None
-    if resume is not None:
-        if resume.lower() == "true":
+    resume_flag = extras.get("resume_from_checkpoint", os.environ.get("RESUME_FROM_CHECKPOINT")) or None
+    resume: str | bool | None = resume_flag
+    if resume_flag is not None:
+        if resume_flag.lower() == "true":
             resume = True  # Trainer picks the last checkpoint in output_dir
-        elif not Path(resume).is_dir():
-            raise SystemExit(f"error: --resume_from_checkpoint={resume}: no such checkpoint directory")
+        elif not Path(resume_flag).is_dir():
+            raise SystemExit(f"error: --resume_from_checkpoint={resume_flag}: no such checkpoint directory")
 
     import datasets
     import torch
