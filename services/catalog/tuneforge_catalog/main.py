@@ -16,6 +16,7 @@ from tuneforge_common.logs import setup_logging
 from tuneforge_common.runtime import run_service, wait_for_shutdown_signal
 
 from . import api, store
+from .jobs_client import GrpcJobs
 from .service import Catalog
 
 log = logging.getLogger("tuneforge.catalog")
@@ -28,6 +29,11 @@ class CatalogSettings(CommonSettings):
     )
     catalog_grpc_port: int = Field(50051, description="Catalog gRPC port; 0 picks a free one.")
     catalog_max_dataset_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload accepted.")
+    jobs_address: str = Field("127.0.0.1:50052", description="host:port of the jobs service (delete checks).")
+    catalog_max_line_chars: int = Field(4000, description="Longest dataset line accepted, in characters.")
+    catalog_validation_wait_seconds: float = Field(
+        30.0, description="How long an upload waits for validation before answering VALIDATING."
+    )
     catalog_seed_models: str = Field(
         "",
         description="os.pathsep-separated model directories registered "
@@ -42,6 +48,9 @@ async def build_catalog(settings: CatalogSettings) -> tuple[Catalog, OutboxPubli
         engine, store.outbox, settings.nats_url, settings.events_stream, settings.events_subject_root
     )
     catalog = Catalog(
+        jobs=GrpcJobs(settings.jobs_address),
+        max_line_chars=settings.catalog_max_line_chars,
+        validation_wait_seconds=settings.catalog_validation_wait_seconds,
         engine=engine,
         artifacts=ArtifactStore(settings.artifact_root),
         subject_root=settings.events_subject_root,
@@ -49,6 +58,7 @@ async def build_catalog(settings: CatalogSettings) -> tuple[Catalog, OutboxPubli
         on_event=publisher.notify,
     )
     await catalog.sync_builtin_methods()
+    await catalog.resume_validations()
     for entry in filter(None, settings.catalog_seed_models.split(":")):
         path = Path(entry)
         await catalog.register_model_dir(path, name=path.name, description="Built-in model", builtin=True)
@@ -67,6 +77,7 @@ async def serve() -> None:
     await wait_for_shutdown_signal()
     await server.stop(grace=5)
     await publisher.stop()
+    await catalog.close()
     await catalog.engine.dispose()
 
 

@@ -18,6 +18,7 @@ class ModelInfo:
     context_length: int
     dtype: str
     has_chat_template: bool
+    size_bytes: int
 
 
 def _safetensors_param_count(path: Path) -> int:
@@ -28,17 +29,29 @@ def _safetensors_param_count(path: Path) -> int:
     return sum(math.prod(meta["shape"]) for name, meta in header.items() if name != "__metadata__")
 
 
-def inspect_model_dir(path: Path) -> ModelInfo:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def inspect_model_dir(path: Path, field: str = "path") -> ModelInfo:
+    """Refuse, with the reason, a directory that transformers could not load as a causal LM."""
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise InvalidArgument.for_field("uri", f"{path} has no config.json: not a Hugging Face model")
+        raise InvalidArgument.for_field(field, f"{path} has no config.json: not a Hugging Face model")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidArgument.for_field("uri", "config.json is not valid JSON") from None
+        raise InvalidArgument.for_field(field, "config.json is not valid JSON") from None
+    if not isinstance(config, dict) or not (config.get("model_type") or config.get("architectures")):
+        raise InvalidArgument.for_field(field, "config.json names neither model_type nor architectures")
     weights = sorted(path.glob("*.safetensors"))
     if not weights and not list(path.glob("*.bin")):
-        raise InvalidArgument.for_field("uri", f"{path} has no weights (*.safetensors or *.bin)")
+        raise InvalidArgument.for_field(field, f"{path} has no weights (*.safetensors or *.bin)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InvalidArgument.for_field(field, f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    try:
+        parameter_count = sum(_safetensors_param_count(w) for w in weights)
+    except (OSError, ValueError, KeyError, struct.error):
+        raise InvalidArgument.for_field(field, "a *.safetensors file has a corrupt header") from None
     tokenizer_config = path / "tokenizer_config.json"
     has_template = (path / "chat_template.jinja").is_file()
     if tokenizer_config.is_file():
@@ -46,8 +59,9 @@ def inspect_model_dir(path: Path) -> ModelInfo:
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     return ModelInfo(
         architecture=archs[0],
-        parameter_count=sum(_safetensors_param_count(w) for w in weights),
+        parameter_count=parameter_count,
         context_length=int(config.get("max_position_embeddings") or 0),
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
         has_chat_template=has_template,
+        size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
     )

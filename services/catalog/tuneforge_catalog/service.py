@@ -5,26 +5,70 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tuneforge_common import methods as method_defs
 from tuneforge_common.artifacts import ArtifactStore
 from tuneforge_common.db import new_id, utcnow
-from tuneforge_common.errors import InvalidArgument, NotFound, ResourceExhausted
+from tuneforge_common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from tuneforge_common.events import write_event
 from tuneforge_common.params import ParamSpec, resolve_parameters, specs_from_dataclass
 
+from . import datasets as rules
 from . import store
-from .datasets import DatasetStats, inspect_jsonl
 from .models import inspect_model_dir
+
+log = logging.getLogger(__name__)
+READ_CHUNK = 1024 * 1024
+MAX_NAME = 255
+MODEL_UPDATABLE = ("name", "description", "tags", "license")
+
+
+class JobsPort(Protocol):
+    """What the catalog asks the jobs service before deleting something a job may need."""
+
+    async def active_jobs_using(self, *, model_id: str = "", dataset_id: str = "") -> int: ...
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise InvalidArgument.for_field("name", "is required")
+    if len(name) > MAX_NAME:
+        raise InvalidArgument.for_field("name", f"must be at most {MAX_NAME} characters")
+    return name
+
+
+def _check_tags(tags: list[str]) -> list[str]:
+    cleaned = []
+    for i, tag in enumerate(tags):
+        tag = tag.strip()
+        if not tag or len(tag) > 64:
+            raise InvalidArgument.for_field(f"tags[{i}]", "must be 1 to 64 characters")
+        if tag not in cleaned:
+            cleaned.append(tag)
+    return cleaned
+
+
+def _iter_lines(fs: Any, path: str) -> Iterator[bytes]:
+    with fs.open(path, "rb") as fh:
+        yield from fh
 
 
 @dataclass
@@ -33,7 +77,11 @@ class Catalog:
     artifacts: ArtifactStore
     subject_root: str
     max_dataset_bytes: int
-    on_event: Any = None  # called after a commit that wrote an outbox row
+    jobs: JobsPort | None = None
+    max_line_chars: int = 4000
+    validation_wait_seconds: float = 30.0
+    on_event: Callable[[], None] | None = None  # called after a commit that wrote an outbox row
+    _background: set[asyncio.Task] = field(default_factory=set)
 
     def _subject(self, entity: str, event: str) -> str:
         return f"{self.subject_root}.catalog.{entity}.{event}"
@@ -41,6 +89,11 @@ class Catalog:
     def _notify(self) -> None:
         if self.on_event:
             self.on_event()
+
+    async def _active_jobs(self, **kwargs: str) -> int:
+        if self.jobs is None:
+            raise Unavailable("the jobs service is not configured; can't tell whether a job uses it")
+        return await self.jobs.active_jobs_using(**kwargs)
 
     # -- methods --------------------------------------------------------------
 
@@ -56,6 +109,7 @@ class Catalog:
                     entrypoint=m.entrypoint,
                     builtin=True,
                     parameters=json.dumps([s.to_json() for s in specs_from_dataclass(m.params)]),
+                    deleted_at=None,
                 )
                 existing = (await conn.execute(select(store.methods.c.id).where(store.methods.c.id == m.id))).first()
                 if existing:
@@ -65,7 +119,7 @@ class Catalog:
 
     async def get_method(self, method_id: str) -> Any:
         row = await store.get_row(self.engine, store.methods, method_id)
-        if row is None:
+        if row is None or row.deleted_at is not None:
             raise NotFound(f"method {method_id!r} not found")
         return row
 
@@ -74,17 +128,88 @@ class Catalog:
         specs = [ParamSpec.from_json(s) for s in json.loads(row.parameters)]
         return resolve_parameters(specs, given)
 
+    async def create_method(self, definition: dict[str, Any]) -> Any:
+        """An added method (seed 003): the files per stage are checked before anything is stored."""
+        violations = method_defs.validate_custom_method(definition)
+        if violations:
+            raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+        method_id = definition["name"].strip()
+        specs = method_defs.custom_method_specs(definition)
+        stages = definition.get("stages") or {}
+        async with self.engine.begin() as conn:
+            if (await conn.execute(select(store.methods.c.id).where(store.methods.c.id == method_id))).first():
+                raise AlreadyExists(f"a method named {method_id!r} exists (names stay taken after deletion)")
+            await conn.execute(
+                store.methods.insert().values(
+                    id=method_id,
+                    display_name=definition.get("display_name") or method_id,
+                    description=definition.get("description", ""),
+                    training_type=definition["training_type"],
+                    lifecycle=definition["lifecycle"],
+                    parameters=json.dumps([s.to_json() for s in specs]),
+                    entrypoint=stages["training"]["file"],
+                    builtin=False,
+                    stages=json.dumps(stages),
+                    created_at=utcnow(),
+                )
+            )
+            await write_event(conn, store.outbox, self._subject("method", "created"), {"method_id": method_id})
+        self._notify()
+        return await self.get_method(method_id)
+
+    async def delete_method(self, method_id: str) -> None:
+        row = await self.get_method(method_id)
+        if row.builtin:
+            raise FailedPrecondition(f"method {method_id!r} is built in and can't be deleted")
+        async with self.engine.begin() as conn:
+            await conn.execute(update(store.methods).where(store.methods.c.id == method_id).values(deleted_at=utcnow()))
+            await write_event(conn, store.outbox, self._subject("method", "deleted"), {"method_id": method_id})
+        self._notify()
+
     # -- models ---------------------------------------------------------------
 
     async def register_model_dir(self, path: Path, name: str, description: str = "", builtin: bool = False) -> Any:
-        """Register a local Hugging Face directory; idempotent by name for seeded models."""
-        info = await asyncio.to_thread(inspect_model_dir, path)
-        uri = str(await asyncio.to_thread(path.resolve))
-        async with self.engine.begin() as conn:
+        """Seed a built-in model from a local directory; idempotent by name."""
+        async with self.engine.connect() as conn:
             existing = (await conn.execute(select(store.models).where(store.models.c.name == name))).first()
-            if existing:
-                return existing
-            model_id = name if builtin else new_id("model")
+        if existing:
+            return existing
+        return await self.register_model(
+            "path", str(path), name, description, [], "", model_id=name if builtin else "", builtin=builtin
+        )
+
+    async def register_model(
+        self,
+        source_kind: str,
+        source: str,
+        name: str,
+        description: str = "",
+        tags: list[str] | None = None,
+        license: str = "",
+        *,
+        model_id: str = "",
+        builtin: bool = False,
+    ) -> Any:
+        name, tags = _check_name(name), _check_tags(tags or [])
+        if not source.strip():
+            raise InvalidArgument.for_field(source_kind or "source", "is required")
+        model_id = model_id or new_id("model")
+        if source_kind == "path":
+            local, uri = Path(source), str(await asyncio.to_thread(Path(source).resolve))
+        elif source_kind == "uri":
+            local, uri = await asyncio.to_thread(self._local_copy_of_uri, source, model_id)
+        elif source_kind == "hub_id":
+            local = await asyncio.to_thread(self._fetch_from_hub, source, model_id)
+            uri = str(local)
+        else:
+            raise InvalidArgument.for_field("source", "give one of path, uri or hub_id")
+        if not await asyncio.to_thread(local.is_dir):
+            raise InvalidArgument.for_field(source_kind, f"{source} is not a directory")
+        info = await asyncio.to_thread(inspect_model_dir, local)
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
+                raise AlreadyExists(f"a model named {name!r} exists")
             await conn.execute(
                 store.models.insert().values(
                     id=model_id,
@@ -97,20 +222,124 @@ class Catalog:
                     dtype=info.dtype,
                     has_chat_template=info.has_chat_template,
                     builtin=builtin,
-                    created_at=utcnow(),
+                    created_at=now,
+                    updated_at=now,
+                    tags=json.dumps(tags),
+                    license=license,
+                    size_bytes=info.size_bytes,
+                    kind="BASE",
+                    lineage="{}",
+                    source=f"hf://{source}" if source_kind == "hub_id" else source,
                 )
             )
             await write_event(
                 conn, store.outbox, self._subject("model", "registered"), {"model_id": model_id, "name": name}
             )
         self._notify()
-        return await store.get_row(self.engine, store.models, model_id)
+        return await self.get_model(model_id)
+
+    def _local_copy_of_uri(self, uri: str, model_id: str) -> tuple[Path, str]:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return Path(path), uri
+        if not fs.exists(path):
+            raise InvalidArgument.for_field("uri", f"{uri} does not exist")
+        target = self.artifacts.uri("models", model_id)
+        fs.get(path.rstrip("/") + "/", self.artifacts.path_of(target) + "/", recursive=True)
+        return Path(self.artifacts.path_of(target)), target
+
+    def _fetch_from_hub(self, hub_id: str, model_id: str) -> Path:
+        target = Path(self.artifacts.path_of(self.artifacts.uri("models", model_id)))
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(
+                repo_id=hub_id,
+                local_dir=target,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
+            )
+        except ImportError:
+            raise FailedPrecondition("fetching from the Hugging Face Hub needs the huggingface_hub package") from None
+        except Exception as exc:
+            log.warning("hub fetch of %s failed: %s", hub_id, exc)
+            raise Unavailable(
+                f"could not fetch {hub_id!r} from the Hugging Face Hub ({type(exc).__name__}); if this machine "
+                "has no internet access, download the model elsewhere and register its directory with `path`"
+            ) from None
+        return target
 
     async def get_model(self, model_id: str) -> Any:
         row = await store.get_row(self.engine, store.models, model_id)
         if row is None:
             raise NotFound(f"model {model_id!r} not found")
         return row
+
+    async def list_models(self, page_size: int, page_token: str, kind: str, tag: str, name_contains: str) -> Any:
+        conditions = []
+        if kind:
+            conditions.append(store.models.c.kind == kind)
+        if tag:
+            # Tags are a JSON list; match the quoted element so "chat" doesn't match "chatty".
+            conditions.append(store.models.c.tags.contains(json.dumps(tag)))
+        if name_contains:
+            conditions.append(func.lower(store.models.c.name).contains(name_contains.lower(), autoescape=True))
+        return await store.list_page(
+            self.engine, store.models, page_size, page_token, [store.models.c.created_at, store.models.c.id], conditions
+        )
+
+    async def update_model(self, model_id: str, changes: dict[str, Any]) -> Any:
+        unknown = [k for k in changes if k not in MODEL_UPDATABLE]
+        if unknown:
+            raise InvalidArgument.for_field(
+                "update_mask", f"can't update {', '.join(unknown)}; updatable: {', '.join(MODEL_UPDATABLE)}"
+            )
+        values: dict[str, Any] = {}
+        if "name" in changes:
+            values["name"] = _check_name(changes["name"])
+        if "description" in changes:
+            values["description"] = changes["description"]
+        if "tags" in changes:
+            values["tags"] = json.dumps(_check_tags(list(changes["tags"])))
+        if "license" in changes:
+            values["license"] = changes["license"]
+        await self.get_model(model_id)
+        if not values:
+            return await self.get_model(model_id)
+        async with self.engine.begin() as conn:
+            if "name" in values:
+                clash = await conn.execute(
+                    select(store.models.c.id).where(store.models.c.name == values["name"], store.models.c.id != model_id)
+                )
+                if clash.first():
+                    raise AlreadyExists(f"a model named {values['name']!r} exists")
+            await conn.execute(
+                update(store.models).where(store.models.c.id == model_id).values(updated_at=utcnow(), **values)
+            )
+            await write_event(conn, store.outbox, self._subject("model", "updated"), {"model_id": model_id})
+        self._notify()
+        return await self.get_model(model_id)
+
+    async def delete_model(self, model_id: str) -> None:
+        model = await self.get_model(model_id)
+        if model.builtin:
+            raise FailedPrecondition(f"model {model_id!r} is built in and can't be deleted")
+        async with self.engine.connect() as conn:
+            published = (
+                await conn.execute(
+                    select(func.count()).select_from(store.models).where(store.models.c.base_model_id == model_id)
+                )
+            ).scalar_one()
+        if published:
+            raise FailedPrecondition(f"model {model_id!r} is the base of {published} published model(s)")
+        active = await self._active_jobs(model_id=model_id)
+        if active:
+            raise FailedPrecondition(f"model {model_id!r} is used by {active} unfinished job(s)")
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(store.models).where(store.models.c.id == model_id))
+            await write_event(conn, store.outbox, self._subject("model", "deleted"), {"model_id": model_id})
+        self._notify()
 
     # -- datasets -------------------------------------------------------------
 
@@ -120,23 +349,42 @@ class Catalog:
             raise NotFound(f"dataset {dataset_id!r} not found")
         return row
 
-    def _validate_and_store(self, tmp_path: str, uri: str) -> DatasetStats:
-        with open(tmp_path, "rb") as fh:
-            stats = inspect_jsonl(fh)
-        if not self.artifacts.exists(uri):  # same bytes, same content: stored once
-            self.artifacts.put_file_atomic(tmp_path, uri)
-        return stats
+    async def list_datasets(
+        self, page_size: int, page_token: str, status: str, fmt: str, name_contains: str
+    ) -> tuple[list[Any], str]:
+        conditions = []
+        if status:
+            conditions.append(store.datasets.c.status == status)
+        if fmt:
+            conditions.append(store.datasets.c.format == fmt)
+        if name_contains:
+            conditions.append(func.lower(store.datasets.c.name).contains(name_contains.lower(), autoescape=True))
+        return await store.list_page(
+            self.engine,
+            store.datasets,
+            page_size,
+            page_token,
+            [store.datasets.c.created_at, store.datasets.c.id],
+            conditions,
+        )
 
-    async def upload_dataset(self, name: str, description: str, chunks: AsyncIterator[bytes]) -> Any:
-        """Stream to a temporary file while hashing, validate, then store content-addressed.
+    async def upload_dataset(
+        self,
+        name: str,
+        description: str,
+        chunks: AsyncIterator[bytes],
+        declared_format: str = "",
+        prompt_input_column: str = "",
+        prompt_output_column: str = "",
+    ) -> Any:
+        """Stream to a temporary file while hashing, store content-addressed, then validate.
 
-        Nothing is written to the store or the database unless the whole upload is valid.
+        Over the size limit nothing is stored. Otherwise the dataset is kept with its validation report
+        (READY or INVALID), so a user can read what to fix; the answer waits for validation up to a bound.
         """
-        name = name.strip()
-        if not name:
-            raise InvalidArgument.for_field("name", "is required")
-        if len(name) > 255:
-            raise InvalidArgument.for_field("name", "must be at most 255 characters")
+        name = _check_name(name)
+        if declared_format and declared_format not in rules.FORMATS:
+            raise InvalidArgument.for_field("format", f"must be one of {', '.join(rules.FORMATS)}")
         digest = hashlib.sha256()
         size = 0
         fd, tmp_path = tempfile.mkstemp(prefix="tuneforge-upload-", suffix=".jsonl")
@@ -152,7 +400,8 @@ class Catalog:
                 raise InvalidArgument.for_field("content", "upload is empty")
             sha = digest.hexdigest()
             uri = self.artifacts.uri("datasets", "sha256", f"{sha}.jsonl")
-            stats = await asyncio.to_thread(self._validate_and_store, tmp_path, uri)
+            if not await asyncio.to_thread(self.artifacts.exists, uri):  # same bytes, same content: stored once
+                await asyncio.to_thread(self.artifacts.put_file_atomic, tmp_path, uri)
         finally:
             os.unlink(tmp_path)
         dataset_id = new_id("ds")
@@ -165,17 +414,212 @@ class Catalog:
                     uri=uri,
                     sha256=sha,
                     size_bytes=size,
-                    row_count=stats.row_count,
-                    format=stats.format,
-                    columns=json.dumps(stats.columns),
+                    row_count=0,
+                    format=declared_format,
+                    columns="[]",
                     created_at=utcnow(),
+                    status="VALIDATING",
+                    validation="{}",
+                    prompt_input_column=prompt_input_column,
+                    prompt_output_column=prompt_output_column,
+                )
+            )
+            await write_event(conn, store.outbox, self._subject("dataset", "uploaded"), {"dataset_id": dataset_id})
+        self._notify()
+        task = self.start_validation(dataset_id)
+        # shield: a slow validation outlives the wait and finishes in the background.
+        await asyncio.wait({asyncio.shield(task)}, timeout=self.validation_wait_seconds)
+        return await self.get_dataset(dataset_id)
+
+    def start_validation(self, dataset_id: str) -> asyncio.Task:
+        task = asyncio.create_task(self.validate_dataset(dataset_id), name=f"validate-{dataset_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def resume_validations(self) -> None:
+        """Datasets left VALIDATING by a process that died are validated again at start."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(store.datasets.c.id).where(store.datasets.c.status == "VALIDATING"))
+            pending = [r.id for r in rows]
+        for dataset_id in pending:
+            self.start_validation(dataset_id)
+
+    async def validate_dataset(self, dataset_id: str) -> None:
+        row = await self.get_dataset(dataset_id)
+
+        def run() -> rules.ValidationReport:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(row.uri)
+            return rules.validate_jsonl(
+                _iter_lines(fs, path),
+                declared_format=row.format,
+                max_line_chars=self.max_line_chars,
+                prompt_input_column=row.prompt_input_column,
+                prompt_output_column=row.prompt_output_column,
+            )
+
+        try:
+            report = await asyncio.to_thread(run)
+        except Exception:
+            log.exception("validation of %s failed", dataset_id)
+            return  # stays VALIDATING; retried at the next start
+        status = "READY" if report.valid else "INVALID"
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(store.datasets)
+                .where(store.datasets.c.id == dataset_id)
+                .values(
+                    status=status,
+                    row_count=report.row_count,
+                    format=report.format or row.format,
+                    columns=json.dumps(report.columns),
+                    validation=json.dumps(report.to_json()),
                 )
             )
             await write_event(
                 conn,
                 store.outbox,
-                self._subject("dataset", "created"),
-                {"dataset_id": dataset_id, "name": name, "row_count": stats.row_count},
+                self._subject("dataset", "validated"),
+                {"dataset_id": dataset_id, "status": status, "problem_count": report.problem_count},
             )
         self._notify()
-        return await self.get_dataset(dataset_id)
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        row = await self.get_dataset(dataset_id)
+        active = await self._active_jobs(dataset_id=dataset_id)
+        if active:
+            raise FailedPrecondition(f"dataset {dataset_id!r} is used by {active} unfinished job(s)")
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(store.datasets).where(store.datasets.c.id == dataset_id))
+            shared = (
+                await conn.execute(
+                    select(func.count()).select_from(store.datasets).where(store.datasets.c.sha256 == row.sha256)
+                )
+            ).scalar_one()
+            await write_event(conn, store.outbox, self._subject("dataset", "deleted"), {"dataset_id": dataset_id})
+        if not shared:  # content-addressed: other datasets with the same bytes keep the file
+            await asyncio.to_thread(self.artifacts.fs.rm, self.artifacts.path_of(row.uri))
+        self._notify()
+
+    async def download_dataset(self, dataset_id: str) -> AsyncIterator[bytes]:
+        row = await self.get_dataset(dataset_id)
+        fh = await asyncio.to_thread(self.artifacts.fs.open, self.artifacts.path_of(row.uri), "rb")
+        try:
+            while chunk := await asyncio.to_thread(fh.read, READ_CHUNK):
+                yield chunk
+        finally:
+            await asyncio.to_thread(fh.close)
+
+    async def preview_dataset(self, dataset_id: str, limit: int) -> list[dict[str, Any]]:
+        if not 0 <= limit <= 100:
+            raise InvalidArgument.for_field("limit", "must be between 0 and 100")
+        row = await self.get_dataset(dataset_id)
+
+        def read() -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = []
+            for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
+                if len(rows) >= (limit or 10):
+                    break
+                try:
+                    value = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                if isinstance(value, dict):
+                    rows.append(value)
+            return rows
+
+        return await asyncio.to_thread(read)
+
+    async def dataset_stats(self, dataset_id: str, model_id: str, max_seq_length: int) -> dict[str, Any]:
+        row = await self.get_dataset(dataset_id)
+        self._require_ready(row)
+        model = await self.get_model(model_id)
+        if max_seq_length < 0:
+            raise InvalidArgument.for_field("max_seq_length", "must not be negative")
+
+        def count() -> dict[str, Any]:
+            from tokenizers import Tokenizer
+
+            tokenizer_file = Path(model.uri) / "tokenizer.json"
+            if not tokenizer_file.is_file():
+                raise FailedPrecondition(f"model {model_id!r} has no tokenizer.json to count tokens with")
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            counts = []
+            for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
+                if raw.strip():
+                    text = rules.row_text(json.loads(raw), row.format, row.prompt_input_column, row.prompt_output_column)
+                    counts.append(len(tokenizer.encode(text).ids))
+            return rules.token_stats(counts, max_seq_length or None)
+
+        return await asyncio.to_thread(count)
+
+    @staticmethod
+    def _require_ready(row: Any) -> None:
+        if row.status != "READY":
+            raise FailedPrecondition(f"dataset {row.id!r} is {row.status}, not READY")
+
+    async def split_dataset(self, dataset_id: str, validation_ratio: float, seed: int) -> tuple[Any, Any]:
+        row = await self.get_dataset(dataset_id)
+        self._require_ready(row)
+        try:
+            train_idx, val_idx = rules.split_indices(row.row_count, validation_ratio, seed)
+        except ValueError as exc:
+            raise InvalidArgument.for_field("validation_ratio", str(exc)) from None
+        validation_rows = set(val_idx)
+
+        def write_parts(tmp: str) -> list[tuple[str, str, int, int]]:
+            paths = [os.path.join(tmp, "train.jsonl"), os.path.join(tmp, "validation.jsonl")]
+            with open(paths[0], "wb") as train, open(paths[1], "wb") as val:
+                index = 0
+                for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
+                    if not raw.strip():
+                        continue
+                    line = raw if raw.endswith(b"\n") else raw + b"\n"
+                    (val if index in validation_rows else train).write(line)
+                    index += 1
+            parts = []
+            for path, rows in zip(paths, (len(train_idx), len(val_idx)), strict=True):
+                data = Path(path).read_bytes()
+                sha = hashlib.sha256(data).hexdigest()
+                uri = self.artifacts.uri("datasets", "sha256", f"{sha}.jsonl")
+                if not self.artifacts.exists(uri):
+                    self.artifacts.put_file_atomic(path, uri)
+                parts.append((uri, sha, len(data), rows))
+            return parts
+
+        with tempfile.TemporaryDirectory(prefix="tuneforge-split-") as tmp:
+            parts = await asyncio.to_thread(write_parts, tmp)
+        ids = []
+        async with self.engine.begin() as conn:
+            for suffix, (uri, sha, size, rows) in zip(("train", "validation"), parts, strict=True):
+                part_id = new_id("ds")
+                ids.append(part_id)
+                await conn.execute(
+                    store.datasets.insert().values(
+                        id=part_id,
+                        name=f"{row.name}-{suffix}",
+                        description=f"{suffix} split of {row.id} (ratio {validation_ratio}, seed {seed})",
+                        uri=uri,
+                        sha256=sha,
+                        size_bytes=size,
+                        row_count=rows,
+                        format=row.format,
+                        columns=row.columns,
+                        created_at=utcnow(),
+                        status="READY",
+                        validation=json.dumps({"problems": [], "problem_count": 0}),
+                        prompt_input_column=row.prompt_input_column,
+                        prompt_output_column=row.prompt_output_column,
+                        parent_dataset_id=row.id,
+                    )
+                )
+                await write_event(conn, store.outbox, self._subject("dataset", "created"), {"dataset_id": part_id})
+        self._notify()
+        return await self.get_dataset(ids[0]), await self.get_dataset(ids[1])
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -27,6 +27,14 @@ models = Table(
     Column("has_chat_template", Boolean, nullable=False),
     Column("builtin", Boolean, nullable=False, default=False),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("tags", Text, nullable=False, default="[]"),  # JSON list
+    Column("license", String(255), nullable=False, default=""),
+    Column("size_bytes", BigInteger, nullable=False, default=0),
+    Column("kind", String(16), nullable=False, default="BASE"),
+    Column("lineage", Text, nullable=False, default="{}"),  # JSON ModelLineage
+    Column("source", Text, nullable=False, default=""),
+    Column("base_model_id", String(64), nullable=True, index=True),
+    Column("updated_at", UtcDateTime, nullable=True),
 )
 
 datasets = Table(
@@ -42,6 +50,11 @@ datasets = Table(
     Column("format", String(32), nullable=False),
     Column("columns", Text, nullable=False),  # JSON list
     Column("created_at", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False, default="READY"),
+    Column("validation", Text, nullable=False, default="{}"),  # JSON report
+    Column("prompt_input_column", String(255), nullable=False, default=""),
+    Column("prompt_output_column", String(255), nullable=False, default=""),
+    Column("parent_dataset_id", String(64), nullable=True),
 )
 
 methods = Table(
@@ -56,6 +69,9 @@ methods = Table(
     Column("entrypoint", Text, nullable=False),
     Column("builtin", Boolean, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("stages", Text, nullable=False, default="{}"),  # JSON, added methods only
+    # Deleted methods leave selection but keep their id, so jobs that used them still name them.
+    Column("deleted_at", UtcDateTime, nullable=True),
 )
 
 outbox = outbox_table(metadata)
@@ -65,12 +81,18 @@ DEFAULT_PAGE_SIZE = 50
 
 
 async def list_page(
-    engine: AsyncEngine, table: Table, requested_size: int, page_token: str, order_by: Any
+    engine: AsyncEngine,
+    table: Table,
+    requested_size: int,
+    page_token: str,
+    order_by: Any,
+    conditions: list[Any] | None = None,
 ) -> tuple[list[Any], str]:
     size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     offset = decode_token(page_token)
+    query = select(table).where(*(conditions or [])).order_by(*order_by).offset(offset).limit(size + 1)
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(table).order_by(*order_by).offset(offset).limit(size + 1))).all()
+        rows = (await conn.execute(query)).all()
     next_token = encode_token(offset + size) if len(rows) > size else ""
     return list(rows[:size]), next_token
 

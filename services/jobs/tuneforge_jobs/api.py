@@ -128,7 +128,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @map_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         size, offset = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), decode_token(request.page_token)
-        rows = await self.jobs.list_jobs(size + 1, offset)
+        states = [pb.JobState.Name(v).removeprefix("JOB_STATE_") for v in request.states if v]
+        rows = await self.jobs.list_jobs(
+            size + 1, offset, states, request.model_id, request.dataset_id, request.method_id
+        )
         token = encode_token(offset + size) if len(rows) > size else ""
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in rows[:size]], next_page_token=token)
 

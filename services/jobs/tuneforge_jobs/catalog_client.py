@@ -9,7 +9,8 @@ from google.protobuf import json_format, struct_pb2
 
 from tuneforge.catalog.v1 import catalog_pb2 as pb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
-from tuneforge_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from tuneforge.common.v1 import common_pb2
+from tuneforge_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from tuneforge_common.grpcutil import decode_error
 
 from .service import CatalogInputs
@@ -45,6 +46,10 @@ class GrpcCatalog:
         dataset = (
             await self._call(self.stub.GetDataset, pb.GetDatasetRequest(dataset_id=dataset_id), "dataset_id")
         ).dataset
+        if dataset.status != common_pb2.DATASET_STATUS_READY:
+            status = common_pb2.DatasetStatus.Name(dataset.status).removeprefix("DATASET_STATUS_")
+            problems = f" ({dataset.validation.problem_count} problems)" if dataset.validation.problem_count else ""
+            raise FailedPrecondition(f"dataset_id: dataset {dataset_id!r} is {status}{problems}; only READY datasets train")
         method = (await self._call(self.stub.GetMethod, pb.GetMethodRequest(method_id=method_id), "method_id")).method
         given = struct_pb2.Struct()
         given.update(parameters)

@@ -139,18 +139,24 @@ class Jobs:
             raise NotFound(f"job {job_id!r} not found")
         return row
 
-    async def list_jobs(self, limit: int, offset: int) -> list[Any]:
+    async def list_jobs(
+        self,
+        limit: int,
+        offset: int,
+        states: list[str] | None = None,
+        model_id: str = "",
+        dataset_id: str = "",
+        method_id: str = "",
+    ) -> list[Any]:
+        query = select(store.jobs)
+        if states:
+            query = query.where(store.jobs.c.state.in_(states))
+        for column, value in (("model_id", model_id), ("dataset_id", dataset_id), ("method_id", method_id)):
+            if value:
+                query = query.where(store.jobs.c[column] == value)
+        query = query.order_by(store.jobs.c.created_at.desc(), store.jobs.c.id).offset(offset).limit(limit)
         async with self.engine.connect() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        select(store.jobs)
-                        .order_by(store.jobs.c.created_at.desc(), store.jobs.c.id)
-                        .offset(offset)
-                        .limit(limit)
-                    )
-                ).all()
-            )
+            return list((await conn.execute(query)).all())
 
     async def cancel(self, job_id: str) -> Any:
         job = await self.get(job_id)

@@ -22,51 +22,92 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from tuneforge.common.v1 import common_pb2 as tuneforge_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/catalog/v1/catalog.proto\x12\x14tuneforge.catalog.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a tuneforge/common/v1/common.proto\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tuneforge.common.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tuneforge.common.v1.Model\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListDatasetsResponse\x12.\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1c.tuneforge.common.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"C\n\x12GetDatasetResponse\x12-\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1c.tuneforge.common.v1.Dataset\"s\n\x14UploadDatasetRequest\x12?\n\x08metadata\x18\x01 \x01(\x0b\x32+.tuneforge.catalog.v1.DatasetUploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\":\n\x15\x44\x61tasetUploadMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"F\n\x15UploadDatasetResponse\x12-\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1c.tuneforge.common.v1.Dataset\";\n\x12ListMethodsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x13ListMethodsResponse\x12\x34\n\x07methods\x18\x01 \x03(\x0b\x32#.tuneforge.common.v1.TrainingMethod\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetMethodRequest\x12\x11\n\tmethod_id\x18\x01 \x01(\t\"H\n\x11GetMethodResponse\x12\x33\n\x06method\x18\x01 \x01(\x0b\x32#.tuneforge.common.v1.TrainingMethod\"Z\n\x18ResolveParametersRequest\x12\x11\n\tmethod_id\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"H\n\x19ResolveParametersResponse\x12+\n\nparameters\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb8\x06\n\x0e\x43\x61talogService\x12_\n\nListModels\x12\'.tuneforge.catalog.v1.ListModelsRequest\x1a(.tuneforge.catalog.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.tuneforge.catalog.v1.GetModelRequest\x1a&.tuneforge.catalog.v1.GetModelResponse\x12\x65\n\x0cListDatasets\x12).tuneforge.catalog.v1.ListDatasetsRequest\x1a*.tuneforge.catalog.v1.ListDatasetsResponse\x12_\n\nGetDataset\x12\'.tuneforge.catalog.v1.GetDatasetRequest\x1a(.tuneforge.catalog.v1.GetDatasetResponse\x12j\n\rUploadDataset\x12*.tuneforge.catalog.v1.UploadDatasetRequest\x1a+.tuneforge.catalog.v1.UploadDatasetResponse(\x01\x12\x62\n\x0bListMethods\x12(.tuneforge.catalog.v1.ListMethodsRequest\x1a).tuneforge.catalog.v1.ListMethodsResponse\x12\\\n\tGetMethod\x12&.tuneforge.catalog.v1.GetMethodRequest\x1a\'.tuneforge.catalog.v1.GetMethodResponse\x12t\n\x11ResolveParameters\x12..tuneforge.catalog.v1.ResolveParametersRequest\x1a/.tuneforge.catalog.v1.ResolveParametersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/catalog/v1/catalog.proto\x12\x14tuneforge.catalog.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a tuneforge/common/v1/common.proto\"\x93\x01\n\x14RegisterModelRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x12\x10\n\x06hub_id\x18\x03 \x01(\tH\x00\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x0f\n\x07license\x18\x07 \x01(\tB\x08\n\x06source\"B\n\x15RegisterModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tuneforge.common.v1.Model\"\x8c\x01\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.tuneforge.common.v1.ModelKind\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\x15\n\rname_contains\x18\x05 \x01(\t\"Y\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tuneforge.common.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tuneforge.common.v1.Model\"\x82\x01\n\x12UpdateModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.tuneforge.common.v1.Model\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"@\n\x13UpdateModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tuneforge.common.v1.Model\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"\xbb\x01\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x32\n\x06status\x18\x03 \x01(\x0e\x32\".tuneforge.common.v1.DatasetStatus\x12\x32\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\".tuneforge.common.v1.DatasetFormat\x12\x15\n\rname_contains\x18\x05 \x01(\t\"_\n\x14ListDatasetsResponse\x12.\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1c.tuneforge.common.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"C\n\x12GetDatasetResponse\x12-\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1c.tuneforge.common.v1.Dataset\"s\n\x14UploadDatasetRequest\x12?\n\x08metadata\x18\x01 \x01(\x0b\x32+.tuneforge.catalog.v1.DatasetUploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xa9\x01\n\x15\x44\x61tasetUploadMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x32\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\".tuneforge.common.v1.DatasetFormat\x12\x1b\n\x13prompt_input_column\x18\x04 \x01(\t\x12\x1c\n\x14prompt_output_column\x18\x05 \x01(\t\"F\n\x15UploadDatasetResponse\x12-\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1c.tuneforge.common.v1.Dataset\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\",\n\x16\x44ownloadDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"(\n\x17\x44ownloadDatasetResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\":\n\x15PreviewDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"?\n\x16PreviewDatasetResponse\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.google.protobuf.Struct\"V\n\x16GetDatasetStatsRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0emax_seq_length\x18\x03 \x01(\x05\"\xbf\x01\n\x17GetDatasetStatsResponse\x12\x11\n\trow_count\x18\x01 \x01(\x03\x12\x12\n\nmin_tokens\x18\x02 \x01(\x03\x12\x13\n\x0bmean_tokens\x18\x03 \x01(\x01\x12\x12\n\np50_tokens\x18\x04 \x01(\x03\x12\x12\n\np95_tokens\x18\x05 \x01(\x03\x12\x12\n\nmax_tokens\x18\x06 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x07 \x01(\x03\x12\x16\n\x0erows_truncated\x18\x08 \x01(\x03\"Q\n\x13SplitDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x18\n\x10validation_ratio\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x03\"u\n\x14SplitDatasetResponse\x12+\n\x05train\x18\x01 \x01(\x0b\x32\x1c.tuneforge.common.v1.Dataset\x12\x30\n\nvalidation\x18\x02 \x01(\x0b\x32\x1c.tuneforge.common.v1.Dataset\";\n\x12ListMethodsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x13ListMethodsResponse\x12\x34\n\x07methods\x18\x01 \x03(\x0b\x32#.tuneforge.common.v1.TrainingMethod\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetMethodRequest\x12\x11\n\tmethod_id\x18\x01 \x01(\t\"H\n\x11GetMethodResponse\x12\x33\n\x06method\x18\x01 \x01(\x0b\x32#.tuneforge.common.v1.TrainingMethod\"B\n\x13\x43reateMethodRequest\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x14\x43reateMethodResponse\x12\x33\n\x06method\x18\x01 \x01(\x0b\x32#.tuneforge.common.v1.TrainingMethod\"(\n\x13\x44\x65leteMethodRequest\x12\x11\n\tmethod_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteMethodResponse\"Z\n\x18ResolveParametersRequest\x12\x11\n\tmethod_id\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"H\n\x19ResolveParametersResponse\x12+\n\nparameters\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct2\xd8\x0e\n\x0e\x43\x61talogService\x12h\n\rRegisterModel\x12*.tuneforge.catalog.v1.RegisterModelRequest\x1a+.tuneforge.catalog.v1.RegisterModelResponse\x12_\n\nListModels\x12\'.tuneforge.catalog.v1.ListModelsRequest\x1a(.tuneforge.catalog.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.tuneforge.catalog.v1.GetModelRequest\x1a&.tuneforge.catalog.v1.GetModelResponse\x12\x62\n\x0bUpdateModel\x12(.tuneforge.catalog.v1.UpdateModelRequest\x1a).tuneforge.catalog.v1.UpdateModelResponse\x12\x62\n\x0b\x44\x65leteModel\x12(.tuneforge.catalog.v1.DeleteModelRequest\x1a).tuneforge.catalog.v1.DeleteModelResponse\x12\x65\n\x0cListDatasets\x12).tuneforge.catalog.v1.ListDatasetsRequest\x1a*.tuneforge.catalog.v1.ListDatasetsResponse\x12_\n\nGetDataset\x12\'.tuneforge.catalog.v1.GetDatasetRequest\x1a(.tuneforge.catalog.v1.GetDatasetResponse\x12h\n\rDeleteDataset\x12*.tuneforge.catalog.v1.DeleteDatasetRequest\x1a+.tuneforge.catalog.v1.DeleteDatasetResponse\x12p\n\x0f\x44ownloadDataset\x12,.tuneforge.catalog.v1.DownloadDatasetRequest\x1a-.tuneforge.catalog.v1.DownloadDatasetResponse0\x01\x12k\n\x0ePreviewDataset\x12+.tuneforge.catalog.v1.PreviewDatasetRequest\x1a,.tuneforge.catalog.v1.PreviewDatasetResponse\x12n\n\x0fGetDatasetStats\x12,.tuneforge.catalog.v1.GetDatasetStatsRequest\x1a-.tuneforge.catalog.v1.GetDatasetStatsResponse\x12\x65\n\x0cSplitDataset\x12).tuneforge.catalog.v1.SplitDatasetRequest\x1a*.tuneforge.catalog.v1.SplitDatasetResponse\x12j\n\rUploadDataset\x12*.tuneforge.catalog.v1.UploadDatasetRequest\x1a+.tuneforge.catalog.v1.UploadDatasetResponse(\x01\x12\x62\n\x0bListMethods\x12(.tuneforge.catalog.v1.ListMethodsRequest\x1a).tuneforge.catalog.v1.ListMethodsResponse\x12\\\n\tGetMethod\x12&.tuneforge.catalog.v1.GetMethodRequest\x1a\'.tuneforge.catalog.v1.GetMethodResponse\x12\x65\n\x0c\x43reateMethod\x12).tuneforge.catalog.v1.CreateMethodRequest\x1a*.tuneforge.catalog.v1.CreateMethodResponse\x12\x65\n\x0c\x44\x65leteMethod\x12).tuneforge.catalog.v1.DeleteMethodRequest\x1a*.tuneforge.catalog.v1.DeleteMethodResponse\x12t\n\x11ResolveParameters\x12..tuneforge.catalog.v1.ResolveParametersRequest\x1a/.tuneforge.catalog.v1.ResolveParametersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneforge.catalog.v1.catalog_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTMODELSREQUEST']._serialized_start=124
-  _globals['_LISTMODELSREQUEST']._serialized_end=182
-  _globals['_LISTMODELSRESPONSE']._serialized_start=184
-  _globals['_LISTMODELSRESPONSE']._serialized_end=273
-  _globals['_GETMODELREQUEST']._serialized_start=275
-  _globals['_GETMODELREQUEST']._serialized_end=310
-  _globals['_GETMODELRESPONSE']._serialized_start=312
-  _globals['_GETMODELRESPONSE']._serialized_end=373
-  _globals['_LISTDATASETSREQUEST']._serialized_start=375
-  _globals['_LISTDATASETSREQUEST']._serialized_end=435
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=437
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=532
-  _globals['_GETDATASETREQUEST']._serialized_start=534
-  _globals['_GETDATASETREQUEST']._serialized_end=573
-  _globals['_GETDATASETRESPONSE']._serialized_start=575
-  _globals['_GETDATASETRESPONSE']._serialized_end=642
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=644
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=759
-  _globals['_DATASETUPLOADMETADATA']._serialized_start=761
-  _globals['_DATASETUPLOADMETADATA']._serialized_end=819
-  _globals['_UPLOADDATASETRESPONSE']._serialized_start=821
-  _globals['_UPLOADDATASETRESPONSE']._serialized_end=891
-  _globals['_LISTMETHODSREQUEST']._serialized_start=893
-  _globals['_LISTMETHODSREQUEST']._serialized_end=952
-  _globals['_LISTMETHODSRESPONSE']._serialized_start=954
-  _globals['_LISTMETHODSRESPONSE']._serialized_end=1054
-  _globals['_GETMETHODREQUEST']._serialized_start=1056
-  _globals['_GETMETHODREQUEST']._serialized_end=1093
-  _globals['_GETMETHODRESPONSE']._serialized_start=1095
-  _globals['_GETMETHODRESPONSE']._serialized_end=1167
-  _globals['_RESOLVEPARAMETERSREQUEST']._serialized_start=1169
-  _globals['_RESOLVEPARAMETERSREQUEST']._serialized_end=1259
-  _globals['_RESOLVEPARAMETERSRESPONSE']._serialized_start=1261
-  _globals['_RESOLVEPARAMETERSRESPONSE']._serialized_end=1333
-  _globals['_CATALOGSERVICE']._serialized_start=1336
-  _globals['_CATALOGSERVICE']._serialized_end=2160
+  _globals['_REGISTERMODELREQUEST']._serialized_start=159
+  _globals['_REGISTERMODELREQUEST']._serialized_end=306
+  _globals['_REGISTERMODELRESPONSE']._serialized_start=308
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=374
+  _globals['_LISTMODELSREQUEST']._serialized_start=377
+  _globals['_LISTMODELSREQUEST']._serialized_end=517
+  _globals['_LISTMODELSRESPONSE']._serialized_start=519
+  _globals['_LISTMODELSRESPONSE']._serialized_end=608
+  _globals['_GETMODELREQUEST']._serialized_start=610
+  _globals['_GETMODELREQUEST']._serialized_end=645
+  _globals['_GETMODELRESPONSE']._serialized_start=647
+  _globals['_GETMODELRESPONSE']._serialized_end=708
+  _globals['_UPDATEMODELREQUEST']._serialized_start=711
+  _globals['_UPDATEMODELREQUEST']._serialized_end=841
+  _globals['_UPDATEMODELRESPONSE']._serialized_start=843
+  _globals['_UPDATEMODELRESPONSE']._serialized_end=907
+  _globals['_DELETEMODELREQUEST']._serialized_start=909
+  _globals['_DELETEMODELREQUEST']._serialized_end=947
+  _globals['_DELETEMODELRESPONSE']._serialized_start=949
+  _globals['_DELETEMODELRESPONSE']._serialized_end=970
+  _globals['_LISTDATASETSREQUEST']._serialized_start=973
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1160
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1162
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1257
+  _globals['_GETDATASETREQUEST']._serialized_start=1259
+  _globals['_GETDATASETREQUEST']._serialized_end=1298
+  _globals['_GETDATASETRESPONSE']._serialized_start=1300
+  _globals['_GETDATASETRESPONSE']._serialized_end=1367
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=1369
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=1484
+  _globals['_DATASETUPLOADMETADATA']._serialized_start=1487
+  _globals['_DATASETUPLOADMETADATA']._serialized_end=1656
+  _globals['_UPLOADDATASETRESPONSE']._serialized_start=1658
+  _globals['_UPLOADDATASETRESPONSE']._serialized_end=1728
+  _globals['_DELETEDATASETREQUEST']._serialized_start=1730
+  _globals['_DELETEDATASETREQUEST']._serialized_end=1772
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=1774
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=1797
+  _globals['_DOWNLOADDATASETREQUEST']._serialized_start=1799
+  _globals['_DOWNLOADDATASETREQUEST']._serialized_end=1843
+  _globals['_DOWNLOADDATASETRESPONSE']._serialized_start=1845
+  _globals['_DOWNLOADDATASETRESPONSE']._serialized_end=1885
+  _globals['_PREVIEWDATASETREQUEST']._serialized_start=1887
+  _globals['_PREVIEWDATASETREQUEST']._serialized_end=1945
+  _globals['_PREVIEWDATASETRESPONSE']._serialized_start=1947
+  _globals['_PREVIEWDATASETRESPONSE']._serialized_end=2010
+  _globals['_GETDATASETSTATSREQUEST']._serialized_start=2012
+  _globals['_GETDATASETSTATSREQUEST']._serialized_end=2098
+  _globals['_GETDATASETSTATSRESPONSE']._serialized_start=2101
+  _globals['_GETDATASETSTATSRESPONSE']._serialized_end=2292
+  _globals['_SPLITDATASETREQUEST']._serialized_start=2294
+  _globals['_SPLITDATASETREQUEST']._serialized_end=2375
+  _globals['_SPLITDATASETRESPONSE']._serialized_start=2377
+  _globals['_SPLITDATASETRESPONSE']._serialized_end=2494
+  _globals['_LISTMETHODSREQUEST']._serialized_start=2496
+  _globals['_LISTMETHODSREQUEST']._serialized_end=2555
+  _globals['_LISTMETHODSRESPONSE']._serialized_start=2557
+  _globals['_LISTMETHODSRESPONSE']._serialized_end=2657
+  _globals['_GETMETHODREQUEST']._serialized_start=2659
+  _globals['_GETMETHODREQUEST']._serialized_end=2696
+  _globals['_GETMETHODRESPONSE']._serialized_start=2698
+  _globals['_GETMETHODRESPONSE']._serialized_end=2770
+  _globals['_CREATEMETHODREQUEST']._serialized_start=2772
+  _globals['_CREATEMETHODREQUEST']._serialized_end=2838
+  _globals['_CREATEMETHODRESPONSE']._serialized_start=2840
+  _globals['_CREATEMETHODRESPONSE']._serialized_end=2915
+  _globals['_DELETEMETHODREQUEST']._serialized_start=2917
+  _globals['_DELETEMETHODREQUEST']._serialized_end=2957
+  _globals['_DELETEMETHODRESPONSE']._serialized_start=2959
+  _globals['_DELETEMETHODRESPONSE']._serialized_end=2981
+  _globals['_RESOLVEPARAMETERSREQUEST']._serialized_start=2983
+  _globals['_RESOLVEPARAMETERSREQUEST']._serialized_end=3073
+  _globals['_RESOLVEPARAMETERSRESPONSE']._serialized_start=3075
+  _globals['_RESOLVEPARAMETERSRESPONSE']._serialized_end=3147
+  _globals['_CATALOGSERVICE']._serialized_start=3150
+  _globals['_CATALOGSERVICE']._serialized_end=5030
 # @@protoc_insertion_point(module_scope)

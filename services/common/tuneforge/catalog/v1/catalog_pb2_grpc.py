@@ -36,6 +36,11 @@ class CatalogServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.RegisterModel = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/RegisterModel',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.RegisterModelRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.RegisterModelResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/tuneforge.catalog.v1.CatalogService/ListModels',
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.ListModelsRequest.SerializeToString,
@@ -46,6 +51,16 @@ class CatalogServiceStub:
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/UpdateModel',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/DeleteModel',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/tuneforge.catalog.v1.CatalogService/ListDatasets',
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.ListDatasetsRequest.SerializeToString,
@@ -55,6 +70,31 @@ class CatalogServiceStub:
                 '/tuneforge.catalog.v1.CatalogService/GetDataset',
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/DeleteDataset',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
+        self.DownloadDataset = channel.unary_stream(
+                '/tuneforge.catalog.v1.CatalogService/DownloadDataset',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DownloadDatasetRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DownloadDatasetResponse.FromString,
+                _registered_method=True)
+        self.PreviewDataset = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/PreviewDataset',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PreviewDatasetRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PreviewDatasetResponse.FromString,
+                _registered_method=True)
+        self.GetDatasetStats = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/GetDatasetStats',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetStatsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetStatsResponse.FromString,
+                _registered_method=True)
+        self.SplitDataset = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/SplitDataset',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.SplitDatasetRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.SplitDatasetResponse.FromString,
                 _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/tuneforge.catalog.v1.CatalogService/UploadDataset',
@@ -71,6 +111,16 @@ class CatalogServiceStub:
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetMethodRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetMethodResponse.FromString,
                 _registered_method=True)
+        self.CreateMethod = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/CreateMethod',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.CreateMethodRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.CreateMethodResponse.FromString,
+                _registered_method=True)
+        self.DeleteMethod = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/DeleteMethod',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteMethodRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteMethodResponse.FromString,
+                _registered_method=True)
         self.ResolveParameters = channel.unary_unary(
                 '/tuneforge.catalog.v1.CatalogService/ResolveParameters',
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.ResolveParametersRequest.SerializeToString,
@@ -82,6 +132,13 @@ class CatalogServiceServicer:
     """Owns what a training job is made from: base models, datasets and
     training methods with their parameter schemas.
     """
+
+    def RegisterModel(self, request, context):
+        """Registers a Hugging Face format model from a local directory, an artifact-store URI or a Hub id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -95,6 +152,19 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """FAILED_PRECONDITION while a job or a published model depends on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListDatasets(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -103,6 +173,40 @@ class CatalogServiceServicer:
 
     def GetDataset(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """FAILED_PRECONDITION while a job uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadDataset(self, request, context):
+        """Server stream of the stored content in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewDataset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDatasetStats(self, request, context):
+        """Token counts with a chosen model's tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SplitDataset(self, request, context):
+        """A reproducible train/validation split (by ratio and seed) as two new datasets.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -127,6 +231,20 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateMethod(self, request, context):
+        """Adds a method (seed 003's form); INVALID_ARGUMENT naming a missing mandatory file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMethod(self, request, context):
+        """Removes an added method from selection; built-in methods can't be deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResolveParameters(self, request, context):
         """Applies aliases and defaults and checks types and ranges against the
         method's schema; INVALID_ARGUMENT with field violations when it fails.
@@ -138,6 +256,11 @@ class CatalogServiceServicer:
 
 def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'RegisterModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterModel,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.RegisterModelRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.RegisterModelResponse.SerializeToString,
+            ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.ListModelsRequest.FromString,
@@ -148,6 +271,16 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetModelRequest.FromString,
                     response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetModelResponse.SerializeToString,
             ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.UpdateModelRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.UpdateModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.SerializeToString,
+            ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
                     request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.ListDatasetsRequest.FromString,
@@ -157,6 +290,31 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.GetDataset,
                     request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetRequest.FromString,
                     response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'DownloadDataset': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadDataset,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DownloadDatasetRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DownloadDatasetResponse.SerializeToString,
+            ),
+            'PreviewDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewDataset,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PreviewDatasetRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PreviewDatasetResponse.SerializeToString,
+            ),
+            'GetDatasetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatasetStats,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetStatsRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetStatsResponse.SerializeToString,
+            ),
+            'SplitDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitDataset,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.SplitDatasetRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.SplitDatasetResponse.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
@@ -172,6 +330,16 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.GetMethod,
                     request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetMethodRequest.FromString,
                     response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetMethodResponse.SerializeToString,
+            ),
+            'CreateMethod': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMethod,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.CreateMethodRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.CreateMethodResponse.SerializeToString,
+            ),
+            'DeleteMethod': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMethod,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteMethodRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteMethodResponse.SerializeToString,
             ),
             'ResolveParameters': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveParameters,
@@ -190,6 +358,33 @@ class CatalogService:
     """Owns what a training job is made from: base models, datasets and
     training methods with their parameter schemas.
     """
+
+    @staticmethod
+    def RegisterModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/RegisterModel',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.RegisterModelRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.RegisterModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ListModels(request,
@@ -246,6 +441,60 @@ class CatalogService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/UpdateModel',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.UpdateModelRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.UpdateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/DeleteModel',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListDatasets(request,
             target,
             options=(),
@@ -289,6 +538,141 @@ class CatalogService:
             '/tuneforge.catalog.v1.CatalogService/GetDataset',
             tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetRequest.SerializeToString,
             tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/DeleteDataset',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteDatasetRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/DownloadDataset',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DownloadDatasetRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DownloadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/PreviewDataset',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PreviewDatasetRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PreviewDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatasetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/GetDatasetStats',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetStatsRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetDatasetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/SplitDataset',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.SplitDatasetRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.SplitDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -370,6 +754,60 @@ class CatalogService:
             '/tuneforge.catalog.v1.CatalogService/GetMethod',
             tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetMethodRequest.SerializeToString,
             tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.GetMethodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMethod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/CreateMethod',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.CreateMethodRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.CreateMethodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMethod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/DeleteMethod',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteMethodRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteMethodResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,16 +35,34 @@ class CatalogServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CatalogServiceAsyncStub: ...
+    RegisterModel: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RegisterModelRequest, _catalog_pb2.RegisterModelResponse]
+    """Registers a Hugging Face format model from a local directory, an artifact-store URI or a Hub id."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListModelsRequest, _catalog_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetModelRequest, _catalog_pb2.GetModelResponse]
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.UpdateModelRequest, _catalog_pb2.UpdateModelResponse]
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DeleteModelRequest, _catalog_pb2.DeleteModelResponse]
+    """FAILED_PRECONDITION while a job or a published model depends on it."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListDatasetsRequest, _catalog_pb2.ListDatasetsResponse]
     GetDataset: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetDatasetRequest, _catalog_pb2.GetDatasetResponse]
+    DeleteDataset: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DeleteDatasetRequest, _catalog_pb2.DeleteDatasetResponse]
+    """FAILED_PRECONDITION while a job uses it."""
+    DownloadDataset: _grpc.UnaryStreamMultiCallable[_catalog_pb2.DownloadDatasetRequest, _catalog_pb2.DownloadDatasetResponse]
+    """Server stream of the stored content in chunks."""
+    PreviewDataset: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PreviewDatasetRequest, _catalog_pb2.PreviewDatasetResponse]
+    GetDatasetStats: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetDatasetStatsRequest, _catalog_pb2.GetDatasetStatsResponse]
+    """Token counts with a chosen model's tokenizer."""
+    SplitDataset: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.SplitDatasetRequest, _catalog_pb2.SplitDatasetResponse]
+    """A reproducible train/validation split (by ratio and seed) as two new datasets."""
     UploadDataset: _grpc.StreamUnaryMultiCallable[_catalog_pb2.UploadDatasetRequest, _catalog_pb2.UploadDatasetResponse]
     """Client stream: the first message carries the metadata, the rest carry
     content chunks, so an upload is not bound by the message size limit.
     """
     ListMethods: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListMethodsRequest, _catalog_pb2.ListMethodsResponse]
     GetMethod: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetMethodRequest, _catalog_pb2.GetMethodResponse]
+    CreateMethod: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.CreateMethodRequest, _catalog_pb2.CreateMethodResponse]
+    """Adds a method (seed 003's form); INVALID_ARGUMENT naming a missing mandatory file."""
+    DeleteMethod: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DeleteMethodRequest, _catalog_pb2.DeleteMethodResponse]
+    """Removes an added method from selection; built-in methods can't be deleted."""
     ResolveParameters: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ResolveParametersRequest, _catalog_pb2.ResolveParametersResponse]
     """Applies aliases and defaults and checks types and ranges against the
     method's schema; INVALID_ARGUMENT with field violations when it fails.
@@ -57,16 +75,34 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    RegisterModel: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RegisterModelRequest, _catalog_pb2.RegisterModelResponse]  # type: ignore[assignment]
+    """Registers a Hugging Face format model from a local directory, an artifact-store URI or a Hub id."""
     ListModels: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListModelsRequest, _catalog_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetModelRequest, _catalog_pb2.GetModelResponse]  # type: ignore[assignment]
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_catalog_pb2.UpdateModelRequest, _catalog_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DeleteModelRequest, _catalog_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """FAILED_PRECONDITION while a job or a published model depends on it."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListDatasetsRequest, _catalog_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     GetDataset: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetDatasetRequest, _catalog_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    DeleteDataset: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DeleteDatasetRequest, _catalog_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """FAILED_PRECONDITION while a job uses it."""
+    DownloadDataset: _aio.UnaryStreamMultiCallable[_catalog_pb2.DownloadDatasetRequest, _catalog_pb2.DownloadDatasetResponse]  # type: ignore[assignment]
+    """Server stream of the stored content in chunks."""
+    PreviewDataset: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PreviewDatasetRequest, _catalog_pb2.PreviewDatasetResponse]  # type: ignore[assignment]
+    GetDatasetStats: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetDatasetStatsRequest, _catalog_pb2.GetDatasetStatsResponse]  # type: ignore[assignment]
+    """Token counts with a chosen model's tokenizer."""
+    SplitDataset: _aio.UnaryUnaryMultiCallable[_catalog_pb2.SplitDatasetRequest, _catalog_pb2.SplitDatasetResponse]  # type: ignore[assignment]
+    """A reproducible train/validation split (by ratio and seed) as two new datasets."""
     UploadDataset: _aio.StreamUnaryMultiCallable[_catalog_pb2.UploadDatasetRequest, _catalog_pb2.UploadDatasetResponse]  # type: ignore[assignment]
     """Client stream: the first message carries the metadata, the rest carry
     content chunks, so an upload is not bound by the message size limit.
     """
     ListMethods: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListMethodsRequest, _catalog_pb2.ListMethodsResponse]  # type: ignore[assignment]
     GetMethod: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetMethodRequest, _catalog_pb2.GetMethodResponse]  # type: ignore[assignment]
+    CreateMethod: _aio.UnaryUnaryMultiCallable[_catalog_pb2.CreateMethodRequest, _catalog_pb2.CreateMethodResponse]  # type: ignore[assignment]
+    """Adds a method (seed 003's form); INVALID_ARGUMENT naming a missing mandatory file."""
+    DeleteMethod: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DeleteMethodRequest, _catalog_pb2.DeleteMethodResponse]  # type: ignore[assignment]
+    """Removes an added method from selection; built-in methods can't be deleted."""
     ResolveParameters: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ResolveParametersRequest, _catalog_pb2.ResolveParametersResponse]  # type: ignore[assignment]
     """Applies aliases and defaults and checks types and ranges against the
     method's schema; INVALID_ARGUMENT with field violations when it fails.
@@ -76,6 +112,14 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns what a training job is made from: base models, datasets and
     training methods with their parameter schemas.
     """
+
+    @_abc_1.abstractmethod
+    def RegisterModel(
+        self,
+        request: _catalog_pb2.RegisterModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.RegisterModelResponse, _abc.Awaitable[_catalog_pb2.RegisterModelResponse]]:
+        """Registers a Hugging Face format model from a local directory, an artifact-store URI or a Hub id."""
 
     @_abc_1.abstractmethod
     def ListModels(
@@ -92,6 +136,21 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_catalog_pb2.GetModelResponse, _abc.Awaitable[_catalog_pb2.GetModelResponse]]: ...
 
     @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _catalog_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.UpdateModelResponse, _abc.Awaitable[_catalog_pb2.UpdateModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _catalog_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.DeleteModelResponse, _abc.Awaitable[_catalog_pb2.DeleteModelResponse]]:
+        """FAILED_PRECONDITION while a job or a published model depends on it."""
+
+    @_abc_1.abstractmethod
     def ListDatasets(
         self,
         request: _catalog_pb2.ListDatasetsRequest,
@@ -104,6 +163,45 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.GetDatasetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.GetDatasetResponse, _abc.Awaitable[_catalog_pb2.GetDatasetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteDataset(
+        self,
+        request: _catalog_pb2.DeleteDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.DeleteDatasetResponse, _abc.Awaitable[_catalog_pb2.DeleteDatasetResponse]]:
+        """FAILED_PRECONDITION while a job uses it."""
+
+    @_abc_1.abstractmethod
+    def DownloadDataset(
+        self,
+        request: _catalog_pb2.DownloadDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_catalog_pb2.DownloadDatasetResponse], _abc.AsyncIterator[_catalog_pb2.DownloadDatasetResponse]]:
+        """Server stream of the stored content in chunks."""
+
+    @_abc_1.abstractmethod
+    def PreviewDataset(
+        self,
+        request: _catalog_pb2.PreviewDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PreviewDatasetResponse, _abc.Awaitable[_catalog_pb2.PreviewDatasetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDatasetStats(
+        self,
+        request: _catalog_pb2.GetDatasetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.GetDatasetStatsResponse, _abc.Awaitable[_catalog_pb2.GetDatasetStatsResponse]]:
+        """Token counts with a chosen model's tokenizer."""
+
+    @_abc_1.abstractmethod
+    def SplitDataset(
+        self,
+        request: _catalog_pb2.SplitDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.SplitDatasetResponse, _abc.Awaitable[_catalog_pb2.SplitDatasetResponse]]:
+        """A reproducible train/validation split (by ratio and seed) as two new datasets."""
 
     @_abc_1.abstractmethod
     def UploadDataset(
@@ -128,6 +226,22 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _catalog_pb2.GetMethodRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.GetMethodResponse, _abc.Awaitable[_catalog_pb2.GetMethodResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateMethod(
+        self,
+        request: _catalog_pb2.CreateMethodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.CreateMethodResponse, _abc.Awaitable[_catalog_pb2.CreateMethodResponse]]:
+        """Adds a method (seed 003's form); INVALID_ARGUMENT naming a missing mandatory file."""
+
+    @_abc_1.abstractmethod
+    def DeleteMethod(
+        self,
+        request: _catalog_pb2.DeleteMethodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.DeleteMethodResponse, _abc.Awaitable[_catalog_pb2.DeleteMethodResponse]]:
+        """Removes an added method from selection; built-in methods can't be deleted."""
 
     @_abc_1.abstractmethod
     def ResolveParameters(

@@ -42,6 +42,36 @@ PARAMETER_TYPE_BOOL: ParameterType.ValueType  # 3
 PARAMETER_TYPE_STRING: ParameterType.ValueType  # 4
 Global___ParameterType: _TypeAlias = ParameterType  # noqa: Y015
 
+class _ModelKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_KIND_UNSPECIFIED: _ModelKind.ValueType  # 0
+    MODEL_KIND_BASE: _ModelKind.ValueType  # 1
+    """A registered foundation model."""
+    MODEL_KIND_CUSTOMIZED: _ModelKind.ValueType  # 2
+    """A trained adapter on top of its base model."""
+    MODEL_KIND_COMPLETE: _ModelKind.ValueType  # 3
+    """Adapter merged into its base: a complete model."""
+    MODEL_KIND_LIVE: _ModelKind.ValueType  # 4
+    """Deployed and answering."""
+
+class ModelKind(_ModelKind, metaclass=_ModelKindEnumTypeWrapper):
+    """DeepExtension's model lifecycle."""
+
+MODEL_KIND_UNSPECIFIED: ModelKind.ValueType  # 0
+MODEL_KIND_BASE: ModelKind.ValueType  # 1
+"""A registered foundation model."""
+MODEL_KIND_CUSTOMIZED: ModelKind.ValueType  # 2
+"""A trained adapter on top of its base model."""
+MODEL_KIND_COMPLETE: ModelKind.ValueType  # 3
+"""Adapter merged into its base: a complete model."""
+MODEL_KIND_LIVE: ModelKind.ValueType  # 4
+"""Deployed and answering."""
+Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
+
 class _DatasetFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -57,6 +87,12 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     """{"prompt": ..., "chosen": ..., "rejected": ...}"""
     DATASET_FORMAT_TEXT: _DatasetFormat.ValueType  # 4
     """{"text": ...}"""
+    DATASET_FORMAT_INSTRUCTION: _DatasetFormat.ValueType  # 5
+    """Alpaca: {"instruction": ..., "input": ..., "output": ...}"""
+    DATASET_FORMAT_COLUMNS: _DatasetFormat.ValueType  # 6
+    """Any two columns named by prompt_input_column / prompt_output_column."""
+    DATASET_FORMAT_PROMPT_ANSWER: _DatasetFormat.ValueType  # 7
+    """{"prompt": ..., "answer": ...} for GRPO reward functions."""
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper): ...
 
@@ -69,7 +105,36 @@ DATASET_FORMAT_PREFERENCE: DatasetFormat.ValueType  # 3
 """{"prompt": ..., "chosen": ..., "rejected": ...}"""
 DATASET_FORMAT_TEXT: DatasetFormat.ValueType  # 4
 """{"text": ...}"""
+DATASET_FORMAT_INSTRUCTION: DatasetFormat.ValueType  # 5
+"""Alpaca: {"instruction": ..., "input": ..., "output": ...}"""
+DATASET_FORMAT_COLUMNS: DatasetFormat.ValueType  # 6
+"""Any two columns named by prompt_input_column / prompt_output_column."""
+DATASET_FORMAT_PROMPT_ANSWER: DatasetFormat.ValueType  # 7
+"""{"prompt": ..., "answer": ...} for GRPO reward functions."""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
+
+class _DatasetStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DatasetStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATASET_STATUS_UNSPECIFIED: _DatasetStatus.ValueType  # 0
+    DATASET_STATUS_VALIDATING: _DatasetStatus.ValueType  # 1
+    DATASET_STATUS_READY: _DatasetStatus.ValueType  # 2
+    """Valid: jobs may use it."""
+    DATASET_STATUS_INVALID: _DatasetStatus.ValueType  # 3
+    """Has problems (see validation): no job may use it."""
+
+class DatasetStatus(_DatasetStatus, metaclass=_DatasetStatusEnumTypeWrapper): ...
+
+DATASET_STATUS_UNSPECIFIED: DatasetStatus.ValueType  # 0
+DATASET_STATUS_VALIDATING: DatasetStatus.ValueType  # 1
+DATASET_STATUS_READY: DatasetStatus.ValueType  # 2
+"""Valid: jobs may use it."""
+DATASET_STATUS_INVALID: DatasetStatus.ValueType  # 3
+"""Has problems (see validation): no job may use it."""
+Global___DatasetStatus: _TypeAlias = DatasetStatus  # noqa: Y015
 
 @_typing.final
 class ParameterSpec(_message.Message):
@@ -90,6 +155,7 @@ class ParameterSpec(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     REQUIRED_FIELD_NUMBER: _builtins.int
+    APPLIES_TO_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: Global___ParameterType.ValueType
     help: _builtins.str
@@ -113,6 +179,10 @@ class ParameterSpec(_message.Message):
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other names accepted on submit (OpenAI/Mistral spellings)."""
 
+    @_builtins.property
+    def applies_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Built-in method ids that take this parameter."""
+
     def __init__(
         self,
         *,
@@ -127,10 +197,11 @@ class ParameterSpec(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         group: _builtins.str = ...,
         required: _builtins.bool = ...,
+        applies_to: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "default_value", b"default_value", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "aliases", b"aliases", "choices", b"choices", "default_value", b"default_value", "env_name", b"env_name", "group", b"group", "help", b"help", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "required", b"required", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "aliases", b"aliases", "applies_to", b"applies_to", "choices", b"choices", "default_value", b"default_value", "env_name", b"env_name", "group", b"group", "help", b"help", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "required", b"required", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
     _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
@@ -156,6 +227,7 @@ class TrainingMethod(_message.Message):
     ENTRYPOINT_FIELD_NUMBER: _builtins.int
     BUILTIN_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id, e.g. "sft-lora"."""
     display_name: _builtins.str
@@ -167,10 +239,15 @@ class TrainingMethod(_message.Message):
     entrypoint: _builtins.str
     """Python module or file the trainer agent runs for this method."""
     builtin: _builtins.bool
+    """Built-in methods can't be removed."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def stages(self) -> _struct_pb2.Struct:
+        """For added methods: the files and environments per lifecycle stage (seed 003's form), as given."""
+
     def __init__(
         self,
         *,
@@ -183,14 +260,48 @@ class TrainingMethod(_message.Message):
         entrypoint: _builtins.str = ...,
         builtin: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        stages: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "stages", b"stages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "entrypoint", b"entrypoint", "id", b"id", "lifecycle", b"lifecycle", "parameters", b"parameters", "training_type", b"training_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "entrypoint", b"entrypoint", "id", b"id", "lifecycle", b"lifecycle", "parameters", b"parameters", "stages", b"stages", "training_type", b"training_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
+
+@_typing.final
+class ModelLineage(_message.Message):
+    """Where a published model came from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_MODEL_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    METHOD_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    base_model_id: _builtins.str
+    job_id: _builtins.str
+    checkpoint_step: _builtins.int
+    method_id: _builtins.str
+    dataset_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        base_model_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        checkpoint_step: _builtins.int = ...,
+        method_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "checkpoint_step", b"checkpoint_step", "dataset_id", b"dataset_id", "job_id", b"job_id", "method_id", b"method_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelLineage: _TypeAlias = ModelLineage  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
@@ -207,6 +318,13 @@ class Model(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     BUILTIN_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    LICENSE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -218,8 +336,19 @@ class Model(_message.Message):
     dtype: _builtins.str
     has_chat_template: _builtins.bool
     builtin: _builtins.bool
+    license: _builtins.str
+    size_bytes: _builtins.int
+    kind: Global___ModelKind.ValueType
+    source: _builtins.str
+    """What the user registered it from: a path, a URI or "hf://<hub id>"."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def lineage(self) -> Global___ModelLineage: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -234,14 +363,74 @@ class Model(_message.Message):
         has_chat_template: _builtins.bool = ...,
         builtin: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        license: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        kind: Global___ModelKind.ValueType = ...,
+        lineage: Global___ModelLineage | None = ...,
+        source: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lineage", b"lineage", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "builtin", b"builtin", "context_length", b"context_length", "create_time", b"create_time", "description", b"description", "dtype", b"dtype", "has_chat_template", b"has_chat_template", "id", b"id", "name", b"name", "parameter_count", b"parameter_count", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "builtin", b"builtin", "context_length", b"context_length", "create_time", b"create_time", "description", b"description", "dtype", b"dtype", "has_chat_template", b"has_chat_template", "id", b"id", "kind", b"kind", "license", b"license", "lineage", b"lineage", "name", b"name", "parameter_count", b"parameter_count", "size_bytes", b"size_bytes", "source", b"source", "tags", b"tags", "update_time", b"update_time", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class ValidationProblem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """1-based line of the file; 0 for the file as a whole."""
+    field: _builtins.str
+    """Field within the row, e.g. "messages[2].role"; empty for the whole line."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        field: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "line", b"line", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationProblem: _TypeAlias = ValidationProblem  # noqa: Y015
+
+@_typing.final
+class DatasetValidation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    PROBLEM_COUNT_FIELD_NUMBER: _builtins.int
+    problem_count: _builtins.int
+    """All problems found, including those not listed."""
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValidationProblem]:
+        """The first problems in file order (at most 100)."""
+
+    def __init__(
+        self,
+        *,
+        problems: _abc.Iterable[Global___ValidationProblem] | None = ...,
+        problem_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["problem_count", b"problem_count", "problems", b"problems"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetValidation: _TypeAlias = DatasetValidation  # noqa: Y015
 
 @_typing.final
 class Dataset(_message.Message):
@@ -257,6 +446,11 @@ class Dataset(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    VALIDATION_FIELD_NUMBER: _builtins.int
+    PROMPT_INPUT_COLUMN_FIELD_NUMBER: _builtins.int
+    PROMPT_OUTPUT_COLUMN_FIELD_NUMBER: _builtins.int
+    PARENT_DATASET_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -266,12 +460,20 @@ class Dataset(_message.Message):
     size_bytes: _builtins.int
     row_count: _builtins.int
     format: Global___DatasetFormat.ValueType
+    status: Global___DatasetStatus.ValueType
+    prompt_input_column: _builtins.str
+    """Column mapping for DATASET_FORMAT_COLUMNS (the seeds' PromptInputColumn / PromptOutputColumn)."""
+    prompt_output_column: _builtins.str
+    parent_dataset_id: _builtins.str
+    """Set for datasets made by SplitDataset: the dataset they were split from."""
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Keys seen in the rows, in first-seen order."""
+        """Keys of the first row, in order."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def validation(self) -> Global___DatasetValidation: ...
     def __init__(
         self,
         *,
@@ -285,10 +487,15 @@ class Dataset(_message.Message):
         format: Global___DatasetFormat.ValueType = ...,
         columns: _abc.Iterable[_builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___DatasetStatus.ValueType = ...,
+        validation: Global___DatasetValidation | None = ...,
+        prompt_input_column: _builtins.str = ...,
+        prompt_output_column: _builtins.str = ...,
+        parent_dataset_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "validation", b"validation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "create_time", b"create_time", "description", b"description", "format", b"format", "id", b"id", "name", b"name", "row_count", b"row_count", "sha256", b"sha256", "size_bytes", b"size_bytes", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "create_time", b"create_time", "description", b"description", "format", b"format", "id", b"id", "name", b"name", "parent_dataset_id", b"parent_dataset_id", "prompt_input_column", b"prompt_input_column", "prompt_output_column", b"prompt_output_column", "row_count", b"row_count", "sha256", b"sha256", "size_bytes", b"size_bytes", "status", b"status", "uri", b"uri", "validation", b"validation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

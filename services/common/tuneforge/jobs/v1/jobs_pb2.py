@@ -26,15 +26,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctuneforge/jobs/v1/jobs.proto\x12\x11tuneforge.jobs.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\ndataset_id\x18\x03 \x01(\t\x12\x11\n\tmethod_id\x18\x04 \x01(\t\x12+\n\nparameters\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.tuneforge.jobs.v1.JobState\x12\x14\n\x0cstate_reason\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x0b \x01(\t\x12\x12\n\noutput_uri\x18\x0c \x01(\t\x12\x14\n\x0c\x63urrent_step\x18\r \x01(\x03\x12\x13\n\x0btotal_steps\x18\x0e \x01(\x03\x12\x18\n\x10progress_percent\x18\x0f \x01(\x01\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04name\x18\x14 \x01(\t\"\x98\x01\n\x10SubmitJobRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x11\n\tmethod_id\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0c\n\x04name\x18\x06 \x01(\t\"8\n\x11SubmitJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"5\n\x0eGetJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Q\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.tuneforge.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x11\x43\x61ncelJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"s\n\x0bMetricPoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05value\x18\x03 \x01(\x01\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"o\n\x07LogLine\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"\xc2\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\nfrom_state\x18\x03 \x01(\x0e\x32\x1b.tuneforge.jobs.v1.JobState\x12-\n\x08to_state\x18\x04 \x01(\x0e\x32\x1b.tuneforge.jobs.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\"M\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListJobEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.tuneforge.jobs.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n\x15ListJobMetricsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"a\n\x16ListJobMetricsResponse\x12.\n\x06points\x18\x01 \x03(\x0b\x32\x1e.tuneforge.jobs.v1.MetricPoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x12ListJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x13ListJobLogsResponse\x12)\n\x05lines\x18\x01 \x03(\x0b\x32\x1a.tuneforge.jobs.v1.LogLine\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\"\xde\x01\n\x10WatchJobResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12%\n\x03job\x18\x02 \x01(\x0b\x32\x16.tuneforge.jobs.v1.JobH\x00\x12\x30\n\x06metric\x18\x03 \x01(\x0b\x32\x1e.tuneforge.jobs.v1.MetricPointH\x00\x12)\n\x03log\x18\x04 \x01(\x0b\x32\x1a.tuneforge.jobs.v1.LogLineH\x00\x12,\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x1b.tuneforge.jobs.v1.JobEventH\x00\x42\x08\n\x06update*\xe2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_STARTING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x18\n\x14JOB_STATE_CANCELLING\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x12\x14\n\x10JOB_STATE_PAUSED\x10\x08\x32\xe0\x05\n\nJobService\x12V\n\tSubmitJob\x12#.tuneforge.jobs.v1.SubmitJobRequest\x1a$.tuneforge.jobs.v1.SubmitJobResponse\x12M\n\x06GetJob\x12 .tuneforge.jobs.v1.GetJobRequest\x1a!.tuneforge.jobs.v1.GetJobResponse\x12S\n\x08ListJobs\x12\".tuneforge.jobs.v1.ListJobsRequest\x1a#.tuneforge.jobs.v1.ListJobsResponse\x12V\n\tCancelJob\x12#.tuneforge.jobs.v1.CancelJobRequest\x1a$.tuneforge.jobs.v1.CancelJobResponse\x12\x65\n\x0eListJobMetrics\x12(.tuneforge.jobs.v1.ListJobMetricsRequest\x1a).tuneforge.jobs.v1.ListJobMetricsResponse\x12\\\n\x0bListJobLogs\x12%.tuneforge.jobs.v1.ListJobLogsRequest\x1a&.tuneforge.jobs.v1.ListJobLogsResponse\x12\x62\n\rListJobEvents\x12\'.tuneforge.jobs.v1.ListJobEventsRequest\x1a(.tuneforge.jobs.v1.ListJobEventsResponse\x12U\n\x08WatchJob\x12\".tuneforge.jobs.v1.WatchJobRequest\x1a#.tuneforge.jobs.v1.WatchJobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctuneforge/jobs/v1/jobs.proto\x12\x11tuneforge.jobs.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xab\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\ndataset_id\x18\x03 \x01(\t\x12\x11\n\tmethod_id\x18\x04 \x01(\t\x12+\n\nparameters\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.tuneforge.jobs.v1.JobState\x12\x14\n\x0cstate_reason\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x0b \x01(\t\x12\x12\n\noutput_uri\x18\x0c \x01(\t\x12\x14\n\x0c\x63urrent_step\x18\r \x01(\x03\x12\x13\n\x0btotal_steps\x18\x0e \x01(\x03\x12\x18\n\x10progress_percent\x18\x0f \x01(\x01\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04name\x18\x14 \x01(\t\"\x98\x01\n\x10SubmitJobRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x11\n\tmethod_id\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0c\n\x04name\x18\x06 \x01(\t\"8\n\x11SubmitJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"5\n\x0eGetJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"\x9e\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12+\n\x06states\x18\x03 \x03(\x0e\x32\x1b.tuneforge.jobs.v1.JobState\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x12\n\ndataset_id\x18\x05 \x01(\t\x12\x11\n\tmethod_id\x18\x06 \x01(\t\"Q\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.tuneforge.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x11\x43\x61ncelJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"s\n\x0bMetricPoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05value\x18\x03 \x01(\x01\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"o\n\x07LogLine\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"\xc2\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\nfrom_state\x18\x03 \x01(\x0e\x32\x1b.tuneforge.jobs.v1.JobState\x12-\n\x08to_state\x18\x04 \x01(\x0e\x32\x1b.tuneforge.jobs.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\"M\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListJobEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.tuneforge.jobs.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n\x15ListJobMetricsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"a\n\x16ListJobMetricsResponse\x12.\n\x06points\x18\x01 \x03(\x0b\x32\x1e.tuneforge.jobs.v1.MetricPoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x12ListJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x13ListJobLogsResponse\x12)\n\x05lines\x18\x01 \x03(\x0b\x32\x1a.tuneforge.jobs.v1.LogLine\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\"\xde\x01\n\x10WatchJobResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12%\n\x03job\x18\x02 \x01(\x0b\x32\x16.tuneforge.jobs.v1.JobH\x00\x12\x30\n\x06metric\x18\x03 \x01(\x0b\x32\x1e.tuneforge.jobs.v1.MetricPointH\x00\x12)\n\x03log\x18\x04 \x01(\x0b\x32\x1a.tuneforge.jobs.v1.LogLineH\x00\x12,\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x1b.tuneforge.jobs.v1.JobEventH\x00\x42\x08\n\x06update*\xe2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_STARTING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x18\n\x14JOB_STATE_CANCELLING\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x12\x14\n\x10JOB_STATE_PAUSED\x10\x08\x32\xe0\x05\n\nJobService\x12V\n\tSubmitJob\x12#.tuneforge.jobs.v1.SubmitJobRequest\x1a$.tuneforge.jobs.v1.SubmitJobResponse\x12M\n\x06GetJob\x12 .tuneforge.jobs.v1.GetJobRequest\x1a!.tuneforge.jobs.v1.GetJobResponse\x12S\n\x08ListJobs\x12\".tuneforge.jobs.v1.ListJobsRequest\x1a#.tuneforge.jobs.v1.ListJobsResponse\x12V\n\tCancelJob\x12#.tuneforge.jobs.v1.CancelJobRequest\x1a$.tuneforge.jobs.v1.CancelJobResponse\x12\x65\n\x0eListJobMetrics\x12(.tuneforge.jobs.v1.ListJobMetricsRequest\x1a).tuneforge.jobs.v1.ListJobMetricsResponse\x12\\\n\x0bListJobLogs\x12%.tuneforge.jobs.v1.ListJobLogsRequest\x1a&.tuneforge.jobs.v1.ListJobLogsResponse\x12\x62\n\rListJobEvents\x12\'.tuneforge.jobs.v1.ListJobEventsRequest\x1a(.tuneforge.jobs.v1.ListJobEventsResponse\x12U\n\x08WatchJob\x12\".tuneforge.jobs.v1.WatchJobRequest\x1a#.tuneforge.jobs.v1.WatchJobResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneforge.jobs.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2454
-  _globals['_JOBSTATE']._serialized_end=2680
+  _globals['_JOBSTATE']._serialized_start=2557
+  _globals['_JOBSTATE']._serialized_end=2783
   _globals['_JOB']._serialized_start=115
   _globals['_JOB']._serialized_end=670
   _globals['_SUBMITJOBREQUEST']._serialized_start=673
@@ -45,36 +45,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJOBREQUEST']._serialized_end=916
   _globals['_GETJOBRESPONSE']._serialized_start=918
   _globals['_GETJOBRESPONSE']._serialized_end=971
-  _globals['_LISTJOBSREQUEST']._serialized_start=973
-  _globals['_LISTJOBSREQUEST']._serialized_end=1029
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1031
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1112
-  _globals['_CANCELJOBREQUEST']._serialized_start=1114
-  _globals['_CANCELJOBREQUEST']._serialized_end=1148
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1150
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1206
-  _globals['_METRICPOINT']._serialized_start=1208
-  _globals['_METRICPOINT']._serialized_end=1323
-  _globals['_LOGLINE']._serialized_start=1325
-  _globals['_LOGLINE']._serialized_end=1436
-  _globals['_JOBEVENT']._serialized_start=1439
-  _globals['_JOBEVENT']._serialized_end=1633
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=1635
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=1712
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=1714
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=1807
-  _globals['_LISTJOBMETRICSREQUEST']._serialized_start=1809
-  _globals['_LISTJOBMETRICSREQUEST']._serialized_end=1902
-  _globals['_LISTJOBMETRICSRESPONSE']._serialized_start=1904
-  _globals['_LISTJOBMETRICSRESPONSE']._serialized_end=2001
-  _globals['_LISTJOBLOGSREQUEST']._serialized_start=2003
-  _globals['_LISTJOBLOGSREQUEST']._serialized_end=2078
-  _globals['_LISTJOBLOGSRESPONSE']._serialized_start=2080
-  _globals['_LISTJOBLOGSRESPONSE']._serialized_end=2169
-  _globals['_WATCHJOBREQUEST']._serialized_start=2171
-  _globals['_WATCHJOBREQUEST']._serialized_end=2226
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2229
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2451
-  _globals['_JOBSERVICE']._serialized_start=2683
-  _globals['_JOBSERVICE']._serialized_end=3419
+  _globals['_LISTJOBSREQUEST']._serialized_start=974
+  _globals['_LISTJOBSREQUEST']._serialized_end=1132
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1134
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1215
+  _globals['_CANCELJOBREQUEST']._serialized_start=1217
+  _globals['_CANCELJOBREQUEST']._serialized_end=1251
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1253
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1309
+  _globals['_METRICPOINT']._serialized_start=1311
+  _globals['_METRICPOINT']._serialized_end=1426
+  _globals['_LOGLINE']._serialized_start=1428
+  _globals['_LOGLINE']._serialized_end=1539
+  _globals['_JOBEVENT']._serialized_start=1542
+  _globals['_JOBEVENT']._serialized_end=1736
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=1738
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=1815
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=1817
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=1910
+  _globals['_LISTJOBMETRICSREQUEST']._serialized_start=1912
+  _globals['_LISTJOBMETRICSREQUEST']._serialized_end=2005
+  _globals['_LISTJOBMETRICSRESPONSE']._serialized_start=2007
+  _globals['_LISTJOBMETRICSRESPONSE']._serialized_end=2104
+  _globals['_LISTJOBLOGSREQUEST']._serialized_start=2106
+  _globals['_LISTJOBLOGSREQUEST']._serialized_end=2181
+  _globals['_LISTJOBLOGSRESPONSE']._serialized_start=2183
+  _globals['_LISTJOBLOGSRESPONSE']._serialized_end=2272
+  _globals['_WATCHJOBREQUEST']._serialized_start=2274
+  _globals['_WATCHJOBREQUEST']._serialized_end=2329
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2332
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2554
+  _globals['_JOBSERVICE']._serialized_start=2786
+  _globals['_JOBSERVICE']._serialized_end=3522
 # @@protoc_insertion_point(module_scope)
