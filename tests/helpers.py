@@ -7,9 +7,20 @@ import struct
 from pathlib import Path
 
 
+def write_word_tokenizer(path: Path) -> Path:
+    """A tokenizer.json that makes one token per whitespace-separated word, so counts are easy to check."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path / "tokenizer.json"
+
+
 def write_fake_model_dir(path: Path, params: int = 64, chat_template: bool = True) -> Path:
-    """A Hugging Face-shaped directory: config, tokenizer config and a safetensors file of `params` floats."""
+    """A Hugging Face-shaped directory: config, word tokenizer and a safetensors file of `params` floats."""
     path.mkdir(parents=True, exist_ok=True)
+    write_word_tokenizer(path)
     (path / "config.json").write_text(
         json.dumps(
             {

@@ -165,7 +165,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
         if not request.update_mask.paths:
             raise InvalidArgument.for_field("update_mask", "name the fields to update")
-        changes = {path: getattr(request.model, path) for path in request.update_mask.paths if path}
+        changes = {path: getattr(request.model, path, None) for path in request.update_mask.paths if path}
         row = await self.catalog.update_model(request.model_id, changes)
         return pb.UpdateModelResponse(model=model_to_pb(row))
 

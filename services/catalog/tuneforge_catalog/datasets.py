@@ -1,91 +1,337 @@
-"""Dataset validation rules: pure functions over the uploaded bytes, no I/O beyond the iterator given."""
+"""Dataset rules: formats, line-by-line validation, token statistics and splits. Pure functions, no I/O."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-from tuneforge_common.errors import InvalidArgument
+from typing import Any
 
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt_completion"
 PREFERENCE = "preference"
 TEXT = "text"
-ROLES = frozenset({"system", "user", "assistant", "tool"})
-MAX_REPORTED_COLUMNS = 64
+INSTRUCTION = "instruction"
+COLUMNS = "columns"
+PROMPT_ANSWER = "prompt_answer"
+FORMATS = (CHAT, PROMPT_COMPLETION, INSTRUCTION, COLUMNS, PREFERENCE, PROMPT_ANSWER, TEXT)
+ROLES = ("system", "user", "assistant", "tool")
+MAX_PROBLEMS = 100
+# Column pairs detected without a mapping, as the trainer also recognises them.
+PROMPT_COLUMN_NAMES = ("question", "query", "input", "instruction", "prompt")
+ANSWER_COLUMN_NAMES = ("answer", "response", "output", "completion")
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int  # 1-based; 0 for the file as a whole
+    field: str
+    message: str
 
 
 @dataclass
-class DatasetStats:
+class ValidationReport:
     row_count: int = 0
     format: str = ""
     columns: list[str] = field(default_factory=list)
+    prompt_input_column: str = ""
+    prompt_output_column: str = ""
+    problems: list[Problem] = field(default_factory=list)
+    problem_count: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return self.problem_count == 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.problem_count > len(self.problems)
+
+    def add(self, line: int, field_name: str, message: str, max_problems: int) -> None:
+        self.problem_count += 1
+        if len(self.problems) < max_problems:
+            self.problems.append(Problem(line, field_name, message))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "row_count": self.row_count,
+            "format": self.format,
+            "columns": self.columns,
+            "prompt_input_column": self.prompt_input_column,
+            "prompt_output_column": self.prompt_output_column,
+            "problems": [{"line": p.line, "field": p.field, "message": p.message} for p in self.problems],
+            "problem_count": self.problem_count,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ValidationReport:
+        return cls(
+            row_count=data.get("row_count", 0),
+            format=data.get("format", ""),
+            columns=list(data.get("columns", [])),
+            prompt_input_column=data.get("prompt_input_column", ""),
+            prompt_output_column=data.get("prompt_output_column", ""),
+            problems=[Problem(**p) for p in data.get("problems", [])],
+            problem_count=data.get("problem_count", 0),
+        )
 
 
-def _bad_line(line_no: int, problem: str) -> InvalidArgument:
-    return InvalidArgument.for_field("content", f"line {line_no}: {problem}")
-
-
-def classify_row(row: dict, line_no: int) -> str:
-    """Which training format a row is in; raises naming the line when it is none."""
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise _bad_line(line_no, "'messages' must be a non-empty list")
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict):
-                raise _bad_line(line_no, f"messages[{i}] must be an object")
-            if msg.get("role") not in ROLES:
-                raise _bad_line(line_no, f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}")
-            if not isinstance(msg.get("content"), str):
-                raise _bad_line(line_no, f"messages[{i}].content must be a string")
+def detect_format(row: dict[str, Any], prompt_input_column: str = "", prompt_output_column: str = "") -> str:
+    """The format a first row is in, from its keys; "" when none fits."""
+    keys = set(row)
+    if prompt_input_column or prompt_output_column:
+        return COLUMNS
+    if "messages" in keys:
         return CHAT
-    if "chosen" in row or "rejected" in row:
-        for key in ("chosen", "rejected"):
-            if key not in row:
-                raise _bad_line(line_no, f"preference row lacks '{key}'")
+    if {"chosen", "rejected"} <= keys:
         return PREFERENCE
-    if set(row) == {"text"}:
-        if not isinstance(row["text"], str):
-            raise _bad_line(line_no, "'text' must be a string")
-        return TEXT
-    if sum(isinstance(v, str) for v in row.values()) >= 2:
-        # prompt/completion, or any input/output columns chosen by the job's prompt_*_column parameters
+    if {"prompt", "completion"} <= keys:
         return PROMPT_COMPLETION
-    raise _bad_line(
-        line_no,
-        "unrecognised row: expected 'messages', 'prompt'/'completion' (or two text "
-        "columns), 'chosen'/'rejected', or 'text'",
-    )
+    if {"instruction", "output"} <= keys:
+        return INSTRUCTION
+    if {"prompt", "answer"} <= keys:
+        return PROMPT_ANSWER
+    if keys == {"text"}:
+        return TEXT
+    if guess_columns(row) != ("", ""):
+        return COLUMNS
+    return ""
 
 
-def inspect_jsonl(lines: Iterable[bytes]) -> DatasetStats:
-    """Validate JSONL line by line; the first bad line is reported by number."""
-    stats = DatasetStats()
-    seen_columns: dict[str, None] = {}
+def guess_columns(row: dict[str, Any]) -> tuple[str, str]:
+    prompt = next((c for c in PROMPT_COLUMN_NAMES if c in row), "")
+    answer = next((c for c in ANSWER_COLUMN_NAMES if c in row and c != prompt), "")
+    return (prompt, answer) if prompt and answer else ("", "")
+
+
+def _nonempty_text(row: dict[str, Any], key: str) -> str | None:
+    """Why row[key] is not usable text, or None when it is."""
+    if key not in row:
+        return "is missing"
+    value = row[key]
+    if not isinstance(value, str):
+        return f"must be a string, got {_json_type(value)}"
+    if not value.strip():
+        return "is empty"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "string"
+
+
+def _check_messages(value: Any, path: str, need_assistant: bool) -> list[tuple[str, str]]:
+    if not isinstance(value, list):
+        return [(path, f"must be a list of messages, got {_json_type(value)}")]
+    if not value:
+        return [(path, "is empty")]
+    problems: list[tuple[str, str]] = []
+    for i, msg in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(msg, dict):
+            problems.append((where, f"must be an object, got {_json_type(msg)}"))
+            continue
+        role = msg.get("role")
+        if role not in ROLES:
+            shown = "missing" if "role" not in msg else json.dumps(role)
+            problems.append((f"{where}.role", f"must be one of {', '.join(ROLES)}, got {shown}"))
+        elif role == "system" and i > 0:
+            problems.append((f"{where}.role", "system is only allowed as the first message"))
+        if msg.get("tool_calls") and role == "assistant":
+            continue  # an assistant turn that calls a tool may have no content
+        why = _nonempty_text(msg, "content")
+        if why:
+            problems.append((f"{where}.content", why))
+    roles = [m.get("role") for m in value if isinstance(m, dict)]
+    if need_assistant and "assistant" not in roles:
+        problems.append((path, "has no assistant turn to learn from"))
+    return problems
+
+
+def _check_text_or_messages(row: dict[str, Any], key: str, need_assistant: bool) -> list[tuple[str, str]]:
+    value = row.get(key)
+    if isinstance(value, list):
+        return _check_messages(value, key, need_assistant)
+    why = _nonempty_text(row, key)
+    return [(key, why)] if why else []
+
+
+def check_row(row: dict[str, Any], fmt: str, in_col: str = "", out_col: str = "") -> list[tuple[str, str]]:
+    """(field, message) for each way the row fails its format."""
+    if fmt == CHAT:
+        return (
+            _check_messages(row.get("messages"), "messages", need_assistant=True)
+            if "messages" in row
+            else [("messages", "is missing")]
+        )
+    if fmt in (PROMPT_COMPLETION, INSTRUCTION, COLUMNS, TEXT):
+        keys = {
+            PROMPT_COMPLETION: ("prompt", "completion"),
+            INSTRUCTION: ("instruction", "output"),
+            COLUMNS: (in_col, out_col),
+            TEXT: ("text",),
+        }[fmt]
+        problems = [(k, why) for k in keys if (why := _nonempty_text(row, k))]
+        if fmt == INSTRUCTION and "input" in row and not isinstance(row["input"], str):
+            problems.append(("input", f"must be a string, got {_json_type(row['input'])}"))
+        return problems
+    if fmt == PREFERENCE:
+        problems = []
+        if "prompt" in row:
+            problems += _check_text_or_messages(row, "prompt", need_assistant=False)
+        for key in ("chosen", "rejected"):
+            problems += _check_text_or_messages(row, key, need_assistant=isinstance(row.get(key), list))
+        if not problems and row["chosen"] == row["rejected"]:
+            problems.append(("rejected", "is identical to chosen, so the pair teaches nothing"))
+        return problems
+    if fmt == PROMPT_ANSWER:
+        problems = _check_text_or_messages(row, "prompt", need_assistant=False)
+        answer = row.get("answer")
+        if "answer" not in row:
+            problems.append(("answer", "is missing"))
+        elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            problems.append(("answer", f"must be a string or a number, got {_json_type(answer)}"))
+        elif isinstance(answer, str) and not answer.strip():
+            problems.append(("answer", "is empty"))
+        return problems
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def validate_jsonl(
+    lines: Iterable[bytes],
+    declared_format: str = "",
+    max_line_chars: int = 4000,
+    max_problems: int = MAX_PROBLEMS,
+    prompt_input_column: str = "",
+    prompt_output_column: str = "",
+) -> ValidationReport:
+    """Check every line and report every problem with its line number (the first max_problems kept)."""
+    report = ValidationReport(format=declared_format)
+    if declared_format == COLUMNS and not (prompt_input_column and prompt_output_column):
+        missing = "prompt_input_column" if not prompt_input_column else "prompt_output_column"
+        report.add(0, missing, "is required for the columns format", max_problems)
+    first_keys: list[str] | None = None
+    first_line = 0
     for line_no, raw in enumerate(lines, start=1):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _bad_line(line_no, f"not valid UTF-8 (byte {exc.start})") from None
+            report.add(line_no, "", f"not valid UTF-8 (byte {exc.start + 1} of the line)", max_problems)
+            continue
+        text = text.rstrip("\r\n")
         if not text.strip():
+            continue
+        if len(text) > max_line_chars:
+            report.add(line_no, "", f"line is {len(text)} characters; the limit is {max_line_chars}", max_problems)
             continue
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise _bad_line(line_no, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            report.add(line_no, "", f"not valid JSON: {exc.msg} at column {exc.colno}", max_problems)
+            continue
         if not isinstance(row, dict):
-            raise _bad_line(line_no, "each line must be a JSON object")
-        row_format = classify_row(row, line_no)
-        if stats.format and row_format != stats.format:
-            raise _bad_line(line_no, f"row is {row_format} but earlier rows are {stats.format}")
-        stats.format = row_format
-        for key in row:
-            if len(seen_columns) < MAX_REPORTED_COLUMNS:
-                seen_columns.setdefault(key, None)
-        stats.row_count += 1
-    if stats.row_count == 0:
-        raise InvalidArgument.for_field("content", "dataset has no rows")
-    stats.columns = list(seen_columns)
-    return stats
+            report.add(line_no, "", f"must be a JSON object, got {_json_type(row)}", max_problems)
+            continue
+        report.row_count += 1
+        if first_keys is None:
+            first_keys, first_line = list(row), line_no
+            report.columns = first_keys
+            if not report.format:
+                report.format = detect_format(row, prompt_input_column, prompt_output_column)
+            if report.format == COLUMNS and not (prompt_input_column or prompt_output_column):
+                prompt_input_column, prompt_output_column = guess_columns(row)
+            report.prompt_input_column, report.prompt_output_column = prompt_input_column, prompt_output_column
+            if not report.format:
+                report.add(
+                    line_no,
+                    "",
+                    f"can't tell the format from the keys {', '.join(first_keys) or '(none)'}: expected messages, "
+                    "prompt/completion, instruction/output, chosen/rejected, prompt/answer or text, or name the "
+                    "columns with prompt_input_column and prompt_output_column",
+                    max_problems,
+                )
+        elif set(row) != set(first_keys):
+            missing = [k for k in first_keys if k not in row]
+            extra = [k for k in row if k not in first_keys]
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+                [f"unexpected {', '.join(extra)}"] if extra else []
+            )
+            report.add(line_no, "", f"keys differ from line {first_line}: {'; '.join(parts)}", max_problems)
+            continue
+        if report.format:
+            for field_name, message in check_row(row, report.format, prompt_input_column, prompt_output_column):
+                report.add(line_no, field_name, message, max_problems)
+    if report.row_count == 0 and report.problem_count == 0:
+        report.add(0, "", "the file has no rows", max_problems)
+    return report
+
+
+def row_text(row: dict[str, Any], fmt: str, in_col: str = "", out_col: str = "") -> str:
+    """The text a row trains on, for counting tokens. Chat turns are joined as role: content lines."""
+
+    def text_of(value: Any) -> str:
+        if isinstance(value, list):
+            return "\n".join(f"{m.get('role', '')}: {m.get('content') or ''}" for m in value if isinstance(m, dict))
+        return "" if value is None else str(value)
+
+    if fmt == CHAT:
+        return text_of(row.get("messages"))
+    if fmt == PREFERENCE:
+        # Each of chosen and rejected is trained together with the prompt; the longer pair bounds truncation.
+        longer = max(text_of(row.get("chosen")), text_of(row.get("rejected")), key=len)
+        return f"{text_of(row.get('prompt'))}\n{longer}".strip("\n")
+    keys = {
+        PROMPT_COMPLETION: ("prompt", "completion"),
+        INSTRUCTION: ("instruction", "input", "output"),
+        COLUMNS: (in_col, out_col),
+        PROMPT_ANSWER: ("prompt", "answer"),
+        TEXT: ("text",),
+    }.get(fmt, tuple(row))
+    return "\n".join(text_of(row.get(k)) for k in keys if row.get(k) not in (None, ""))
+
+
+def token_stats(counts: list[int], max_seq_length: int | None = None) -> dict[str, Any]:
+    """Summary of per-row token counts; rows_truncated counts rows longer than max_seq_length."""
+    if not counts:
+        return {"rows": 0, "min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0, "total": 0, "rows_truncated": 0}
+    ordered = sorted(counts)
+    return {
+        "rows": len(ordered),
+        "min": ordered[0],
+        "mean": sum(ordered) / len(ordered),
+        "p50": _percentile(ordered, 50),
+        "p95": _percentile(ordered, 95),
+        "max": ordered[-1],
+        "total": sum(ordered),
+        "rows_truncated": sum(1 for c in ordered if max_seq_length and c > max_seq_length),
+    }
+
+
+def _percentile(ordered: list[int], pct: float) -> int:
+    # Nearest-rank: the smallest value with at least pct% of rows at or below it.
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def split_indices(row_count: int, validation_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices for train and validation; the same count, ratio and seed always give the same split."""
+    if not 0 < validation_ratio <= 0.5:
+        raise ValueError(f"must be in (0, 0.5], got {validation_ratio}")
+    if row_count < 2:
+        raise ValueError("the dataset needs at least 2 rows to split")
+    n_validation = min(row_count - 1, max(1, round(row_count * validation_ratio)))
+    order = list(range(row_count))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_validation:]), sorted(order[:n_validation])

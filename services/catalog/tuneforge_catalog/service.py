@@ -309,9 +309,8 @@ class Catalog:
             return await self.get_model(model_id)
         async with self.engine.begin() as conn:
             if "name" in values:
-                clash = await conn.execute(
-                    select(store.models.c.id).where(store.models.c.name == values["name"], store.models.c.id != model_id)
-                )
+                same_name = (store.models.c.name == values["name"], store.models.c.id != model_id)
+                clash = await conn.execute(select(store.models.c.id).where(*same_name))
                 if clash.first():
                     raise AlreadyExists(f"a model named {values['name']!r} exists")
             await conn.execute(
@@ -476,6 +475,9 @@ class Catalog:
                     format=report.format or row.format,
                     columns=json.dumps(report.columns),
                     validation=json.dumps(report.to_json()),
+                    # Columns detected from the rows (question/answer...) are kept so jobs and stats use them.
+                    prompt_input_column=report.prompt_input_column,
+                    prompt_output_column=report.prompt_output_column,
                 )
             )
             await write_event(
@@ -547,9 +549,10 @@ class Catalog:
                 raise FailedPrecondition(f"model {model_id!r} has no tokenizer.json to count tokens with")
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
             counts = []
+            columns = (row.prompt_input_column, row.prompt_output_column)
             for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
                 if raw.strip():
-                    text = rules.row_text(json.loads(raw), row.format, row.prompt_input_column, row.prompt_output_column)
+                    text = rules.row_text(json.loads(raw), row.format, *columns)
                     counts.append(len(tokenizer.encode(text).ids))
             return rules.token_stats(counts, max_seq_length or None)
 
