@@ -46,15 +46,25 @@ async def _pg_admin(sql: str) -> None:
         await conn.close()
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards; yields its asyncpg URL."""
+def _fresh_postgres_database() -> Iterator[str]:
     require(PG_ADMIN_URL, 5432, "PostgreSQL")
     name = f"tuneforge_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     yield f"{base}/{name}"
     asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards; yields its asyncpg URL."""
+    yield from _fresh_postgres_database()
+
+
+@pytest.fixture
+def second_postgres_url() -> Iterator[str]:
+    """Another fresh database, for a second service: services never share tables."""
+    yield from _fresh_postgres_database()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -216,7 +216,9 @@ async def test_update_model_changes_only_the_masked_fields(catalog_stub, tmp_pat
     code, _, _ = await rpc_error(
         catalog_stub.UpdateModel,
         pb.UpdateModelRequest(
-            model_id=model.id, model=common_pb2.Model(name="tiny-test"), update_mask=field_mask_pb2.FieldMask(paths=["name"])
+            model_id=model.id,
+            model=common_pb2.Model(name="tiny-test"),
+            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
         ),
     )
     assert code == grpc.StatusCode.ALREADY_EXISTS

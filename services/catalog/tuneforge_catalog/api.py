@@ -107,6 +107,7 @@ def spec_to_pb(spec: ParamSpec) -> common_pb2.ParameterSpec:
         aliases=spec.aliases,
         group=spec.group,
         required=spec.required,
+        applies_to=spec.applies_to,
     )
     json_format.ParseDict(spec.default, msg.default_value)
     if spec.minimum is not None:

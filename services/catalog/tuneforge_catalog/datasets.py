@@ -220,8 +220,8 @@ def validate_jsonl(
     """Check every line and report every problem with its line number (the first max_problems kept)."""
     report = ValidationReport(format=declared_format)
     if declared_format == COLUMNS and not (prompt_input_column and prompt_output_column):
-        missing = "prompt_input_column" if not prompt_input_column else "prompt_output_column"
-        report.add(0, missing, "is required for the columns format", max_problems)
+        unnamed = "prompt_input_column" if not prompt_input_column else "prompt_output_column"
+        report.add(0, unnamed, "is required for the columns format", max_problems)
     first_keys: list[str] | None = None
     first_line = 0
     for line_no, raw in enumerate(lines, start=1):

@@ -126,7 +126,7 @@ class Catalog:
     async def resolve_parameters(self, method_id: str, given: dict[str, Any]) -> dict[str, Any]:
         row = await self.get_method(method_id)
         specs = [ParamSpec.from_json(s) for s in json.loads(row.parameters)]
-        return resolve_parameters(specs, given)
+        return resolve_parameters(specs, given, method_id=method_id)
 
     async def create_method(self, definition: dict[str, Any]) -> Any:
         """An added method (seed 003): the files per stage are checked before anything is stored."""
@@ -135,7 +135,7 @@ class Catalog:
             raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
         method_id = definition["name"].strip()
         specs = method_defs.custom_method_specs(definition)
-        stages = definition.get("stages") or {}
+        stages = method_defs.custom_method_stages(definition)  # saving env defaults to the training env
         async with self.engine.begin() as conn:
             if (await conn.execute(select(store.methods.c.id).where(store.methods.c.id == method_id))).first():
                 raise AlreadyExists(f"a method named {method_id!r} exists (names stay taken after deletion)")

@@ -1,16 +1,22 @@
-"""Resolve user-supplied hyperparameters against a method's schema (pure, no I/O)."""
+"""Resolve user-supplied hyperparameters against a method's schema (pure, no I/O).
+
+The schemas themselves live in `methods.py`, which imports this module; the two places here that
+need it (the built-in parameter matrix and the per-method cross-field rules) import it when called.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ViolationCollector
-from .methods import env_name
+from .errors import FieldViolation, ViolationCollector
 
 TYPE_NAMES = ("int", "float", "bool", "string")
+GROUPS = ("basic", "advanced")
 _PY_TYPES = {
     int: "int",
     float: "float",
@@ -21,6 +27,18 @@ _PY_TYPES = {
     "bool": "bool",
     "str": "string",
 }
+
+# Names the runner contract already uses for its own flags (see tuneforge_trainer.agent.build_command).
+RESERVED_PARAM_NAMES = ("model_path", "dataset_path", "output_dir", "resume_from_checkpoint")
+PARAM_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+SPEC_KEYS = ("name", "type", "default", "min", "max", "choices", "help", "group", "aliases")
+MAX_HELP = 1000
+
+
+def env_name(name: str) -> str:
+    """The environment variable a runner also reads a parameter from: LORA_RANK for lora_rank."""
+    return name.upper()
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,8 @@ class ParamSpec:
     aliases: tuple[str, ...] = ()
     group: str = "basic"
     required: bool = False
+    # Built-in method ids that take this parameter (see methods.parameter_matrix); empty for added methods.
+    applies_to: tuple[str, ...] = ()
 
     @property
     def env_name(self) -> str:
@@ -44,14 +64,27 @@ class ParamSpec:
         data = dataclasses.asdict(self)
         data["choices"] = list(self.choices)
         data["aliases"] = list(self.aliases)
+        data["applies_to"] = list(self.applies_to)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ParamSpec:
-        return cls(**{**data, "choices": tuple(data.get("choices", ())), "aliases": tuple(data.get("aliases", ()))})
+        """Inverse of to_json; JSON stored before a field existed (applies_to) gets its default."""
+        return cls(
+            **{
+                **data,
+                "choices": tuple(data.get("choices", ())),
+                "aliases": tuple(data.get("aliases", ())),
+                "applies_to": tuple(data.get("applies_to", ())),
+            }
+        )
 
 
 def specs_from_dataclass(params_cls: type) -> list[ParamSpec]:
+    """One ParamSpec per field; for a built-in method's class, applies_to comes from the parameter matrix."""
+    from .methods import parameter_matrix_for  # methods.py imports this module; import it only when called
+
+    matrix = parameter_matrix_for(params_cls)
     specs = []
     for f in dataclasses.fields(params_cls):
         meta = f.metadata
@@ -67,6 +100,7 @@ def specs_from_dataclass(params_cls: type) -> list[ParamSpec]:
                 aliases=tuple(meta.get("aliases", ())),
                 group=meta.get("group", "basic"),
                 required=f.default is dataclasses.MISSING,
+                applies_to=tuple(matrix.get(f.name, ())),
             )
         )
     return specs
@@ -134,18 +168,25 @@ def _fmt(bound: float) -> str:
 
 
 def resolve_parameters(
-    specs: list[ParamSpec], given: dict[str, Any], field_prefix: str = "parameters"
+    specs: list[ParamSpec],
+    given: dict[str, Any],
+    field_prefix: str = "parameters",
+    *,
+    method_id: str | None = None,
 ) -> dict[str, Any]:
-    """Canonical names, coerced types, ranges checked, defaults filled.
+    """Canonical names, coerced types, ranges checked, defaults filled; then the method's cross-field rules.
 
-    Raises InvalidArgument listing every bad field as `parameters.<name>`.
+    A parameter may be given by its name, an alias or its environment name (LORA_RANK). With `method_id`,
+    the rules registered for that method in `methods.CROSS_FIELD_RULES` run once every field is valid on
+    its own (an unknown id has none). Raises InvalidArgument listing every bad field as `parameters.<name>`.
     """
     by_name = {s.name: s for s in specs}
-    alias_to_name = {alias: s.name for s in specs for alias in s.aliases}
+    other_names = {s.env_name: s.name for s in specs if s.env_name not in by_name}
+    other_names.update({alias: s.name for s in specs for alias in s.aliases})
     errors = ViolationCollector()
     resolved: dict[str, Any] = {}
     for key, raw in given.items():
-        name = by_name.get(key) and key or alias_to_name.get(key)
+        name = key if key in by_name else other_names.get(key)
         if name is None:
             errors.add(f"{field_prefix}.{key}", "unknown parameter for this method")
             continue
@@ -170,7 +211,102 @@ def resolve_parameters(
             else:
                 resolved[spec.name] = spec.default
     errors.raise_if_any()
-    return {s.name: resolved[s.name] for s in specs}
+    ordered = {s.name: resolved[s.name] for s in specs}
+    if method_id is not None:
+        from .methods import check_cross_field  # methods.py imports this module; import it only when called
+
+        errors.violations.extend(check_cross_field(method_id, ordered, field_prefix))
+        errors.raise_if_any()
+    return ordered
+
+
+def parse_param_spec(data: Any, where: str) -> tuple[ParamSpec | None, list[FieldViolation]]:
+    """A parameter spec written by a user (an added method's `parameters[i]`), checked strictly.
+
+    Keys: name, type (int/float/bool/string), default, min, max, choices, help, group, aliases. A
+    parameter without a default must be given with every job. Violations name `<where>.<key>`.
+    """
+    errors = ViolationCollector()
+    if not isinstance(data, Mapping):
+        return None, [FieldViolation(where, "must be an object with name, type and optionally default, min, max, ...")]
+    for key in data:
+        if key not in SPEC_KEYS:
+            errors.add(f"{where}.{key}", f"unknown key; expected one of {', '.join(SPEC_KEYS)}")
+
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        errors.add(f"{where}.name", "is required")
+    elif not PARAM_NAME_RE.fullmatch(name):
+        errors.add(
+            f"{where}.name", "must be lower snake case (a-z, 0-9, _), start with a letter, at most 64 characters"
+        )
+    elif name in RESERVED_PARAM_NAMES:
+        errors.add(f"{where}.name", f"is set by the platform for every run ({', '.join(RESERVED_PARAM_NAMES)})")
+    kind = data.get("type")
+    if kind is None:
+        errors.add(f"{where}.type", f"is required: one of {', '.join(TYPE_NAMES)}")
+    elif kind not in TYPE_NAMES:
+        errors.add(f"{where}.type", f"must be one of {', '.join(TYPE_NAMES)}")
+        kind = None
+    help_text = data.get("help", "")
+    if not isinstance(help_text, str) or len(help_text) > MAX_HELP:
+        errors.add(f"{where}.help", f"must be text of at most {MAX_HELP} characters")
+    group = data.get("group", "basic")
+    if group not in GROUPS:
+        errors.add(f"{where}.group", f"must be one of {', '.join(GROUPS)}")
+
+    bounds: dict[str, float | None] = {"min": None, "max": None}
+    for key in bounds:
+        if data.get(key) is None:
+            continue
+        value = data[key]
+        if kind is not None and kind not in ("int", "float"):
+            errors.add(f"{where}.{key}", "only int and float parameters have bounds")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            errors.add(f"{where}.{key}", "must be a finite number")
+        else:
+            bounds[key] = value
+    low, high = bounds["min"], bounds["max"]
+    if low is not None and high is not None and low > high:
+        errors.add(f"{where}.max", f"must be >= min ({_fmt(low)})")
+
+    choices = data.get("choices") or []
+    if choices:
+        if kind is not None and kind != "string":
+            errors.add(f"{where}.choices", "only string parameters have choices")
+        elif not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
+            errors.add(f"{where}.choices", "must be a list of non-empty strings")
+        elif len(set(choices)) != len(choices):
+            errors.add(f"{where}.choices", "must not repeat a value")
+    aliases = data.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and ALIAS_RE.fullmatch(a) for a in aliases):
+        errors.add(f"{where}.aliases", "must be a list of names (letters, digits and _, starting with a letter)")
+    elif name in aliases or len(set(aliases)) != len(aliases):
+        errors.add(f"{where}.aliases", "must not repeat the name or an alias")
+
+    if errors.violations or kind is None or not isinstance(name, str):
+        return None, errors.violations
+    spec = ParamSpec(
+        name=name,
+        type=kind,
+        help=help_text,
+        minimum=low,
+        maximum=high,
+        choices=tuple(choices),
+        aliases=tuple(aliases),
+        group=group,
+        required="default" not in data or data["default"] is None,
+    )
+    if spec.required:
+        return spec, []
+    try:
+        default = coerce(spec, data["default"])
+    except ValueError as exc:
+        return None, [FieldViolation(f"{where}.default", str(exc))]
+    problem = check_range(spec, default)
+    if problem:
+        return None, [FieldViolation(f"{where}.default", problem)]
+    return dataclasses.replace(spec, default=default), []
 
 
 def to_flags(params: dict[str, Any]) -> list[str]:

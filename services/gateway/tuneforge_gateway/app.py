@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
+from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 
 from .errors import ApiError, api_error_handler, grpc_error_handler, validation_error_handler
+from .uploads import UPLOAD_CHUNK, UploadSpool
 
 RPC_TIMEOUT_S = 30.0
-UPLOAD_CHUNK = 1024 * 1024
+# An upload RPC carries the whole file and then waits for the catalog's validation (or its wait limit).
+UPLOAD_TIMEOUT_S = 600.0
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+UPLOAD_TTL_S = 24 * 3600.0
+# Room for the form fields and part headers around the file in a multipart body.
+MULTIPART_OVERHEAD = 64 * 1024
 REQUESTS = Counter("tuneforge_gateway_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("tuneforge_gateway_request_seconds", "HTTP request latency", ["route"])
 
@@ -44,7 +55,7 @@ _INT64 = {
     FieldDescriptor.TYPE_FIXED64,
     FieldDescriptor.TYPE_SFIXED64,
 }
-_ENUM_PREFIXES = ("JOB_STATE_", "DATASET_FORMAT_", "PARAMETER_TYPE_")
+_ENUM_PREFIXES = ("JOB_STATE_", "DATASET_FORMAT_", "PARAMETER_TYPE_", "MODEL_KIND_", "DATASET_STATUS_")
 
 
 def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
@@ -64,13 +75,58 @@ def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
                 value = value.removeprefix(prefix)
             data[fd.name] = value.lower() if fd.enum_type.name in ("DatasetFormat", "ParameterType") else value
         elif fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Struct":
-            data[fd.name] = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in value.items()}
+            data[fd.name] = [_int_values(v) for v in value] if isinstance(value, list) else _int_values(value)
         elif fd.message_type is not None and not fd.message_type.full_name.startswith("google.protobuf"):
             items = value if isinstance(value, list) else [value]
             for item in items:
                 if isinstance(item, dict):
                     _tidy(fd.message_type, item)
     return data
+
+
+def _int_values(struct: dict[str, Any]) -> dict[str, Any]:
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in struct.items()}
+
+
+def _enum_names(enum: Any, prefix: str, lower: bool = False) -> dict[str, Any]:
+    """A proto enum's values by their HTTP name (as to_json writes them); "" is the UNSPECIFIED value."""
+    names = {"": 0} | {v.name.removeprefix(prefix): v.number for v in enum.DESCRIPTOR.values if v.number}
+    return {k.lower(): v for k, v in names.items()} if lower else names
+
+
+MODEL_KINDS: dict[str, compb.ModelKind.ValueType] = _enum_names(compb.ModelKind, "MODEL_KIND_")
+DATASET_STATUSES: dict[str, compb.DatasetStatus.ValueType] = _enum_names(compb.DatasetStatus, "DATASET_STATUS_")
+DATASET_FORMATS: dict[str, compb.DatasetFormat.ValueType] = _enum_names(
+    compb.DatasetFormat, "DATASET_FORMAT_", lower=True
+)
+JOB_STATES: dict[str, jpb.JobState.ValueType] = _enum_names(jpb.JobState, "JOB_STATE_")
+E = TypeVar("E", bound=int)
+
+
+def choices(names: dict[str, Any]) -> str:
+    return ", ".join(name for name in names if name)
+
+
+def enum_value(names: dict[str, E], given: str, field: str) -> E:
+    """An HTTP enum name (any case) as its proto value; empty means unspecified, an unknown name is a 400."""
+    for name, value in names.items():
+        if name.lower() == given.strip().lower():
+            return value
+    raise ApiError(400, "INVALID_ARGUMENT", f"unknown {field} {given!r}; one of: {choices(names)}", field=field)
+
+
+async def upload_requests(
+    metadata: cpb.DatasetUploadMetadata, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[cpb.UploadDatasetRequest]:
+    """UploadDataset's client stream: the metadata first, then the content chunk by chunk."""
+    yield cpb.UploadDatasetRequest(metadata=metadata)
+    async for chunk in chunks:
+        yield cpb.UploadDatasetRequest(chunk=chunk)
+
+
+def attachment_name(name: str, fallback: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or fallback
+    return stem if stem.endswith(".jsonl") else f"{stem}.jsonl"
 
 
 async def every_page(call: Any, request_for: Callable[[str], Any], items: str) -> list[Any]:
@@ -94,6 +150,45 @@ class SubmitJobBody(BaseModel):
     name: str = Field("", max_length=255)
 
 
+class RegisterModelBody(BaseModel):
+    """Exactly one of path, uri and hub_id says where the model comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field("", description="A Hugging Face format directory on the catalog's machine")
+    uri: str = Field("", description="An fsspec URI in the artifact store")
+    hub_id: str = Field("", description="A Hugging Face Hub id, fetched into the artifact store")
+    name: str = Field("", max_length=255)
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    license: str = ""
+
+
+class UpdateModelBody(BaseModel):
+    """Only the keys present change."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("", max_length=255)
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    license: str = ""
+
+
+class SplitDatasetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    validation_ratio: float = Field(..., description="Share of rows for validation, in (0, 0.5]")
+    seed: int = Field(0, description="The same seed gives the same split")
+
+
+class CreateUploadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=255)
+    description: str = ""
+    format: str = Field("", description="Validate as this format (chat, prompt_completion, ...); empty detects it")
+    prompt_input_column: str = ""
+    prompt_output_column: str = ""
+    size: int | None = Field(None, ge=0, description="Total bytes, when known up front")
+
+
 class Backends:
     def __init__(self, catalog_address: str, jobs_address: str) -> None:
         self.catalog_channel = grpc.aio.insecure_channel(catalog_address)
@@ -106,8 +201,18 @@ class Backends:
         await self.jobs_channel.close()
 
 
-def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
+def create_app(
+    catalog_address: str,
+    jobs_address: str,
+    *,
+    upload_dir: str | os.PathLike[str] | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    upload_ttl_s: float = UPLOAD_TTL_S,
+) -> FastAPI:
     backends: Backends | None = None
+    spool = UploadSpool(
+        Path(upload_dir or Path(tempfile.gettempdir()) / "tuneforge-uploads"), max_upload_bytes, upload_ttl_s
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,6 +234,17 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
     app.add_exception_handler(grpc.aio.AioRpcError, grpc_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ApiError, api_error_handler)
+
+    @app.middleware("http")
+    async def refuse_oversized_upload(request: Request, call_next: Any) -> Response:
+        """Refuse a multipart upload by its Content-Length before spooling any of it."""
+        if request.method == "POST" and request.url.path == "/api/v1/datasets":
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_upload_bytes + MULTIPART_OVERHEAD:
+                return ApiError(
+                    413, "RESOURCE_EXHAUSTED", f"a dataset upload is limited to {max_upload_bytes} bytes"
+                ).response()
+        return await call_next(request)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:
@@ -157,19 +273,55 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
 
     # -- catalog --------------------------------------------------------------
 
-    @app.get("/api/v1/models")
-    async def list_models(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
-        return to_json(
-            await be().catalog.ListModels(
-                cpb.ListModelsRequest(page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
-            )
+    @app.post("/api/v1/models", status_code=201)
+    async def register_model(body: RegisterModelBody) -> dict:
+        sources = {k: v for k in ("path", "uri", "hub_id") if (v := getattr(body, k))}
+        if len(sources) != 1:
+            raise ApiError(400, "INVALID_ARGUMENT", "give exactly one of path, uri and hub_id", field="source")
+        request = cpb.RegisterModelRequest(
+            name=body.name, description=body.description, tags=body.tags, license=body.license, **sources
         )
+        return to_json((await be().catalog.RegisterModel(request, timeout=RPC_TIMEOUT_S)).model)
+
+    @app.get("/api/v1/models")
+    async def list_models(
+        page_size: int = Query(0, ge=0, le=500),
+        page_token: str = "",
+        kind: str = Query("", description=f"One of {choices(MODEL_KINDS)}"),
+        tag: str = "",
+        name_contains: str = "",
+    ) -> dict:
+        request = cpb.ListModelsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            kind=enum_value(MODEL_KINDS, kind, "kind"),
+            tag=tag,
+            name_contains=name_contains,
+        )
+        return to_json(await be().catalog.ListModels(request, timeout=RPC_TIMEOUT_S))
 
     @app.get("/api/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict:
         return to_json(
             (await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)).model
         )
+
+    @app.patch("/api/v1/models/{model_id}")
+    async def update_model(model_id: str, body: UpdateModelBody) -> dict:
+        changes = body.model_dump(exclude_unset=True)
+        if not changes:
+            raise ApiError(
+                400, "INVALID_ARGUMENT", "give at least one of name, description, tags, license", field="body"
+            )
+        request = cpb.UpdateModelRequest(
+            model_id=model_id, model=compb.Model(**changes), update_mask=field_mask_pb2.FieldMask(paths=list(changes))
+        )
+        return to_json((await be().catalog.UpdateModel(request, timeout=RPC_TIMEOUT_S)).model)
+
+    @app.delete("/api/v1/models/{model_id}", status_code=204, response_class=Response)
+    async def delete_model(model_id: str) -> Response:
+        await be().catalog.DeleteModel(cpb.DeleteModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)
+        return Response(status_code=204)
 
     @app.get("/api/v1/methods")
     async def list_methods(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
@@ -185,13 +337,38 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
             (await be().catalog.GetMethod(cpb.GetMethodRequest(method_id=method_id), timeout=RPC_TIMEOUT_S)).method
         )
 
+    @app.post("/api/v1/methods", status_code=201)
+    async def create_method(
+        definition: dict[str, Any] = Body(..., description="The method as seed 003 gives it"),
+    ) -> dict:
+        # Admin-only once auth lands: require the admin role here.
+        struct = struct_pb2.Struct()
+        struct.update(definition)
+        request = cpb.CreateMethodRequest(definition=struct)
+        return to_json((await be().catalog.CreateMethod(request, timeout=RPC_TIMEOUT_S)).method)
+
+    @app.delete("/api/v1/methods/{method_id}", status_code=204, response_class=Response)
+    async def delete_method(method_id: str) -> Response:
+        # Admin-only once auth lands: require the admin role here.
+        await be().catalog.DeleteMethod(cpb.DeleteMethodRequest(method_id=method_id), timeout=RPC_TIMEOUT_S)
+        return Response(status_code=204)
+
     @app.get("/api/v1/datasets")
-    async def list_datasets(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
-        return to_json(
-            await be().catalog.ListDatasets(
-                cpb.ListDatasetsRequest(page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
-            )
+    async def list_datasets(
+        page_size: int = Query(0, ge=0, le=500),
+        page_token: str = "",
+        status: str = Query("", description=f"One of {choices(DATASET_STATUSES)}"),
+        format: str = Query("", description=f"One of {choices(DATASET_FORMATS)}"),
+        name_contains: str = "",
+    ) -> dict:
+        request = cpb.ListDatasetsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            status=enum_value(DATASET_STATUSES, status, "status"),
+            format=enum_value(DATASET_FORMATS, format, "format"),
+            name_contains=name_contains,
         )
+        return to_json(await be().catalog.ListDatasets(request, timeout=RPC_TIMEOUT_S))
 
     @app.get("/api/v1/datasets/{dataset_id}")
     async def get_dataset(dataset_id: str) -> dict:
@@ -199,23 +376,147 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
             (await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=dataset_id), timeout=RPC_TIMEOUT_S)).dataset
         )
 
+    @app.delete("/api/v1/datasets/{dataset_id}", status_code=204, response_class=Response)
+    async def delete_dataset(dataset_id: str) -> Response:
+        await be().catalog.DeleteDataset(cpb.DeleteDatasetRequest(dataset_id=dataset_id), timeout=RPC_TIMEOUT_S)
+        return Response(status_code=204)
+
+    @app.get("/api/v1/datasets/{dataset_id}/content", response_class=StreamingResponse)
+    async def download_dataset(dataset_id: str) -> StreamingResponse:
+        """The stored JSONL, streamed from the catalog as it arrives."""
+        dataset = (
+            await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=dataset_id), timeout=RPC_TIMEOUT_S)
+        ).dataset
+        call = be().catalog.DownloadDataset(cpb.DownloadDatasetRequest(dataset_id=dataset_id))
+        # Read the first chunk before the response starts, so a failure is still an HTTP error status.
+        first = await call.read()
+
+        async def content() -> AsyncIterator[bytes]:
+            # A failure past this point aborts the connection: the client sees a cut body, never a short "file".
+            try:
+                message = first
+                while message is not grpc.aio.EOF:
+                    yield message.chunk
+                    message = await call.read()
+            finally:
+                call.cancel()
+
+        filename = attachment_name(dataset.name, dataset_id)
+        return StreamingResponse(
+            content(),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+
+    @app.get("/api/v1/datasets/{dataset_id}/preview")
+    async def preview_dataset(dataset_id: str, limit: int = Query(10, ge=1, le=100)) -> dict:
+        request = cpb.PreviewDatasetRequest(dataset_id=dataset_id, limit=limit)
+        return to_json(await be().catalog.PreviewDataset(request, timeout=RPC_TIMEOUT_S))
+
+    @app.get("/api/v1/datasets/{dataset_id}/stats")
+    async def dataset_stats(
+        dataset_id: str,
+        model_id: str = Query("", description="Whose tokenizer counts the tokens"),
+        max_seq_length: int = Query(0, ge=0, description="Count rows longer than this; 0 skips the count"),
+    ) -> dict:
+        request = cpb.GetDatasetStatsRequest(dataset_id=dataset_id, model_id=model_id, max_seq_length=max_seq_length)
+        return to_json(await be().catalog.GetDatasetStats(request, timeout=RPC_TIMEOUT_S))
+
+    @app.post("/api/v1/datasets/{dataset_id}/split", status_code=201)
+    async def split_dataset(dataset_id: str, body: SplitDatasetBody) -> dict:
+        request = cpb.SplitDatasetRequest(dataset_id=dataset_id, validation_ratio=body.validation_ratio, seed=body.seed)
+        return to_json(await be().catalog.SplitDataset(request, timeout=RPC_TIMEOUT_S))
+
     @app.post("/api/v1/datasets", status_code=201)
     async def upload_dataset(
         file: UploadFile = File(..., description="JSONL file"),
         name: str = Form("", max_length=255),
         description: str = Form(""),
+        format: str = Form("", description=f"One of {choices(DATASET_FORMATS)}; empty detects it"),
+        prompt_input_column: str = Form("", description="Prompt column for the columns format"),
+        prompt_output_column: str = Form("", description="Answer column for the columns format"),
     ) -> dict:
-        dataset_name = name or (file.filename or "").rsplit("/", 1)[-1] or "dataset"
+        """Multipart upload, forwarded to the catalog in chunks (the file is never held in memory whole)."""
+        metadata = cpb.DatasetUploadMetadata(
+            name=name or (file.filename or "").rsplit("/", 1)[-1] or "dataset",
+            description=description,
+            format=enum_value(DATASET_FORMATS, format, "format"),
+            prompt_input_column=prompt_input_column,
+            prompt_output_column=prompt_output_column,
+        )
 
-        async def requests() -> AsyncIterator[cpb.UploadDatasetRequest]:
-            yield cpb.UploadDatasetRequest(
-                metadata=cpb.DatasetUploadMetadata(name=dataset_name, description=description)
-            )
+        async def chunks() -> AsyncIterator[bytes]:
             while chunk := await file.read(UPLOAD_CHUNK):
-                yield cpb.UploadDatasetRequest(chunk=chunk)
+                yield chunk
 
-        resp = await be().catalog.UploadDataset(requests(), timeout=600)
+        resp = await be().catalog.UploadDataset(upload_requests(metadata, chunks()), timeout=UPLOAD_TIMEOUT_S)
         return to_json(resp.dataset)
+
+    # -- resumable uploads (protocol in uploads.py) ---------------------------
+
+    @app.post("/api/v1/uploads", status_code=201)
+    async def create_upload(body: CreateUploadBody, response: Response) -> dict:
+        enum_value(DATASET_FORMATS, body.format, "format")
+        upload = spool.create(
+            body.name,
+            body.description,
+            body.format.strip().lower(),
+            body.prompt_input_column,
+            body.prompt_output_column,
+            body.size,
+        )
+        response.headers["Location"] = f"/api/v1/uploads/{upload.upload_id}"
+        return upload.to_json()
+
+    @app.put(
+        "/api/v1/uploads/{upload_id}",
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "Content-Range",
+                    "in": "header",
+                    "required": True,
+                    "description": "bytes START-END/TOTAL (END inclusive; TOTAL may be *)",
+                    "schema": {"type": "string"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        },
+    )
+    async def append_upload(upload_id: str, request: Request) -> JSONResponse:
+        """Append the body at `Content-Range: bytes START-END/TOTAL`; START must be the offset received so far."""
+        upload = await spool.append(upload_id, request.headers.get("content-range"), request.stream())
+        return JSONResponse(upload.to_json(), headers=upload.headers())
+
+    @app.head("/api/v1/uploads/{upload_id}")
+    async def upload_offset(upload_id: str) -> Response:
+        return Response(headers=spool.get(upload_id).headers())
+
+    @app.get("/api/v1/uploads/{upload_id}")
+    async def get_upload(upload_id: str) -> JSONResponse:
+        upload = spool.get(upload_id)
+        return JSONResponse(upload.to_json(), headers=upload.headers())
+
+    @app.post("/api/v1/uploads/{upload_id}/complete", status_code=201)
+    async def complete_upload(upload_id: str) -> dict:
+        async with spool.completing(upload_id) as (upload, chunks):
+            metadata = cpb.DatasetUploadMetadata(
+                name=upload.name,
+                description=upload.description,
+                format=enum_value(DATASET_FORMATS, upload.format, "format"),
+                prompt_input_column=upload.prompt_input_column,
+                prompt_output_column=upload.prompt_output_column,
+            )
+            resp = await be().catalog.UploadDataset(upload_requests(metadata, chunks), timeout=UPLOAD_TIMEOUT_S)
+        return to_json(resp.dataset)
+
+    @app.delete("/api/v1/uploads/{upload_id}", status_code=204, response_class=Response)
+    async def delete_upload(upload_id: str) -> Response:
+        spool.delete(upload_id)
+        return Response(status_code=204)
 
     # -- jobs -----------------------------------------------------------------
 
@@ -237,12 +538,23 @@ def create_app(catalog_address: str, jobs_address: str) -> FastAPI:
         return to_json(resp.job)
 
     @app.get("/api/v1/jobs")
-    async def list_jobs(page_size: int = Query(0, ge=0, le=1000), page_token: str = "") -> dict:
-        return to_json(
-            await be().jobs.ListJobs(
-                jpb.ListJobsRequest(page_size=page_size, page_token=page_token), timeout=RPC_TIMEOUT_S
-            )
+    async def list_jobs(
+        page_size: int = Query(0, ge=0, le=1000),
+        page_token: str = "",
+        state: list[str] = Query(default=[], description=f"Any of {choices(JOB_STATES)}; repeat for several"),
+        model_id: str = "",
+        dataset_id: str = "",
+        method_id: str = "",
+    ) -> dict:
+        request = jpb.ListJobsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            states=[enum_value(JOB_STATES, s, "state") for s in state if s],
+            model_id=model_id,
+            dataset_id=dataset_id,
+            method_id=method_id,
         )
+        return to_json(await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S))
 
     @app.get("/api/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> dict:

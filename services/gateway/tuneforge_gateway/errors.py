@@ -25,11 +25,14 @@ HTTP_STATUS = {
 }
 
 
-def error_body(code: str, message: str, violations: list[tuple[str, str]] | None = None) -> dict:
+def error_body(
+    code: str, message: str, violations: list[tuple[str, str]] | None = None, details: dict | None = None
+) -> dict:
     body: dict = {"code": code, "message": message}
     if violations:
         body["field_violations"] = [{"field": f, "description": d} for f, d in violations]
         body["field"] = violations[0][0]
+    body.update(details or {})
     return {"error": body}
 
 
@@ -52,11 +55,28 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    """An error the gateway itself decides; `details` are extra keys of the error body (e.g. expected_offset)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        details: dict | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.details, self.headers = details, headers
+
+    def response(self) -> JSONResponse:
+        violations = [(self.field, self.message)] if self.field else None
+        return JSONResponse(
+            error_body(self.code, self.message, violations, self.details), status_code=self.status, headers=self.headers
+        )
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    violations = [(exc.field, exc.message)] if exc.field else None
-    return JSONResponse(error_body(exc.code, exc.message, violations), status_code=exc.status)
+    return exc.response()

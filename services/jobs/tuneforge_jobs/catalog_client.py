@@ -49,7 +49,9 @@ class GrpcCatalog:
         if dataset.status != common_pb2.DATASET_STATUS_READY:
             status = common_pb2.DatasetStatus.Name(dataset.status).removeprefix("DATASET_STATUS_")
             problems = f" ({dataset.validation.problem_count} problems)" if dataset.validation.problem_count else ""
-            raise FailedPrecondition(f"dataset_id: dataset {dataset_id!r} is {status}{problems}; only READY datasets train")
+            raise FailedPrecondition(
+                f"dataset_id: dataset {dataset_id!r} is {status}{problems}; only READY datasets train"
+            )
         method = (await self._call(self.stub.GetMethod, pb.GetMethodRequest(method_id=method_id), "method_id")).method
         given = struct_pb2.Struct()
         given.update(parameters)

@@ -10,10 +10,17 @@ Dataset rows (JSON lines), detected from the columns:
     among question/instruction/query/input/prompt and answer/response/output/completion; turned into a
     one-turn chat (user/assistant) when the tokenizer has a chat template, plain text otherwise;
   * language modelling: {"text": ...}.
+
+Every parameter of SftLoraParams is honoured here (tests/trainer/test_sft_lora.py checks each is read):
+precision (compute_type), checkpoints (save_steps, save_total_limit), a validation split (validation_ratio),
+FlashAttention-2, 4-bit loading (bitsandbytes) and LoRA+ (PEFT's create_loraplus_optimizer). What needs
+hardware or packages this machine lacks fails before the model is loaded, with a message naming the flag.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -23,12 +30,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuneforge_common.methods import SftLoraParams
+from tuneforge_common.methods import SftLoraParams, check_cross_field
 from tuneforge_trainer.sdk import log_data, make_log_data_callback, parse_flags
 
 PROMPT_CANDIDATES = ("question", "instruction", "query", "input", "prompt")
 ANSWER_CANDIDATES = ("answer", "response", "output", "completion")
 REQUIRED_EXTRAS = ("model_path", "dataset_path", "output_dir")
+# The validation rows depend only on the dataset (and max_samples), not on --seed, so runs that differ in
+# seed or hyperparameters are evaluated on the same rows and their eval_loss can be compared.
+VALIDATION_SPLIT_SEED = 1234
 
 
 class DatasetProblem(Exception):
@@ -181,6 +191,116 @@ def prepare_dataset(dataset, params: SftLoraParams, has_chat_template: bool, pat
     return datasets.Dataset.from_list(rows), f"{prompt_col}/{answer_col}"
 
 
+def split_validation(dataset, ratio: float):
+    """(train, validation) with `ratio` of the rows held out (at least one) by a fixed seed; validation None at 0."""
+    if ratio <= 0:
+        return dataset, None
+    held_out = max(1, round(len(dataset) * ratio))
+    if held_out >= len(dataset):
+        raise DatasetProblem(
+            f"--validation_ratio={ratio} leaves no training rows out of {len(dataset)}; "
+            "use more rows or a smaller ratio"
+        )
+    split = dataset.train_test_split(test_size=held_out, shuffle=True, seed=VALIDATION_SPLIT_SEED)
+    return split["train"], split["test"]
+
+
+# --- hardware ------------------------------------------------------------------------------------
+
+
+def resolve_precision(compute_type: str, cuda: bool, cuda_bf16: bool) -> str:
+    """bf16, fp16 or fp32 for --compute_type on this machine; SystemExit when it can't be honoured.
+
+    auto: bf16 on a GPU that supports it, else fp32 (fp16 is never picked silently: it needs loss scaling
+    and overflows more easily). bf16 runs on a CPU too (slowly, but as asked); fp16 mixed precision
+    needs CUDA.
+    """
+    if compute_type == "auto":
+        return "bf16" if cuda and cuda_bf16 else "fp32"
+    if compute_type == "fp16" and not cuda:
+        raise SystemExit(
+            "error: --compute_type=fp16 needs a CUDA GPU (fp16 mixed precision scales the loss on CUDA); "
+            "this machine has none: use bf16, fp32 or auto"
+        )
+    if compute_type == "bf16" and cuda and not cuda_bf16:
+        raise SystemExit("error: --compute_type=bf16: this GPU does not support bfloat16; use fp16, fp32 or auto")
+    return compute_type
+
+
+def check_hardware(params: SftLoraParams, cuda: bool, cuda_bf16: bool) -> str:
+    """The precision to train in, after checking that 4-bit loading and FlashAttention-2 can run here."""
+    precision = resolve_precision(params.compute_type, cuda, cuda_bf16)
+    if params.load_in_4bit:
+        if not cuda:
+            raise SystemExit(
+                "error: --load_in_4bit=true: 4-bit quantization (bitsandbytes) needs a CUDA GPU and this "
+                "machine has none; set load_in_4bit=false to train on the unquantized model"
+            )
+        if not _installed("bitsandbytes"):
+            raise SystemExit(
+                "error: --load_in_4bit=true needs the bitsandbytes package: pip install 'tuneforge-trainer[gpu]'"
+            )
+    if params.flash_attention:
+        if not cuda:
+            raise SystemExit(
+                "error: --flash_attention=true: FlashAttention-2 needs a CUDA GPU and this machine has none"
+            )
+        if not _installed("flash_attn"):
+            raise SystemExit("error: --flash_attention=true needs the flash-attn package: pip install flash-attn")
+        if precision == "fp32":
+            raise SystemExit(
+                "error: --flash_attention=true needs bf16 or fp16 compute; set --compute_type=bf16 or fp16"
+            )
+    return precision
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def load_model(model_path: Path, params: SftLoraParams, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if params.flash_attention:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    if params.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            # QLoRA's choices; the qlora method's schema makes both settable.
+            bnb_4bit_quant_type=getattr(params, "bnb_4bit_quant_type", "nf4"),
+            bnb_4bit_use_double_quant=getattr(params, "bnb_4bit_use_double_quant", True),
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+
+
+def build_optimizer(model, params: SftLoraParams):
+    """LoRA+ (loraplus_lr_ratio > 0): AdamW with the B matrices at learning_rate x ratio; None leaves it to Trainer."""
+    if params.loraplus_lr_ratio <= 0:
+        return None
+    import torch
+
+    try:
+        from peft.optimizers import create_loraplus_optimizer
+    except ImportError:
+        raise SystemExit(
+            "error: --loraplus_lr_ratio needs peft.optimizers.create_loraplus_optimizer (peft >= 0.12)"
+        ) from None
+    return create_loraplus_optimizer(
+        model=model,
+        optimizer_cls=torch.optim.AdamW,
+        lr=params.learning_rate,
+        loraplus_lr_ratio=params.loraplus_lr_ratio,
+        loraplus_weight_decay=params.weight_decay,
+    )
+
+
 # --- training ------------------------------------------------------------------------------------
 
 
@@ -218,8 +338,8 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
     import datasets
     import torch
     import transformers
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     # stdout carries the log_data protocol; keep library chatter and progress bars out of it.
@@ -233,19 +353,34 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    cuda = torch.cuda.is_available()
+    precision = check_hardware(params, cuda, cuda and torch.cuda.is_bf16_supported())
     try:
         dataset = load_rows(dataset_path, params.max_samples, cache_dir)
         dataset, data_format = prepare_dataset(dataset, params, bool(tokenizer.chat_template), dataset_path)
+        dataset, eval_dataset = split_validation(dataset, params.validation_ratio)
     except DatasetProblem as exc:
         raise SystemExit(f"error: dataset: {exc}") from None
     if data_format == "chat" and not tokenizer.chat_template:
         raise SystemExit(f"error: {model_path} has no chat template, so chat ('messages') rows cannot be used")
-    print(f"sft-lora: {len(dataset)} {data_format} rows from {dataset_path}", file=sys.stderr, flush=True)
+    held_out = f", {len(eval_dataset)} held out for validation" if eval_dataset is not None else ""
+    print(f"sft-lora: {len(dataset)} {data_format} rows from {dataset_path}{held_out}", file=sys.stderr, flush=True)
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = load_model(model_path, params, precision)
+    # Wrapped here rather than by SFTTrainer(peft_config=...) so the LoRA+ optimizer can see the adapter.
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=params.lora_rank,
+            lora_alpha=params.lora_alpha,
+            lora_dropout=params.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    optimizer = build_optimizer(model, params)
 
+    checkpoints = params.save_steps > 0
     config = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=params.epochs,
@@ -262,29 +397,29 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
         logging_steps=params.logging_steps,
         seed=params.seed,
         max_length=params.max_seq_length,
-        bf16=bf16,  # SFTConfig defaults bf16 to True, which CPUs and older GPUs cannot honour
-        fp16=False,
+        # SFTConfig defaults bf16 to True, which CPUs and older GPUs cannot honour: always say which.
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda and precision == "bf16",  # transformers allows bf16 without a GPU only when told
         # transformers 5 renamed gradient_checkpointing (TRL still sets the old name, which then warns).
         activation_checkpointing=cuda,  # saves GPU memory; only slows small CPU runs down
-        save_strategy="no",
-        eval_strategy="no",
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=params.save_steps if checkpoints else 500,
+        save_total_limit=params.save_total_limit or None,
+        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_steps=params.save_steps if checkpoints else params.logging_steps,
+        per_device_eval_batch_size=params.batch_size,
         report_to="none",
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
-    )
-    peft_config = LoraConfig(
-        r=params.lora_rank,
-        lora_alpha=params.lora_alpha,
-        lora_dropout=params.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        optimizers=(optimizer, None),  # (None, None): Trainer builds AdamW and the schedule from the config
         callbacks=[make_log_data_callback()],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout
@@ -293,19 +428,31 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     metrics = dict(result.metrics)
+    if eval_dataset is not None:
+        # The final model's eval_loss: from the last step's evaluation, or evaluated now (reported by the callback).
+        last = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.global_step]
+        metrics.update(last[-1] if last else trainer.evaluate())
     log_data(
         100,
         step=result.global_step,
         epoch=trainer.state.epoch,
         train_loss=result.training_loss,
+        eval_loss=metrics.get("eval_loss"),
         train_runtime=metrics.get("train_runtime"),
         train_samples_per_second=metrics.get("train_samples_per_second"),
     )
     return metrics
 
 
+def check_params(params: SftLoraParams) -> None:
+    """The catalog's cross-field rules, for runs started by hand; SystemExit names the first broken flag."""
+    for violation in check_cross_field("sft-lora", dataclasses.asdict(params)):
+        raise SystemExit(f"error: --{violation.field.removeprefix('parameters.')}: {violation.description}")
+
+
 def main(argv: list[str] | None = None) -> int:
     params, extras = parse_flags(SftLoraParams, argv)
+    check_params(params)
     try:
         train(params, extras)
     except SystemExit:

@@ -1,0 +1,139 @@
+"""Catalog and jobs services talking over real gRPC on PostgreSQL: what a job uses can't be deleted,
+and a dataset that failed validation can't cost GPU time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from tests.helpers import chat_jsonl, write_fake_model_dir
+from tuneforge.catalog.v1 import catalog_pb2 as cpb
+from tuneforge.catalog.v1 import catalog_pb2_grpc
+from tuneforge.common.v1 import common_pb2
+from tuneforge.jobs.v1 import jobs_pb2 as jpb
+from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_catalog import api as catalog_api
+from tuneforge_catalog.jobs_client import GrpcJobs
+from tuneforge_catalog.main import CatalogSettings, build_catalog
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.grpcutil import decode_error, start_server
+from tuneforge_jobs import api as jobs_api
+from tuneforge_jobs.catalog_client import GrpcCatalog
+from tuneforge_jobs.main import MIGRATIONS
+from tuneforge_jobs.notify import Notifier
+from tuneforge_jobs.service import Jobs
+
+
+@dataclass
+class Services:
+    catalog: catalog_pb2_grpc.CatalogServiceStub
+    jobs: jobs_pb2_grpc.JobServiceStub
+    jobs_server: grpc.aio.Server
+
+
+@pytest.fixture
+async def services(postgres_url, second_postgres_url, tmp_path) -> AsyncIterator[Services]:
+    model_dir = write_fake_model_dir(tmp_path / "models" / "tiny-test")
+    catalog, _ = await build_catalog(
+        CatalogSettings(
+            catalog_database_url=postgres_url,
+            artifact_root=str(tmp_path / "artifacts"),
+            catalog_seed_models=str(model_dir),
+        )
+    )
+    catalog_server, catalog_port = await start_server([catalog_api.binding(catalog)], "127.0.0.1", 0)
+    engine = make_engine(second_postgres_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    catalog_client = GrpcCatalog(f"127.0.0.1:{catalog_port}")
+    jobs = Jobs(engine=engine, catalog=catalog_client, artifact_root=str(tmp_path / "artifacts"), subject_root="t")
+    jobs_server, jobs_port = await start_server(jobs_api.bindings(jobs, Notifier()), "127.0.0.1", 0)
+    catalog.jobs = jobs_client = GrpcJobs(f"127.0.0.1:{jobs_port}")
+    catalog_channel = grpc.aio.insecure_channel(f"127.0.0.1:{catalog_port}")
+    jobs_channel = grpc.aio.insecure_channel(f"127.0.0.1:{jobs_port}")
+    yield Services(
+        catalog_pb2_grpc.CatalogServiceStub(catalog_channel), jobs_pb2_grpc.JobServiceStub(jobs_channel), jobs_server
+    )
+    for closable in (catalog_channel, jobs_channel, jobs_client, catalog_client):
+        await closable.close()
+    await jobs_server.stop(None)
+    await catalog_server.stop(None)
+    await catalog.close()
+    await catalog.engine.dispose()
+    await engine.dispose()
+
+
+async def upload(s: Services, name: str, data: bytes) -> common_pb2.Dataset:
+    async def requests():
+        yield cpb.UploadDatasetRequest(metadata=cpb.DatasetUploadMetadata(name=name))
+        yield cpb.UploadDatasetRequest(chunk=data)
+
+    return (await s.catalog.UploadDataset(requests(), timeout=20)).dataset
+
+
+async def submit(s: Services, dataset_id: str) -> jpb.Job:
+    request = jpb.SubmitJobRequest(model_id="tiny-test", dataset_id=dataset_id, method_id="sft-lora")
+    return (await s.jobs.SubmitJob(request, timeout=10)).job
+
+
+async def code_and_details(call, request) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call(request, timeout=10)
+    return exc.value.code(), decode_error(exc.value).message
+
+
+async def test_a_job_on_an_invalid_dataset_is_refused_naming_it(services):
+    bad = await upload(services, "bad", chat_jsonl(2) + b"not json\n")
+    assert bad.status == common_pb2.DATASET_STATUS_INVALID
+    code, details = await code_and_details(
+        services.jobs.SubmitJob, jpb.SubmitJobRequest(model_id="tiny-test", dataset_id=bad.id, method_id="sft-lora")
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"dataset {bad.id!r} is INVALID (1 problems)" in details
+    assert (await services.jobs.ListJobs(jpb.ListJobsRequest(), timeout=5)).jobs == []
+
+
+async def test_what_an_unfinished_job_uses_cannot_be_deleted_until_it_ends(services, tmp_path):
+    dataset = await upload(services, "good", chat_jsonl(3))
+    job = await submit(services, dataset.id)
+    code, details = await code_and_details(
+        services.catalog.DeleteDataset, cpb.DeleteDatasetRequest(dataset_id=dataset.id)
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "used by 1 unfinished job(s)" in details
+    path = write_fake_model_dir(tmp_path / "other")
+    other = (await services.catalog.RegisterModel(cpb.RegisterModelRequest(path=str(path), name="other"))).model
+    await services.jobs.SubmitJob(
+        jpb.SubmitJobRequest(model_id=other.id, dataset_id=dataset.id, method_id="sft-lora"), timeout=10
+    )
+    code, _ = await code_and_details(services.catalog.DeleteModel, cpb.DeleteModelRequest(model_id=other.id))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    for listed in (await services.jobs.ListJobs(jpb.ListJobsRequest(dataset_id=dataset.id), timeout=5)).jobs:
+        await services.jobs.CancelJob(jpb.CancelJobRequest(job_id=listed.id), timeout=5)
+    await services.catalog.DeleteModel(cpb.DeleteModelRequest(model_id=other.id), timeout=10)
+    await services.catalog.DeleteDataset(cpb.DeleteDatasetRequest(dataset_id=dataset.id), timeout=10)
+    kept = (await services.jobs.GetJob(jpb.GetJobRequest(job_id=job.id), timeout=5)).job
+    assert kept.dataset_id == dataset.id  # the job keeps its record of what it used
+
+
+async def test_list_jobs_filters_by_state_and_inputs(services):
+    dataset = await upload(services, "good", chat_jsonl(3))
+    first, second = await submit(services, dataset.id), await submit(services, dataset.id)
+    await services.jobs.CancelJob(jpb.CancelJobRequest(job_id=first.id), timeout=5)
+    queued = await services.jobs.ListJobs(jpb.ListJobsRequest(states=[jpb.JOB_STATE_QUEUED]), timeout=5)
+    assert [j.id for j in queued.jobs] == [second.id]
+    by_method = await services.jobs.ListJobs(jpb.ListJobsRequest(method_id="dpo"), timeout=5)
+    assert by_method.jobs == []
+    everything = await services.jobs.ListJobs(jpb.ListJobsRequest(dataset_id=dataset.id, model_id="tiny-test"))
+    assert {j.id for j in everything.jobs} == {first.id, second.id}
+
+
+async def test_delete_fails_closed_when_the_jobs_service_is_down(services):
+    dataset = await upload(services, "good", chat_jsonl(3))
+    await services.jobs_server.stop(None)
+    code, details = await code_and_details(
+        services.catalog.DeleteDataset, cpb.DeleteDatasetRequest(dataset_id=dataset.id)
+    )
+    assert code == grpc.StatusCode.UNAVAILABLE and "jobs service is unreachable" in details
+    assert (await services.catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=dataset.id))).dataset.id == dataset.id
