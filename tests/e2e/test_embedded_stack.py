@@ -77,16 +77,22 @@ def test_builtin_tiny_chat_model_and_sft_lora_method_are_listed(stack):
     assert "sft-lora" in [m["id"] for m in methods]
 
 
-def test_bad_uploads_name_the_line_and_store_nothing(stack):
-    bad_json = b'{"text": "fine"}\n{"text": broken}\n'
-    resp = stack.http.post("/api/v1/datasets", files={"file": ("bad.jsonl", bad_json)})
-    assert resp.status_code == 400
-    assert error_of(resp)["field"] == "content" and "line 2" in error_of(resp)["message"]
+def test_bad_uploads_are_kept_invalid_with_each_line_named_and_cannot_train(stack):
+    bad_json = b'{"text": "fine"}\n{"text": broken}\n' + '{"text": "caf\xe9"}\n'.encode("latin-1")
+    resp = stack.http.post("/api/v1/datasets", files={"file": ("bad.jsonl", bad_json)}, data={"name": "bad"})
+    assert resp.status_code == 201
+    dataset = resp.json()
+    assert dataset["status"] == "INVALID"
+    assert [(p["line"], p["message"].split(":")[0]) for p in dataset["validation"]["problems"]] == [
+        (2, "not valid JSON"),
+        (3, "not valid UTF-8 (byte 14 of the line)"),
+    ]
+    job = stack.http.post("/api/v1/jobs", json={"model_id": "tiny-chat", "dataset_id": dataset["id"]})
+    assert job.status_code == 409 and dataset["id"] in error_of(job)["message"]
     resp = stack.http.post(
-        "/api/v1/datasets", files={"file": ("latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"))}
+        "/api/v1/datasets", files={"file": ("x.jsonl", b"{}\n")}, data={"name": "x", "format": "parquet"}
     )
-    assert resp.status_code == 400 and "line 1: not valid UTF-8" in error_of(resp)["message"]
-    assert stack.http.get("/api/v1/datasets").json()["datasets"] == []
+    assert resp.status_code == 400 and error_of(resp)["field"] == "format"
 
 
 def test_bad_job_requests_get_404_and_400_naming_the_field(stack):
@@ -188,7 +194,7 @@ def test_a_real_tiny_job_trains_to_succeeded_with_metrics_logs_and_a_peft_adapte
 
 
 def test_terminating_a_running_job_stops_its_process(stack):
-    ds = stack.http.get("/api/v1/datasets").json()["datasets"][0]
+    ds = stack.http.get("/api/v1/datasets", params={"status": "READY"}).json()["datasets"][0]
     job = stack.http.post(
         "/api/v1/jobs", json={"model_id": "tiny-chat", "dataset_id": ds["id"], "parameters": {"max_steps": 100000}}
     ).json()
