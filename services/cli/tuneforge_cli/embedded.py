@@ -130,6 +130,7 @@ class EmbeddedStack:
             "TUNEFORGE_CATALOG_SEED_MODELS": str(self.model_dir),
             "TUNEFORGE_AGENT_NAME": "local-agent",
             "TUNEFORGE_AGENT_WORK_DIR": str(self.data_dir / "agent"),
+            "TUNEFORGE_GATEWAY_UPLOAD_DIR": str(self.data_dir / "uploads"),
             "TUNEFORGE_AGENT_PYTHON": self.python,
         }
         progress("starting catalog")
