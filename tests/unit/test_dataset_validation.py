@@ -83,8 +83,8 @@ def test_detection_prefers_the_more_specific_format_when_keys_overlap(row, fmt):
     assert detect_format(row) == fmt
 
 
-def test_text_is_detected_only_when_it_is_the_only_key():
-    assert detect_format({"text": "a", "source": "web"}) == ""
+def test_text_is_detected_when_no_other_format_fits_even_with_extra_keys():
+    assert detect_format({"text": "a", "source": "web"}) == "text"
 
 
 def test_unrecognised_keys_leave_the_format_undetected_and_name_the_keys_on_the_first_row():
@@ -160,16 +160,27 @@ def test_explicit_column_mapping_wins_over_a_known_pair_and_over_other_formats()
     assert (report.format, report.prompt_input_column, report.valid) == ("columns", "context", True)
 
 
-def test_explicit_mapping_to_a_column_the_rows_lack_is_reported_on_each_row():
+def test_explicit_mapping_to_a_column_the_rows_lack_is_reported_once_naming_the_setting():
     report = validate_jsonl(jsonl(QA_ROW, QA_ROW), prompt_input_column="question", prompt_output_column="reply")
 
-    assert problems(report) == [(1, "reply", "is missing"), (2, "reply", "is missing")]
+    assert problems(report) == [
+        (1, "prompt_output_column", "column 'reply' is not in the file (its columns: question, answer)")
+    ]
 
 
-def test_declared_columns_format_without_a_mapping_is_a_file_level_problem():
+def test_declared_columns_format_without_a_mapping_guesses_well_known_columns():
     report = validate_jsonl(jsonl(QA_ROW), declared_format="columns")
 
-    assert problems(report) == [(0, "prompt_input_column", "is required for the columns format")]
+    assert report.valid and (report.prompt_input_column, report.prompt_output_column) == ("question", "answer")
+
+
+def test_declared_columns_format_with_unguessable_columns_is_a_file_level_problem():
+    report = validate_jsonl(jsonl({"q": "2+2?", "a": "4"}), declared_format="columns")
+
+    assert problems(report) == [
+        (0, "prompt_input_column", "is required for the columns format"),
+        (0, "prompt_output_column", "is required for the columns format"),
+    ]
 
 
 # --- validation mechanics ----------------------------------------------------------------------------
@@ -437,25 +448,24 @@ def test_report_from_empty_json_is_an_empty_valid_report():
     assert ValidationReport.from_json({}).valid
 
 
-# --- known validator bugs (reported; strict xfail until datasets.py is fixed) ----------------------------
+# --- bugs found by the corpus, fixed ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="datasets.py:186 checks row[''] for the unnamed column, so each row gets field '' message 'is missing'; "
-    "without a declared format (datasets.py:222) prompt_output_column is never named at all",
-)
 @pytest.mark.parametrize("declared_format", ["", "columns"])
-def test_a_mapping_with_only_the_input_column_names_the_missing_output_column(declared_format):
+def test_a_mapping_with_only_the_input_column_guesses_the_output_as_the_trainer_does(declared_format):
     report = validate_jsonl(jsonl(QA_ROW, QA_ROW), declared_format=declared_format, prompt_input_column="question")
+
+    assert report.valid and report.prompt_output_column == "answer"
+
+
+@pytest.mark.parametrize("declared_format", ["", "columns"])
+def test_a_mapping_with_only_the_input_column_and_no_known_output_names_the_missing_output(declared_format):
+    rows = jsonl({"question": "2+2?", "reply": "4"})
+    report = validate_jsonl(rows, declared_format=declared_format, prompt_input_column="question")
 
     assert problems(report) == [(0, "prompt_output_column", "is required for the columns format")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="datasets.py:240: json.loads accepts NaN/Infinity, which are not JSON; an answer of NaN passes",
-)
 def test_nan_and_infinity_are_not_accepted_as_json():
     report = validate_jsonl(
         jsonl(PA_ROW, '{"prompt": "0/0?", "answer": NaN}', '{"prompt": "1/0?", "answer": Infinity}')
@@ -465,11 +475,6 @@ def test_nan_and_infinity_are_not_accepted_as_json():
     assert all(p.message.startswith("not valid JSON") for p in report.problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="datasets.py:23: 'input' is tried before 'instruction', unlike the trainer (sft_lora.py:36), so "
-    "instruction/input/response rows train on 'input' and rows with an empty input are refused",
-)
 def test_alpaca_rows_with_a_response_column_use_the_instruction_as_prompt_like_the_trainer():
     rows = [
         {"instruction": "Write a haiku about rain.", "input": "", "response": "Soft rain on the roof"},
@@ -481,11 +486,6 @@ def test_alpaca_rows_with_a_response_column_use_the_instruction_as_prompt_like_t
     assert report.valid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a UTF-16 file's trailing b'\\x00' after the last b'\\n' is read as one more line, so a 2-line file "
-    "gets a problem on line 3 ('not valid JSON: Expecting value at column 1')",
-)
 def test_a_utf16_file_gets_no_problem_past_its_last_line():
     data = (json.dumps(TEXT_ROW) + "\n" + json.dumps(TEXT_ROW) + "\n").encode("utf-16")
     report = validate_jsonl(data.splitlines(keepends=True))

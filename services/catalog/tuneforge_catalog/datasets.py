@@ -19,8 +19,8 @@ PROMPT_ANSWER = "prompt_answer"
 FORMATS = (CHAT, PROMPT_COMPLETION, INSTRUCTION, COLUMNS, PREFERENCE, PROMPT_ANSWER, TEXT)
 ROLES = ("system", "user", "assistant", "tool")
 MAX_PROBLEMS = 100
-# Column pairs detected without a mapping, as the trainer also recognises them.
-PROMPT_COLUMN_NAMES = ("question", "query", "input", "instruction", "prompt")
+# Column pairs detected without a mapping, in the order the trainer tries them.
+PROMPT_COLUMN_NAMES = ("question", "instruction", "query", "input", "prompt")
 ANSWER_COLUMN_NAMES = ("answer", "response", "output", "completion")
 
 
@@ -93,16 +93,17 @@ def detect_format(row: dict[str, Any], prompt_input_column: str = "", prompt_out
         return INSTRUCTION
     if {"prompt", "answer"} <= keys:
         return PROMPT_ANSWER
-    if keys == {"text"}:
-        return TEXT
     if guess_columns(row) != ("", ""):
         return COLUMNS
+    if "text" in keys:
+        return TEXT
     return ""
 
 
-def guess_columns(row: dict[str, Any]) -> tuple[str, str]:
-    prompt = next((c for c in PROMPT_COLUMN_NAMES if c in row), "")
-    answer = next((c for c in ANSWER_COLUMN_NAMES if c in row and c != prompt), "")
+def guess_columns(row: dict[str, Any], prompt: str = "", answer: str = "") -> tuple[str, str]:
+    """Fill an unnamed side of the column mapping from well-known names; ("", "") when a side stays unknown."""
+    prompt = prompt or next((c for c in PROMPT_COLUMN_NAMES if c in row and c != answer), "")
+    answer = answer or next((c for c in ANSWER_COLUMN_NAMES if c in row and c != prompt), "")
     return (prompt, answer) if prompt and answer else ("", "")
 
 
@@ -144,9 +145,10 @@ def _check_messages(value: Any, path: str, need_assistant: bool) -> list[tuple[s
             problems.append((where, f"must be an object, got {_json_type(msg)}"))
             continue
         role = msg.get("role")
-        if role not in ROLES:
-            shown = "missing" if "role" not in msg else json.dumps(role)
-            problems.append((f"{where}.role", f"must be one of {', '.join(ROLES)}, got {shown}"))
+        if "role" not in msg:
+            problems.append((f"{where}.role", "is missing"))
+        elif role not in ROLES:
+            problems.append((f"{where}.role", f"must be one of {', '.join(ROLES)}, got {json.dumps(role)}"))
         elif role == "system" and i > 0:
             problems.append((f"{where}.role", "system is only allowed as the first message"))
         if msg.get("tool_calls") and role == "assistant":
@@ -164,6 +166,8 @@ def _check_text_or_messages(row: dict[str, Any], key: str, need_assistant: bool)
     value = row.get(key)
     if isinstance(value, list):
         return _check_messages(value, key, need_assistant)
+    if key in row and not isinstance(value, str):
+        return [(key, f"must be a string or a list of messages, got {_json_type(value)}")]
     why = _nonempty_text(row, key)
     return [(key, why)] if why else []
 
@@ -183,7 +187,8 @@ def check_row(row: dict[str, Any], fmt: str, in_col: str = "", out_col: str = ""
             COLUMNS: (in_col, out_col),
             TEXT: ("text",),
         }[fmt]
-        problems = [(k, why) for k in keys if (why := _nonempty_text(row, k))]
+        # An unnamed mapped column is reported once for the file, not on every row.
+        problems = [(k, why) for k in keys if k and (why := _nonempty_text(row, k))]
         if fmt == INSTRUCTION and "input" in row and not isinstance(row["input"], str):
             problems.append(("input", f"must be a string, got {_json_type(row['input'])}"))
         return problems
@@ -219,12 +224,14 @@ def validate_jsonl(
 ) -> ValidationReport:
     """Check every line and report every problem with its line number (the first max_problems kept)."""
     report = ValidationReport(format=declared_format)
-    if declared_format == COLUMNS and not (prompt_input_column and prompt_output_column):
-        unnamed = "prompt_input_column" if not prompt_input_column else "prompt_output_column"
-        report.add(0, unnamed, "is required for the columns format", max_problems)
     first_keys: list[str] | None = None
     first_line = 0
     for line_no, raw in enumerate(lines, start=1):
+        if line_no == 1 and raw.startswith(UTF16_BOMS):
+            report.add(1, "", "the file is UTF-16; save it as UTF-8", max_problems)
+            return report
+        if line_no == 1:
+            raw = raw.removeprefix(UTF8_BOM)  # editors on Windows add it; it is not part of the data
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -237,9 +244,14 @@ def validate_jsonl(
             report.add(line_no, "", f"line is {len(text)} characters; the limit is {max_line_chars}", max_problems)
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
-            report.add(line_no, "", f"not valid JSON: {exc.msg} at column {exc.colno}", max_problems)
+            # Some of json's messages already end in "at" ("Unterminated string starting at").
+            where = "column" if exc.msg.endswith(" at") else "at column"
+            report.add(line_no, "", f"not valid JSON: {exc.msg} {where} {exc.colno}", max_problems)
+            continue
+        if "\\ud" in text.lower() and _has_lone_surrogate(row):
+            report.add(line_no, "", "has an escaped lone surrogate (\\udXXX) that is not a character", max_problems)
             continue
         if not isinstance(row, dict):
             report.add(line_no, "", f"must be a JSON object, got {_json_type(row)}", max_problems)
@@ -250,9 +262,10 @@ def validate_jsonl(
             report.columns = first_keys
             if not report.format:
                 report.format = detect_format(row, prompt_input_column, prompt_output_column)
-            if report.format == COLUMNS and not (prompt_input_column or prompt_output_column):
-                prompt_input_column, prompt_output_column = guess_columns(row)
-            report.prompt_input_column, report.prompt_output_column = prompt_input_column, prompt_output_column
+            if report.format == COLUMNS:
+                prompt_input_column, prompt_output_column = _column_mapping(
+                    report, row, line_no, prompt_input_column, prompt_output_column, max_problems
+                )
             if not report.format:
                 report.add(
                     line_no,
@@ -273,9 +286,53 @@ def validate_jsonl(
         if report.format:
             for field_name, message in check_row(row, report.format, prompt_input_column, prompt_output_column):
                 report.add(line_no, field_name, message, max_problems)
-    if report.row_count == 0 and report.problem_count == 0:
-        report.add(0, "", "the file has no rows", max_problems)
+    if report.row_count == 0:
+        only_blank_lines = report.problem_count == 0
+        if report.format == COLUMNS:
+            _column_mapping(report, {}, 0, prompt_input_column, prompt_output_column, max_problems)
+        if only_blank_lines:
+            report.add(0, "", "the file has no rows", max_problems)
     return report
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _column_mapping(
+    report: ValidationReport, row: dict[str, Any], line_no: int, given_in: str, given_out: str, max_problems: int
+) -> tuple[str, str]:
+    """The columns format's mapping: named ones checked against the first row, unnamed ones guessed.
+
+    A problem is reported once here; the row checks then skip the side that is unusable.
+    """
+    guessed = guess_columns(row, given_in, given_out)
+    mapping = [given_in or guessed[0], given_out or guessed[1]]
+    for i, setting in enumerate(("prompt_input_column", "prompt_output_column")):
+        if not mapping[i]:
+            report.add(0, setting, "is required for the columns format", max_problems)
+        elif row and mapping[i] not in row:
+            report.add(
+                line_no,
+                setting,
+                f"column {mapping[i]!r} is not in the file (its columns: {', '.join(row)})",
+                max_problems,
+            )
+            mapping[i] = ""
+    report.prompt_input_column, report.prompt_output_column = mapping[0], mapping[1]
+    return mapping[0], mapping[1]
 
 
 def row_text(row: dict[str, Any], fmt: str, in_col: str = "", out_col: str = "") -> str:
@@ -331,7 +388,8 @@ def split_indices(row_count: int, validation_ratio: float, seed: int) -> tuple[l
         raise ValueError(f"must be in (0, 0.5], got {validation_ratio}")
     if row_count < 2:
         raise ValueError("the dataset needs at least 2 rows to split")
-    n_validation = min(row_count - 1, max(1, round(row_count * validation_ratio)))
+    # Rounded down (at least one row) so validation never takes more than the ratio asks for.
+    n_validation = min(row_count - 1, max(1, math.floor(row_count * validation_ratio)))
     order = list(range(row_count))
     random.Random(seed).shuffle(order)
     return sorted(order[n_validation:]), sorted(order[:n_validation])
