@@ -33,6 +33,7 @@ from tuneforge_common.params import ParamSpec, resolve_parameters, specs_from_da
 from . import datasets as rules
 from . import store
 from .models import inspect_model_dir
+from .tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 1024 * 1024
@@ -542,18 +543,12 @@ class Catalog:
             raise InvalidArgument.for_field("max_seq_length", "must not be negative")
 
         def count() -> dict[str, Any]:
-            from tokenizers import Tokenizer
-
-            tokenizer_file = Path(model.uri) / "tokenizer.json"
-            if not tokenizer_file.is_file():
-                raise FailedPrecondition(f"model {model_id!r} has no tokenizer.json to count tokens with")
-            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            counter = TokenCounter(Path(model.uri), model_id)
             counts = []
             columns = (row.prompt_input_column, row.prompt_output_column)
             for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
                 if raw.strip():
-                    text = rules.row_text(json.loads(raw), row.format, *columns)
-                    counts.append(len(tokenizer.encode(text).ids))
+                    counts.append(counter.count(json.loads(raw), row.format, *columns))
             return rules.token_stats(counts, max_seq_length or None)
 
         return await asyncio.to_thread(count)
