@@ -71,7 +71,7 @@ class TokenCounter:
 
     def count(self, row: dict[str, Any], fmt: str, in_col: str = "", out_col: str = "") -> int:
         messages = self.messages_of(row, fmt, in_col, out_col) if self.template else None
-        if messages is not None:
+        if messages is not None and self.template is not None:
             from jinja2.exceptions import TemplateError
 
             try:
