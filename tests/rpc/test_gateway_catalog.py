@@ -37,12 +37,16 @@ class Recorder:
         self.received: list[tuple[str, Any]] = []
         # Method name -> the domain error to answer it with (through the services' real mapper).
         self.failures: dict[str, errors.DomainError] = {}
+        # Method name -> a bare status, as gRPC itself reports a transport failure (no status details).
+        self.transport_failures: dict[str, tuple[grpc.StatusCode, str]] = {}
 
     async def enter(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         self.received.append((method, request))
         if (error := self.failures.get(method)) is not None:
             status = status_for(error)
             await context.abort(status.code, status.details, status.trailing_metadata)
+        if (bare := self.transport_failures.get(method)) is not None:
+            await context.abort(*bare)
 
     def calls(self, method: str) -> list[Any]:
         return [request for name, request in self.received if name == method]
@@ -342,6 +346,21 @@ async def test_grpc_codes_become_http_statuses(http, backend, error, status):
     resp = await http.get("/api/v1/models/m-9")
     assert resp.status_code == status
     assert error_of(resp)["code"] == status_for(error).code.name
+
+
+async def test_a_services_own_unavailable_message_reaches_the_client(http, backend):
+    backend.catalog.failures["RegisterModel"] = errors.Unavailable("could not fetch 'org/model' from the Hub")
+    resp = await http.post("/api/v1/models", json={"hub_id": "org/model", "name": "m"})
+    assert resp.status_code == 503 and error_of(resp)["message"] == "could not fetch 'org/model' from the Hub"
+
+
+async def test_a_transport_failure_is_a_generic_503_without_grpc_internals(http, backend):
+    backend.catalog.transport_failures["GetModel"] = (
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; ipv4:10.0.0.1:50051",
+    )
+    resp = await http.get("/api/v1/models/m-1")
+    assert resp.status_code == 503 and error_of(resp)["message"] == "a backend service is unavailable"
 
 
 async def test_invalid_argument_carries_its_field_violations(http, backend):

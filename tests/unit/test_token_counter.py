@@ -67,3 +67,27 @@ def test_a_template_that_raises_is_a_failed_precondition(model_dir):
     )
     with pytest.raises(FailedPrecondition, match="roles must alternate"):
         TokenCounter(model_dir, "m").count(CHAT_ROW, "chat")
+
+
+def test_generation_blocks_and_loop_controls_render_like_transformers(model_dir):
+    template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "{% if m.role == 'assistant' %}{% generation %}<a> {{ m.content }}{% endgeneration %}"
+        "{% else %}<u> {{ m.content }} {% endif %}{% endfor %}"
+    )
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    assert TokenCounter(model_dir, "m").count(CHAT_ROW, "chat") == 8
+
+
+def test_a_template_that_does_not_compile_is_a_failed_precondition(model_dir):
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% if %}"}))
+    with pytest.raises(FailedPrecondition, match="does not compile"):
+        TokenCounter(model_dir, "m")
+
+
+def test_the_built_in_tiny_models_template_counts_chat_rows(tmp_path):
+    from tuneforge_trainer.tiny_model import CHAT_TEMPLATE
+
+    path = write_fake_model_dir(tmp_path / "tiny")
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "</s>"}))
+    assert TokenCounter(path, "tiny").count(CHAT_ROW, "chat") > 6

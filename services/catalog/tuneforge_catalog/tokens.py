@@ -23,6 +23,26 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _generation_tag() -> type:
+    """`{% generation %}...{% endgeneration %}` marks assistant tokens for assistant-only loss (transformers'
+    extension); for counting, the block renders its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    return GenerationTag
+
+
 class TokenCounter:
     def __init__(self, model_dir: Path, model_id: str) -> None:
         from tokenizers import Tokenizer
@@ -53,10 +73,15 @@ class TokenCounter:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_generation_tag(), "jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-        return env.from_string(source)
+        try:
+            return env.from_string(source)
+        except TemplateError as exc:
+            raise FailedPrecondition(f"the model's chat template does not compile: {exc}") from None
 
     def messages_of(self, row: dict[str, Any], fmt: str, in_col: str, out_col: str) -> list[dict[str, str]] | None:
         if fmt == rules.CHAT:

@@ -162,20 +162,24 @@ class DecodedError:
     code: grpc.StatusCode
     message: str
     field_violations: list[tuple[str, str]]
+    # True when a TuneForge service wrote the status (its message is safe to show); False for transport errors.
+    from_service: bool = False
 
 
 def decode_error(err: grpc.aio.AioRpcError) -> DecodedError:
     """Read code, message and BadRequest field violations from a failed call."""
     violations: list[tuple[str, str]] = []
+    from_service = False
     for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
+            from_service = True
             status = status_pb2.Status.FromString(value)
             for detail in status.details:
                 if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                     br = error_details_pb2.BadRequest()
                     detail.Unpack(br)
                     violations += [(v.field, v.description) for v in br.field_violations]
-    return DecodedError(err.code(), err.details() or "", violations)
+    return DecodedError(err.code(), err.details() or "", violations, from_service)
 
 
 assert code_pb2.NOT_FOUND == grpc.StatusCode.NOT_FOUND.value[0]

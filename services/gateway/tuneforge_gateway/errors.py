@@ -40,10 +40,12 @@ async def grpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, grpc.aio.AioRpcError)
     decoded = decode_error(exc)
     status = HTTP_STATUS.get(decoded.code, 500)
-    # UNAVAILABLE/INTERNAL texts come from the transport or a service's internals: keep them out.
-    message = (
-        decoded.message if status < 500 else "a backend service is unavailable" if status == 503 else "internal error"
-    )
+    # Transport texts (a service down) and INTERNAL never reach clients; a service's own UNAVAILABLE
+    # (e.g. the Hugging Face Hub is unreachable) says what to do instead.
+    if status < 500 or (status == 503 and decoded.from_service):
+        message = decoded.message
+    else:
+        message = "a backend service is unavailable" if status == 503 else "internal error"
     return JSONResponse(error_body(decoded.code.name, message, decoded.field_violations), status_code=status)
 
 
