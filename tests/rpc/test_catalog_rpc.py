@@ -159,6 +159,18 @@ async def test_register_from_an_artifact_store_uri_copies_it_into_the_store(cata
     assert model.source == "memory://bucket/remote-model"
 
 
+async def test_a_refused_uri_leaves_no_copy_in_the_artifact_store(catalog_stub, tmp_path):
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/bucket/not-a-model/readme.txt", b"hello")
+    code, _, violations = await rpc_error(
+        catalog_stub.RegisterModel, pb.RegisterModelRequest(uri="memory://bucket/not-a-model", name="nope")
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "has no config.json" in violations[0][1]
+    models_dir = tmp_path / "artifacts" / "models"
+    assert not models_dir.exists() or not any(models_dir.iterdir())
+
+
 async def test_register_by_hub_id_without_internet_is_a_clear_unavailable(catalog_stub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, details, _ = await rpc_error(

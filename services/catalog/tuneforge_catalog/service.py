@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -195,6 +196,9 @@ class Catalog:
         if not source.strip():
             raise InvalidArgument.for_field(source_kind or "source", "is required")
         model_id = model_id or new_id("model")
+        async with self.engine.connect() as conn:  # before any download: a taken name costs nothing
+            if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
+                raise AlreadyExists(f"a model named {name!r} exists")
         if source_kind == "path":
             local, uri = Path(source), str(await asyncio.to_thread(Path(source).resolve))
         elif source_kind == "uri":
@@ -204,38 +208,44 @@ class Catalog:
             uri = str(local)
         else:
             raise InvalidArgument.for_field("source", "give one of path, uri or hub_id")
-        if not await asyncio.to_thread(local.is_dir):
-            raise InvalidArgument.for_field(source_kind, f"{source} is not a directory")
-        info = await asyncio.to_thread(inspect_model_dir, local)
-        now = utcnow()
-        async with self.engine.begin() as conn:
-            if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
-                raise AlreadyExists(f"a model named {name!r} exists")
-            await conn.execute(
-                store.models.insert().values(
-                    id=model_id,
-                    name=name,
-                    description=description,
-                    uri=uri,
-                    architecture=info.architecture,
-                    parameter_count=info.parameter_count,
-                    context_length=info.context_length,
-                    dtype=info.dtype,
-                    has_chat_template=info.has_chat_template,
-                    builtin=builtin,
-                    created_at=now,
-                    updated_at=now,
-                    tags=json.dumps(tags),
-                    license=license,
-                    size_bytes=info.size_bytes,
-                    kind="BASE",
-                    lineage="{}",
-                    source=f"hf://{source}" if source_kind == "hub_id" else source,
+        copied = uri != source and source_kind != "path"  # fetched into the artifact store by us
+        try:
+            if not await asyncio.to_thread(local.is_dir):
+                raise InvalidArgument.for_field(source_kind, f"{source} is not a directory")
+            info = await asyncio.to_thread(inspect_model_dir, local)
+            now = utcnow()
+            async with self.engine.begin() as conn:
+                if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
+                    raise AlreadyExists(f"a model named {name!r} exists")
+                await conn.execute(
+                    store.models.insert().values(
+                        id=model_id,
+                        name=name,
+                        description=description,
+                        uri=uri,
+                        architecture=info.architecture,
+                        parameter_count=info.parameter_count,
+                        context_length=info.context_length,
+                        dtype=info.dtype,
+                        has_chat_template=info.has_chat_template,
+                        builtin=builtin,
+                        created_at=now,
+                        updated_at=now,
+                        tags=json.dumps(tags),
+                        license=license,
+                        size_bytes=info.size_bytes,
+                        kind="BASE",
+                        lineage="{}",
+                        source=f"hf://{source}" if source_kind == "hub_id" else source,
+                    )
                 )
-            )
-            await write_event(
-                conn, store.outbox, self._subject("model", "registered"), {"model_id": model_id, "name": name}
-            )
+                await write_event(
+                    conn, store.outbox, self._subject("model", "registered"), {"model_id": model_id, "name": name}
+                )
+        except BaseException:
+            if copied:  # nothing half-written: a refused model leaves no files behind
+                await asyncio.to_thread(shutil.rmtree, local, True)
+            raise
         self._notify()
         return await self.get_model(model_id)
 
@@ -265,6 +275,7 @@ class Catalog:
             raise FailedPrecondition("fetching from the Hugging Face Hub needs the huggingface_hub package") from None
         except Exception as exc:
             log.warning("hub fetch of %s failed: %s", hub_id, exc)
+            shutil.rmtree(target, ignore_errors=True)
             raise Unavailable(
                 f"could not fetch {hub_id!r} from the Hugging Face Hub ({type(exc).__name__}); if this machine "
                 "has no internet access, download the model elsewhere and register its directory with `path`"
