@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from tests.helpers import chat_jsonl, write_fake_model_dir
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
@@ -127,6 +128,22 @@ async def test_list_jobs_filters_by_state_and_inputs(services):
     assert by_method.jobs == []
     everything = await services.jobs.ListJobs(jpb.ListJobsRequest(dataset_id=dataset.id, model_id="tiny-test"))
     assert {j.id for j in everything.jobs} == {first.id, second.id}
+
+
+async def test_a_jobs_column_mapping_defaults_to_the_datasets_and_the_user_can_override_it(services):
+    async def requests():
+        meta = cpb.DatasetUploadMetadata(name="qa", prompt_input_column="q", prompt_output_column="a")
+        yield cpb.UploadDatasetRequest(metadata=meta)
+        yield cpb.UploadDatasetRequest(chunk=b'{"q": "2+2?", "a": "4", "note": "x"}\n')
+
+    dataset = (await services.catalog.UploadDataset(requests(), timeout=20)).dataset
+    job = await submit(services, dataset.id)
+    assert (job.parameters["prompt_input_column"], job.parameters["prompt_output_column"]) == ("q", "a")
+    params = struct_pb2.Struct()
+    params.update({"PromptOutputColumn": "note"})  # DeepExtension's spelling, an alias
+    request = jpb.SubmitJobRequest(model_id="tiny-test", dataset_id=dataset.id, method_id="sft-lora", parameters=params)
+    overridden = (await services.jobs.SubmitJob(request, timeout=10)).job
+    assert overridden.parameters["prompt_output_column"] == "note"
 
 
 async def test_delete_fails_closed_when_the_jobs_service_is_down(services):

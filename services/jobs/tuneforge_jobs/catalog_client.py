@@ -54,7 +54,7 @@ class GrpcCatalog:
             )
         method = (await self._call(self.stub.GetMethod, pb.GetMethodRequest(method_id=method_id), "method_id")).method
         given = struct_pb2.Struct()
-        given.update(parameters)
+        given.update({**_dataset_columns(dataset, method, parameters), **parameters})
         resolved = await self._call(
             self.stub.ResolveParameters,
             pb.ResolveParametersRequest(method_id=method_id, parameters=given),
@@ -66,6 +66,23 @@ class GrpcCatalog:
             entrypoint=method.entrypoint,
             parameters=_ints_back(json_format.MessageToDict(resolved.parameters), method),
         )
+
+
+def _dataset_columns(dataset: Any, method: Any, given: dict[str, Any]) -> dict[str, str]:
+    """The dataset's column mapping (named at upload or detected) as the job's default for the method's
+    prompt_input_column / prompt_output_column, so a mapped dataset trains without repeating it."""
+    if dataset.format != common_pb2.DATASET_FORMAT_COLUMNS:
+        return {}
+    mapping = {
+        "prompt_input_column": dataset.prompt_input_column,
+        "prompt_output_column": dataset.prompt_output_column,
+    }
+    defaults = {}
+    for spec in method.parameters:
+        spelled = {spec.name, spec.env_name, *spec.aliases}  # the user may have set it under any of them
+        if mapping.get(spec.name) and not spelled & given.keys():
+            defaults[spec.name] = mapping[spec.name]
+    return defaults
 
 
 def _ints_back(values: dict[str, Any], method: Any) -> dict[str, Any]:
