@@ -73,6 +73,30 @@ def _iter_lines(fs: Any, path: str) -> Iterator[bytes]:
         yield from fh
 
 
+def _progress_logger(what: str) -> type:
+    """A tqdm that writes each 10% of a download to the service log instead of a terminal bar."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    class LoggedProgress(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["file"] = io.StringIO()
+            super().__init__(*args, **kwargs)
+            self._logged_decile = -1
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.total:
+                decile = int(10 * self.n / self.total)
+                if decile > self._logged_decile:
+                    self._logged_decile = decile
+                    log.info("fetching %s: %s %d%%", what, self.desc or "files", 10 * decile)
+            return shown
+
+    return LoggedProgress
+
+
 @dataclass
 class Catalog:
     engine: AsyncEngine
@@ -269,6 +293,7 @@ class Catalog:
             snapshot_download(
                 repo_id=hub_id,
                 local_dir=target,
+                tqdm_class=_progress_logger(hub_id),
                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
             )
         except ImportError:
