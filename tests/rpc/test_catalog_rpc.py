@@ -286,6 +286,33 @@ async def test_upload_in_chunks_validates_and_dedups_content(catalog_stub, tmp_p
     assert len(list((tmp_path / "artifacts" / "datasets" / "sha256").iterdir())) == 1
 
 
+async def test_concurrent_uploads_of_the_same_bytes_all_succeed_with_one_stored_copy(catalog_stub, tmp_path):
+    import asyncio
+
+    data = chat_jsonl(200)
+    uploaded = await asyncio.gather(*(upload(catalog_stub, f"same-{i}", data) for i in range(4)))
+    assert {d.status for d in uploaded} == {READY} and len({d.uri for d in uploaded}) == 1
+    assert [p.name for p in (tmp_path / "artifacts" / "datasets" / "sha256").iterdir()] == [
+        f"{uploaded[0].sha256}.jsonl"
+    ]
+
+
+async def test_deleting_while_the_same_bytes_are_uploaded_keeps_the_new_datasets_content(catalog_stub, tmp_path):
+    import asyncio
+
+    data = chat_jsonl(50)
+    for attempt in range(5):
+        old = await upload(catalog_stub, f"old-{attempt}", data)
+        _, new = await asyncio.gather(
+            catalog_stub.DeleteDataset(pb.DeleteDatasetRequest(dataset_id=old.id), timeout=10),
+            upload(catalog_stub, f"new-{attempt}", data),
+        )
+        chunks = [m.chunk async for m in catalog_stub.DownloadDataset(pb.DownloadDatasetRequest(dataset_id=new.id))]
+        assert b"".join(chunks) == data
+        await catalog_stub.DeleteDataset(pb.DeleteDatasetRequest(dataset_id=new.id), timeout=10)
+    assert not list((tmp_path / "artifacts" / "datasets" / "sha256").iterdir())  # the last delete freed it
+
+
 async def test_bad_jsonl_is_stored_invalid_with_every_problem_by_line(catalog_stub):
     data = chat_jsonl(2) + b"{oops\n" + jsonl({"messages": [{"role": "bot", "content": "x"}]}, b"[1]")
     dataset = await upload(catalog_stub, "bad", data)

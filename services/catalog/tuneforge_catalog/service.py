@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -421,9 +422,14 @@ class Catalog:
         name = _check_name(name)
         if declared_format and declared_format not in rules.FORMATS:
             raise InvalidArgument.for_field("format", f"must be one of {', '.join(rules.FORMATS)}")
+        if len(prompt_input_column) > MAX_NAME or len(prompt_output_column) > MAX_NAME:
+            field_name = "prompt_input_column" if len(prompt_input_column) > MAX_NAME else "prompt_output_column"
+            raise InvalidArgument.for_field(field_name, f"must be at most {MAX_NAME} characters")
         digest = hashlib.sha256()
         size = 0
-        fd, tmp_path = tempfile.mkstemp(prefix="tuneforge-upload-", suffix=".jsonl")
+        scratch = await asyncio.to_thread(self.artifacts.scratch_dir)
+        fd, tmp_path = tempfile.mkstemp(prefix="upload-", suffix=".jsonl", dir=scratch)
+        dataset_id = new_id("ds")
         try:
             with os.fdopen(fd, "wb") as fh:
                 async for chunk in chunks:
@@ -435,37 +441,43 @@ class Catalog:
             if size == 0:
                 raise InvalidArgument.for_field("content", "upload is empty")
             sha = digest.hexdigest()
-            uri = self.artifacts.uri("datasets", "sha256", f"{sha}.jsonl")
-            if not await asyncio.to_thread(self.artifacts.exists, uri):  # same bytes, same content: stored once
-                await asyncio.to_thread(self.artifacts.put_file_atomic, tmp_path, uri)
-        finally:
-            os.unlink(tmp_path)
-        dataset_id = new_id("ds")
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                store.datasets.insert().values(
-                    id=dataset_id,
-                    name=name,
-                    description=description,
-                    uri=uri,
-                    sha256=sha,
-                    size_bytes=size,
-                    row_count=0,
-                    format=declared_format,
-                    columns="[]",
-                    created_at=utcnow(),
-                    status="VALIDATING",
-                    validation="{}",
-                    prompt_input_column=prompt_input_column,
-                    prompt_output_column=prompt_output_column,
+            async with self.engine.begin() as conn:
+                uri = await self._keep_content(conn, sha, size, tmp_path)
+                await conn.execute(
+                    store.datasets.insert().values(
+                        id=dataset_id,
+                        name=name,
+                        description=description,
+                        uri=uri,
+                        sha256=sha,
+                        size_bytes=size,
+                        row_count=0,
+                        format=declared_format,
+                        columns="[]",
+                        created_at=utcnow(),
+                        status="VALIDATING",
+                        validation="{}",
+                        prompt_input_column=prompt_input_column,
+                        prompt_output_column=prompt_output_column,
+                    )
                 )
-            )
-            await write_event(conn, store.outbox, self._subject("dataset", "uploaded"), {"dataset_id": dataset_id})
+                await write_event(conn, store.outbox, self._subject("dataset", "uploaded"), {"dataset_id": dataset_id})
+        finally:
+            with contextlib.suppress(FileNotFoundError):  # stored by rename, or refused
+                os.unlink(tmp_path)
         self._notify()
         task = self.start_validation(dataset_id)
         # shield: a slow validation outlives the wait and finishes in the background.
         await asyncio.wait({asyncio.shield(task)}, timeout=self.validation_wait_seconds)
         return await self.get_dataset(dataset_id)
+
+    async def _keep_content(self, conn: Any, sha: str, size: int, local_path: str) -> str:
+        """Store content once per sha256 while holding its row lock (deletes of the same content wait)."""
+        uri = self.artifacts.uri("datasets", "sha256", f"{sha}.jsonl")
+        await store.lock_content(conn, sha, uri, size, utcnow())
+        if not await asyncio.to_thread(self.artifacts.exists, uri):  # same bytes, same content: stored once
+            await asyncio.to_thread(self.artifacts.adopt_file, local_path, uri)
+        return uri
 
     def start_validation(self, dataset_id: str) -> asyncio.Task:
         task = asyncio.create_task(self.validate_dataset(dataset_id), name=f"validate-{dataset_id}")
@@ -531,6 +543,8 @@ class Catalog:
         if active:
             raise FailedPrecondition(f"dataset {dataset_id!r} is used by {active} unfinished job(s)")
         async with self.engine.begin() as conn:
+            # Lock the content first: an upload of the same bytes either sees this delete or is seen by it.
+            await store.lock_content(conn, row.sha256, row.uri, row.size_bytes, utcnow())
             await conn.execute(delete(store.datasets).where(store.datasets.c.id == dataset_id))
             shared = (
                 await conn.execute(
@@ -538,9 +552,14 @@ class Catalog:
                 )
             ).scalar_one()
             await write_event(conn, store.outbox, self._subject("dataset", "deleted"), {"dataset_id": dataset_id})
-        if not shared:  # content-addressed: other datasets with the same bytes keep the file
-            await asyncio.to_thread(self.artifacts.fs.rm, self.artifacts.path_of(row.uri))
+            if not shared:  # content-addressed: other datasets with the same bytes keep the file
+                await conn.execute(delete(store.dataset_contents).where(store.dataset_contents.c.sha256 == row.sha256))
+                await asyncio.to_thread(self._remove_content, row.uri)
         self._notify()
+
+    def _remove_content(self, uri: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.artifacts.fs.rm(self.artifacts.path_of(uri))
 
     async def download_dataset(self, dataset_id: str) -> AsyncIterator[bytes]:
         row = await self.get_dataset(dataset_id)
@@ -604,52 +623,52 @@ class Catalog:
         validation_rows = set(val_idx)
 
         def write_parts(tmp: str) -> list[tuple[str, str, int, int]]:
+            """Both parts written and hashed in one streaming pass: (path, sha256, size, rows)."""
             paths = [os.path.join(tmp, "train.jsonl"), os.path.join(tmp, "validation.jsonl")]
+            digests, sizes = [hashlib.sha256(), hashlib.sha256()], [0, 0]
             with open(paths[0], "wb") as train, open(paths[1], "wb") as val:
                 index = 0
                 for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
                     if not raw.strip():
                         continue
                     line = raw if raw.endswith(b"\n") else raw + b"\n"
-                    (val if index in validation_rows else train).write(line)
+                    part = 1 if index in validation_rows else 0
+                    (val if part else train).write(line)
+                    digests[part].update(line)
+                    sizes[part] += len(line)
                     index += 1
-            parts = []
-            for path, rows in zip(paths, (len(train_idx), len(val_idx)), strict=True):
-                data = Path(path).read_bytes()
-                sha = hashlib.sha256(data).hexdigest()
-                uri = self.artifacts.uri("datasets", "sha256", f"{sha}.jsonl")
-                if not self.artifacts.exists(uri):
-                    self.artifacts.put_file_atomic(path, uri)
-                parts.append((uri, sha, len(data), rows))
-            return parts
+            rows = (len(train_idx), len(val_idx))
+            return [(paths[i], digests[i].hexdigest(), sizes[i], rows[i]) for i in (0, 1)]
 
-        with tempfile.TemporaryDirectory(prefix="tuneforge-split-") as tmp:
-            parts = await asyncio.to_thread(write_parts, tmp)
+        scratch = await asyncio.to_thread(self.artifacts.scratch_dir)
         ids = []
-        async with self.engine.begin() as conn:
-            for suffix, (uri, sha, size, rows) in zip(("train", "validation"), parts, strict=True):
-                part_id = new_id("ds")
-                ids.append(part_id)
-                await conn.execute(
-                    store.datasets.insert().values(
-                        id=part_id,
-                        name=f"{row.name}-{suffix}",
-                        description=f"{suffix} split of {row.id} (ratio {validation_ratio}, seed {seed})",
-                        uri=uri,
-                        sha256=sha,
-                        size_bytes=size,
-                        row_count=rows,
-                        format=row.format,
-                        columns=row.columns,
-                        created_at=utcnow(),
-                        status="READY",
-                        validation=json.dumps({"problems": [], "problem_count": 0}),
-                        prompt_input_column=row.prompt_input_column,
-                        prompt_output_column=row.prompt_output_column,
-                        parent_dataset_id=row.id,
+        with tempfile.TemporaryDirectory(prefix="split-", dir=scratch) as tmp:
+            parts = await asyncio.to_thread(write_parts, tmp)
+            async with self.engine.begin() as conn:
+                for suffix, (path, sha, size, rows) in zip(("train", "validation"), parts, strict=True):
+                    uri = await self._keep_content(conn, sha, size, path)
+                    part_id = new_id("ds")
+                    ids.append(part_id)
+                    await conn.execute(
+                        store.datasets.insert().values(
+                            id=part_id,
+                            name=f"{row.name[: MAX_NAME - len(suffix) - 1]}-{suffix}",
+                            description=f"{suffix} split of {row.id} (ratio {validation_ratio}, seed {seed})",
+                            uri=uri,
+                            sha256=sha,
+                            size_bytes=size,
+                            row_count=rows,
+                            format=row.format,
+                            columns=row.columns,
+                            created_at=utcnow(),
+                            status="READY",
+                            validation=json.dumps({"problems": [], "problem_count": 0}),
+                            prompt_input_column=row.prompt_input_column,
+                            prompt_output_column=row.prompt_output_column,
+                            parent_dataset_id=row.id,
+                        )
                     )
-                )
-                await write_event(conn, store.outbox, self._subject("dataset", "created"), {"dataset_id": part_id})
+                    await write_event(conn, store.outbox, self._subject("dataset", "created"), {"dataset_id": part_id})
         self._notify()
         return await self.get_dataset(ids[0]), await self.get_dataset(ids[1])
 

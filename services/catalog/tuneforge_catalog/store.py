@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Column, Integer, MetaData, String, Table, Text, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tuneforge_common.db import UtcDateTime
 from tuneforge_common.events import outbox_table
@@ -57,6 +59,17 @@ datasets = Table(
     Column("parent_dataset_id", String(64), nullable=True),
 )
 
+# One row per stored content file. Uploads and deletes lock it, so a delete never removes bytes that an
+# upload of the same content is about to point a dataset at.
+dataset_contents = Table(
+    "dataset_contents",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("uri", Text, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
 methods = Table(
     "methods",
     metadata,
@@ -95,6 +108,13 @@ async def list_page(
         rows = (await conn.execute(query)).all()
     next_token = encode_token(offset + size) if len(rows) > size else ""
     return list(rows[:size]), next_token
+
+
+async def lock_content(conn: AsyncConnection, sha256: str, uri: str, size: int, now: Any) -> None:
+    """Make sure the content row exists and hold its lock until the transaction ends."""
+    insert = (postgres_insert if conn.dialect.name == "postgresql" else sqlite_insert)(dataset_contents)
+    await conn.execute(insert.values(sha256=sha256, uri=uri, size_bytes=size, created_at=now).on_conflict_do_nothing())
+    await conn.execute(select(dataset_contents.c.sha256).where(dataset_contents.c.sha256 == sha256).with_for_update())
 
 
 async def get_row(engine: AsyncEngine, table: Table, row_id: str) -> Any | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -29,9 +31,32 @@ class ArtifactStore:
         """Write to a temporary name then rename, so a reader never sees half a file."""
         target = self.path_of(uri)
         self.fs.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp-{os.getpid()}"
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # unique per write: concurrent writers never share one
         self.fs.put_file(local_path, tmp)
         self.fs.mv(tmp, target)
+
+    @property
+    def is_local(self) -> bool:
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "file" in protocols or "local" in protocols
+
+    def scratch_dir(self) -> str:
+        """Where to spool files that will be stored: inside a local store, so storing them is a rename."""
+        path = os.path.join(self._base, ".tmp") if self.is_local else os.path.join(tempfile.gettempdir(), "tuneforge")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def adopt_file(self, local_path: str, uri: str) -> None:
+        """Store a spooled file under uri, atomically; a local store renames it instead of copying."""
+        if not self.is_local:
+            self.put_file_atomic(local_path, uri)
+            return
+        target = self.path_of(uri)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.replace(local_path, target)  # same filesystem when spooled in scratch_dir()
+        except OSError:
+            self.put_file_atomic(local_path, uri)
 
     def put_dir(self, local_dir: str, uri: str) -> None:
         target = self.path_of(uri)
