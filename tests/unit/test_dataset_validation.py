@@ -491,3 +491,50 @@ def test_a_utf16_file_gets_no_problem_past_its_last_line():
     report = validate_jsonl(data.splitlines(keepends=True))
 
     assert report.problems and max(p.line for p in report.problems) <= 2
+
+
+# --- bounded reading and hostile input ------------------------------------------------------------------
+
+
+def test_read_lines_gives_every_line_across_block_boundaries():
+    import io
+
+    from tuneforge_catalog.datasets import read_lines
+
+    data = b"a\nbb\n\nccc\r\nlast-without-newline"
+    assert list(read_lines(io.BytesIO(data), max_bytes=100, block_size=3)) == data.splitlines(keepends=True)
+
+
+def test_read_lines_skips_an_overlong_line_keeping_its_size_not_its_bytes():
+    import io
+
+    from tuneforge_catalog.datasets import OverlongLine, read_lines
+
+    data = b'{"text": "ok"}\n' + b"x" * 10_000 + b"\n" + b'{"text": "after"}\n'
+    lines = list(read_lines(io.BytesIO(data), max_bytes=100, block_size=64))
+    assert lines[0] == b'{"text": "ok"}\n' and lines[2] == b'{"text": "after"}\n'
+    assert isinstance(lines[1], OverlongLine) and lines[1].size == 10_001 and len(lines[1]) == 64
+
+
+def test_an_overlong_line_is_reported_by_size_and_the_rest_is_still_checked():
+    import io
+
+    from tuneforge_catalog.datasets import max_line_bytes, read_lines
+
+    data = b'{"text": "ok"}\n' + b"x" * 50_000 + b"\n" + b'{"text": ""}\n'
+    report = validate_jsonl(read_lines(io.BytesIO(data), max_line_bytes(100)), max_line_chars=100)
+    assert problems(report) == [
+        (2, "", "line is 50001 bytes, over the limit of 100 characters"),
+        (3, "text", "is empty"),
+    ]
+
+
+def test_deeply_nested_json_is_a_line_problem_not_a_crash():
+    deep = '{"text": ' + "[" * 1500 + "]" * 1500 + "}"
+    report = validate_jsonl(jsonl(TEXT_ROW, deep))
+    assert problems(report) == [(2, "", "nested too deeply to read")]
+
+
+def test_the_same_column_on_both_sides_of_the_mapping_is_refused():
+    report = validate_jsonl(jsonl(QA_ROW), prompt_input_column="question", prompt_output_column="question")
+    assert problems(report) == [(0, "prompt_output_column", "must differ from prompt_input_column ('question')")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,54 @@ MAX_PROBLEMS = 100
 # Column pairs detected without a mapping, in the order the trainer tries them.
 PROMPT_COLUMN_NAMES = ("question", "instruction", "query", "input", "prompt")
 ANSWER_COLUMN_NAMES = ("answer", "response", "output", "completion")
+
+
+class OverlongLine(bytes):
+    """Stands for a line too long to hold in memory: its first bytes, and its full size in bytes."""
+
+    size: int
+
+    @classmethod
+    def of(cls, head: bytes, size: int) -> OverlongLine:
+        line = cls(head)
+        line.size = size
+        return line
+
+
+def read_lines(fh: Any, max_bytes: int, block_size: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary file with bounded memory: a line over max_bytes comes back as an OverlongLine."""
+    pending = bytearray()
+    skipped = 0  # bytes of the over-long line being skipped
+    head = b""
+    while block := fh.read(block_size):
+        start = 0
+        while True:
+            newline = block.find(b"\n", start)
+            piece = block[start : newline + 1] if newline >= 0 else block[start:]
+            if skipped:
+                skipped += len(piece)
+            elif len(pending) + len(piece) > max_bytes:
+                head, skipped = bytes((pending + piece)[:64]), len(pending) + len(piece)
+                pending.clear()
+            else:
+                pending += piece
+            if newline < 0:
+                break
+            if skipped:
+                yield OverlongLine.of(head, skipped)
+                skipped = 0
+            else:
+                yield bytes(pending)
+                pending.clear()
+            start = newline + 1
+    if skipped:
+        yield OverlongLine.of(head, skipped)
+    elif pending:
+        yield bytes(pending)
+
+
+def max_line_bytes(max_line_chars: int) -> int:
+    return 4 * max_line_chars + 2  # UTF-8 takes at most 4 bytes a character, plus \r\n
 
 
 @dataclass(frozen=True)
@@ -227,6 +275,11 @@ def validate_jsonl(
     first_keys: list[str] | None = None
     first_line = 0
     for line_no, raw in enumerate(lines, start=1):
+        if isinstance(raw, OverlongLine):
+            report.add(
+                line_no, "", f"line is {raw.size} bytes, over the limit of {max_line_chars} characters", max_problems
+            )
+            continue
         if line_no == 1 and raw.startswith(UTF16_BOMS):
             report.add(1, "", "the file is UTF-16; save it as UTF-8", max_problems)
             return report
@@ -249,6 +302,9 @@ def validate_jsonl(
             # Some of json's messages already end in "at" ("Unterminated string starting at").
             where = "column" if exc.msg.endswith(" at") else "at column"
             report.add(line_no, "", f"not valid JSON: {exc.msg} {where} {exc.colno}", max_problems)
+            continue
+        except RecursionError:
+            report.add(line_no, "", "nested too deeply to read", max_problems)
             continue
         if "\\ud" in text.lower() and _has_lone_surrogate(row):
             report.add(line_no, "", "has an escaped lone surrogate (\\udXXX) that is not a character", max_problems)
@@ -331,6 +387,9 @@ def _column_mapping(
                 max_problems,
             )
             mapping[i] = ""
+    if mapping[0] and mapping[0] == mapping[1]:
+        report.add(0, "prompt_output_column", f"must differ from prompt_input_column ({mapping[0]!r})", max_problems)
+        mapping[1] = ""
     report.prompt_input_column, report.prompt_output_column = mapping[0], mapping[1]
     return mapping[0], mapping[1]
 

@@ -69,9 +69,18 @@ def _check_tags(tags: list[str]) -> list[str]:
     return cleaned
 
 
-def _iter_lines(fs: Any, path: str) -> Iterator[bytes]:
+def _iter_lines(fs: Any, path: str, max_bytes: int) -> Iterator[bytes]:
     with fs.open(path, "rb") as fh:
-        yield from fh
+        yield from rules.read_lines(fh, max_bytes)
+
+
+def _rows(fs: Any, path: str, max_bytes: int) -> Iterator[dict[str, Any]]:
+    """The rows of a READY dataset (validated, so every line is a JSON object)."""
+    for raw in _iter_lines(fs, path, max_bytes):
+        if isinstance(raw, rules.OverlongLine):
+            raise FailedPrecondition("the dataset has a line over the current line limit; upload it again")
+        if raw.strip():
+            yield json.loads(raw)
 
 
 def _progress_logger(what: str) -> type:
@@ -109,6 +118,10 @@ class Catalog:
     validation_wait_seconds: float = 30.0
     on_event: Callable[[], None] | None = None  # called after a commit that wrote an outbox row
     _background: set[asyncio.Task] = field(default_factory=set)
+
+    @property
+    def _line_bytes(self) -> int:
+        return rules.max_line_bytes(self.max_line_chars)
 
     def _subject(self, entity: str, event: str) -> str:
         return f"{self.subject_root}.catalog.{entity}.{event}"
@@ -501,7 +514,7 @@ class Catalog:
 
             fs, path = fsspec.core.url_to_fs(row.uri)
             return rules.validate_jsonl(
-                _iter_lines(fs, path),
+                _iter_lines(fs, path, self._line_bytes),
                 declared_format=row.format,
                 max_line_chars=self.max_line_chars,
                 prompt_input_column=row.prompt_input_column,
@@ -510,14 +523,21 @@ class Catalog:
 
         try:
             report = await asyncio.to_thread(run)
+        except FileNotFoundError:
+            report = rules.ValidationReport()
+            report.add(0, "", "the stored content is missing; upload the file again", 1)
+        except OSError:
+            log.exception("validation of %s could not read its content", dataset_id)
+            return  # the store may be back later: stays VALIDATING, retried at the next start
         except Exception:
             log.exception("validation of %s failed", dataset_id)
-            return  # stays VALIDATING; retried at the next start
+            report = rules.ValidationReport()
+            report.add(0, "", "the file could not be validated (an internal error, logged by the catalog)", 1)
         status = "READY" if report.valid else "INVALID"
         async with self.engine.begin() as conn:
             await conn.execute(
                 update(store.datasets)
-                .where(store.datasets.c.id == dataset_id)
+                .where(store.datasets.c.id == dataset_id, store.datasets.c.status == "VALIDATING")
                 .values(
                     status=status,
                     row_count=report.row_count,
@@ -577,12 +597,14 @@ class Catalog:
 
         def read() -> list[dict[str, Any]]:
             rows: list[dict[str, Any]] = []
-            for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
+            for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri), self._line_bytes):
                 if len(rows) >= (limit or 10):
                     break
+                if isinstance(raw, rules.OverlongLine):
+                    continue
                 try:
                     value = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, RecursionError):  # an INVALID dataset's bad lines
                     continue
                 if isinstance(value, dict):
                     rows.append(value)
@@ -601,9 +623,8 @@ class Catalog:
             counter = TokenCounter(Path(model.uri), model_id)
             counts = []
             columns = (row.prompt_input_column, row.prompt_output_column)
-            for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
-                if raw.strip():
-                    counts.append(counter.count(json.loads(raw), row.format, *columns))
+            for data in _rows(self.artifacts.fs, self.artifacts.path_of(row.uri), self._line_bytes):
+                counts.append(counter.count(data, row.format, *columns))
             return rules.token_stats(counts, max_seq_length or None)
 
         return await asyncio.to_thread(count)
@@ -628,7 +649,9 @@ class Catalog:
             digests, sizes = [hashlib.sha256(), hashlib.sha256()], [0, 0]
             with open(paths[0], "wb") as train, open(paths[1], "wb") as val:
                 index = 0
-                for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri)):
+                for raw in _iter_lines(self.artifacts.fs, self.artifacts.path_of(row.uri), self._line_bytes):
+                    if isinstance(raw, rules.OverlongLine):
+                        raise FailedPrecondition("the dataset has a line over the current line limit")
                     if not raw.strip():
                         continue
                     line = raw if raw.endswith(b"\n") else raw + b"\n"
