@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -143,32 +144,46 @@ async def test_a_directory_that_is_not_a_loadable_model_is_refused_with_the_reas
     assert len((await catalog_stub.ListModels(pb.ListModelsRequest(), timeout=5)).models) == 1
 
 
-async def test_register_from_an_artifact_store_uri_copies_it_into_the_store(catalog_stub, tmp_path):
-    import fsspec
-
-    source = write_fake_model_dir(tmp_path / "remote-model")
-    mem = fsspec.filesystem("memory")
-    for f in source.iterdir():
-        mem.pipe(f"/bucket/remote-model/{f.name}", f.read_bytes())
+async def test_register_from_a_uri_inside_the_artifact_store_records_its_path(catalog_stub, tmp_path):
+    path = write_fake_model_dir(tmp_path / "artifacts" / "uploaded-models" / "m")
     model = (
-        await catalog_stub.RegisterModel(
-            pb.RegisterModelRequest(uri="memory://bucket/remote-model", name="remote"), timeout=10
-        )
+        await catalog_stub.RegisterModel(pb.RegisterModelRequest(uri=f"file://{path}", name="in-store"), timeout=10)
     ).model
-    assert model.uri.startswith(str(tmp_path / "artifacts")) and model.parameter_count == 64
-    assert model.source == "memory://bucket/remote-model"
+    assert (model.uri, model.source, model.parameter_count) == (str(path), f"file://{path}", 64)
 
 
-async def test_a_refused_uri_leaves_no_copy_in_the_artifact_store(catalog_stub, tmp_path):
+@pytest.mark.parametrize(
+    "uri,reason",
+    [
+        ("file:///etc", "must be inside the artifact store"),
+        ("memory://bucket/model", "must be inside the artifact store"),
+        ("nosuchscheme://x/y", "unsupported URI"),
+    ],
+)
+async def test_a_uri_outside_the_artifact_store_or_of_an_unknown_scheme_is_refused(catalog_stub, uri, reason):
+    code, _, violations = await rpc_error(catalog_stub.RegisterModel, pb.RegisterModelRequest(uri=uri, name="x"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and violations[0][0] == "uri" and reason in violations[0][1]
+
+
+async def test_a_remote_stores_model_is_inspected_from_a_scratch_copy_that_is_then_removed(catalog_stub, tmp_path):
     import fsspec
 
-    fsspec.filesystem("memory").pipe("/bucket/not-a-model/readme.txt", b"hello")
+    from tuneforge_common.artifacts import ArtifactStore
+
+    catalog_stub.catalog.artifacts = store_ = ArtifactStore("memory://tf-remote-store")
+    mem = fsspec.filesystem("memory")
+    for f in write_fake_model_dir(tmp_path / "remote").iterdir():
+        mem.pipe(f"/tf-remote-store/models/remote/{f.name}", f.read_bytes())
+    mem.pipe("/tf-remote-store/models/not-a-model/readme.txt", b"hello")
+    model = (
+        await catalog_stub.RegisterModel(pb.RegisterModelRequest(uri=store_.uri("models", "remote"), name="r"))
+    ).model
+    assert (model.uri, model.parameter_count) == ("memory://tf-remote-store/models/remote", 64)
     code, _, violations = await rpc_error(
-        catalog_stub.RegisterModel, pb.RegisterModelRequest(uri="memory://bucket/not-a-model", name="nope")
+        catalog_stub.RegisterModel, pb.RegisterModelRequest(uri=store_.uri("models", "not-a-model"), name="n")
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "has no config.json" in violations[0][1]
-    models_dir = tmp_path / "artifacts" / "models"
-    assert not models_dir.exists() or not any(models_dir.iterdir())
+    assert not [name for name in os.listdir(store_.scratch_dir()) if name.startswith("inspect-")]
 
 
 async def test_register_by_hub_id_without_internet_is_a_clear_unavailable(catalog_stub, monkeypatch):
@@ -178,6 +193,43 @@ async def test_register_by_hub_id_without_internet_is_a_clear_unavailable(catalo
     )
     assert code == grpc.StatusCode.UNAVAILABLE
     assert "could not fetch 'Qwen/Qwen2.5-0.5B'" in details and "register its directory with `path`" in details
+
+
+async def test_a_malformed_hub_id_is_invalid_argument(catalog_stub):
+    code, _, violations = await rpc_error(
+        catalog_stub.RegisterModel, pb.RegisterModelRequest(hub_id="not a//valid id", name="h")
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and violations[0][0] == "hub_id"
+
+
+async def test_renamed_builtin_model_is_still_found_at_the_next_start(catalog_stub, database_url, tmp_path):
+    await catalog_stub.UpdateModel(
+        pb.UpdateModelRequest(
+            model_id="tiny-test",
+            model=common_pb2.Model(name="renamed"),
+            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+        )
+    )
+    restarted, _ = await build_catalog(
+        CatalogSettings(
+            catalog_database_url=database_url,
+            artifact_root=str(tmp_path / "artifacts"),
+            catalog_seed_models=str(tmp_path / "models" / "tiny-test"),
+        )
+    )
+    try:
+        assert (await restarted.get_model("tiny-test")).name == "renamed"
+    finally:
+        await restarted.close()
+        await restarted.engine.dispose()
+
+
+async def test_overlong_license_is_invalid_argument(catalog_stub, tmp_path):
+    path = write_fake_model_dir(tmp_path / "m")
+    code, _, violations = await rpc_error(
+        catalog_stub.RegisterModel, pb.RegisterModelRequest(path=str(path), name="m", license="x" * 300)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and violations[0][0] == "license"
 
 
 async def test_register_model_needs_a_source_and_a_unique_name(catalog_stub, tmp_path):

@@ -58,6 +58,12 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_license(license: str) -> str:
+    if len(license) > MAX_NAME:
+        raise InvalidArgument.for_field("license", f"must be at most {MAX_NAME} characters")
+    return license.strip()
+
+
 def _check_tags(tags: list[str]) -> list[str]:
     cleaned = []
     for i, tag in enumerate(tags):
@@ -72,6 +78,11 @@ def _check_tags(tags: list[str]) -> list[str]:
 def _iter_lines(fs: Any, path: str, max_bytes: int) -> Iterator[bytes]:
     with fs.open(path, "rb") as fh:
         yield from rules.read_lines(fh, max_bytes)
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _rows(fs: Any, path: str, max_bytes: int) -> Iterator[dict[str, Any]]:
@@ -209,9 +220,10 @@ class Catalog:
     # -- models ---------------------------------------------------------------
 
     async def register_model_dir(self, path: Path, name: str, description: str = "", builtin: bool = False) -> Any:
-        """Seed a built-in model from a local directory; idempotent by name."""
+        """Seed a model from a local directory; idempotent (built-ins by id, so renaming one is harmless)."""
+        key = store.models.c.id if builtin else store.models.c.name
         async with self.engine.connect() as conn:
-            existing = (await conn.execute(select(store.models).where(store.models.c.name == name))).first()
+            existing = (await conn.execute(select(store.models).where(key == name))).first()
         if existing:
             return existing
         return await self.register_model(
@@ -230,23 +242,23 @@ class Catalog:
         model_id: str = "",
         builtin: bool = False,
     ) -> Any:
-        name, tags = _check_name(name), _check_tags(tags or [])
+        name, tags, license = _check_name(name), _check_tags(tags or []), _check_license(license)
         if not source.strip():
             raise InvalidArgument.for_field(source_kind or "source", "is required")
         model_id = model_id or new_id("model")
         async with self.engine.connect() as conn:  # before any download: a taken name costs nothing
             if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
                 raise AlreadyExists(f"a model named {name!r} exists")
+        fetched = scratch_copy = False  # files we wrote: removed if the model is refused / once inspected
         if source_kind == "path":
             local, uri = Path(source), str(await asyncio.to_thread(Path(source).resolve))
         elif source_kind == "uri":
-            local, uri = await asyncio.to_thread(self._local_copy_of_uri, source, model_id)
+            local, uri, scratch_copy = await asyncio.to_thread(self._local_copy_of_uri, source, model_id)
         elif source_kind == "hub_id":
             local = await asyncio.to_thread(self._fetch_from_hub, source, model_id)
-            uri = str(local)
+            uri, fetched = str(local), True
         else:
             raise InvalidArgument.for_field("source", "give one of path, uri or hub_id")
-        copied = uri != source and source_kind != "path"  # fetched into the artifact store by us
         try:
             if not await asyncio.to_thread(local.is_dir):
                 raise InvalidArgument.for_field(source_kind, f"{source} is not a directory")
@@ -281,23 +293,35 @@ class Catalog:
                     conn, store.outbox, self._subject("model", "registered"), {"model_id": model_id, "name": name}
                 )
         except BaseException:
-            if copied:  # nothing half-written: a refused model leaves no files behind
+            if fetched:  # nothing half-written: a refused model leaves no files behind
                 await asyncio.to_thread(shutil.rmtree, local, True)
             raise
+        finally:
+            if scratch_copy:
+                await asyncio.to_thread(shutil.rmtree, local, True)
         self._notify()
         return await self.get_model(model_id)
 
-    def _local_copy_of_uri(self, uri: str, model_id: str) -> tuple[Path, str]:
+    def _local_copy_of_uri(self, uri: str, model_id: str) -> tuple[Path, str, bool]:
+        """(directory to inspect, URI to record, whether the directory is a scratch copy) for a model
+        under the artifact store's root; a remote store's model is inspected from a scratch copy."""
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri)
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            return Path(path), uri
-        if not fs.exists(path):
-            raise InvalidArgument.for_field("uri", f"{uri} does not exist")
-        target = self.artifacts.uri("models", model_id)
-        fs.get(path.rstrip("/") + "/", self.artifacts.path_of(target) + "/", recursive=True)
-        return Path(self.artifacts.path_of(target)), target
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            store_fs = self.artifacts.fs
+        except (ValueError, ImportError) as exc:
+            raise InvalidArgument.for_field("uri", f"unsupported URI ({exc})") from None
+        if type(fs) is not type(store_fs) or not _inside(path, self.artifacts.path_of(self.artifacts.root)):
+            # Only the store: a catalog that fetched any URL would let users make it call anywhere.
+            raise InvalidArgument.for_field("uri", f"must be inside the artifact store ({self.artifacts.root})")
+        if not fs.isdir(path):
+            raise InvalidArgument.for_field("uri", f"{uri} is not a directory in the artifact store")
+        if self.artifacts.is_local:
+            return Path(path), path, False  # recorded as a plain path: runners and tokenizers take paths
+        scratch = Path(self.artifacts.scratch_dir()) / f"inspect-{model_id}"
+        fs.get(path.rstrip("/") + "/", str(scratch) + "/", recursive=True)
+        return scratch, uri, True
 
     def _fetch_from_hub(self, hub_id: str, model_id: str) -> Path:
         target = Path(self.artifacts.path_of(self.artifacts.uri("models", model_id)))
@@ -308,13 +332,23 @@ class Catalog:
                 repo_id=hub_id,
                 local_dir=target,
                 tqdm_class=_progress_logger(hub_id),
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "tokenizer*"],
             )
         except ImportError:
             raise FailedPrecondition("fetching from the Hugging Face Hub needs the huggingface_hub package") from None
         except Exception as exc:
             log.warning("hub fetch of %s failed: %s", hub_id, exc)
             shutil.rmtree(target, ignore_errors=True)
+            from huggingface_hub import errors as hub_errors
+
+            if isinstance(exc, hub_errors.HFValidationError):
+                raise InvalidArgument.for_field("hub_id", f"{hub_id!r} is not a valid Hub id (owner/name)") from None
+            if isinstance(exc, hub_errors.GatedRepoError):
+                raise FailedPrecondition(
+                    f"{hub_id!r} is gated on the Hub: accept its license and give the catalog a token (HF_TOKEN)"
+                ) from None
+            if isinstance(exc, (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError)):
+                raise NotFound(f"hub_id: {hub_id!r} is not on the Hugging Face Hub (or is private)") from None
             raise Unavailable(
                 f"could not fetch {hub_id!r} from the Hugging Face Hub ({type(exc).__name__}); if this machine "
                 "has no internet access, download the model elsewhere and register its directory with `path`"
@@ -333,7 +367,7 @@ class Catalog:
             conditions.append(store.models.c.kind == kind)
         if tag:
             # Tags are a JSON list; match the quoted element so "chat" doesn't match "chatty".
-            conditions.append(store.models.c.tags.contains(json.dumps(tag)))
+            conditions.append(store.models.c.tags.contains(json.dumps(tag), autoescape=True))
         if name_contains:
             conditions.append(func.lower(store.models.c.name).contains(name_contains.lower(), autoescape=True))
         return await store.list_page(
@@ -354,7 +388,7 @@ class Catalog:
         if "tags" in changes:
             values["tags"] = json.dumps(_check_tags(list(changes["tags"])))
         if "license" in changes:
-            values["license"] = changes["license"]
+            values["license"] = _check_license(changes["license"])
         await self.get_model(model_id)
         if not values:
             return await self.get_model(model_id)
@@ -389,6 +423,9 @@ class Catalog:
         async with self.engine.begin() as conn:
             await conn.execute(delete(store.models).where(store.models.c.id == model_id))
             await write_event(conn, store.outbox, self._subject("model", "deleted"), {"model_id": model_id})
+        fetched_into = self.artifacts.path_of(self.artifacts.uri("models", model_id))
+        if _inside(model.uri, fetched_into):  # fetched from the Hub by us; registered directories are the user's
+            await asyncio.to_thread(shutil.rmtree, fetched_into, True)
         self._notify()
 
     # -- datasets -------------------------------------------------------------

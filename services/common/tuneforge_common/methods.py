@@ -711,8 +711,9 @@ def validate_custom_method(definition: Any) -> list[FieldViolation]:
     deployment_environment (live only: builtin or custom), stages and parameters. Stages map a stage
     name to {"file": relative/path.py, "env": conda-env}: every lifecycle needs training; complete and
     live need saving.file too (its env defaults to the training env); live with a custom deployment
-    environment needs deployment. inference_customized and inference_complete are optional, and need
-    both file and env when given. parameters, when given, is a list of parameter specs (see
+    environment needs deployment. inference_customized and inference_complete (also spelled
+    inference-customized and inference-complete, as seed 003 does) are optional, and need both file and
+    env when given. parameters, when given, is a list of parameter specs (see
     params.parse_param_spec); without it the method takes DeepExtension's generic table.
     No violations guarantees name, training_type, lifecycle and stages.training.file are strings.
     """
@@ -764,58 +765,75 @@ def validate_custom_method(definition: Any) -> list[FieldViolation]:
     return errors.violations
 
 
-def _check_stages(errors: ViolationCollector, stages: Any, lifecycle: str | None, deployment: Any) -> None:
-    if stages is None:
-        stages = {}
-    if not isinstance(stages, Mapping):
+def stage_name(key: str) -> str | None:
+    """The stage a definition's key names: seed 003 writes inference-customized for inference_customized."""
+    name = key.replace("-", "_")
+    return name if name in STAGES else None
+
+
+def _check_stages(errors: ViolationCollector, given: Any, lifecycle: str | None, deployment: Any) -> None:
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
         errors.add("definition.stages", 'must be an object: {"training": {"file": ..., "env": ...}, ...}')
         return
-    for stage in stages:
-        if stage not in STAGES:
-            hint = f" (did you mean {stage.replace('-', '_')}?)" if stage.replace("-", "_") in STAGES else ""
-            errors.add(f"definition.stages.{stage}", f"unknown stage{hint}; expected one of {', '.join(STAGES)}")
+    # By stage name; violations name the key as the definition spells it (definition.stages.inference-complete).
+    stages: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in given.items():
+        stage = stage_name(key) if isinstance(key, str) else None
+        if stage is None:
+            errors.add(f"definition.stages.{key}", f"unknown stage; expected one of {', '.join(STAGES)}")
+        elif stage in stages:
+            errors.add(f"definition.stages.{key}", f"names the {stage} stage again (as {spelled[stage]})")
+        else:
+            stages[stage], spelled[stage] = value, key
+
+    def check(stage: str, need_file: str, need_env: str) -> None:
+        _check_stage(errors, spelled[stage], stages[stage], need_file=need_file, need_env=need_env)
+
     if lifecycle is None:  # requirements depend on it; still check the shape of what is there
-        for stage in STAGES:
-            if stage in stages:
-                _check_stage(errors, stage, stages[stage], need_file="", need_env="")
+        for stage in stages:
+            check(stage, need_file="", need_env="")
         return
 
     required = f"is required for the {lifecycle} lifecycle"
     if "training" in stages:
-        _check_stage(errors, "training", stages["training"], need_file=required, need_env=required)
+        check("training", need_file=required, need_env=required)
     else:
         errors.add("definition.stages.training.file", required)
         errors.add("definition.stages.training.env", required)
 
     if lifecycle in ("complete", "live"):
         if "saving" in stages:  # its env defaults to the training env
-            _check_stage(errors, "saving", stages["saving"], need_file=required, need_env="")
+            check("saving", need_file=required, need_env="")
         else:
             errors.add("definition.stages.saving.file", required)
     elif "saving" in stages:
-        errors.add("definition.stages.saving", f"is not used by the {lifecycle} lifecycle")
+        errors.add(f"definition.stages.{spelled['saving']}", f"is not used by the {lifecycle} lifecycle")
 
     custom_deployment = lifecycle == "live" and deployment == "custom"
     if custom_deployment:
         need = "is required for the live lifecycle with a custom deployment environment"
         if "deployment" in stages:
-            _check_stage(errors, "deployment", stages["deployment"], need_file=need, need_env=need)
+            check("deployment", need_file=need, need_env=need)
         else:
             errors.add("definition.stages.deployment.file", need)
             errors.add("definition.stages.deployment.env", need)
     elif "deployment" in stages:
         errors.add(
-            "definition.stages.deployment", "is only used by the live lifecycle with deployment_environment custom"
+            f"definition.stages.{spelled['deployment']}",
+            "is only used by the live lifecycle with deployment_environment custom",
         )
 
     for stage in ("inference_customized", "inference_complete"):
         if stage not in stages:
             continue
         if stage not in OPTIONAL_STAGES[lifecycle]:
-            errors.add(f"definition.stages.{stage}", f"is not used by the {lifecycle} lifecycle")
+            errors.add(f"definition.stages.{spelled[stage]}", f"is not used by the {lifecycle} lifecycle")
             continue
         need = f"is required when the {stage} stage is given"
-        _check_stage(errors, stage, stages[stage], need_file=need, need_env=need)
+        check(stage, need_file=need, need_env=need)
 
 
 def _custom_parameter_specs(parameters: Any, errors: ViolationCollector) -> list[ParamSpec]:
@@ -852,8 +870,9 @@ def custom_method_specs(definition: Mapping[str, Any]) -> list[ParamSpec]:
 
 
 def custom_method_stages(definition: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """The stages of a valid added method with the defaults filled in: saving runs in the training env."""
-    stages = {name: dict(value) for name, value in (definition.get("stages") or {}).items()}
+    """The stages of a valid added method by their names (inference-complete is stored as inference_complete),
+    with the defaults filled in: saving runs in the training env."""
+    stages = {stage_name(key) or key: dict(value) for key, value in (definition.get("stages") or {}).items()}
     if "saving" in stages and not stages["saving"].get("env"):
         stages["saving"]["env"] = stages["training"]["env"]
     return stages

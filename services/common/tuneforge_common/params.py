@@ -7,6 +7,7 @@ need it (the built-in parameter matrix and the per-method cross-field rules) imp
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -30,6 +31,24 @@ _PY_TYPES = {
 
 # Names the runner contract already uses for its own flags (see tuneforge_trainer.agent.build_command).
 RESERVED_PARAM_NAMES = ("model_path", "dataset_path", "output_dir", "resume_from_checkpoint")
+# A parameter is also passed to the runner as an environment variable (env_name), so an added method's
+# parameter must not be able to set one that changes what runs or where: the loader, the interpreter,
+# the hub credentials, the GPUs, the agent's own TUNEFORGE_* variables. The agent drops these too.
+PROTECTED_ENV_NAMES = ("PATH", "HOME", "USER", "SHELL", "TMPDIR", "PWD")
+PROTECTED_ENV_PREFIXES = (
+    "PYTHON",
+    "LD_",
+    "DYLD_",
+    "HF_",
+    "HUGGINGFACE_",
+    "CUDA_",
+    "NCCL_",
+    "TORCH_",
+    "TRANSFORMERS_",
+    "TUNEFORGE_",
+    "OMP_",
+    "MKL_",
+)
 PARAM_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 SPEC_KEYS = ("name", "type", "default", "min", "max", "choices", "help", "group", "aliases")
@@ -39,6 +58,19 @@ MAX_HELP = 1000
 def env_name(name: str) -> str:
     """The environment variable a runner also reads a parameter from: LORA_RANK for lora_rank."""
     return name.upper()
+
+
+def protected_env_problem(name: str) -> str | None:
+    """Why a parameter may not be passed as the environment variable `name`, or None when it may."""
+    if name in PROTECTED_ENV_NAMES:
+        return f"its environment variable {name} is the runner's own ({', '.join(PROTECTED_ENV_NAMES)})"
+    prefix = next((p for p in PROTECTED_ENV_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        return (
+            f"its environment variable {name} starts with {prefix}, which configures the interpreter, libraries, "
+            f"GPUs or the platform ({', '.join(p + '*' for p in PROTECTED_ENV_PREFIXES)})"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -106,20 +138,51 @@ def specs_from_dataclass(params_cls: type) -> list[ParamSpec]:
     return specs
 
 
+def json_kind(value: Any) -> str:
+    """A value's JSON type name (never a Python one): object, array, boolean, number, string or null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    return "value"
+
+
+_A_KIND = {"object": "an object", "array": "an array", "boolean": "a boolean", "number": "a number", "null": "null"}
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: a string in JSON quotes, a finite number as is, else its JSON kind."""
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 40 else value[:40] + "...", ensure_ascii=False)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    kind = json_kind(value)
+    return _A_KIND.get(kind, f"a {kind}")
+
+
 def parse_bool(value: Any) -> bool:
     """Explicit boolean parsing: never bool("false") == True."""
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+    raise ValueError(f"expected true or false, got {_shown(value)}")
 
 
 def coerce(spec: ParamSpec, value: Any) -> Any:
-    """Convert a JSON or flag value to the spec's type; ValueError says why not."""
+    """Convert a JSON or flag value to the spec's type; ValueError says why not, in JSON's words."""
     if spec.type == "bool":
         return parse_bool(value)
     if spec.type == "int":
@@ -127,7 +190,7 @@ def coerce(spec: ParamSpec, value: Any) -> Any:
             raise ValueError("expected an integer, got a boolean")
         if isinstance(value, float):
             if not value.is_integer():
-                raise ValueError(f"expected an integer, got {value}")
+                raise ValueError(f"expected an integer, got {_shown(value)}")
             return int(value)
         if isinstance(value, int):
             return value
@@ -135,20 +198,22 @@ def coerce(spec: ParamSpec, value: Any) -> Any:
             try:
                 return int(value.strip())
             except ValueError:
-                raise ValueError(f"expected an integer, got {value!r}") from None
-        raise ValueError(f"expected an integer, got {type(value).__name__}")
+                raise ValueError(f"expected an integer, got {_shown(value)}") from None
+        raise ValueError(f"expected an integer, got {_shown(value)}")
     if spec.type == "float":
         if isinstance(value, bool):
             raise ValueError("expected a number, got a boolean")
+        if not isinstance(value, (int, float, str)):
+            raise ValueError(f"expected a number, got {_shown(value)}")
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
+        except ValueError:
+            raise ValueError(f"expected a number, got {_shown(value)}") from None
         if not math.isfinite(number):
             raise ValueError("expected a finite number")
         return number
-    if isinstance(value, (dict, list)) or value is None:
-        raise ValueError("expected a string")
+    if isinstance(value, (Mapping, list, tuple)) or value is None:
+        raise ValueError(f"expected a string, got {_shown(value)}")
     return str(value)
 
 
@@ -176,7 +241,9 @@ def resolve_parameters(
 ) -> dict[str, Any]:
     """Canonical names, coerced types, ranges checked, defaults filled; then the method's cross-field rules.
 
-    A parameter may be given by its name, an alias or its environment name (LORA_RANK). With `method_id`,
+    A parameter may be given by its name, an alias or its environment name (LORA_RANK); an explicit null
+    (Mistral's OptionalNullable fields send `"training_steps": null`) is the same as not giving it, so
+    the default applies (and a required parameter is still required). With `method_id`,
     the rules registered for that method in `methods.CROSS_FIELD_RULES` run once every field is valid on
     its own (an unknown id has none). Raises InvalidArgument listing every bad field as `parameters.<name>`.
     """
@@ -189,6 +256,8 @@ def resolve_parameters(
         name = key if key in by_name else other_names.get(key)
         if name is None:
             errors.add(f"{field_prefix}.{key}", "unknown parameter for this method")
+            continue
+        if raw is None:  # null: not given
             continue
         if name in resolved:
             errors.add(f"{field_prefix}.{key}", f"given twice (as {name} and an alias)")
@@ -242,6 +311,8 @@ def parse_param_spec(data: Any, where: str) -> tuple[ParamSpec | None, list[Fiel
         )
     elif name in RESERVED_PARAM_NAMES:
         errors.add(f"{where}.name", f"is set by the platform for every run ({', '.join(RESERVED_PARAM_NAMES)})")
+    elif problem := protected_env_problem(env_name(name)):
+        errors.add(f"{where}.name", f"can't be used: {problem}")
     kind = data.get("type")
     if kind is None:
         errors.add(f"{where}.type", f"is required: one of {', '.join(TYPE_NAMES)}")

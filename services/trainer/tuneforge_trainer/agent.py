@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from tuneforge_common.artifacts import ArtifactStore
 from tuneforge_common.config import CommonSettings
 from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
-from tuneforge_common.params import to_env
+from tuneforge_common.params import protected_env_problem, to_env
 from tuneforge_common.runtime import wait_for_shutdown_signal
 
 from .sdk import parse_log_data
@@ -129,6 +130,23 @@ def _flag_value(value: Any) -> Any:
     return value
 
 
+def runner_env(
+    base: Mapping[str, str], params: dict[str, Any], own: dict[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """The runner's environment, and the parameter variables left out of it.
+
+    The agent's environment, then each parameter as its variable (LORA_RANK=8), then the agent's own
+    variables for the job (MODEL_PATH, OUTPUT_DIR, TUNEFORGE_JOB_ID, ...), which always win. A parameter
+    never sets a protected variable (PATH, LD_*, PYTHON*, HF_*, CUDA_*, ...: params.protected_env_problem)
+    nor one of the agent's own; the catalog refuses such names in added methods, this holds even if one
+    got stored. A left-out parameter still reaches the runner as its --flag.
+    """
+    from_params = to_env({k: _flag_value(v) for k, v in params.items()})
+    skipped = sorted(k for k in from_params if k in own or protected_env_problem(k))
+    kept = {k: v for k, v in from_params.items() if k not in skipped}
+    return {**base, **kept, **own}, skipped
+
+
 def build_command(
     python: str,
     entrypoint: str,
@@ -217,9 +235,7 @@ class JobRun:
                 str(output_dir),
                 self.a.resume_from_uri,
             )
-            env = {
-                **os.environ,
-                **to_env({k: _flag_value(v) for k, v in params.items()}),
+            own = {
                 "MODEL_PATH": model_path,
                 "DATASET_PATH": dataset_path,
                 "OUTPUT_DIR": str(output_dir),
@@ -229,6 +245,9 @@ class JobRun:
                 "PYTHONUNBUFFERED": "1",
                 "HF_HUB_OFFLINE": "1",
             }
+            env, skipped = runner_env(os.environ, params, own)
+            if skipped:
+                self.log_line("agent", f"not set from parameters (protected variables): {', '.join(skipped)}")
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdout=asyncio.subprocess.PIPE,
