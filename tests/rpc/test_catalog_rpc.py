@@ -377,6 +377,10 @@ async def test_bad_jsonl_is_stored_invalid_with_every_problem_by_line(catalog_st
     ]
     listed = (await catalog_stub.ListDatasets(pb.ListDatasetsRequest(status=INVALID), timeout=5)).datasets
     assert [d.id for d in listed] == [dataset.id]
+    # Lists stay small: the count, not the problems, which GetDataset gives.
+    assert (listed[0].validation.problem_count, list(listed[0].validation.problems)) == (4, [])
+    got = (await catalog_stub.GetDataset(pb.GetDatasetRequest(dataset_id=dataset.id))).dataset
+    assert len(got.validation.problems) == 4
 
 
 async def test_declared_format_and_column_mapping_are_validated(catalog_stub):
@@ -600,6 +604,17 @@ async def test_added_method_missing_a_mandatory_file_names_the_field(catalog_stu
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "definition.stages.saving.file" in {f for f, _ in violations}
+
+
+async def test_racing_creates_of_one_method_name_give_one_method_and_already_exists(catalog_stub):
+    import asyncio
+
+    results = await asyncio.gather(
+        *(catalog_stub.CreateMethod(pb.CreateMethodRequest(definition=definition()), timeout=10) for _ in range(5)),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(failures) == 4 and {f.code() for f in failures} == {grpc.StatusCode.ALREADY_EXISTS}
 
 
 async def test_builtin_method_cannot_be_deleted(catalog_stub):

@@ -73,7 +73,8 @@ def model_to_pb(row: Any) -> common_pb2.Model:
     )
 
 
-def dataset_to_pb(row: Any) -> common_pb2.Dataset:
+def dataset_to_pb(row: Any, with_problems: bool = True) -> common_pb2.Dataset:
+    """with_problems=False keeps list pages small: up to 100 problems a dataset is for GetDataset."""
     report = json.loads(row.validation or "{}")
     return common_pb2.Dataset(
         id=row.id,
@@ -88,7 +89,7 @@ def dataset_to_pb(row: Any) -> common_pb2.Dataset:
         create_time=timestamp(row.created_at),
         status=_STATUSES.get(row.status, common_pb2.DATASET_STATUS_UNSPECIFIED),
         validation=common_pb2.DatasetValidation(
-            problems=[common_pb2.ValidationProblem(**p) for p in report.get("problems", [])],
+            problems=[common_pb2.ValidationProblem(**p) for p in report.get("problems", [])] if with_problems else [],
             problem_count=report.get("problem_count", 0),
         ),
         prompt_input_column=row.prompt_input_column,
@@ -181,7 +182,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         rows, token = await self.catalog.list_datasets(
             request.page_size, request.page_token, status, format_name(request.format), request.name_contains
         )
-        return pb.ListDatasetsResponse(datasets=[dataset_to_pb(r) for r in rows], next_page_token=token)
+        datasets = [dataset_to_pb(r, with_problems=False) for r in rows]
+        return pb.ListDatasetsResponse(datasets=datasets, next_page_token=token)
 
     @map_errors
     async def GetDataset(self, request: pb.GetDatasetRequest, context: Any) -> pb.GetDatasetResponse:

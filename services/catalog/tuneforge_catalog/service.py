@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tuneforge_common import methods as method_defs
@@ -78,6 +79,16 @@ def _check_tags(tags: list[str]) -> list[str]:
 def _iter_lines(fs: Any, path: str, max_bytes: int) -> Iterator[bytes]:
     with fs.open(path, "rb") as fh:
         yield from rules.read_lines(fh, max_bytes)
+
+
+@contextlib.asynccontextmanager
+async def _unique(message: str) -> AsyncIterator[None]:
+    """Two requests racing for one name: the check before the insert can't see the other's row, the
+    database's unique constraint does; the loser gets ALREADY_EXISTS, not an internal error."""
+    try:
+        yield
+    except IntegrityError:
+        raise AlreadyExists(message) from None
 
 
 def _inside(path: str, root: str) -> bool:
@@ -187,7 +198,7 @@ class Catalog:
         method_id = definition["name"].strip()
         specs = method_defs.custom_method_specs(definition)
         stages = method_defs.custom_method_stages(definition)  # saving env defaults to the training env
-        async with self.engine.begin() as conn:
+        async with _unique(f"a method named {method_id!r} exists"), self.engine.begin() as conn:
             if (await conn.execute(select(store.methods.c.id).where(store.methods.c.id == method_id))).first():
                 raise AlreadyExists(f"a method named {method_id!r} exists (names stay taken after deletion)")
             await conn.execute(
@@ -264,7 +275,7 @@ class Catalog:
                 raise InvalidArgument.for_field(source_kind, f"{source} is not a directory")
             info = await asyncio.to_thread(inspect_model_dir, local)
             now = utcnow()
-            async with self.engine.begin() as conn:
+            async with _unique(f"a model named {name!r} exists"), self.engine.begin() as conn:
                 if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
                     raise AlreadyExists(f"a model named {name!r} exists")
                 await conn.execute(
@@ -392,7 +403,7 @@ class Catalog:
         await self.get_model(model_id)
         if not values:
             return await self.get_model(model_id)
-        async with self.engine.begin() as conn:
+        async with _unique(f"a model named {values.get('name')!r} exists"), self.engine.begin() as conn:
             if "name" in values:
                 same_name = (store.models.c.name == values["name"], store.models.c.id != model_id)
                 clash = await conn.execute(select(store.models.c.id).where(*same_name))
