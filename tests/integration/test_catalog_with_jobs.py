@@ -146,6 +146,27 @@ async def test_a_jobs_column_mapping_defaults_to_the_datasets_and_the_user_can_o
     assert overridden.parameters["prompt_output_column"] == "note"
 
 
+async def test_a_job_keeps_its_method_after_the_method_is_deleted(services):
+    definition = struct_pb2.Struct()
+    definition.update(
+        {
+            "name": "team-sft",
+            "training_type": "chat",
+            "lifecycle": "customized",
+            "stages": {"training": {"file": "team/train.py", "env": "team"}},
+        }
+    )
+    await services.catalog.CreateMethod(cpb.CreateMethodRequest(definition=definition), timeout=10)
+    dataset = await upload(services, "good", chat_jsonl(3))
+    request = jpb.SubmitJobRequest(model_id="tiny-test", dataset_id=dataset.id, method_id="team-sft")
+    job = (await services.jobs.SubmitJob(request, timeout=10)).job
+    await services.catalog.DeleteMethod(cpb.DeleteMethodRequest(method_id="team-sft"), timeout=10)
+    kept = (await services.jobs.GetJob(jpb.GetJobRequest(job_id=job.id), timeout=5)).job
+    assert (kept.method_id, kept.parameters["lora_rank"]) == ("team-sft", 8)
+    code, _ = await code_and_details(services.jobs.SubmitJob, request)
+    assert code == grpc.StatusCode.NOT_FOUND  # no longer selectable
+
+
 async def test_delete_fails_closed_when_the_jobs_service_is_down(services):
     dataset = await upload(services, "good", chat_jsonl(3))
     await services.jobs_server.stop(None)

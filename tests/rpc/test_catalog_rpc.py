@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -551,6 +552,21 @@ async def _drain(catalog) -> None:
     import asyncio
 
     await asyncio.gather(*list(catalog._background))
+
+
+async def test_scratch_files_a_dead_process_left_are_removed_and_fresh_ones_kept(catalog_stub):
+    catalog = catalog_stub.catalog
+    scratch = catalog.artifacts.scratch_dir()
+    old_file, fresh_file, old_dir = (
+        os.path.join(scratch, n) for n in ("upload-old.jsonl", "upload-new.jsonl", "split-x")
+    )
+    for path in (old_file, fresh_file):
+        Path(path).write_bytes(b"x")  # noqa: ASYNC240 (a test's setup)
+    os.mkdir(old_dir)
+    for path in (old_file, old_dir):
+        os.utime(path, (0, 0))
+    assert catalog.clean_scratch() == 2
+    assert sorted(os.listdir(scratch)) == ["upload-new.jsonl"]
 
 
 # -- methods ------------------------------------------------------------------------------------------------

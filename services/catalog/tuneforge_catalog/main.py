@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -58,6 +59,7 @@ async def build_catalog(settings: CatalogSettings) -> tuple[Catalog, OutboxPubli
         on_event=publisher.notify,
     )
     await catalog.sync_builtin_methods()
+    await asyncio.to_thread(catalog.clean_scratch)
     await catalog.resume_validations()
     for entry in filter(None, settings.catalog_seed_models.split(":")):
         path = Path(entry)

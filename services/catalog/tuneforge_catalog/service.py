@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,12 @@ class Catalog:
 
     async def sync_builtin_methods(self) -> None:
         """Upsert the built-in methods so their schema follows the installed code."""
+        try:
+            await self._sync_builtin_methods()
+        except IntegrityError:  # a replica starting at the same moment inserted them first: update instead
+            await self._sync_builtin_methods()
+
+    async def _sync_builtin_methods(self) -> None:
         async with self.engine.begin() as conn:
             for m in method_defs.BUILTIN_METHODS:
                 values = dict(
@@ -539,6 +546,20 @@ class Catalog:
         if not await asyncio.to_thread(self.artifacts.exists, uri):  # same bytes, same content: stored once
             await asyncio.to_thread(self.artifacts.adopt_file, local_path, uri)
         return uri
+
+    def clean_scratch(self, older_than_seconds: float = 24 * 3600) -> int:
+        """Remove spooled uploads and splits a process died holding (anything this old is abandoned)."""
+        scratch = self.artifacts.scratch_dir()
+        cutoff, removed = time.time() - older_than_seconds, 0
+        for entry in os.scandir(scratch):
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                removed += 1
+        return removed
 
     def start_validation(self, dataset_id: str) -> asyncio.Task:
         task = asyncio.create_task(self.validate_dataset(dataset_id), name=f"validate-{dataset_id}")
