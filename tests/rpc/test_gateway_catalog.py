@@ -29,7 +29,7 @@ from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_common import errors
 from tuneforge_common.grpcutil import ServiceBinding, start_server, status_for
 from tuneforge_common.paging import struct
-from tuneforge_gateway.app import UPLOAD_CHUNK, create_app
+from tuneforge_gateway.app import MULTIPART_OVERHEAD, UPLOAD_CHUNK, create_app
 
 
 class Recorder:
@@ -67,6 +67,7 @@ class FakeCatalog(Recorder, catalog_pb2_grpc.CatalogServiceServicer):
         super().__init__()
         self.content = b""
         self.uploads: list[list[cpb.UploadDatasetRequest]] = []
+        self.listed: list[compb.Dataset] = [dataset(format=compb.DATASET_FORMAT_CHAT)]  # ListDatasets' answer
 
     async def RegisterModel(self, request: cpb.RegisterModelRequest, context: Any) -> cpb.RegisterModelResponse:
         await self.enter("RegisterModel", request, context)
@@ -97,7 +98,7 @@ class FakeCatalog(Recorder, catalog_pb2_grpc.CatalogServiceServicer):
 
     async def ListDatasets(self, request: cpb.ListDatasetsRequest, context: Any) -> cpb.ListDatasetsResponse:
         await self.enter("ListDatasets", request, context)
-        return cpb.ListDatasetsResponse(datasets=[dataset(format=compb.DATASET_FORMAT_CHAT)])
+        return cpb.ListDatasetsResponse(datasets=self.listed)
 
     async def GetDataset(self, request: cpb.GetDatasetRequest, context: Any) -> cpb.GetDatasetResponse:
         await self.enter("GetDataset", request, context)
@@ -363,6 +364,36 @@ async def test_a_transport_failure_is_a_generic_503_without_grpc_internals(http,
     assert resp.status_code == 503 and error_of(resp)["message"] == "a backend service is unavailable"
 
 
+async def test_a_list_response_over_grpcs_4_mib_default_reaches_the_client(http, backend):
+    description = "d" * (6 * 1024 * 1024)  # one ListDatasets page of 6 MiB: over gRPC's default receive limit
+    backend.catalog.listed = [dataset("ds-big", description=description), dataset("ds-2")]
+    resp = await http.get("/api/v1/datasets")
+    assert resp.status_code == 200, resp.text[:200]
+    assert [(d["id"], len(d["description"])) for d in resp.json()["datasets"]] == [
+        ("ds-big", len(description)),
+        ("ds-2", 0),
+    ]
+
+
+async def test_a_message_over_the_grpc_limit_is_a_generic_502_not_a_413_with_transport_text(http, backend):
+    # What gRPC itself reports when a message passes a channel's limit: RESOURCE_EXHAUSTED without status details.
+    backend.catalog.transport_failures["ListDatasets"] = (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "CLIENT: Received message larger than max (70000000 vs. 67108864)",
+    )
+    resp = await http.get("/api/v1/datasets")
+    assert resp.status_code == 502
+    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": "a backend response was too large"}
+    assert "67108864" not in resp.text
+
+
+async def test_a_services_own_resource_exhausted_is_still_a_413_with_its_message(http, backend):
+    backend.catalog.failures["ListDatasets"] = errors.ResourceExhausted("too many datasets requested")
+    resp = await http.get("/api/v1/datasets")
+    assert resp.status_code == 413
+    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": "too many datasets requested"}
+
+
 async def test_invalid_argument_carries_its_field_violations(http, backend):
     backend.catalog.failures["CreateMethod"] = errors.InvalidArgument(
         "stages: missing files",
@@ -539,6 +570,60 @@ async def test_multipart_upload_over_the_gateway_limit_is_413_before_reaching_th
         resp = await http.post("/api/v1/datasets", files={"file": ("a.jsonl", b"x" * 200_000)})
     assert resp.status_code == 413 and error_of(resp)["code"] == "RESOURCE_EXHAUSTED"
     assert backend.catalog.uploads == []
+
+
+BOUNDARY = "tuneforge-test-boundary"
+
+
+def chunked_multipart(content: list[bytes], sent: list[int]) -> AsyncIterator[bytes]:
+    """A multipart body with one file part, streamed chunk by chunk (no Content-Length: chunked encoding).
+
+    `sent` gets the size of every content chunk as the server pulls it.
+    """
+
+    async def body() -> AsyncIterator[bytes]:
+        yield (
+            f"--{BOUNDARY}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+            "Content-Type: application/x-ndjson\r\n\r\n"
+        ).encode()
+        for chunk in content:
+            sent.append(len(chunk))
+            yield chunk
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    return body()
+
+
+CHUNKED_HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+async def test_a_chunked_multipart_upload_over_the_limit_is_413_as_soon_as_it_passes_the_limit(backend, spool):
+    limit = 200_000
+    line = jsonl(1, width=10_000)
+    content = [line * 10] * 640  # ~64 MB if it were read to the end
+    sent: list[int] = []
+    async with gateway(backend, spool, max_upload_bytes=limit) as http:
+        request = http.build_request("POST", "/api/v1/datasets", content=chunked_multipart(content, sent))
+        request.headers.update(CHUNKED_HEADERS)
+        assert "content-length" not in request.headers and request.headers["transfer-encoding"] == "chunked"
+        resp = await http.send(request)
+    assert resp.status_code == 413
+    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": f"a dataset upload is limited to {limit} bytes"}
+    assert backend.catalog.uploads == []
+    # Reading stopped at the first chunk past the limit (plus the multipart allowance): nothing more was spooled.
+    assert sum(sent[:-1]) <= limit + MULTIPART_OVERHEAD < sum(sent) and len(sent) < len(content)
+
+
+async def test_a_chunked_multipart_upload_under_the_limit_reaches_the_catalog_whole(backend, spool):
+    data = jsonl(2_000)
+    content = [data[i : i + 7_000] for i in range(0, len(data), 7_000)]
+    sent: list[int] = []
+    async with gateway(backend, spool, max_upload_bytes=len(data)) as http:
+        resp = await http.post("/api/v1/datasets", content=chunked_multipart(content, sent), headers=CHUNKED_HEADERS)
+    assert resp.status_code == 201, resp.text
+    assert b"".join(m.chunk for m in backend.catalog.uploads[-1][1:]) == data
+    assert resp.json()["size_bytes"] == len(data) and len(sent) == len(content)
 
 
 # -- resumable upload ------------------------------------------------------------------------------------

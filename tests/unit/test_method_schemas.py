@@ -21,7 +21,14 @@ from tuneforge_common.methods import (
     parameter_matrix,
     validate_custom_method,
 )
-from tuneforge_common.params import ParamSpec, resolve_parameters, specs_from_dataclass, to_env, to_flags
+from tuneforge_common.params import (
+    ParamSpec,
+    protected_env_problem,
+    resolve_parameters,
+    specs_from_dataclass,
+    to_env,
+    to_flags,
+)
 
 BUILTIN_IDS = ("sft", "sft-lora", "qlora", "dpo", "grpo", "custom01", "custom02")
 SPECS = {m.id: specs_from_dataclass(m.params) for m in BUILTIN_METHODS}
@@ -498,10 +505,46 @@ def test_stages_the_lifecycle_does_not_use_are_refused(overrides, field):
     assert f"definition.stages.{field}" in fields(definition(**overrides))
 
 
-def test_unknown_stage_names_are_refused_with_a_hint_for_hyphens():
-    found = fields(definition(stages={"training": TRAINING, "inference-customized": TRAINING, "eval": TRAINING}))
-    assert "did you mean inference_customized?" in found["definition.stages.inference-customized"]
-    assert found["definition.stages.eval"].startswith("unknown stage")
+def test_unknown_stage_names_are_refused():
+    found = fields(definition(stages={"training": TRAINING, "eval": TRAINING, "inference-live": TRAINING}))
+    assert set(found) == {"definition.stages.eval", "definition.stages.inference-live"}
+    assert found["definition.stages.eval"].startswith("unknown stage; expected one of training, saving")
+
+
+def test_seed_003s_hyphenated_stage_names_are_the_same_stages_stored_with_underscores():
+    data = definition(
+        lifecycle="complete",
+        stages={
+            "training": TRAINING,
+            "saving": SAVING,
+            "inference-customized": {"file": "ic.py", "env": "e"},
+            "inference-complete": {"file": "icomp.py", "env": "e"},
+        },
+    )
+    assert validate_custom_method(data) == []
+    assert custom_method_stages(data) == {
+        "training": TRAINING,
+        "saving": SAVING,
+        "inference_customized": {"file": "ic.py", "env": "e"},
+        "inference_complete": {"file": "icomp.py", "env": "e"},
+    }
+
+
+def test_a_hyphenated_stage_is_checked_like_its_underscore_spelling_and_named_as_written():
+    assert fields(definition(stages={"training": TRAINING, "inference-customized": {"file": "i.py"}})) == {
+        "definition.stages.inference-customized.env": "is required when the inference_customized stage is given"
+    }
+    # The customized lifecycle has no complete model to run inference on.
+    assert fields(definition(stages={"training": TRAINING, "inference-complete": {"file": "i.py", "env": "e"}})) == {
+        "definition.stages.inference-complete": "is not used by the customized lifecycle"
+    }
+
+
+def test_a_stage_given_in_both_spellings_is_refused():
+    stages = {"training": TRAINING, "inference_customized": TRAINING, "inference-customized": TRAINING}
+    assert fields(definition(stages=stages)) == {
+        "definition.stages.inference-customized": "names the inference_customized stage again (as inference_customized)"
+    }
 
 
 def test_deployment_environment_is_for_the_live_lifecycle_only():
@@ -670,6 +713,51 @@ def test_bad_custom_parameter_specs_name_the_key(parameter, expected):
         assert found == expected
     else:
         assert set(found) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "variable"),
+    [
+        ("path", "PATH"),
+        ("home", "HOME"),
+        ("user", "USER"),
+        ("shell", "SHELL"),
+        ("tmpdir", "TMPDIR"),
+        ("pwd", "PWD"),
+        ("pythonpath", "PYTHONPATH"),
+        ("python_startup", "PYTHON_STARTUP"),
+        ("ld_preload", "LD_PRELOAD"),
+        ("ld_library_path", "LD_LIBRARY_PATH"),
+        ("dyld_insert_libraries", "DYLD_INSERT_LIBRARIES"),
+        ("hf_token", "HF_TOKEN"),
+        ("hf_hub_offline", "HF_HUB_OFFLINE"),
+        ("huggingface_hub_cache", "HUGGINGFACE_HUB_CACHE"),
+        ("cuda_visible_devices", "CUDA_VISIBLE_DEVICES"),
+        ("nccl_debug", "NCCL_DEBUG"),
+        ("torch_home", "TORCH_HOME"),
+        ("transformers_cache", "TRANSFORMERS_CACHE"),
+        ("tuneforge_x", "TUNEFORGE_X"),
+        ("tuneforge_job_id", "TUNEFORGE_JOB_ID"),
+        ("omp_num_threads", "OMP_NUM_THREADS"),
+        ("mkl_num_threads", "MKL_NUM_THREADS"),
+    ],
+)
+def test_custom_parameters_whose_environment_variable_would_change_the_runner_are_refused(name, variable):
+    data = definition(parameters=[{"name": "rank", "type": "int", "default": 8}, {"name": name, "type": "string"}])
+    found = fields(data)
+    assert set(found) == {"definition.parameters[1].name"}
+    assert found["definition.parameters[1].name"].startswith(f"can't be used: its environment variable {variable} ")
+    with pytest.raises(InvalidArgument):
+        custom_method_specs(data)
+
+
+@pytest.mark.parametrize("name", ["paths", "home_dir", "users", "cuda", "hf", "pyth", "learning_rate", "old_path"])
+def test_parameter_names_that_only_resemble_protected_variables_are_allowed(name):
+    assert fields(definition(parameters=[{"name": name, "type": "string", "default": "x"}])) == {}
+
+
+def test_no_builtin_parameter_sets_a_protected_environment_variable():
+    assert not [s.env_name for specs in SPECS.values() for s in specs if protected_env_problem(s.env_name)]
 
 
 def test_custom_parameter_names_and_aliases_must_be_unique():

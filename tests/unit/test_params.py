@@ -1,17 +1,21 @@
 """Parameter schema rules: aliases, defaults, types and ranges, all violations reported by field."""
 
+import re
+
 import pytest
 
 from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.methods import BUILTIN_METHODS, SftLoraParams
 from tuneforge_common.params import (
     ParamSpec,
+    coerce,
     parse_bool,
     resolve_parameters,
     specs_from_dataclass,
     to_env,
     to_flags,
 )
+from tuneforge_trainer.agent import runner_env
 
 SPECS = specs_from_dataclass(SftLoraParams)
 
@@ -126,3 +130,101 @@ def test_builtin_methods_have_help_for_every_parameter():
     for method in BUILTIN_METHODS:
         for spec in specs_from_dataclass(method.params):
             assert spec.help, f"{method.id}.{spec.name} has no help text"
+
+
+# --- explicit nulls (Mistral's OptionalNullable fields) and JSON wording --------------------------------
+
+
+def test_an_explicit_null_is_not_given_so_the_default_applies():
+    given = {"training_steps": None, "learning_rate": None, "seq_len": None, "load_in_4bit": None, "lora_rank": 16}
+    resolved = resolve_parameters(SPECS, given)
+    assert resolved == resolve_parameters(SPECS, {"lora_rank": 16})
+    assert resolved["max_steps"] == -1 and resolved["lora_rank"] == 16
+
+
+def test_a_null_alias_next_to_its_canonical_name_is_not_given_twice():
+    assert resolve_parameters(SPECS, {"training_steps": None, "max_steps": 5})["max_steps"] == 5
+
+
+def test_an_explicit_null_for_a_required_parameter_is_still_required():
+    specs = [ParamSpec(name="temperature", type="float", help="", required=True)]
+    with pytest.raises(InvalidArgument) as exc:
+        resolve_parameters(specs, {"temperature": None})
+    assert [(v.field, v.description) for v in exc.value.violations] == [("parameters.temperature", "is required")]
+
+
+def test_an_unknown_parameter_is_refused_even_when_null():
+    with pytest.raises(InvalidArgument) as exc:
+        resolve_parameters(SPECS, {"bogus": None})
+    assert [v.field for v in exc.value.violations] == ["parameters.bogus"]
+
+
+PYTHON_WORDS = {"NoneType", "dict", "list", "str", "int", "float", "bool", "tuple", "None", "True", "False"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("lora_rank", {"a": 1}, "expected an integer, got an object"),
+        ("lora_rank", [1], "expected an integer, got an array"),
+        ("lora_rank", True, "expected an integer, got a boolean"),
+        ("lora_rank", "eight", 'expected an integer, got "eight"'),
+        ("lora_rank", 2.5, "expected an integer, got 2.5"),
+        ("learning_rate", {"a": 1}, "expected a number, got an object"),
+        ("learning_rate", [], "expected a number, got an array"),
+        ("learning_rate", False, "expected a number, got a boolean"),
+        ("learning_rate", "fast", 'expected a number, got "fast"'),
+        ("learning_rate", "inf", "expected a finite number"),
+        ("load_in_4bit", {"a": 1}, "expected true or false, got an object"),
+        ("load_in_4bit", [True], "expected true or false, got an array"),
+        ("load_in_4bit", 0.5, "expected true or false, got 0.5"),
+        ("load_in_4bit", "maybe", 'expected true or false, got "maybe"'),
+        ("lr_scheduler_type", {"a": 1}, "expected a string, got an object"),
+        ("lr_scheduler_type", ["cosine"], "expected a string, got an array"),
+    ],
+)
+def test_type_errors_name_json_types_never_python_ones(name, value, message):
+    with pytest.raises(InvalidArgument) as exc:
+        resolve_parameters(SPECS, {name: value})
+    (violation,) = exc.value.violations
+    assert (violation.field, violation.description) == (f"parameters.{name}", message)
+    assert not PYTHON_WORDS & set(re.findall(r"\w+", message)) and not set("{['") & set(message)
+
+
+@pytest.mark.parametrize("spec_type", ["int", "float", "bool", "string"])
+def test_coerce_says_null_for_a_null_value(spec_type):
+    with pytest.raises(ValueError, match=r"got null$"):
+        coerce(ParamSpec(name="x", type=spec_type, help=""), None)
+
+
+# --- the runner's environment (trainer agent) ------------------------------------------------------------
+
+
+OWN = {"MODEL_PATH": "/m", "DATASET_PATH": "/d.jsonl", "OUTPUT_DIR": "/o", "TUNEFORGE_JOB_ID": "j-1"}
+BASE = {"PATH": "/usr/bin", "HOME": "/home/agent", "HF_TOKEN": "secret", "LD_PRELOAD": ""}
+
+
+def test_parameters_reach_the_runner_environment_under_their_variable_names():
+    env, skipped = runner_env(BASE, {"lora_rank": 8.0, "load_in_4bit": True}, OWN)
+    assert env == {**BASE, "LORA_RANK": "8", "LOAD_IN_4BIT": "true", **OWN} and skipped == []
+
+
+def test_a_parameter_never_overrides_a_protected_variable_in_the_runner_environment():
+    params = {
+        "path": "/tmp/evil",
+        "ld_preload": "/tmp/evil.so",
+        "pythonpath": "/tmp",
+        "hf_token": "stolen",
+        "cuda_visible_devices": "0,1,2,3",
+        "tuneforge_attempt": "9",
+        "lora_rank": 8,
+    }
+    env, skipped = runner_env(BASE, params, OWN)
+    assert skipped == ["CUDA_VISIBLE_DEVICES", "HF_TOKEN", "LD_PRELOAD", "PATH", "PYTHONPATH", "TUNEFORGE_ATTEMPT"]
+    assert env == {**BASE, "LORA_RANK": "8", **OWN}
+
+
+def test_the_agents_own_variables_win_over_parameters_of_the_same_name():
+    # Parameters named model_path/output_dir are refused by the catalog; a stored one still can't redirect a run.
+    env, skipped = runner_env(BASE, {"model_path": "/elsewhere", "output_dir": "/elsewhere"}, OWN)
+    assert (env["MODEL_PATH"], env["OUTPUT_DIR"]) == ("/m", "/o") and skipped == ["MODEL_PATH", "OUTPUT_DIR"]

@@ -280,7 +280,7 @@ class Catalog:
         try:
             if not await asyncio.to_thread(local.is_dir):
                 raise InvalidArgument.for_field(source_kind, f"{source} is not a directory")
-            info = await asyncio.to_thread(inspect_model_dir, local)
+            info = await asyncio.to_thread(inspect_model_dir, local, source_kind)
             now = utcnow()
             async with _unique(f"a model named {name!r} exists"), self.engine.begin() as conn:
                 if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():

@@ -20,12 +20,15 @@ from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_common.grpcutil import MAX_MESSAGE_BYTES
 
 from .errors import ApiError, api_error_handler, grpc_error_handler, validation_error_handler
 from .uploads import UPLOAD_CHUNK, UploadSpool
@@ -37,6 +40,17 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 UPLOAD_TTL_S = 24 * 3600.0
 # Room for the form fields and part headers around the file in a multipart body.
 MULTIPART_OVERHEAD = 64 * 1024
+# gRPC's 4 MiB default is too small for a large ListDatasets page; the services accept 64 MiB both ways.
+# Keepalive pings on open calls (a long WatchJob stream) find a dead connection; every 5 minutes is the
+# most often a gRPC server allows by default (grpc.http2.min_recv_ping_interval_without_data_ms), and
+# none while idle, which a default server would answer with GOAWAY (too_many_pings).
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
 REQUESTS = Counter("tuneforge_gateway_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("tuneforge_gateway_request_seconds", "HTTP request latency", ["route"])
 
@@ -189,10 +203,64 @@ class CreateUploadBody(BaseModel):
     size: int | None = Field(None, ge=0, description="Total bytes, when known up front")
 
 
+class _BodyOverLimit(Exception):
+    pass
+
+
+class UploadSizeLimit:
+    """Refuse a multipart upload (POST to `path`) whose body passes `limit` bytes, with a 413.
+
+    A body with a Content-Length is refused by it before any of it is read. A body without one (chunked)
+    is counted as it is read and cut off with the 413 at the first message that passes the limit, which
+    never reaches the form parser: no more than `limit` bytes are ever spooled. The app's own answer to
+    the cut-off body (FastAPI's 400 for a form it could not finish reading) is dropped for the 413.
+    """
+
+    def __init__(self, app: ASGIApp, path: str, limit: int, shown: int) -> None:
+        self.app, self.path, self.limit = app, path, limit
+        self.refusal = ApiError(413, "RESOURCE_EXHAUSTED", f"a dataset upload is limited to {shown} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await self.refusal.response()(scope, receive, send)
+            return
+        received = 0
+        over = started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    raise _BodyOverLimit
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over or started:
+                raise
+        if over and not started:
+            await self.refusal.response()(scope, receive, send)
+
+
 class Backends:
     def __init__(self, catalog_address: str, jobs_address: str) -> None:
-        self.catalog_channel = grpc.aio.insecure_channel(catalog_address)
-        self.jobs_channel = grpc.aio.insecure_channel(jobs_address)
+        self.catalog_channel = grpc.aio.insecure_channel(catalog_address, options=CHANNEL_OPTIONS)
+        self.jobs_channel = grpc.aio.insecure_channel(jobs_address, options=CHANNEL_OPTIONS)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self.catalog_channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.jobs_channel)
 
@@ -235,16 +303,9 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ApiError, api_error_handler)
 
-    @app.middleware("http")
-    async def refuse_oversized_upload(request: Request, call_next: Any) -> Response:
-        """Refuse a multipart upload by its Content-Length before spooling any of it."""
-        if request.method == "POST" and request.url.path == "/api/v1/datasets":
-            length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_upload_bytes + MULTIPART_OVERHEAD:
-                return ApiError(
-                    413, "RESOURCE_EXHAUSTED", f"a dataset upload is limited to {max_upload_bytes} bytes"
-                ).response()
-        return await call_next(request)
+    app.add_middleware(
+        UploadSizeLimit, path="/api/v1/datasets", limit=max_upload_bytes + MULTIPART_OVERHEAD, shown=max_upload_bytes
+    )
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:

@@ -24,6 +24,9 @@ HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 
+# What a client reads instead of a transport text, by HTTP status (anything else 5xx: "internal error").
+GENERIC_MESSAGES = {502: "a backend response was too large", 503: "a backend service is unavailable"}
+
 
 def error_body(
     code: str, message: str, violations: list[tuple[str, str]] | None = None, details: dict | None = None
@@ -40,12 +43,16 @@ async def grpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, grpc.aio.AioRpcError)
     decoded = decode_error(exc)
     status = HTTP_STATUS.get(decoded.code, 500)
-    # Transport texts (a service down) and INTERNAL never reach clients; a service's own UNAVAILABLE
-    # (e.g. the Hugging Face Hub is unreachable) says what to do instead.
+    if decoded.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not decoded.from_service:
+        # gRPC itself refused a message over its size limit (a response too large for the channel): the
+        # client's request was fine, so no 413, and the transport text stays here.
+        status = 502
+    # Transport texts (a service down, a message limit) and INTERNAL never reach clients; a service's own
+    # UNAVAILABLE (e.g. the Hugging Face Hub is unreachable) says what to do instead.
     if status < 500 or (status == 503 and decoded.from_service):
         message = decoded.message
     else:
-        message = "a backend service is unavailable" if status == 503 else "internal error"
+        message = GENERIC_MESSAGES.get(status, "internal error")
     return JSONResponse(error_body(decoded.code.name, message, decoded.field_violations), status_code=status)
 
 

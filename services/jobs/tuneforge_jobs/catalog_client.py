@@ -80,7 +80,8 @@ def _dataset_columns(dataset: Any, method: Any, given: dict[str, Any]) -> dict[s
     defaults = {}
     for spec in method.parameters:
         spelled = {spec.name, spec.env_name, *spec.aliases}  # the user may have set it under any of them
-        if mapping.get(spec.name) and not spelled & given.keys():
+        set_by_user = {key for key, value in given.items() if value is not None}  # null means not given
+        if mapping.get(spec.name) and not spelled & set_by_user:
             defaults[spec.name] = mapping[spec.name]
     return defaults
 
