@@ -96,6 +96,20 @@ async def test_a_job_on_an_invalid_dataset_is_refused_naming_it(services):
     assert (await services.jobs.ListJobs(jpb.ListJobsRequest(), timeout=5)).jobs == []
 
 
+async def test_a_method_refuses_a_dataset_in_a_format_it_cannot_train_on(services):
+    chat = await upload(services, "chat", chat_jsonl(2))
+    code, details = await code_and_details(
+        services.jobs.SubmitJob, jpb.SubmitJobRequest(model_id="tiny-test", dataset_id=chat.id, method_id="dpo")
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert details == f"dataset_id: method 'dpo' trains on preference datasets; dataset {chat.id!r} is chat"
+    pairs = await upload(services, "pairs", b'{"prompt": "hi", "chosen": "Hello!", "rejected": "Go away."}\n')
+    request = jpb.SubmitJobRequest(model_id="tiny-test", dataset_id=pairs.id, method_id="dpo")
+    assert (await services.jobs.SubmitJob(request, timeout=10)).job.method_id == "dpo"
+    request = jpb.SubmitJobRequest(model_id="tiny-test", dataset_id=pairs.id, method_id="custom01")
+    assert (await services.jobs.SubmitJob(request, timeout=10)).job.method_id == "custom01"  # its code decides
+
+
 async def test_what_an_unfinished_job_uses_cannot_be_deleted_until_it_ends(services, tmp_path):
     dataset = await upload(services, "good", chat_jsonl(3))
     job = await submit(services, dataset.id)

@@ -596,6 +596,9 @@ async def test_builtin_methods_are_listed_with_schemas(catalog_stub):
     assert (rank.env_name, rank.minimum, rank.default_value.number_value) == ("LORA_RANK", 1, 8)
     assert "sft-lora" in rank.applies_to and "sft" not in rank.applies_to
     assert "training_steps" in next(p for p in sft.parameters if p.name == "max_steps").aliases
+    formats = {m.id: {common_pb2.DatasetFormat.Name(f) for f in m.dataset_formats} for m in methods}
+    assert formats["dpo"] == {"DATASET_FORMAT_PREFERENCE"} and formats["grpo"] == {"DATASET_FORMAT_PROMPT_ANSWER"}
+    assert "DATASET_FORMAT_CHAT" in formats["sft-lora"] and formats["custom01"] == set()
 
 
 async def test_added_method_is_selectable_then_removed_by_delete(catalog_stub):

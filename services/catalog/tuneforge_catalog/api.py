@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from tuneforge.catalog.v1 import catalog_pb2 as pb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2
+from tuneforge_common import methods as method_defs
 from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.grpcutil import ServiceBinding, map_errors
 from tuneforge_common.paging import struct, timestamp
@@ -131,7 +132,14 @@ def method_to_pb(row: Any) -> common_pb2.TrainingMethod:
         builtin=row.builtin,
         create_time=timestamp(row.created_at),
         stages=struct(json.loads(row.stages or "{}")),
+        dataset_formats=[_FORMATS[f] for f in _builtin_formats(row)],
     )
+
+
+def _builtin_formats(row: Any) -> tuple[str, ...]:
+    # Built-in methods' formats follow the installed code; added methods train on any format.
+    definition = method_defs.builtin_method(row.id) if row.builtin else None
+    return definition.dataset_formats if definition else ()
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):

@@ -410,6 +410,11 @@ class MethodDefinition:
     lifecycle: str
     params: type
     entrypoint: str
+    # Dataset formats (tuneforge_catalog.datasets names) the method trains on; empty: any, its code decides.
+    dataset_formats: tuple[str, ...] = ()
+
+
+SUPERVISED_FORMATS = ("chat", "prompt_completion", "instruction", "columns", "text")
 
 
 def _entrypoint(method_id: str) -> str:
@@ -438,6 +443,7 @@ BUILTIN_METHODS: tuple[MethodDefinition, ...] = (
         lifecycle="complete",
         params=SftParams,
         entrypoint=_entrypoint("sft"),
+        dataset_formats=SUPERVISED_FORMATS,
     ),
     MethodDefinition(
         id="sft-lora",
@@ -448,6 +454,7 @@ BUILTIN_METHODS: tuple[MethodDefinition, ...] = (
         lifecycle="customized",
         params=SftLoraParams,
         entrypoint="tuneforge_trainer.methods.sft_lora",
+        dataset_formats=SUPERVISED_FORMATS,
     ),
     MethodDefinition(
         id="qlora",
@@ -458,6 +465,7 @@ BUILTIN_METHODS: tuple[MethodDefinition, ...] = (
         lifecycle="customized",
         params=QLoraParams,
         entrypoint=_entrypoint("qlora"),
+        dataset_formats=SUPERVISED_FORMATS,
     ),
     MethodDefinition(
         id="dpo",
@@ -467,6 +475,7 @@ BUILTIN_METHODS: tuple[MethodDefinition, ...] = (
         lifecycle="customized",
         params=DpoParams,
         entrypoint=_entrypoint("dpo"),
+        dataset_formats=("preference",),
     ),
     MethodDefinition(
         id="grpo",
@@ -477,6 +486,7 @@ BUILTIN_METHODS: tuple[MethodDefinition, ...] = (
         lifecycle="customized",
         params=GrpoParams,
         entrypoint=_entrypoint("grpo"),
+        dataset_formats=("prompt_answer",),
     ),
     _template("custom01"),
     _template("custom02"),

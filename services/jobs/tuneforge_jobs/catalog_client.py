@@ -53,6 +53,13 @@ class GrpcCatalog:
                 f"dataset_id: dataset {dataset_id!r} is {status}{problems}; only READY datasets train"
             )
         method = (await self._call(self.stub.GetMethod, pb.GetMethodRequest(method_id=method_id), "method_id")).method
+        if method.dataset_formats and dataset.format not in method.dataset_formats:
+            # Refused here, before a GPU node loads a model only to find rows it can't train on.
+            wanted = ", ".join(_format_name(f) for f in method.dataset_formats)
+            raise FailedPrecondition(
+                f"dataset_id: method {method_id!r} trains on {wanted} datasets; "
+                f"dataset {dataset_id!r} is {_format_name(dataset.format)}"
+            )
         given = struct_pb2.Struct()
         given.update({**_dataset_columns(dataset, method, parameters), **parameters})
         resolved = await self._call(
@@ -66,6 +73,10 @@ class GrpcCatalog:
             entrypoint=method.entrypoint,
             parameters=_ints_back(json_format.MessageToDict(resolved.parameters), method),
         )
+
+
+def _format_name(value: common_pb2.DatasetFormat.ValueType) -> str:
+    return common_pb2.DatasetFormat.Name(value).removeprefix("DATASET_FORMAT_").lower()
 
 
 def _dataset_columns(dataset: Any, method: Any, given: dict[str, Any]) -> dict[str, str]:

@@ -228,6 +228,7 @@ class TrainingMethod(_message.Message):
     BUILTIN_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
+    DATASET_FORMATS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id, e.g. "sft-lora"."""
     display_name: _builtins.str
@@ -248,6 +249,10 @@ class TrainingMethod(_message.Message):
     def stages(self) -> _struct_pb2.Struct:
         """For added methods: the files and environments per lifecycle stage (seed 003's form), as given."""
 
+    @_builtins.property
+    def dataset_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___DatasetFormat.ValueType]:
+        """Dataset formats the method trains on; empty means any (its own code decides)."""
+
     def __init__(
         self,
         *,
@@ -261,10 +266,11 @@ class TrainingMethod(_message.Message):
         builtin: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         stages: _struct_pb2.Struct | None = ...,
+        dataset_formats: _abc.Iterable[Global___DatasetFormat.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "stages", b"stages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "entrypoint", b"entrypoint", "id", b"id", "lifecycle", b"lifecycle", "parameters", b"parameters", "stages", b"stages", "training_type", b"training_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "dataset_formats", b"dataset_formats", "description", b"description", "display_name", b"display_name", "entrypoint", b"entrypoint", "id", b"id", "lifecycle", b"lifecycle", "parameters", b"parameters", "stages", b"stages", "training_type", b"training_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
