@@ -91,3 +91,14 @@ def test_the_built_in_tiny_models_template_counts_chat_rows(tmp_path):
     path = write_fake_model_dir(tmp_path / "tiny")
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "</s>"}))
     assert TokenCounter(path, "tiny").count(CHAT_ROW, "chat") > 6
+
+
+def test_batched_counts_match_one_by_one_counts_in_row_order(model_dir):
+    counter = TokenCounter(model_dir, "m")
+    rows = [{"prompt": "w " * n, "completion": "done"} for n in range(7)] + [CHAT_ROW] * 3
+    formats = ["prompt_completion"] * 7 + ["chat"] * 3
+    single = [counter.count(r, f) for r, f in zip(rows, formats, strict=True)]
+    batched = list(counter.count_all(rows[:7], "prompt_completion", batch=3)) + list(
+        counter.count_all(rows[7:], "chat", batch=2)
+    )
+    assert batched == single

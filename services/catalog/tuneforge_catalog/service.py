@@ -690,10 +690,9 @@ class Catalog:
 
         def count() -> dict[str, Any]:
             counter = TokenCounter(Path(model.uri), model_id)
-            counts = []
             columns = (row.prompt_input_column, row.prompt_output_column)
-            for data in _rows(self.artifacts.fs, self.artifacts.path_of(row.uri), self._line_bytes):
-                counts.append(counter.count(data, row.format, *columns))
+            rows = _rows(self.artifacts.fs, self.artifacts.path_of(row.uri), self._line_bytes)
+            counts = list(counter.count_all(rows, row.format, *columns))
             return rules.token_stats(counts, max_seq_length or None)
 
         return await asyncio.to_thread(count)
