@@ -36,6 +36,10 @@ from .uploads import UPLOAD_CHUNK, UploadSpool
 RPC_TIMEOUT_S = 30.0
 # An upload RPC carries the whole file and then waits for the catalog's validation (or its wait limit).
 UPLOAD_TIMEOUT_S = 600.0
+# A pass over a whole dataset (token counts, a split) of up to the size limit takes minutes, not seconds.
+DATASET_PASS_TIMEOUT_S = 600.0
+# Registering by Hub id downloads the weights while the request waits.
+MODEL_FETCH_TIMEOUT_S = 3600.0
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 UPLOAD_TTL_S = 24 * 3600.0
 # Room for the form fields and part headers around the file in a multipart body.
@@ -342,7 +346,7 @@ def create_app(
         request = cpb.RegisterModelRequest(
             name=body.name, description=body.description, tags=body.tags, license=body.license, **sources
         )
-        return to_json((await be().catalog.RegisterModel(request, timeout=RPC_TIMEOUT_S)).model)
+        return to_json((await be().catalog.RegisterModel(request, timeout=MODEL_FETCH_TIMEOUT_S)).model)
 
     @app.get("/api/v1/models")
     async def list_models(
@@ -481,12 +485,12 @@ def create_app(
         max_seq_length: int = Query(0, ge=0, description="Count rows longer than this; 0 skips the count"),
     ) -> dict:
         request = cpb.GetDatasetStatsRequest(dataset_id=dataset_id, model_id=model_id, max_seq_length=max_seq_length)
-        return to_json(await be().catalog.GetDatasetStats(request, timeout=RPC_TIMEOUT_S))
+        return to_json(await be().catalog.GetDatasetStats(request, timeout=DATASET_PASS_TIMEOUT_S))
 
     @app.post("/api/v1/datasets/{dataset_id}/split", status_code=201)
     async def split_dataset(dataset_id: str, body: SplitDatasetBody) -> dict:
         request = cpb.SplitDatasetRequest(dataset_id=dataset_id, validation_ratio=body.validation_ratio, seed=body.seed)
-        return to_json(await be().catalog.SplitDataset(request, timeout=RPC_TIMEOUT_S))
+        return to_json(await be().catalog.SplitDataset(request, timeout=DATASET_PASS_TIMEOUT_S))
 
     @app.post("/api/v1/datasets", status_code=201)
     async def upload_dataset(
