@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneforge_common.params import json_kind
+
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt_completion"
 PREFERENCE = "preference"
@@ -161,36 +163,22 @@ def _nonempty_text(row: dict[str, Any], key: str) -> str | None:
         return "is missing"
     value = row[key]
     if not isinstance(value, str):
-        return f"must be a string, got {_json_type(value)}"
+        return f"must be a string, got {json_kind(value)}"
     if not value.strip():
         return "is empty"
     return None
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "string"
-
-
 def _check_messages(value: Any, path: str, need_assistant: bool) -> list[tuple[str, str]]:
     if not isinstance(value, list):
-        return [(path, f"must be a list of messages, got {_json_type(value)}")]
+        return [(path, f"must be a list of messages, got {json_kind(value)}")]
     if not value:
         return [(path, "is empty")]
     problems: list[tuple[str, str]] = []
     for i, msg in enumerate(value):
         where = f"{path}[{i}]"
         if not isinstance(msg, dict):
-            problems.append((where, f"must be an object, got {_json_type(msg)}"))
+            problems.append((where, f"must be an object, got {json_kind(msg)}"))
             continue
         role = msg.get("role")
         if "role" not in msg:
@@ -215,7 +203,7 @@ def _check_text_or_messages(row: dict[str, Any], key: str, need_assistant: bool)
     if isinstance(value, list):
         return _check_messages(value, key, need_assistant)
     if key in row and not isinstance(value, str):
-        return [(key, f"must be a string or a list of messages, got {_json_type(value)}")]
+        return [(key, f"must be a string or a list of messages, got {json_kind(value)}")]
     why = _nonempty_text(row, key)
     return [(key, why)] if why else []
 
@@ -238,7 +226,7 @@ def check_row(row: dict[str, Any], fmt: str, in_col: str = "", out_col: str = ""
         # An unnamed mapped column is reported once for the file, not on every row.
         problems = [(k, why) for k in keys if k and (why := _nonempty_text(row, k))]
         if fmt == INSTRUCTION and "input" in row and not isinstance(row["input"], str):
-            problems.append(("input", f"must be a string, got {_json_type(row['input'])}"))
+            problems.append(("input", f"must be a string, got {json_kind(row['input'])}"))
         return problems
     if fmt == PREFERENCE:
         problems = []
@@ -255,7 +243,7 @@ def check_row(row: dict[str, Any], fmt: str, in_col: str = "", out_col: str = ""
         if "answer" not in row:
             problems.append(("answer", "is missing"))
         elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            problems.append(("answer", f"must be a string or a number, got {_json_type(answer)}"))
+            problems.append(("answer", f"must be a string or a number, got {json_kind(answer)}"))
         elif isinstance(answer, str) and not answer.strip():
             problems.append(("answer", "is empty"))
         return problems
@@ -310,7 +298,7 @@ def validate_jsonl(
             report.add(line_no, "", "has an escaped lone surrogate (\\udXXX) that is not a character", max_problems)
             continue
         if not isinstance(row, dict):
-            report.add(line_no, "", f"must be a JSON object, got {_json_type(row)}", max_problems)
+            report.add(line_no, "", f"must be a JSON object, got {json_kind(row)}", max_problems)
             continue
         report.row_count += 1
         if first_keys is None:

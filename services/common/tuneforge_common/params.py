@@ -138,7 +138,7 @@ def specs_from_dataclass(params_cls: type) -> list[ParamSpec]:
     return specs
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """A value's JSON type name (never a Python one): object, array, boolean, number, string or null."""
     if value is None:
         return "null"
@@ -164,7 +164,7 @@ def _shown(value: Any) -> str:
         return json.dumps(value if len(value) <= 40 else value[:40] + "...", ensure_ascii=False)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
-    kind = _json_kind(value)
+    kind = json_kind(value)
     return _A_KIND.get(kind, f"a {kind}")
 
 
