@@ -55,8 +55,14 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         pytest.fail("stack did not come up:\n" + "".join(output) + logs)
     stack = Stack(proc, url, data_dir, output)
     yield stack
-    if proc.poll() is None:
-        proc.kill()
+    if proc.poll() is None:  # a test failed before the one that stops it: stop it the way a user does
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
 
 
 def error_of(resp: httpx.Response) -> dict:
