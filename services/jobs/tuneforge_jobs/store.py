@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text
 
 from tuneforge_common.db import UtcDateTime
 from tuneforge_common.events import outbox_table
@@ -38,6 +38,20 @@ jobs = Table(
     Column("started_at", UtcDateTime, nullable=True),
     Column("ended_at", UtcDateTime, nullable=True),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("submitted_by", String(255), nullable=False, default=""),
+    Column("labels", Text, nullable=False, default="{}"),  # JSON object
+    Column("resources", Text, nullable=False, default="{}"),  # JSON ResourceRequest
+    Column("method_version", String(64), nullable=False, default=""),
+    Column("catalog_version", String(255), nullable=False, default=""),
+    Column("epoch", Float, nullable=False, default=0.0),
+    Column("tokens_seen", BigInteger, nullable=False, default=0),
+    # Seconds run by attempts that ended; the current attempt's time is added from started_at.
+    Column("run_seconds", Float, nullable=False, default=0.0),
+    Column("attempt_started_at", UtcDateTime, nullable=True),
+    Column("copied_from_job_id", String(64), nullable=True),
+    Column("resumed_from_step", BigInteger, nullable=False, default=0),
+    # A pause asked while an agent runs the job: it checkpoints, stops, and the job becomes PAUSED.
+    Column("pause_requested", Boolean, nullable=False, default=False),
     Index("ix_jobs_state_priority", "state", "priority", "created_at"),
     Index("ix_jobs_agent_state", "agent_id", "state"),
 )
@@ -89,6 +103,18 @@ job_events = Table(
     Column("attempt", Integer, nullable=False),
     Column("reason", Text, nullable=False),
     Column("recorded_at", UtcDateTime, nullable=False),
+)
+
+# Checkpoints the agents saved; retention deletes rows (and files) beyond the last K and the best.
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("step", BigInteger, primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("uri", Text, nullable=False),
+    Column("metrics", Text, nullable=False, default="{}"),  # JSON: metrics at that step
+    Column("created_at", UtcDateTime, nullable=False),
 )
 
 # Highest report sequence number stored per (job, attempt): makes agent resends idempotent.

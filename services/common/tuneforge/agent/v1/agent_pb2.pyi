@@ -31,6 +31,8 @@ class _ReportedStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reporte
     REPORTED_STATE_SUCCEEDED: _ReportedState.ValueType  # 2
     REPORTED_STATE_FAILED: _ReportedState.ValueType  # 3
     REPORTED_STATE_CANCELLED: _ReportedState.ValueType  # 4
+    REPORTED_STATE_PAUSED: _ReportedState.ValueType  # 5
+    """Stopped after saving a checkpoint, as a pause asked."""
 
 class ReportedState(_ReportedState, metaclass=_ReportedStateEnumTypeWrapper): ...
 
@@ -39,6 +41,8 @@ REPORTED_STATE_RUNNING: ReportedState.ValueType  # 1
 REPORTED_STATE_SUCCEEDED: ReportedState.ValueType  # 2
 REPORTED_STATE_FAILED: ReportedState.ValueType  # 3
 REPORTED_STATE_CANCELLED: ReportedState.ValueType  # 4
+REPORTED_STATE_PAUSED: ReportedState.ValueType  # 5
+"""Stopped after saving a checkpoint, as a pause asked."""
 Global___ReportedState: _TypeAlias = ReportedState  # noqa: Y015
 
 @_typing.final
@@ -237,6 +241,8 @@ class JobAssignment(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     OUTPUT_URI_FIELD_NUMBER: _builtins.int
     RESUME_FROM_URI_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_STEP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_URI_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     method_id: _builtins.str
@@ -248,6 +254,9 @@ class JobAssignment(_message.Message):
     """Where the agent stores the job's outputs."""
     resume_from_uri: _builtins.str
     """Checkpoint to resume from; empty for a fresh start."""
+    resume_from_step: _builtins.int
+    checkpoint_uri: _builtins.str
+    """Where the agent stores checkpoints (each under <uri>/checkpoint-<step>)."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -262,10 +271,12 @@ class JobAssignment(_message.Message):
         parameters: _struct_pb2.Struct | None = ...,
         output_uri: _builtins.str = ...,
         resume_from_uri: _builtins.str = ...,
+        resume_from_step: _builtins.int = ...,
+        checkpoint_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "resume_from_uri", b"resume_from_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,15 +287,19 @@ class JobCancellation(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIRST_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    checkpoint_first: _builtins.bool
+    """Pause: save a checkpoint first, then stop."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        checkpoint_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_first", b"checkpoint_first", "job_id", b"job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -393,6 +408,54 @@ class MetricReport(_message.Message):
 Global___MetricReport: _TypeAlias = MetricReport  # noqa: Y015
 
 @_typing.final
+class CheckpointReport(_message.Message):
+    """A checkpoint saved into the artifact store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STEP_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    uri: _builtins.str
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        uri: _builtins.str = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "step", b"step", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointReport: _TypeAlias = CheckpointReport  # noqa: Y015
+
+@_typing.final
 class LogReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -425,6 +488,7 @@ class ReportJobRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     METRIC_FIELD_NUMBER: _builtins.int
     LOG_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     TIME_UNIX_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     job_id: _builtins.str
@@ -439,6 +503,8 @@ class ReportJobRequest(_message.Message):
     def metric(self) -> Global___MetricReport: ...
     @_builtins.property
     def log(self) -> Global___LogReport: ...
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointReport: ...
     def __init__(
         self,
         *,
@@ -449,13 +515,14 @@ class ReportJobRequest(_message.Message):
         state: Global___StateReport | None = ...,
         metric: Global___MetricReport | None = ...,
         log: Global___LogReport | None = ...,
+        checkpoint: Global___CheckpointReport | None = ...,
         time_unix: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["log", b"log", "metric", b"metric", "report", b"report", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "log", b"log", "metric", b"metric", "report", b"report", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "job_id", b"job_id", "log", b"log", "metric", b"metric", "report", b"report", "seq", b"seq", "state", b"state", "time_unix", b"time_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "checkpoint", b"checkpoint", "job_id", b"job_id", "log", b"log", "metric", b"metric", "report", b"report", "seq", b"seq", "state", b"state", "time_unix", b"time_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_report: _TypeAlias = _typing.Literal["state", "metric", "log"]  # noqa: Y015
+    _WhichOneofReturnType_report: _TypeAlias = _typing.Literal["state", "metric", "log", "checkpoint"]  # noqa: Y015
     _WhichOneofArgType_report: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_report) -> _WhichOneofReturnType_report | None: ...
 
@@ -468,20 +535,29 @@ class ReportJobResponse(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     acked_seq: _builtins.int
     """Highest sequence number stored for (job, attempt)."""
+    stop: _builtins.bool
+    """The attempt no longer owns the job (requeued, or given to another agent): its reports are refused
+    and the agent must stop it.
+    """
+    reason: _builtins.str
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         acked_seq: _builtins.int = ...,
+        stop: _builtins.bool = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "attempt", b"attempt", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "attempt", b"attempt", "job_id", b"job_id", "reason", b"reason", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -228,6 +228,59 @@ class UpdateModelResponse(_message.Message):
 Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
 
 @_typing.final
+class PublishModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    description: _builtins.str
+    uri: _builtins.str
+    """Artifact-store URI of the checkpoint directory (an adapter for CUSTOMIZED, a model for COMPLETE)."""
+    kind: _common_pb2.ModelKind.ValueType
+    @_builtins.property
+    def lineage(self) -> _common_pb2.ModelLineage: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        kind: _common_pb2.ModelKind.ValueType = ...,
+        lineage: _common_pb2.ModelLineage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "kind", b"kind", "lineage", b"lineage", "name", b"name", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishModelRequest: _TypeAlias = PublishModelRequest  # noqa: Y015
+
+@_typing.final
+class PublishModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> _common_pb2.Model: ...
+    def __init__(
+        self,
+        *,
+        model: _common_pb2.Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishModelResponse: _TypeAlias = PublishModelResponse  # noqa: Y015
+
+@_typing.final
 class DeleteModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -61,6 +61,11 @@ class CatalogServiceStub:
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.PublishModel = channel.unary_unary(
+                '/tuneforge.catalog.v1.CatalogService/PublishModel',
+                request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PublishModelRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PublishModelResponse.FromString,
+                _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/tuneforge.catalog.v1.CatalogService/ListDatasets',
                 request_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.ListDatasetsRequest.SerializeToString,
@@ -160,6 +165,13 @@ class CatalogServiceServicer:
 
     def DeleteModel(self, request, context):
         """FAILED_PRECONDITION while a job or a published model depends on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishModel(self, request, context):
+        """Registers a trained checkpoint (called by the jobs service) as a model with its lineage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -280,6 +292,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.FromString,
                     response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'PublishModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishModel,
+                    request_deserializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PublishModelRequest.FromString,
+                    response_serializer=tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PublishModelResponse.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
@@ -484,6 +501,33 @@ class CatalogService:
             '/tuneforge.catalog.v1.CatalogService/DeleteModel',
             tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.SerializeToString,
             tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.catalog.v1.CatalogService/PublishModel',
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PublishModelRequest.SerializeToString,
+            tuneforge_dot_catalog_dot_v1_dot_catalog__pb2.PublishModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,8 @@ class CatalogServiceStub:
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.UpdateModelRequest, _catalog_pb2.UpdateModelResponse]
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DeleteModelRequest, _catalog_pb2.DeleteModelResponse]
     """FAILED_PRECONDITION while a job or a published model depends on it."""
+    PublishModel: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PublishModelRequest, _catalog_pb2.PublishModelResponse]
+    """Registers a trained checkpoint (called by the jobs service) as a model with its lineage."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListDatasetsRequest, _catalog_pb2.ListDatasetsResponse]
     GetDataset: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetDatasetRequest, _catalog_pb2.GetDatasetResponse]
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.DeleteDatasetRequest, _catalog_pb2.DeleteDatasetResponse]
@@ -82,6 +84,8 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     UpdateModel: _aio.UnaryUnaryMultiCallable[_catalog_pb2.UpdateModelRequest, _catalog_pb2.UpdateModelResponse]  # type: ignore[assignment]
     DeleteModel: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DeleteModelRequest, _catalog_pb2.DeleteModelResponse]  # type: ignore[assignment]
     """FAILED_PRECONDITION while a job or a published model depends on it."""
+    PublishModel: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PublishModelRequest, _catalog_pb2.PublishModelResponse]  # type: ignore[assignment]
+    """Registers a trained checkpoint (called by the jobs service) as a model with its lineage."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListDatasetsRequest, _catalog_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     GetDataset: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetDatasetRequest, _catalog_pb2.GetDatasetResponse]  # type: ignore[assignment]
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_catalog_pb2.DeleteDatasetRequest, _catalog_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
@@ -149,6 +153,14 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.DeleteModelResponse, _abc.Awaitable[_catalog_pb2.DeleteModelResponse]]:
         """FAILED_PRECONDITION while a job or a published model depends on it."""
+
+    @_abc_1.abstractmethod
+    def PublishModel(
+        self,
+        request: _catalog_pb2.PublishModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.PublishModelResponse, _abc.Awaitable[_catalog_pb2.PublishModelResponse]]:
+        """Registers a trained checkpoint (called by the jobs service) as a model with its lineage."""
 
     @_abc_1.abstractmethod
     def ListDatasets(

@@ -55,6 +55,41 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.CopyJob = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/CopyJob',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CopyJobRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CopyJobResponse.FromString,
+                _registered_method=True)
+        self.PauseJob = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/PauseJob',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PauseJobRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PauseJobResponse.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/ResumeJob',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ResumeJobResponse.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/DeleteJob',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
+        self.CompareJobs = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/CompareJobs',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CompareJobsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CompareJobsResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/ListCheckpoints',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.PublishCheckpoint = channel.unary_unary(
+                '/tuneforge.jobs.v1.JobService/PublishCheckpoint',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PublishCheckpointRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PublishCheckpointResponse.FromString,
+                _registered_method=True)
         self.ListJobMetrics = channel.unary_unary(
                 '/tuneforge.jobs.v1.JobService/ListJobMetrics',
                 request_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListJobMetricsRequest.SerializeToString,
@@ -82,7 +117,9 @@ class JobServiceServicer:
     """
 
     def SubmitJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Validates against the method's schema and the dataset's status; with dry_run nothing is stored and
+        the answer carries the resolved parameters and an estimate.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -100,7 +137,56 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
+        """Terminate: at once when queued or paused, via CANCELLING when an agent runs it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyJob(self, request, context):
+        """A new job from an old one's resolved parameters, with overrides.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseJob(self, request, context):
+        """Checkpoint, then free the agent; the job waits PAUSED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Back to the queue; the next attempt starts from the pause checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Only finished jobs, with their metrics, logs and artifacts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareJobs(self, request, context):
+        """Two or more jobs: parameters that differ and metric series aligned by step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishCheckpoint(self, request, context):
+        """Registers a kept checkpoint in the catalog as a new model with its lineage.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,6 +240,41 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
                     response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'CopyJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyJob,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CopyJobRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CopyJobResponse.SerializeToString,
+            ),
+            'PauseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseJob,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PauseJobRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PauseJobResponse.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ResumeJobRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ResumeJobResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.DeleteJobResponse.SerializeToString,
+            ),
+            'CompareJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareJobs,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CompareJobsRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CompareJobsResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'PublishCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishCheckpoint,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PublishCheckpointRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PublishCheckpointResponse.SerializeToString,
             ),
             'ListJobMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobMetrics,
@@ -285,6 +406,195 @@ class JobService:
             '/tuneforge.jobs.v1.JobService/CancelJob',
             tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
             tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/CopyJob',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CopyJobRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CopyJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/PauseJob',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PauseJobRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PauseJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/ResumeJob',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ResumeJobRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ResumeJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/DeleteJob',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/CompareJobs',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CompareJobsRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.CompareJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/ListCheckpoints',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListCheckpointsRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.JobService/PublishCheckpoint',
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PublishCheckpointRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_jobs__pb2.PublishCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,9 +34,26 @@ class JobServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> JobServiceAsyncStub: ...
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobRequest, _jobs_pb2.SubmitJobResponse]
+    """Validates against the method's schema and the dataset's status; with dry_run nothing is stored and
+    the answer carries the resolved parameters and an estimate.
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]
+    """Terminate: at once when queued or paused, via CANCELLING when an agent runs it."""
+    CopyJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CopyJobRequest, _jobs_pb2.CopyJobResponse]
+    """A new job from an old one's resolved parameters, with overrides."""
+    PauseJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PauseJobRequest, _jobs_pb2.PauseJobResponse]
+    """Checkpoint, then free the agent; the job waits PAUSED."""
+    ResumeJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ResumeJobRequest, _jobs_pb2.ResumeJobResponse]
+    """Back to the queue; the next attempt starts from the pause checkpoint."""
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
+    """Only finished jobs, with their metrics, logs and artifacts."""
+    CompareJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CompareJobsRequest, _jobs_pb2.CompareJobsResponse]
+    """Two or more jobs: parameters that differ and metric series aligned by step."""
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListCheckpointsRequest, _jobs_pb2.ListCheckpointsResponse]
+    PublishCheckpoint: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PublishCheckpointRequest, _jobs_pb2.PublishCheckpointResponse]
+    """Registers a kept checkpoint in the catalog as a new model with its lineage."""
     ListJobMetrics: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobMetricsRequest, _jobs_pb2.ListJobMetricsResponse]
     ListJobLogs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobLogsRequest, _jobs_pb2.ListJobLogsResponse]
     ListJobEvents: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobEventsRequest, _jobs_pb2.ListJobEventsResponse]
@@ -52,9 +69,26 @@ class JobServiceAsyncStub(JobServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobRequest, _jobs_pb2.SubmitJobResponse]  # type: ignore[assignment]
+    """Validates against the method's schema and the dataset's status; with dry_run nothing is stored and
+    the answer carries the resolved parameters and an estimate.
+    """
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]  # type: ignore[assignment]
+    """Terminate: at once when queued or paused, via CANCELLING when an agent runs it."""
+    CopyJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CopyJobRequest, _jobs_pb2.CopyJobResponse]  # type: ignore[assignment]
+    """A new job from an old one's resolved parameters, with overrides."""
+    PauseJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PauseJobRequest, _jobs_pb2.PauseJobResponse]  # type: ignore[assignment]
+    """Checkpoint, then free the agent; the job waits PAUSED."""
+    ResumeJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ResumeJobRequest, _jobs_pb2.ResumeJobResponse]  # type: ignore[assignment]
+    """Back to the queue; the next attempt starts from the pause checkpoint."""
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Only finished jobs, with their metrics, logs and artifacts."""
+    CompareJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CompareJobsRequest, _jobs_pb2.CompareJobsResponse]  # type: ignore[assignment]
+    """Two or more jobs: parameters that differ and metric series aligned by step."""
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListCheckpointsRequest, _jobs_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    PublishCheckpoint: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PublishCheckpointRequest, _jobs_pb2.PublishCheckpointResponse]  # type: ignore[assignment]
+    """Registers a kept checkpoint in the catalog as a new model with its lineage."""
     ListJobMetrics: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobMetricsRequest, _jobs_pb2.ListJobMetricsResponse]  # type: ignore[assignment]
     ListJobLogs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobLogsRequest, _jobs_pb2.ListJobLogsResponse]  # type: ignore[assignment]
     ListJobEvents: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobEventsRequest, _jobs_pb2.ListJobEventsResponse]  # type: ignore[assignment]
@@ -72,7 +106,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _jobs_pb2.SubmitJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_jobs_pb2.SubmitJobResponse, _abc.Awaitable[_jobs_pb2.SubmitJobResponse]]: ...
+    ) -> _typing.Union[_jobs_pb2.SubmitJobResponse, _abc.Awaitable[_jobs_pb2.SubmitJobResponse]]:
+        """Validates against the method's schema and the dataset's status; with dry_run nothing is stored and
+        the answer carries the resolved parameters and an estimate.
+        """
 
     @_abc_1.abstractmethod
     def GetJob(
@@ -93,7 +130,63 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _jobs_pb2.CancelJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_jobs_pb2.CancelJobResponse, _abc.Awaitable[_jobs_pb2.CancelJobResponse]]: ...
+    ) -> _typing.Union[_jobs_pb2.CancelJobResponse, _abc.Awaitable[_jobs_pb2.CancelJobResponse]]:
+        """Terminate: at once when queued or paused, via CANCELLING when an agent runs it."""
+
+    @_abc_1.abstractmethod
+    def CopyJob(
+        self,
+        request: _jobs_pb2.CopyJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.CopyJobResponse, _abc.Awaitable[_jobs_pb2.CopyJobResponse]]:
+        """A new job from an old one's resolved parameters, with overrides."""
+
+    @_abc_1.abstractmethod
+    def PauseJob(
+        self,
+        request: _jobs_pb2.PauseJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.PauseJobResponse, _abc.Awaitable[_jobs_pb2.PauseJobResponse]]:
+        """Checkpoint, then free the agent; the job waits PAUSED."""
+
+    @_abc_1.abstractmethod
+    def ResumeJob(
+        self,
+        request: _jobs_pb2.ResumeJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ResumeJobResponse, _abc.Awaitable[_jobs_pb2.ResumeJobResponse]]:
+        """Back to the queue; the next attempt starts from the pause checkpoint."""
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _jobs_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.DeleteJobResponse, _abc.Awaitable[_jobs_pb2.DeleteJobResponse]]:
+        """Only finished jobs, with their metrics, logs and artifacts."""
+
+    @_abc_1.abstractmethod
+    def CompareJobs(
+        self,
+        request: _jobs_pb2.CompareJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.CompareJobsResponse, _abc.Awaitable[_jobs_pb2.CompareJobsResponse]]:
+        """Two or more jobs: parameters that differ and metric series aligned by step."""
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _jobs_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListCheckpointsResponse, _abc.Awaitable[_jobs_pb2.ListCheckpointsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PublishCheckpoint(
+        self,
+        request: _jobs_pb2.PublishCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.PublishCheckpointResponse, _abc.Awaitable[_jobs_pb2.PublishCheckpointResponse]]:
+        """Registers a kept checkpoint in the catalog as a new model with its lineage."""
 
     @_abc_1.abstractmethod
     def ListJobMetrics(
