@@ -22,13 +22,32 @@ class StaticCatalog:
     """The catalog port with fixed answers; unknown ids are NOT_FOUND as the real one says."""
 
     async def resolve_inputs(
-        self, model_id: str, dataset_id: str, method_id: str, parameters: dict[str, Any]
+        self,
+        model_id: str,
+        dataset_id: str,
+        method_id: str,
+        parameters: dict[str, Any],
+        base: dict[str, Any] | None = None,
     ) -> CatalogInputs:
         if model_id != "m1":
             raise NotFound(f"model_id: model {model_id!r} not found")
+        resolved = {"max_steps": 5, "batch_size": 2, **(base or {}), **parameters}
         return CatalogInputs(
-            "/models/m1", "/data/d1.jsonl", "tuneforge_trainer.methods.sft_lora", {"max_steps": 5, **parameters}
+            "/models/m1",
+            "/data/d1.jsonl",
+            "tuneforge_trainer.methods.sft_lora",
+            resolved,
+            method_version="v1",
+            catalog_version="model m1; dataset d1",
+            dataset_rows=40,
         )
+
+    async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
+        return 4000, 3
+
+    async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str:
+        self.published = (name, uri, kind, lineage)
+        return "model-published"
 
 
 class Clock:

@@ -316,6 +316,47 @@ async def test_delete_model_is_refused_while_a_job_or_published_model_depends_on
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def write_adapter_dir(path, params: int = 32):
+    import struct as struct_
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny-test", "r": 8}))
+    header = json.dumps({"a": {"dtype": "F32", "shape": [params], "data_offsets": [0, 4 * params]}}).encode()
+    (path / "adapter_model.safetensors").write_bytes(struct_.pack("<Q", len(header)) + header + b"\0" * (4 * params))
+    return path
+
+
+async def test_a_published_adapter_is_a_customized_model_with_lineage_that_pins_its_base(catalog_stub, tmp_path):
+    adapter = write_adapter_dir(tmp_path / "artifacts" / "jobs" / "job1" / "checkpoints" / "checkpoint-20")
+    lineage = common_pb2.ModelLineage(
+        base_model_id="tiny-test", job_id="job1", checkpoint_step=20, method_id="sft-lora", dataset_id="ds1"
+    )
+    model = (
+        await catalog_stub.PublishModel(
+            pb.PublishModelRequest(name="support-v1", uri=str(adapter), lineage=lineage), timeout=10
+        )
+    ).model
+    assert (model.kind, model.parameter_count, model.architecture, model.lineage.checkpoint_step) == (
+        common_pb2.MODEL_KIND_CUSTOMIZED,
+        32,
+        "LlamaForCausalLM",
+        20,
+    )
+    assert model.source == "job job1 step 20"
+    listed = await catalog_stub.ListModels(pb.ListModelsRequest(kind=common_pb2.MODEL_KIND_CUSTOMIZED))
+    assert [m.name for m in listed.models] == ["support-v1"]
+    code, details, _ = await rpc_error(
+        catalog_stub.PublishModel,
+        pb.PublishModelRequest(name="outside", uri=str(tmp_path / "elsewhere"), lineage=lineage),
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "artifact store" in details
+    code, _, _ = await rpc_error(
+        catalog_stub.PublishModel,
+        pb.PublishModelRequest(name="x", uri=str(adapter), lineage=common_pb2.ModelLineage(base_model_id="nope")),
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
 async def test_builtin_model_cannot_be_deleted(catalog_stub):
     code, _, _ = await rpc_error(catalog_stub.DeleteModel, pb.DeleteModelRequest(model_id="tiny-test"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION

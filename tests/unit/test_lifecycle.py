@@ -39,3 +39,26 @@ def test_lost_agent_requeues_until_the_attempt_limit():
 
 def test_every_state_has_a_rule():
     assert set(ALLOWED) == set(JobState)
+
+
+def test_pause_is_immediate_when_queued_and_asked_of_the_agent_when_running():
+    from tuneforge_jobs.lifecycle import pause_action
+
+    assert pause_action(JobState.QUEUED) == "now"
+    assert pause_action(JobState.RUNNING) == pause_action(JobState.STARTING) == "ask"
+    for state in (JobState.PAUSED, JobState.CANCELLING, JobState.SUCCEEDED):
+        with pytest.raises(FailedPrecondition, match="only queued or running"):
+            pause_action(state)
+
+
+def test_only_paused_jobs_resume_and_only_finished_jobs_are_deleted():
+    from tuneforge_jobs.lifecycle import check_deletable, check_resumable
+
+    check_resumable(JobState.PAUSED)
+    with pytest.raises(FailedPrecondition):
+        check_resumable(JobState.RUNNING)
+    for state in TERMINAL:
+        check_deletable(state)
+    for state in set(JobState) - TERMINAL:
+        with pytest.raises(FailedPrecondition, match="terminate it first"):
+            check_deletable(state)

@@ -160,6 +160,15 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         return pb.RegisterModelResponse(model=model_to_pb(row))
 
     @map_errors
+    async def PublishModel(self, request: pb.PublishModelRequest, context: Any) -> pb.PublishModelResponse:
+        kind = common_pb2.ModelKind.Name(request.kind).removeprefix("MODEL_KIND_") if request.kind else ""
+        lineage = json_format.MessageToDict(request.lineage, preserving_proto_field_name=True)
+        if "checkpoint_step" in lineage:
+            lineage["checkpoint_step"] = int(lineage["checkpoint_step"])  # int64 arrives as a JSON string
+        row = await self.catalog.publish_model(request.name, request.description, request.uri, kind, lineage)
+        return pb.PublishModelResponse(model=model_to_pb(row))
+
+    @map_errors
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         kind = common_pb2.ModelKind.Name(request.kind).removeprefix("MODEL_KIND_") if request.kind else ""
         rows, token = await self.catalog.list_models(

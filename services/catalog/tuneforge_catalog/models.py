@@ -179,3 +179,43 @@ def _inspect(path: Path) -> ModelInfo:
         has_chat_template=has_template,
         size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
     )
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    base_model_path: str
+    parameter_count: int
+    size_bytes: int
+    has_chat_template: bool
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def inspect_adapter_dir(path: Path, field: str = "uri") -> AdapterInfo:
+    """A PEFT adapter (a customized model): its config, trained parameters and size; refused with the reason."""
+    try:
+        config = _read_json_object(path / "adapter_config.json")
+        weights = path / "adapter_model.safetensors"
+        if weights.is_file():
+            count = _safetensors_param_count(weights)
+        elif (path / "adapter_model.bin").is_file():
+            count = 0  # a pickle: counting would mean loading it
+        else:
+            raise _Bad(f"{path} has no adapter weights (adapter_model.safetensors or adapter_model.bin)")
+    except _Bad as exc:
+        raise InvalidArgument.for_field(field, str(exc)) from None
+    template = (path / "chat_template.jinja").is_file()
+    tokenizer_config = path / "tokenizer_config.json"
+    if not template and tokenizer_config.is_file():
+        try:
+            template = bool(_read_json_object(tokenizer_config).get("chat_template"))
+        except _Bad:
+            template = False
+    return AdapterInfo(
+        base_model_path=str(config.get("base_model_name_or_path") or ""),
+        parameter_count=count,
+        size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        has_chat_template=template,
+    )

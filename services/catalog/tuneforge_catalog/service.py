@@ -36,7 +36,7 @@ from tuneforge_common.params import ParamSpec, resolve_parameters, specs_from_da
 
 from . import datasets as rules
 from . import store
-from .models import inspect_model_dir
+from .models import inspect_adapter_dir, inspect_model_dir, is_adapter_dir
 from .tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -372,6 +372,76 @@ class Catalog:
                 "has no internet access, download the model elsewhere and register its directory with `path`"
             ) from None
         return target
+
+    async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> Any:
+        """A trained checkpoint as a model: an adapter is CUSTOMIZED, a full model COMPLETE (kind "" infers it).
+        The base model must exist and the checkpoint must be in the artifact store."""
+        name = _check_name(name)
+        base = await self.get_model(str(lineage.get("base_model_id") or ""))
+        local = Path(self.artifacts.path_of(uri))
+        if not self.artifacts.is_local or not _inside(str(local), self.artifacts.path_of(self.artifacts.root)):
+            where = self.artifacts.root
+            raise InvalidArgument.for_field("uri", f"must be a checkpoint in the artifact store ({where})")
+        if not await asyncio.to_thread(local.is_dir):
+            raise InvalidArgument.for_field("uri", f"{uri} is not a directory")
+        adapter = await asyncio.to_thread(is_adapter_dir, local)
+        kind = kind or ("CUSTOMIZED" if adapter else "COMPLETE")
+        if kind == "CUSTOMIZED":
+            if not adapter:
+                raise InvalidArgument.for_field(
+                    "uri", "a CUSTOMIZED model is an adapter; adapter_config.json is missing"
+                )
+            found = await asyncio.to_thread(inspect_adapter_dir, local)
+            info = dict(
+                architecture=base.architecture,
+                parameter_count=found.parameter_count,
+                context_length=base.context_length,
+                dtype=base.dtype,
+                has_chat_template=found.has_chat_template or base.has_chat_template,
+                size_bytes=found.size_bytes,
+            )
+        elif kind == "COMPLETE":
+            model = await asyncio.to_thread(inspect_model_dir, local, "uri")
+            info = dict(
+                architecture=model.architecture,
+                parameter_count=model.parameter_count,
+                context_length=model.context_length,
+                dtype=model.dtype,
+                has_chat_template=model.has_chat_template,
+                size_bytes=model.size_bytes,
+            )
+        else:
+            raise InvalidArgument.for_field("kind", "a published model is CUSTOMIZED or COMPLETE")
+        model_id, now = new_id("model"), utcnow()
+        async with _unique(f"a model named {name!r} exists"), self.engine.begin() as conn:
+            if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
+                raise AlreadyExists(f"a model named {name!r} exists")
+            await conn.execute(
+                store.models.insert().values(
+                    id=model_id,
+                    name=name,
+                    description=description,
+                    uri=str(local),
+                    builtin=False,
+                    created_at=now,
+                    updated_at=now,
+                    tags="[]",
+                    license=base.license,
+                    kind=kind,
+                    lineage=json.dumps(lineage),
+                    base_model_id=base.id,
+                    source=f"job {lineage.get('job_id', '')} step {lineage.get('checkpoint_step', 0)}",
+                    **info,
+                )
+            )
+            await write_event(
+                conn,
+                store.outbox,
+                self._subject("model", "published"),
+                {"model_id": model_id, "name": name, "kind": kind, **lineage},
+            )
+        self._notify()
+        return await self.get_model(model_id)
 
     async def get_model(self, model_id: str) -> Any:
         row = await store.get_row(self.engine, store.models, model_id)

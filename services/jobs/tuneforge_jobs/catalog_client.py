@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from tuneforge_common.grpcutil import decode_error
 from .service import CatalogInputs
 
 TIMEOUT_S = 10.0
+STATS_TIMEOUT_S = 120.0
 
 
 class GrpcCatalog:
@@ -40,8 +42,14 @@ class GrpcCatalog:
             raise Unavailable("catalog service unavailable") from None
 
     async def resolve_inputs(
-        self, model_id: str, dataset_id: str, method_id: str, parameters: dict[str, Any]
+        self,
+        model_id: str,
+        dataset_id: str,
+        method_id: str,
+        parameters: dict[str, Any],
+        base: dict[str, Any] | None = None,
     ) -> CatalogInputs:
+        """base: an earlier job's resolved parameters that `parameters` override (a copy)."""
         model = (await self._call(self.stub.GetModel, pb.GetModelRequest(model_id=model_id), "model_id")).model
         dataset = (
             await self._call(self.stub.GetDataset, pb.GetDatasetRequest(dataset_id=dataset_id), "dataset_id")
@@ -60,6 +68,8 @@ class GrpcCatalog:
                 f"dataset_id: method {method_id!r} trains on {wanted} datasets; "
                 f"dataset {dataset_id!r} is {_format_name(dataset.format)}"
             )
+        if base is not None:
+            parameters = _override(base, parameters, method)
         given = struct_pb2.Struct()
         given.update({**_dataset_columns(dataset, method, parameters), **parameters})
         resolved = await self._call(
@@ -72,7 +82,46 @@ class GrpcCatalog:
             dataset_uri=dataset.uri,
             entrypoint=method.entrypoint,
             parameters=_ints_back(json_format.MessageToDict(resolved.parameters), method),
+            method_version=hashlib.sha256(method.SerializeToString(deterministic=True)).hexdigest()[:16],
+            catalog_version=(
+                f"model {model.id} updated {model.update_time.ToJsonString()}; dataset sha256 {dataset.sha256[:16]}"
+            ),
+            dataset_rows=dataset.row_count,
         )
+
+    async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
+        """(total tokens, rows over max_seq_length) with the model's tokenizer: a pass over the dataset."""
+        request = pb.GetDatasetStatsRequest(dataset_id=dataset_id, model_id=model_id, max_seq_length=max_seq_length)
+        try:
+            stats = await self.stub.GetDatasetStats(request, timeout=STATS_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return 0, 0  # an estimate without a token count is still an estimate
+        return stats.total_tokens, stats.rows_truncated
+
+    async def publish_model(
+        self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]
+    ) -> str:
+        request = pb.PublishModelRequest(
+            name=name,
+            description=description,
+            uri=uri,
+            kind=common_pb2.ModelKind.Value(f"MODEL_KIND_{kind}") if kind else common_pb2.MODEL_KIND_UNSPECIFIED,
+            lineage=common_pb2.ModelLineage(**lineage),
+        )
+        return (await self._call(self.stub.PublishModel, request, "name")).model.id
+
+
+def _override(base: dict[str, Any], overrides: dict[str, Any], method: Any) -> dict[str, Any]:
+    """A copy's parameters: the old job's, with each override under its canonical name (an alias or an
+    environment name given for a parameter replaces it rather than clashing with it)."""
+    canonical = {}
+    for spec in method.parameters:
+        for spelling in (spec.name, spec.env_name, *spec.aliases):
+            canonical[spelling] = spec.name
+    merged = {k: v for k, v in base.items() if k in {p.name for p in method.parameters}}
+    for key, value in overrides.items():
+        merged[canonical.get(key, key)] = value
+    return merged
 
 
 def _format_name(value: common_pb2.DatasetFormat.ValueType) -> str:

@@ -24,9 +24,10 @@ TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 ON_AGENT = frozenset({S.STARTING, S.RUNNING, S.CANCELLING})
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {
-    S.QUEUED: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
+    S.QUEUED: frozenset({S.STARTING, S.CANCELLED, S.FAILED, S.PAUSED}),
     # STARTING/RUNNING -> QUEUED: the agent was lost and the job is retried.
-    S.STARTING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED}),
+    # STARTING/RUNNING -> PAUSED: the agent stopped the run after a pause was asked.
+    S.STARTING: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED, S.PAUSED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED, S.PAUSED}),
     # The run may finish on its own before the terminate reaches it.
     S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED}),
@@ -49,6 +50,25 @@ def cancel_target(current: JobState) -> JobState:
     if current in (S.STARTING, S.RUNNING):
         return S.CANCELLING
     raise FailedPrecondition(f"job is {current}; only queued, paused or running jobs can be terminated")
+
+
+def pause_action(current: JobState) -> str:
+    """What pausing does now: "now" (no agent holds it), "ask" (the agent checkpoints and stops it)."""
+    if current == S.QUEUED:
+        return "now"
+    if current in (S.STARTING, S.RUNNING):
+        return "ask"
+    raise FailedPrecondition(f"job is {current}; only queued or running jobs can be paused")
+
+
+def check_resumable(current: JobState) -> None:
+    if current != S.PAUSED:
+        raise FailedPrecondition(f"job is {current}; only paused jobs can be resumed")
+
+
+def check_deletable(current: JobState) -> None:
+    if current not in TERMINAL:
+        raise FailedPrecondition(f"job is {current}; only finished jobs can be deleted (terminate it first)")
 
 
 def after_agent_lost(attempt: int, max_attempts: int, current: JobState) -> tuple[JobState, str]:
