@@ -20,7 +20,9 @@ from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.grpcutil import ServiceBinding, map_errors
 from tuneforge_common.paging import decode_token, encode_token, page_size, struct, timestamp
 
-from .lifecycle import TERMINAL, JobState
+from . import estimates
+from .estimates import Estimate
+from .lifecycle import ON_AGENT, TERMINAL, JobState
 from .notify import Notifier
 from .service import Jobs, Report
 
@@ -33,10 +35,12 @@ _REPORTED = {
     apb.REPORTED_STATE_SUCCEEDED: JobState.SUCCEEDED,
     apb.REPORTED_STATE_FAILED: JobState.FAILED,
     apb.REPORTED_STATE_CANCELLED: JobState.CANCELLED,
+    apb.REPORTED_STATE_PAUSED: JobState.PAUSED,
 }
 
 
-def job_to_pb(row: Any) -> pb.Job:
+def job_to_pb(row: Any, now: dt.datetime | None = None) -> pb.Job:
+    elapsed, remaining = timing(row, now or dt.datetime.now(dt.UTC))
     return pb.Job(
         id=row.id,
         name=row.name,
@@ -58,7 +62,65 @@ def job_to_pb(row: Any) -> pb.Job:
         start_time=timestamp(row.started_at),
         end_time=timestamp(row.ended_at),
         update_time=timestamp(row.updated_at),
+        submitted_by=row.submitted_by,
+        labels=json.loads(row.labels or "{}"),
+        resources=resources_to_pb(json.loads(row.resources or "{}")),
+        method_version=row.method_version,
+        catalog_version=row.catalog_version,
+        epoch=row.epoch,
+        tokens_seen=row.tokens_seen,
+        elapsed_seconds=elapsed,
+        remaining_seconds=remaining,
+        copied_from_job_id=row.copied_from_job_id or "",
+        resumed_from_step=row.resumed_from_step,
     )
+
+
+def resources_to_pb(data: dict[str, Any]) -> pb.ResourceRequest:
+    return pb.ResourceRequest(
+        gpu_count=int(data.get("gpu_count", 0)),
+        min_gpu_memory_bytes=int(data.get("min_gpu_memory_bytes", 0)),
+        agent_labels=dict(data.get("agent_labels", {})),
+    )
+
+
+def resources_from_pb(msg: pb.ResourceRequest) -> dict[str, Any]:
+    return {
+        "gpu_count": msg.gpu_count,
+        "min_gpu_memory_bytes": msg.min_gpu_memory_bytes,
+        "agent_labels": dict(msg.agent_labels),
+    }
+
+
+def estimate_to_pb(estimate: Estimate) -> pb.JobEstimate:
+    return pb.JobEstimate(
+        parameters=struct(estimate.parameters),
+        dataset_rows=estimate.dataset_rows,
+        dataset_tokens=estimate.dataset_tokens,
+        epochs=estimate.epochs,
+        total_steps=estimate.total_steps,
+        estimated_seconds=estimate.estimated_seconds,
+    )
+
+
+def checkpoint_to_pb(row: Any) -> pb.Checkpoint:
+    return pb.Checkpoint(
+        step=row.step,
+        uri=row.uri,
+        metrics=json.loads(row.metrics or "{}"),
+        attempt=row.attempt,
+        create_time=timestamp(row.created_at),
+    )
+
+
+def timing(row: Any, now: dt.datetime) -> tuple[float, float]:
+    """(seconds run over all attempts, estimate of the seconds left at the current attempt's pace)."""
+    this_attempt = 0.0
+    if JobState(row.state) in ON_AGENT and row.attempt_started_at is not None:
+        this_attempt = max(0.0, (now - row.attempt_started_at).total_seconds())
+    steps_done = row.current_step - row.resumed_from_step
+    remaining = estimates.remaining_seconds(this_attempt, steps_done, row.total_steps - row.current_step)
+    return row.run_seconds + this_attempt, remaining
 
 
 def metric_to_pb(row: Any) -> pb.MetricPoint:
@@ -111,15 +173,56 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @map_errors
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.SubmitJobResponse:
-        row = await self.jobs.submit(
+        row, estimate = await self.jobs.submit_job(
             request.model_id,
             request.dataset_id,
             request.method_id,
             json_format.MessageToDict(request.parameters),
             request.priority,
             request.name,
+            labels=dict(request.labels),
+            resources=resources_from_pb(request.resources),
+            submitted_by=request.submitted_by,
+            dry_run=request.dry_run,
         )
-        return pb.SubmitJobResponse(job=job_to_pb(row))
+        return pb.SubmitJobResponse(job=job_to_pb(row) if row else None, estimate=estimate_to_pb(estimate))
+
+    @map_errors
+    async def CopyJob(self, request: pb.CopyJobRequest, context: Any) -> pb.CopyJobResponse:
+        row, estimate = await self.jobs.copy(
+            request.job_id,
+            json_format.MessageToDict(request.parameter_overrides),
+            dataset_id=request.dataset_id,
+            model_id=request.model_id,
+            name=request.name,
+            dry_run=request.dry_run,
+        )
+        return pb.CopyJobResponse(job=job_to_pb(row) if row else None, estimate=estimate_to_pb(estimate))
+
+    @map_errors
+    async def PauseJob(self, request: pb.PauseJobRequest, context: Any) -> pb.PauseJobResponse:
+        return pb.PauseJobResponse(job=job_to_pb(await self.jobs.pause(request.job_id)))
+
+    @map_errors
+    async def ResumeJob(self, request: pb.ResumeJobRequest, context: Any) -> pb.ResumeJobResponse:
+        return pb.ResumeJobResponse(job=job_to_pb(await self.jobs.resume(request.job_id)))
+
+    @map_errors
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Any) -> pb.DeleteJobResponse:
+        await self.jobs.delete(request.job_id)
+        return pb.DeleteJobResponse()
+
+    @map_errors
+    async def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context: Any) -> pb.ListCheckpointsResponse:
+        rows = await self.jobs.checkpoints(request.job_id)
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_to_pb(r) for r in rows])
+
+    @map_errors
+    async def PublishCheckpoint(
+        self, request: pb.PublishCheckpointRequest, context: Any
+    ) -> pb.PublishCheckpointResponse:
+        model_id = await self.jobs.publish_checkpoint(request.job_id, request.step, request.name, request.description)
+        return pb.PublishCheckpointResponse(model_id=model_id)
 
     @map_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
@@ -130,7 +233,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         size, offset = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), decode_token(request.page_token)
         states = [pb.JobState.Name(v).removeprefix("JOB_STATE_") for v in request.states if v]
         rows = await self.jobs.list_jobs(
-            size + 1, offset, states, request.model_id, request.dataset_id, request.method_id
+            size + 1, offset, states, request.model_id, request.dataset_id, request.method_id, dict(request.labels)
         )
         token = encode_token(offset + size) if len(rows) > size else ""
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in rows[:size]], next_page_token=token)
@@ -291,7 +394,12 @@ def decode_report(req: apb.ReportJobRequest) -> Report:
         )
     if kind == "log":
         return head(kind="log", stream=req.log.stream, text=req.log.text)
-    raise InvalidArgument.for_field("report", "one of state, metric or log is required")
+    if kind == "checkpoint":
+        c = req.checkpoint
+        if not c.uri:
+            raise InvalidArgument.for_field("checkpoint.uri", "is required")
+        return head(kind="checkpoint", step=c.step, output_uri=c.uri, values=dict(c.metrics))
+    raise InvalidArgument.for_field("report", "one of state, metric, log or checkpoint is required")
 
 
 def bindings(jobs: Jobs, changes: Notifier) -> list[ServiceBinding]:

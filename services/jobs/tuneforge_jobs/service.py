@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tuneforge_common.db import new_id, utcnow
 from tuneforge_common.errors import FailedPrecondition, InvalidArgument, NotFound, ViolationCollector
 from tuneforge_common.events import write_event
 
-from . import lifecycle, scheduler, store
+from . import estimates, lifecycle, scheduler, series, store
+from .estimates import Estimate
 from .lifecycle import JobState
 
 log = logging.getLogger(__name__)
 MAX_NAME = 255
+QUEUE_PAGE = 500  # queued jobs read per page while looking for one that fits an agent
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,84 @@ class CatalogInputs:
     dataset_uri: str
     entrypoint: str
     parameters: dict[str, Any]
+    method_version: str = ""
+    catalog_version: str = ""
+    dataset_rows: int = 0
 
 
 class CatalogPort(Protocol):
     """What the jobs service needs from the catalog (gRPC in production)."""
 
     async def resolve_inputs(
-        self, model_id: str, dataset_id: str, method_id: str, parameters: dict[str, Any]
+        self,
+        model_id: str,
+        dataset_id: str,
+        method_id: str,
+        parameters: dict[str, Any],
+        base: dict[str, Any] | None = None,
     ) -> CatalogInputs: ...
+
+    async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]: ...
+
+    async def publish_model(
+        self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]
+    ) -> str: ...
+
+
+LABEL_KEY_MAX = LABEL_VALUE_MAX = 63
+MAX_LABELS = 32
+
+
+def _remove_uris(uris: list[str]) -> None:
+    import fsspec
+
+    for uri in uris:
+        fs, path = fsspec.core.url_to_fs(uri)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.warning("could not remove dropped checkpoint %s", uri, exc_info=True)
+
+
+def checkpoint_retention(checkpoints: list[tuple[int, dict[str, float]]], keep_last: int) -> set[int]:
+    """Steps to keep: the last keep_last, plus the best by eval_loss (or loss when none has eval_loss)."""
+    steps = sorted(step for step, _ in checkpoints)
+    kept = set(steps[-keep_last:]) if keep_last > 0 else set()
+    for metric in ("eval_loss", "loss"):
+        scored = [(metrics[metric], step) for step, metrics in checkpoints if metric in metrics]
+        if scored:
+            kept.add(min(scored)[1])
+            break
+    return kept
+
+
+def _run_seconds(job: Any) -> float:
+    """Time a finished job ran; jobs from before run_seconds was kept fall back to start and end."""
+    if job.run_seconds:
+        return float(job.run_seconds)
+    if job.started_at and job.ended_at:
+        return (job.ended_at - job.started_at).total_seconds()
+    return 0.0
+
+
+def _check_labels(errors: ViolationCollector, field_name: str, labels: dict[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        errors.add(field_name, f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not key or len(key) > LABEL_KEY_MAX:
+            errors.add(f"{field_name}.{key}", f"label names are 1 to {LABEL_KEY_MAX} characters")
+        elif len(value) > LABEL_VALUE_MAX:
+            errors.add(f"{field_name}.{key}", f"label values are at most {LABEL_VALUE_MAX} characters")
+
+
+def _check_resources(errors: ViolationCollector, resources: dict[str, Any]) -> None:
+    if not 0 <= int(resources.get("gpu_count", 0)) <= 64:
+        errors.add("resources.gpu_count", "must be between 0 and 64")
+    if int(resources.get("min_gpu_memory_bytes", 0)) < 0:
+        errors.add("resources.min_gpu_memory_bytes", "must not be negative")
+    _check_labels(errors, "resources.agent_labels", dict(resources.get("agent_labels", {})))
 
 
 @dataclass(frozen=True)
@@ -73,6 +146,8 @@ class Jobs:
     clock: Callable[[], dt.datetime] = utcnow
     on_event: Callable[[], None] | None = None  # wakes the outbox publisher
     on_change: Callable[[], None] | None = None  # wakes schedulers and watchers
+    checkpoint_keep: int = 3  # checkpoints kept per job when its parameters don't say (save_total_limit)
+    _dropped_checkpoint_uris: list[str] = field(default_factory=list)
 
     def _after_commit(self) -> None:
         for hook in (self.on_event, self.on_change):
@@ -89,7 +164,32 @@ class Jobs:
         parameters: dict[str, Any],
         priority: int = 0,
         name: str = "",
+        **options: Any,
     ) -> Any:
+        """submit_job for callers that only want the stored job."""
+        job, _ = await self.submit_job(model_id, dataset_id, method_id, parameters, priority, name, **options)
+        return job
+
+    async def submit_job(
+        self,
+        model_id: str,
+        dataset_id: str,
+        method_id: str,
+        parameters: dict[str, Any],
+        priority: int = 0,
+        name: str = "",
+        *,
+        labels: dict[str, str] | None = None,
+        resources: dict[str, Any] | None = None,
+        submitted_by: str = "",
+        dry_run: bool = False,
+        copied_from: Any = None,
+    ) -> tuple[Any | None, Estimate]:
+        """Validate and resolve, then store the job QUEUED (or, for a dry run, only say what it would do).
+
+        copied_from: the job a copy starts from; its resolved parameters are the base `parameters` override.
+        """
+        labels, resources = labels or {}, resources or {}
         errors = ViolationCollector()
         for field_name, value in (("model_id", model_id), ("dataset_id", dataset_id), ("method_id", method_id)):
             if not value:
@@ -98,8 +198,16 @@ class Jobs:
             errors.add("priority", "must be between -1000 and 1000")
         if len(name) > MAX_NAME:
             errors.add("name", f"must be at most {MAX_NAME} characters")
+        if len(submitted_by) > MAX_NAME:
+            errors.add("submitted_by", f"must be at most {MAX_NAME} characters")
+        _check_labels(errors, "labels", labels)
+        _check_resources(errors, resources)
         errors.raise_if_any()
-        inputs = await self.catalog.resolve_inputs(model_id, dataset_id, method_id, parameters)
+        base = json.loads(copied_from.parameters) if copied_from is not None else None
+        inputs = await self.catalog.resolve_inputs(model_id, dataset_id, method_id, parameters, base)
+        estimate = await self._estimate(inputs, model_id, dataset_id, method_id, count_tokens=dry_run)
+        if dry_run:
+            return None, estimate
         job_id = new_id("job")
         now = self.clock()
         async with self.engine.begin() as conn:
@@ -121,16 +229,137 @@ class Jobs:
                     priority=priority,
                     output_uri="",
                     current_step=0,
-                    total_steps=0,
+                    total_steps=estimate.total_steps,
                     progress=0.0,
                     version=1,
                     created_at=now,
                     updated_at=now,
+                    submitted_by=submitted_by,
+                    labels=json.dumps(labels, sort_keys=True),
+                    resources=json.dumps(resources, sort_keys=True),
+                    method_version=inputs.method_version,
+                    catalog_version=inputs.catalog_version[:255],
+                    copied_from_job_id=copied_from.id if copied_from is not None else None,
                 )
             )
-            await self._state_event(conn, job_id, None, JobState.QUEUED, 0, "submitted")
+            reason = f"copied from {copied_from.id}" if copied_from is not None else "submitted"
+            await self._state_event(conn, job_id, None, JobState.QUEUED, 0, reason)
+        self._after_commit()
+        return await self.get(job_id), estimate
+
+    async def _estimate(
+        self, inputs: CatalogInputs, model_id: str, dataset_id: str, method_id: str, count_tokens: bool
+    ) -> Estimate:
+        params = inputs.parameters
+        total_steps, epochs = estimates.steps_and_epochs(inputs.dataset_rows, params)
+        async with self.engine.connect() as conn:
+            j = store.jobs.c
+            finished = await conn.execute(
+                select(j.run_seconds, j.started_at, j.ended_at, j.total_steps)
+                .where(
+                    j.model_id == model_id, j.method_id == method_id, j.state == JobState.SUCCEEDED
+                )
+                .order_by(j.ended_at.desc())
+                .limit(5)
+            )
+            history = [(_run_seconds(r), r.total_steps) for r in finished]
+        tokens = 0
+        if count_tokens:
+            tokens, _ = await self.catalog.dataset_tokens(dataset_id, model_id, int(params.get("max_seq_length", 0)))
+        return Estimate(
+            parameters=params,
+            dataset_rows=inputs.dataset_rows,
+            epochs=epochs,
+            total_steps=total_steps,
+            estimated_seconds=estimates.seconds_per_step(history) * total_steps,
+            dataset_tokens=tokens,
+        )
+
+    async def copy(
+        self,
+        job_id: str,
+        overrides: dict[str, Any],
+        *,
+        dataset_id: str = "",
+        model_id: str = "",
+        name: str = "",
+        submitted_by: str = "",
+        dry_run: bool = False,
+    ) -> tuple[Any | None, Estimate]:
+        """A new job from an old one's exact resolved parameters, with overrides (DeepExtension's Copy)."""
+        old = await self.get(job_id)
+        return await self.submit_job(
+            model_id or old.model_id,
+            dataset_id or old.dataset_id,
+            old.method_id,
+            overrides,
+            old.priority,
+            name or (f"{old.name} (copy)" if old.name else f"copy of {old.id}")[:MAX_NAME],
+            labels=json.loads(old.labels or "{}"),
+            resources=json.loads(old.resources or "{}"),
+            submitted_by=submitted_by or old.submitted_by,
+            dry_run=dry_run,
+            copied_from=old,
+        )
+
+    async def pause(self, job_id: str) -> Any:
+        """Queued: paused at once. Running: the agent is asked to checkpoint and stop; the job becomes PAUSED
+        when it reports so (or, if its agent is lost meanwhile, when the reaper finds the request)."""
+        job = await self.get(job_id)
+        if lifecycle.pause_action(JobState(job.state)) == "now":
+            await self.transition(job_id, JobState.PAUSED, reason="paused by user", expect_version=job.version)
+            return await self.get(job_id)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(store.jobs)
+                .where(store.jobs.c.id == job_id, store.jobs.c.version == job.version)
+                .values(pause_requested=True, version=job.version + 1, updated_at=self.clock())
+            )
+            if result.rowcount != 1:
+                raise FailedPrecondition("job changed concurrently; read it again and retry")
+            await write_event(
+                conn, store.outbox, f"{self.subject_root}.jobs.job.pause_requested", {"job_id": job_id}
+            )
         self._after_commit()
         return await self.get(job_id)
+
+    async def resume(self, job_id: str) -> Any:
+        job = await self.get(job_id)
+        lifecycle.check_resumable(JobState(job.state))
+        await self.transition(
+            job_id,
+            JobState.QUEUED,
+            reason="resumed by user",
+            expect_version=job.version,
+            pause_requested=False,
+            agent_id=None,
+        )
+        return await self.get(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        """A finished job with its history, metrics, logs, checkpoints and artifacts."""
+        job = await self.get(job_id)
+        lifecycle.check_deletable(JobState(job.state))
+        async with self.engine.begin() as conn:
+            for table in (
+                store.metric_points,
+                store.log_lines,
+                store.job_events,
+                store.report_acks,
+                store.checkpoints,
+            ):
+                await conn.execute(delete(table).where(table.c.job_id == job_id))
+            await conn.execute(delete(store.jobs).where(store.jobs.c.id == job_id))
+            await write_event(conn, store.outbox, f"{self.subject_root}.jobs.job.deleted", {"job_id": job_id})
+        await asyncio.to_thread(self._remove_artifacts, job_id)
+        self._after_commit()
+
+    def _remove_artifacts(self, job_id: str) -> None:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(f"{self.artifact_root}/jobs/{job_id}")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
     async def get(self, job_id: str) -> Any:
         async with self.engine.connect() as conn:
@@ -147,10 +376,15 @@ class Jobs:
         model_id: str = "",
         dataset_id: str = "",
         method_id: str = "",
+        labels: dict[str, str] | None = None,
     ) -> list[Any]:
         query = select(store.jobs)
         if states:
             query = query.where(store.jobs.c.state.in_(states))
+        for key, value in (labels or {}).items():
+            # Labels are stored as sorted-key JSON; each pair appears as this exact fragment.
+            fragment = json.dumps({key: value})[1:-1]
+            query = query.where(store.jobs.c.labels.contains(fragment, autoescape=True))
         for column, value in (("model_id", model_id), ("dataset_id", dataset_id), ("method_id", method_id)):
             if value:
                 query = query.where(store.jobs.c[column] == value)
@@ -164,18 +398,235 @@ class Jobs:
         await self.transition(job_id, target, reason="terminated by user", expect_version=job.version)
         return await self.get(job_id)
 
-    async def metrics(self, job_id: str, names: list[str], after_id: int, limit: int) -> list[Any]:
+    async def checkpoints(self, job_id: str) -> list[Any]:
         await self.get(job_id)
-        query = (
-            select(store.metric_points)
-            .where(store.metric_points.c.job_id == job_id, store.metric_points.c.id > after_id)
-            .order_by(store.metric_points.c.id)
-            .limit(limit)
-        )
+        async with self.engine.connect() as conn:
+            query = select(store.checkpoints).where(store.checkpoints.c.job_id == job_id)
+            return list((await conn.execute(query.order_by(store.checkpoints.c.step))).all())
+
+    async def _record_checkpoint(self, conn: AsyncConnection, job: Any, r: Report) -> None:
+        """Store a checkpoint once, then apply retention: the last K (save_total_limit, else
+        checkpoint_keep) plus the best by eval_loss (else loss); dropped ones lose their files too."""
+        c = store.checkpoints.c
+        exists = await conn.execute(select(c.step).where(c.job_id == job.id, c.step == r.step))
+        if exists.first() is None:
+            await conn.execute(
+                store.checkpoints.insert().values(
+                    job_id=job.id,
+                    step=r.step,
+                    attempt=r.attempt,
+                    uri=r.output_uri,
+                    metrics=json.dumps(r.values),
+                    created_at=r.time,
+                )
+            )
+        rows = (await conn.execute(select(c.step, c.uri, c.metrics).where(c.job_id == job.id))).all()
+        keep_last = int(json.loads(job.parameters).get("save_total_limit", 0) or 0) or self.checkpoint_keep
+        kept = checkpoint_retention([(row.step, json.loads(row.metrics)) for row in rows], keep_last)
+        dropped = [row for row in rows if row.step not in kept]
+        if dropped:
+            dropped_steps = [d.step for d in dropped]
+            await conn.execute(delete(store.checkpoints).where(c.job_id == job.id, c.step.in_(dropped_steps)))
+            self._dropped_checkpoint_uris.extend(d.uri for d in dropped)
+
+    async def publish_checkpoint(self, job_id: str, step: int, name: str, description: str = "") -> str:
+        """A kept checkpoint (or, with step 0, a succeeded job's final output) as a catalog model with lineage."""
+        job = await self.get(job_id)
+        if step == 0:
+            if job.state != JobState.SUCCEEDED:
+                raise FailedPrecondition(f"job is {job.state}; publishing its final output needs SUCCEEDED")
+            uri, step = job.output_uri, job.current_step
+        else:
+            async with self.engine.connect() as conn:
+                c = store.checkpoints.c
+                row = (await conn.execute(select(c.uri).where(c.job_id == job_id, c.step == step))).first()
+            if row is None:
+                raise NotFound(f"step: job {job_id!r} has no kept checkpoint at step {step}")
+            uri = row.uri
+        if not name.strip():
+            raise InvalidArgument.for_field("name", "is required")
+        lineage = {
+            "base_model_id": job.model_id,
+            "job_id": job.id,
+            "checkpoint_step": step,
+            "method_id": job.method_id,
+            "dataset_id": job.dataset_id,
+        }
+        model_id = await self.catalog.publish_model(name.strip(), description, uri, "", lineage)
+        async with self.engine.begin() as conn:
+            await write_event(
+                conn,
+                store.outbox,
+                f"{self.subject_root}.jobs.job.published",
+                {"job_id": job.id, "step": step, "model_id": model_id},
+            )
+        self._after_commit()
+        return model_id
+
+    async def metrics(
+        self, job_id: str, names: list[str], after_id: int, limit: int, min_step: int = 0, max_step: int = 0
+    ) -> list[Any]:
+        """Raw points in the order they were stored (their id is the page cursor), optionally only some names
+        and steps within [min_step, max_step] (max_step 0: no upper bound)."""
+        series.check_step_range(min_step, max_step)
+        await self.get(job_id)
+        mp = store.metric_points
+        query = select(mp).where(mp.c.job_id == job_id, mp.c.id > after_id).order_by(mp.c.id).limit(limit)
         if names:
-            query = query.where(store.metric_points.c.name.in_(names))
+            query = query.where(mp.c.name.in_(names))
+        if min_step:
+            query = query.where(mp.c.step >= min_step)
+        if max_step:
+            query = query.where(mp.c.step <= max_step)
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).all())
+
+    async def metric_series(
+        self, job_id: str, names: list[str], max_points: int, min_step: int = 0, max_step: int = 0
+    ) -> list[series.Series]:
+        """Each named metric (every one the job has when none is named, by name) downsampled in the database
+        to at most max_points buckets over its steps within [min_step, max_step] (max_step 0: no upper bound).
+
+        Only the buckets leave the database: a job of a million points answers with max_points rows per name.
+        """
+        series.check_step_range(min_step, max_step)
+        if max_points < 1:
+            raise InvalidArgument.for_field("max_points", "must be at least 1 for a downsampled series")
+        max_points = min(max_points, series.MAX_POINTS_LIMIT)
+        job = await self.get(job_id)
+        out: list[series.Series] = []
+        async with self.engine.connect() as conn:
+            for name in list(dict.fromkeys(names)) or await self._metric_names(conn, job_id):
+                span = await self._step_span(conn, job_id, name, min_step, max_step)
+                points = await self._downsampled(conn, job, name, *span, max_points) if span else []
+                out.append(series.Series(job_id, name, points))
+        return out
+
+    async def compare(self, job_ids: list[str], metric_names: list[str], max_points: int) -> series.Comparison:
+        """Jobs side by side: the parameters that differ and, per metric, one series per job in the given
+        order, each downsampled over the same step range (the union of the jobs' ranges) so buckets line up.
+
+        Without metric names, the metrics every one of the jobs has are compared.
+        """
+        errors = ViolationCollector()
+        if not 2 <= len(job_ids) <= series.MAX_COMPARED_JOBS:
+            errors.add("job_ids", f"must name between 2 and {series.MAX_COMPARED_JOBS} jobs")
+        if not all(job_ids):
+            errors.add("job_ids", "must not contain an empty id")
+        elif len(set(job_ids)) != len(job_ids):
+            errors.add("job_ids", "must not repeat a job")
+        if max_points < 0:
+            errors.add("max_points", "must not be negative")
+        errors.raise_if_any()
+        max_points = min(max_points or series.DEFAULT_MAX_POINTS, series.MAX_POINTS_LIMIT)
+        async with self.engine.connect() as conn:
+            found = {r.id: r for r in await conn.execute(select(store.jobs).where(store.jobs.c.id.in_(job_ids)))}
+            missing = [job_id for job_id in job_ids if job_id not in found]
+            if missing:
+                raise NotFound(f"job {', '.join(repr(m) for m in missing)} not found")
+            rows = [found[job_id] for job_id in job_ids]
+            differences = series.parameter_differences([json.loads(r.parameters) for r in rows])
+            if metric_names:
+                names = list(dict.fromkeys(metric_names))
+            else:
+                shared = set(await self._metric_names(conn, job_ids[0]))
+                for job_id in job_ids[1:]:
+                    shared &= set(await self._metric_names(conn, job_id))
+                names = sorted(shared)
+            metrics: list[series.ComparedMetric] = []
+            for name in names:
+                spans = [await self._step_span(conn, job_id, name, 0, 0) for job_id in job_ids]
+                common = series.common_range(spans)
+                metrics.append(
+                    series.ComparedMetric(
+                        name,
+                        [
+                            series.Series(
+                                row.id,
+                                name,
+                                await self._downsampled(conn, row, name, *common, max_points)
+                                if span and common
+                                else [],
+                            )
+                            for row, span in zip(rows, spans, strict=True)
+                        ],
+                    )
+                )
+        return series.Comparison(rows, differences, metrics)
+
+    @staticmethod
+    async def _metric_names(conn: AsyncConnection, job_id: str) -> list[str]:
+        """The job's metric names, sorted: a skip scan over the (job_id, name, step) index, one probe per name,
+        instead of reading every point."""
+        mp = store.metric_points
+        names = select(func.min(mp.c.name).label("name")).where(mp.c.job_id == job_id).cte("names", recursive=True)
+        after = select(func.min(mp.c.name)).where(mp.c.job_id == job_id, mp.c.name > names.c.name).scalar_subquery()
+        names = names.union_all(select(after).where(names.c.name.is_not(None)))
+        rows = await conn.execute(select(names.c.name).where(names.c.name.is_not(None)))
+        return sorted(r.name for r in rows)
+
+    @staticmethod
+    async def _step_span(
+        conn: AsyncConnection, job_id: str, name: str, min_step: int, max_step: int
+    ) -> tuple[int, int] | None:
+        """First and last step of a series within [min_step, max_step] (0: no upper bound); None when empty.
+        Two index probes (separate subqueries so SQLite, too, answers each from the index's end)."""
+        mp = store.metric_points
+        where = [mp.c.job_id == job_id, mp.c.name == name, mp.c.step >= min_step]
+        if max_step:
+            where.append(mp.c.step <= max_step)
+        first = select(func.min(mp.c.step)).where(*where).scalar_subquery()
+        last = select(func.max(mp.c.step)).where(*where).scalar_subquery()
+        row = (await conn.execute(select(first, last))).one()
+        return None if row[0] is None else (int(row[0]), int(row[1]))
+
+    @staticmethod
+    async def _downsampled(
+        conn: AsyncConnection, job: Any, name: str, lo: int, hi: int, max_points: int
+    ) -> list[series.SeriesPoint]:
+        """One series within [lo, hi] as at most max_points buckets (series.downsample's rule, in SQL).
+
+        The database groups the range's points by bucket (min, max, count, last step: one pass over the index
+        range) and looks up the value at each bucket's last step (one index probe per bucket). A series of at
+        most max_points points comes back as it is. Where attempts of a resumed job overlap on a step, the
+        latest attempt's point stands.
+        """
+        mp = store.metric_points
+        in_range = (mp.c.job_id == job.id, mp.c.name == name, mp.c.step >= lo, mp.c.step <= hi)
+        source = select(mp.c.id, mp.c.step, mp.c.value).where(*in_range)
+        if job.attempt > 1:  # only a resumed job can hold one step from two attempts
+            top = func.max(mp.c.attempt).over(partition_by=mp.c.step).label("top")
+            ranked = select(mp.c.id, mp.c.step, mp.c.value, mp.c.attempt, top).where(*in_range).subquery("ranked")
+            source = select(ranked.c.id, ranked.c.step, ranked.c.value).where(ranked.c.attempt == ranked.c.top)
+        pts = source.subquery("pts")
+        bucket = ((pts.c.step - lo) * max_points // (hi - lo + 1)).label("bucket")
+        bucketed = select(pts.c.step, pts.c.value, bucket).subquery("bucketed")
+        agg = (
+            select(
+                bucketed.c.bucket,
+                func.count().label("n"),
+                func.min(bucketed.c.value).label("low"),
+                func.max(bucketed.c.value).label("high"),
+                func.max(bucketed.c.step).label("last_step"),
+            )
+            .group_by(bucketed.c.bucket)
+            .subquery("agg")
+        )
+        last_value = (
+            select(mp.c.value)
+            .where(mp.c.job_id == job.id, mp.c.name == name, mp.c.step == agg.c.last_step)
+            .order_by(mp.c.attempt.desc(), mp.c.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        query = select(agg.c.last_step, last_value.label("value"), agg.c.low, agg.c.high, agg.c.n)
+        rows = (await conn.execute(query.order_by(agg.c.bucket))).all()
+        if sum(r.n for r in rows) <= max_points and any(r.n > 1 for r in rows):
+            raw = await conn.execute(select(pts.c.step, pts.c.value).order_by(pts.c.step, pts.c.id))
+            return [series.SeriesPoint.single(int(r.step), float(r.value)) for r in raw]
+        return [
+            series.SeriesPoint(int(r.last_step), float(r.value), float(r.low), float(r.high), int(r.n)) for r in rows
+        ]
 
     async def events(self, job_id: str, after_id: int, limit: int) -> list[Any]:
         await self.get(job_id)
@@ -245,6 +696,10 @@ class Jobs:
             values["started_at"] = now
         if target in lifecycle.TERMINAL:
             values["ended_at"] = now
+        if current in lifecycle.ON_AGENT and target not in lifecycle.ON_AGENT and job.attempt_started_at:
+            # The attempt ends here (finished, paused, lost or requeued): bank the time it ran.
+            values["run_seconds"] = job.run_seconds + max(0.0, (now - job.attempt_started_at).total_seconds())
+            values["attempt_started_at"] = None
         result = await conn.execute(
             update(store.jobs)
             .where(store.jobs.c.id == job.id, store.jobs.c.version == job.version)
@@ -300,90 +755,199 @@ class Jobs:
             )
         return agent_id, False
 
-    async def _active_agent(self, conn: AsyncConnection, agent_id: str) -> Any:
-        agent = (await conn.execute(select(store.agents).where(store.agents.c.id == agent_id))).first()
+    async def _active_agent(self, conn: AsyncConnection, agent_id: str, lock: bool = False) -> Any:
+        """The agent's row if its lease holds. lock: hold the row until the transaction ends, so claims for
+        one agent (e.g. from two replicas while it reconnects) run one after the other and never overfill it."""
+        query = select(store.agents).where(store.agents.c.id == agent_id)
+        if lock:
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            else:
+                # SQLite has one writer: writing first takes its lock, which makes the whole claim serial.
+                await conn.execute(
+                    update(store.agents).where(store.agents.c.id == agent_id).values(status=store.agents.c.status)
+                )
+        agent = (await conn.execute(query)).first()
         if agent is None or agent.status != "ACTIVE":
             raise NotFound(f"agent {agent_id!r} is not registered or its lease expired; register again")
         return agent
 
-    async def heartbeat(self, agent_id: str) -> list[str]:
-        """Renew the lease; answer with the agent's jobs that should be stopped."""
+    async def heartbeat(self, agent_id: str, running_job_ids: Sequence[str] = ()) -> list[str]:
+        """Renew the lease; answer with the agent's jobs that should be stopped: those being cancelled, and
+        those it says it runs that are no longer its own (requeued, or handed to another agent)."""
         async with self.engine.begin() as conn:
-            await self._active_agent(conn, agent_id)
-            await conn.execute(
-                update(store.agents).where(store.agents.c.id == agent_id).values(last_heartbeat_at=self.clock())
+            # Conditional on ACTIVE: a reaper that marked the agent lost first wins, and the agent registers again.
+            renewed = await conn.execute(
+                update(store.agents)
+                .where(store.agents.c.id == agent_id, store.agents.c.status == "ACTIVE")
+                .values(last_heartbeat_at=self.clock())
             )
+            if renewed.rowcount != 1:
+                await self._active_agent(conn, agent_id)  # raises NotFound with the reason
             rows = await conn.execute(
                 select(store.jobs.c.id).where(
                     store.jobs.c.agent_id == agent_id, store.jobs.c.state == JobState.CANCELLING
                 )
             )
-            return [r.id for r in rows]
+            stop = [r.id for r in rows]
+            if running_job_ids:
+                owned = {
+                    r.id
+                    for r in await conn.execute(
+                        select(store.jobs.c.id).where(
+                            store.jobs.c.id.in_(list(running_job_ids)), store.jobs.c.agent_id == agent_id
+                        )
+                    )
+                }
+                stop += [j for j in dict.fromkeys(running_job_ids) if j not in owned and j not in stop]
+            return stop
 
-    async def claim_next(self, agent_id: str) -> Any | None:
-        """Hand the best queued job to this agent if it has a free slot; never to two agents."""
-        async with self.engine.begin() as conn:
-            agent = await self._active_agent(conn, agent_id)
-            busy = (
-                await conn.execute(
-                    select(func.count())
-                    .select_from(store.jobs)
-                    .where(
-                        store.jobs.c.agent_id == agent_id, store.jobs.c.state.in_([s.value for s in lifecycle.ON_AGENT])
+    async def _agent_snapshot(self, conn: AsyncConnection, agent: Any) -> scheduler.AgentSnapshot:
+        held = await conn.execute(
+            select(store.jobs.c.resources).where(
+                store.jobs.c.agent_id == agent.id, store.jobs.c.state.in_([s.value for s in lifecycle.ON_AGENT])
+            )
+        )
+        return scheduler.AgentSnapshot(
+            scheduler.AgentCapacity.from_json(agent.resources, agent.slots),
+            tuple(scheduler.ResourceRequest.from_json(r.resources) for r in held),
+        )
+
+    async def _queue_pages(self, conn: AsyncConnection) -> AsyncIterator[list[scheduler.QueuedJob]]:
+        """The queue in scheduling order, a page at a time (keyset paging: no row is skipped or repeated)."""
+        j = store.jobs.c
+        after: scheduler.QueuedJob | None = None
+        while True:
+            query = (
+                select(j.id, j.priority, j.created_at, j.resources)
+                .where(j.state == JobState.QUEUED)
+                .order_by(j.priority.desc(), j.created_at, j.id)
+                .limit(QUEUE_PAGE)
+            )
+            if after is not None:
+                query = query.where(
+                    or_(
+                        j.priority < after.priority,
+                        and_(
+                            j.priority == after.priority,
+                            or_(
+                                j.created_at > after.created_at,
+                                and_(j.created_at == after.created_at, j.id > after.job_id),
+                            ),
+                        ),
                     )
                 )
-            ).scalar_one()
-            if scheduler.free_slots(agent.slots, busy) == 0:
+            page = [
+                scheduler.QueuedJob(r.id, r.priority, r.created_at, scheduler.ResourceRequest.from_json(r.resources))
+                for r in await conn.execute(query)
+            ]
+            if page:
+                yield page
+            if len(page) < QUEUE_PAGE:
+                return
+            after = page[-1]
+
+    async def claim_next(self, agent_id: str) -> ClaimedJob | None:
+        """Hand the best queued job that fits this agent to it; never one job to two agents.
+
+        The best job: scheduler.candidates (priority, then age; jobs that do not fit are passed over). Across
+        replicas on PostgreSQL a candidate is locked with FOR UPDATE SKIP LOCKED, so a row another replica
+        is claiming is skipped rather than waited for; the compare-and-set on the version guards the claim
+        on every engine (SQLite has a single writer).
+        """
+        async with self.engine.begin() as conn:
+            agent = await self._active_agent(conn, agent_id, lock=True)
+            snapshot = await self._agent_snapshot(conn, agent)
+            if snapshot.free_slots == 0:
                 return None
-            query = (
-                select(store.jobs.c.id, store.jobs.c.priority, store.jobs.c.created_at)
-                .where(store.jobs.c.state == JobState.QUEUED)
-                .order_by(store.jobs.c.priority.desc(), store.jobs.c.created_at, store.jobs.c.id)
-                .limit(20)
-            )
-            if conn.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            candidates = scheduler.order_queue(
-                [scheduler.QueuedJob(r.id, r.priority, r.created_at) for r in await conn.execute(query)]
-            )
-            for candidate in candidates:
-                job = (await conn.execute(select(store.jobs).where(store.jobs.c.id == candidate.job_id))).first()
-                if job is None or job.state != JobState.QUEUED:
-                    continue
-                attempt = job.attempt + 1
-                output_uri = f"{self.artifact_root}/jobs/{job.id}/output"
-                # The version check makes the claim safe across replicas even without row locks (SQLite).
-                if await self._transition_in(
-                    conn,
-                    job,
-                    JobState.STARTING,
-                    f"assigned to agent {agent_id}",
-                    agent_id=agent_id,
-                    attempt=attempt,
-                    output_uri=output_uri,
-                ):
-                    claimed = job.id
+            claimed: ClaimedJob | None = None
+            async for page in self._queue_pages(conn):
+                for candidate in scheduler.candidates(page, snapshot):
+                    query = select(store.jobs).where(
+                        store.jobs.c.id == candidate.job_id, store.jobs.c.state == JobState.QUEUED
+                    )
+                    if conn.dialect.name == "postgresql":
+                        query = query.with_for_update(skip_locked=True)
+                    job = (await conn.execute(query)).first()
+                    if job is None:  # claimed, cancelled or locked by another replica meanwhile
+                        continue
+                    claimed = await self._claim_in(conn, job, agent_id)
+                    if claimed is not None:
+                        break
+                if claimed is not None:
                     break
-            else:
+            if claimed is None:
                 return None
         self._after_commit()
-        return await self.get(claimed)
+        return dataclasses.replace(claimed, job=await self.get(claimed.job.id))
 
-    async def cancelling_jobs(self, agent_id: str) -> list[str]:
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(store.jobs.c.id).where(
-                    store.jobs.c.agent_id == agent_id, store.jobs.c.state == JobState.CANCELLING
+    async def _claim_in(self, conn: AsyncConnection, job: Any, agent_id: str) -> ClaimedJob | None:
+        """Start the job's next attempt on the agent, from its latest checkpoint when it has one."""
+        attempt = job.attempt + 1
+        latest = (
+            await conn.execute(
+                select(store.checkpoints.c.step, store.checkpoints.c.uri)
+                .where(store.checkpoints.c.job_id == job.id)
+                .order_by(store.checkpoints.c.step.desc())
+                .limit(1)
+            )
+        ).first()
+        step = int(latest.step) if latest is not None else 0
+        values: dict[str, Any] = {
+            "agent_id": agent_id,
+            "attempt": attempt,
+            "output_uri": f"{self.artifact_root}/jobs/{job.id}/output",
+            "attempt_started_at": self.clock(),
+            "resumed_from_step": step,
+        }
+        if attempt > 1:  # progress restarts where this attempt starts
+            values["current_step"] = step
+            values["progress"] = lifecycle.progress_percent(step, job.total_steps)
+        reason = f"assigned to agent {agent_id}" + (f"; resumes from step {step}" if latest is not None else "")
+        if not await self._transition_in(conn, job, JobState.STARTING, reason, **values):
+            return None
+        if attempt > 1:
+            # The new attempt reports every step after the one it starts from again: drop the earlier attempts'
+            # points past it, so no step is counted twice.
+            await conn.execute(
+                delete(store.metric_points).where(
+                    store.metric_points.c.job_id == job.id,
+                    store.metric_points.c.attempt < attempt,
+                    store.metric_points.c.step > step,
                 )
             )
-            return [r.id for r in rows]
+        return ClaimedJob(
+            job=job,
+            resume_from_uri=latest.uri if latest is not None else "",
+            resume_from_step=step,
+            checkpoint_uri=f"{self.artifact_root}/jobs/{job.id}/checkpoints",
+        )
+
+    async def cancelling_jobs(self, agent_id: str) -> list[tuple[str, bool]]:
+        """The agent's jobs to stop, as (job id, checkpoint first): cancelled ones, and paused ones, which save
+        a checkpoint before they stop."""
+        j = store.jobs.c
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(j.id, j.state).where(
+                    j.agent_id == agent_id,
+                    or_(
+                        j.state == JobState.CANCELLING,
+                        and_(j.pause_requested.is_(True), j.state.in_([JobState.STARTING, JobState.RUNNING])),
+                    ),
+                )
+            )
+            return [(r.id, r.state != JobState.CANCELLING) for r in rows]
 
     async def reap_lost_agents(self) -> int:
-        """Agents whose lease lapsed lose their jobs: requeued for another attempt, or failed past the limit."""
-        deadline = self.clock() - dt.timedelta(seconds=self.lease_ttl_seconds)
+        """Agents whose lease lapsed lose their jobs: requeued for another attempt, or failed past the limit;
+        a job asked to pause that has a checkpoint becomes PAUSED instead."""
+        now = self.clock()
+        deadline = now - dt.timedelta(seconds=self.lease_ttl_seconds)
         reaped = 0
+        lost: list[str] = []
         async with self.engine.begin() as conn:
-            lost = [
+            overdue = [
                 r.id
                 for r in await conn.execute(
                     select(store.agents.c.id).where(
@@ -391,8 +955,20 @@ class Jobs:
                     )
                 )
             ]
-            for agent_id in lost:
-                await conn.execute(update(store.agents).where(store.agents.c.id == agent_id).values(status="LOST"))
+            for agent_id in overdue:
+                # Conditional: a heartbeat that just renewed the lease, or another replica's reaper, wins.
+                marked = await conn.execute(
+                    update(store.agents)
+                    .where(
+                        store.agents.c.id == agent_id,
+                        store.agents.c.status == "ACTIVE",
+                        store.agents.c.last_heartbeat_at < deadline,
+                    )
+                    .values(status="LOST")
+                )
+                if marked.rowcount != 1:
+                    continue
+                lost.append(agent_id)
                 jobs = (
                     await conn.execute(
                         select(store.jobs).where(
@@ -402,14 +978,35 @@ class Jobs:
                     )
                 ).all()
                 for job in jobs:
-                    target, reason = lifecycle.after_agent_lost(job.attempt, job.max_attempts, JobState(job.state))
-                    extra = {"agent_id": None} if target == JobState.QUEUED else {}
-                    if await self._transition_in(conn, job, target, reason, **extra):
+                    if await self._release_in(conn, job, now):
                         reaped += 1
         if lost:
             log.warning("agents lost: %s (%d jobs moved)", lost, reaped)
             self._after_commit()
         return reaped
+
+    async def _release_in(self, conn: AsyncConnection, job: Any, now: dt.datetime) -> bool:
+        """Take a job from its lost agent, counting the lost attempt's time as run time."""
+        current = JobState(job.state)
+        values: dict[str, Any] = {}
+        if job.attempt_started_at is not None:
+            ran = max(0.0, (now - job.attempt_started_at).total_seconds())
+            values.update(run_seconds=(job.run_seconds or 0.0) + ran, attempt_started_at=None)
+        if job.pause_requested and current != JobState.CANCELLING:
+            checkpointed = (
+                await conn.execute(select(store.checkpoints.c.step).where(store.checkpoints.c.job_id == job.id).limit(1))
+            ).first()
+            values["pause_requested"] = False
+            if checkpointed is not None:
+                reason = "agent lost while pausing; paused at the latest checkpoint"
+                return await self._transition_in(conn, job, JobState.PAUSED, reason, agent_id=None, **values)
+            target, reason = lifecycle.after_agent_lost(job.attempt, job.max_attempts, current)
+            reason += " (the pause was dropped: no checkpoint saved yet)"
+        else:
+            target, reason = lifecycle.after_agent_lost(job.attempt, job.max_attempts, current)
+        if target == JobState.QUEUED:
+            values["agent_id"] = None
+        return await self._transition_in(conn, job, target, reason, **values)
 
     # -- reports --------------------------------------------------------------
 
@@ -466,6 +1063,9 @@ class Jobs:
                     await conn.execute(store.report_acks.insert().values(job_id=key[0], attempt=key[1], **values))
         if changed:
             self._after_commit()
+        if self._dropped_checkpoint_uris:  # after the commit: a rolled-back drop keeps its files
+            uris, self._dropped_checkpoint_uris = self._dropped_checkpoint_uris, []
+            await asyncio.to_thread(_remove_uris, uris)
         return acks
 
 
@@ -498,21 +1098,40 @@ class _ReportBatch:
                 dict(job_id=job.id, attempt=r.attempt, name=name, step=r.step, value=value, recorded_at=r.time)
                 for name, value in r.values.items()
             ]
-            before = self.progress.get(job.id, {"current_step": job.current_step, "total_steps": job.total_steps})
+            before = self.progress.get(
+                job.id,
+                {
+                    "current_step": job.current_step,
+                    "total_steps": job.total_steps,
+                    "epoch": job.epoch,
+                    "tokens_seen": job.tokens_seen,
+                },
+            )
             total = r.total_steps or before["total_steps"]
+            # The Trainer logs epoch and num_tokens (tokens seen so far) with its other metrics.
+            tokens = r.values.get("num_tokens", r.values.get("tokens_seen"))
             self.progress[job.id] = {
                 "current_step": max(before["current_step"], r.step),
                 "total_steps": total,
                 "progress": r.progress or lifecycle.progress_percent(r.step, total),
+                "epoch": r.values.get("epoch", before["epoch"]),
+                "tokens_seen": int(tokens) if tokens is not None else before["tokens_seen"],
             }
+        elif r.kind == "checkpoint":
+            await self.jobs._record_checkpoint(self.conn, job, r)
         elif r.kind == "state" and r.state is not None:
             await self.flush()  # progress and lines before the state that follows them
             target = r.state
-            if target == JobState.CANCELLED and job.state != JobState.CANCELLING:
+            extra: dict[str, Any] = {}
+            if job.pause_requested and target in (JobState.CANCELLED, JobState.PAUSED):
+                # Stopped as a pause asked: wait PAUSED; a resume continues from the latest checkpoint.
+                target, extra = JobState.PAUSED, {"pause_requested": False, "agent_id": None}
+            elif target == JobState.PAUSED:
+                target = JobState.FAILED  # a runner can't pause on its own
+            elif target == JobState.CANCELLED and job.state != JobState.CANCELLING:
                 target = JobState.FAILED  # the process stopped without a terminate: say so
             if JobState(job.state) == target:
                 return
-            extra: dict[str, Any] = {}
             if target == JobState.SUCCEEDED:
                 extra = {"output_uri": r.output_uri or job.output_uri, "progress": 100.0}
             if not await self.jobs._transition_in(self.conn, job, target, r.reason, **extra):

@@ -1,0 +1,139 @@
+"""Metric series for charts and comparisons: bucketed downsampling and parameter differences. Pure, no I/O.
+
+Downsampling splits a step range [lo, hi] into `max_points` equal-width buckets,
+
+    bucket(step) = (step - lo) * max_points // (hi - lo + 1)        (integer division, 0 <= bucket < max_points)
+
+and keeps, per non-empty bucket, the last point (its step and value) with the bucket's min, max and count, so a
+spike between two kept points still shows as the bucket's extreme (as W&B draws its charts). The jobs service runs
+the same formula in SQL (`Jobs.metric_series`); `downsample` is its reference, and the tests hold one to the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tuneforge_common.errors import InvalidArgument
+
+# Buckets per series when a comparison does not say; the most a caller may ask for (larger asks are clamped).
+DEFAULT_MAX_POINTS = 500
+MAX_POINTS_LIMIT = 10_000
+MAX_COMPARED_JOBS = 20
+
+
+@dataclass(frozen=True)
+class SeriesPoint:
+    """One bucket: the last point in it (step and value) and the extremes and number of its raw points."""
+
+    step: int
+    value: float
+    min: float
+    max: float
+    count: int
+
+    @classmethod
+    def single(cls, step: int, value: float) -> SeriesPoint:
+        return cls(step, value, value, value, 1)
+
+
+@dataclass(frozen=True)
+class Series:
+    job_id: str
+    name: str
+    points: list[SeriesPoint]
+
+
+@dataclass(frozen=True)
+class ComparedMetric:
+    """One metric of compared jobs: one series per job, in the jobs' order, over one step range."""
+
+    name: str
+    series: list[Series]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    jobs: list[Any]  # the jobs' rows, in the order asked
+    differences: list[tuple[str, list[Any]]]  # parameter_differences
+    metrics: list[ComparedMetric]
+
+
+def check_step_range(min_step: int, max_step: int) -> None:
+    """A step range as requests give it: both bounds inclusive, max_step 0 meaning no upper bound."""
+    if min_step < 0:
+        raise InvalidArgument.for_field("min_step", "must not be negative")
+    if max_step < 0:
+        raise InvalidArgument.for_field("max_step", "must not be negative")
+    if max_step and max_step < min_step:
+        raise InvalidArgument.for_field("max_step", "must not be below min_step")
+
+
+def bucket_of(step: int, lo: int, hi: int, max_points: int) -> int:
+    """The bucket of `step` when [lo, hi] is split into `max_points` equal-width buckets."""
+    return (step - lo) * max_points // (hi - lo + 1)
+
+
+def downsample(
+    points: Iterable[tuple[int, float]], max_points: int, lo: int | None = None, hi: int | None = None
+) -> list[SeriesPoint]:
+    """At most `max_points` buckets over [lo, hi] (default: the first and last step) of points sorted by step.
+
+    Points outside [lo, hi] are left out. A series of at most `max_points` points comes back as it is, one
+    point per bucket. Within a bucket the last point wins; for equal steps, the one later in the input.
+    """
+    if max_points < 1:
+        raise ValueError("max_points must be at least 1")
+    kept = [(int(s), float(v)) for s, v in points if (lo is None or s >= lo) and (hi is None or s <= hi)]
+    if len(kept) <= max_points:
+        return [SeriesPoint.single(s, v) for s, v in kept]
+    first = kept[0][0] if lo is None else lo
+    last = kept[-1][0] if hi is None else hi
+    out: list[SeriesPoint] = []
+    current = -1
+    for step, value in kept:
+        bucket = bucket_of(step, first, last, max_points)
+        if bucket != current:
+            out.append(SeriesPoint.single(step, value))
+            current = bucket
+        else:
+            b = out[-1]
+            out[-1] = SeriesPoint(step, value, min(b.min, value), max(b.max, value), b.count + 1)
+    return out
+
+
+def common_range(spans: Iterable[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """The step range covering every given (first, last) span; None when none has any points."""
+    present = [s for s in spans if s is not None]
+    if not present:
+        return None
+    return min(lo for lo, _ in present), max(hi for _, hi in present)
+
+
+def _canonical(value: Any) -> Any:
+    """A comparable form of a JSON value in which 1 == 1.0 but neither equals true, and dicts ignore key order."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return (type(value).__name__, value)
+    if isinstance(value, int | float):
+        return ("number", float(value))
+    if isinstance(value, Mapping):
+        return ("object", tuple(sorted((str(k), _canonical(v)) for k, v in value.items())))
+    if isinstance(value, Sequence):
+        return ("array", tuple(_canonical(v) for v in value))
+    return ("other", repr(value))
+
+
+def parameter_differences(parameters: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """The parameters whose values are not the same in every job, by name.
+
+    Over the union of the jobs' keys; each entry holds one value per job in the given order, None where a job
+    lacks the key (a key missing in one job and set in another differs).
+    """
+    names = sorted({name for params in parameters for name in params})
+    out: list[tuple[str, list[Any]]] = []
+    for name in names:
+        values = [params.get(name) for params in parameters]
+        if len({_canonical(v) for v in values}) > 1:
+            out.append((name, values))
+    return out
