@@ -59,6 +59,15 @@ REQUESTS = Counter("tuneforge_gateway_requests_total", "HTTP requests", ["method
 LATENCY = Histogram("tuneforge_gateway_request_seconds", "HTTP request latency", ["route"])
 
 
+def job_or_estimate(resp: Any, response: Response) -> dict[str, Any]:
+    """A stored job (201) with its estimate, or for a dry run (200) only the estimate."""
+    estimate = to_json(resp.estimate)
+    if not resp.HasField("job"):
+        response.status_code = 200
+        return {"dry_run": True, "estimate": estimate}
+    return {**to_json(resp.job), "estimate": estimate}
+
+
 def to_json(message: Any) -> dict[str, Any]:
     data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -166,6 +175,32 @@ class SubmitJobBody(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters by name or alias")
     priority: int = Field(0, ge=-1000, le=1000)
     name: str = Field("", max_length=255)
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form key/value labels to filter by")
+    resources: ResourceBody = Field(default_factory=lambda: ResourceBody())
+    dry_run: bool = Field(False, description="Only validate and estimate; nothing is stored")
+
+
+class ResourceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    gpu_count: int = Field(0, ge=0, le=64)
+    min_gpu_memory_bytes: int = Field(0, ge=0)
+    agent_labels: dict[str, str] = Field(default_factory=dict, description="Labels the agent must carry")
+
+
+class CopyJobBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parameter_overrides: dict[str, Any] = Field(default_factory=dict, description="Over the old job's parameters")
+    dataset_id: str = Field("", max_length=128)
+    model_id: str = Field("", max_length=128)
+    name: str = Field("", max_length=255)
+    dry_run: bool = False
+
+
+class PublishCheckpointBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: int = Field(..., ge=0, description="A kept checkpoint's step; 0 publishes the final output")
+    name: str = Field(..., min_length=1, max_length=255)
+    description: str = ""
 
 
 class RegisterModelBody(BaseModel):
@@ -586,7 +621,7 @@ def create_app(
     # -- jobs -----------------------------------------------------------------
 
     @app.post("/api/v1/jobs", status_code=201)
-    async def submit_job(body: SubmitJobBody) -> dict:
+    async def submit_job(body: SubmitJobBody, response: Response) -> dict:
         params = struct_pb2.Struct()
         params.update(body.parameters)
         resp = await be().jobs.SubmitJob(
@@ -597,10 +632,53 @@ def create_app(
                 parameters=params,
                 priority=body.priority,
                 name=body.name,
+                labels=body.labels,
+                resources=jpb.ResourceRequest(**body.resources.model_dump()),
+                dry_run=body.dry_run,
             ),
-            timeout=RPC_TIMEOUT_S,
+            # A dry run counts the dataset's tokens: a pass over it.
+            timeout=DATASET_PASS_TIMEOUT_S if body.dry_run else RPC_TIMEOUT_S,
         )
-        return to_json(resp.job)
+        return job_or_estimate(resp, response)
+
+    @app.post("/api/v1/jobs/{job_id}/copy", status_code=201)
+    async def copy_job(job_id: str, body: CopyJobBody, response: Response) -> dict:
+        overrides = struct_pb2.Struct()
+        overrides.update(body.parameter_overrides)
+        request = jpb.CopyJobRequest(
+            job_id=job_id,
+            parameter_overrides=overrides,
+            dataset_id=body.dataset_id,
+            model_id=body.model_id,
+            name=body.name,
+            dry_run=body.dry_run,
+        )
+        return job_or_estimate(await be().jobs.CopyJob(request, timeout=RPC_TIMEOUT_S), response)
+
+    @app.post("/api/v1/jobs/{job_id}/pause")
+    async def pause_job(job_id: str) -> dict:
+        return to_json((await be().jobs.PauseJob(jpb.PauseJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
+
+    @app.post("/api/v1/jobs/{job_id}/resume")
+    async def resume_job(job_id: str) -> dict:
+        return to_json((await be().jobs.ResumeJob(jpb.ResumeJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
+
+    @app.delete("/api/v1/jobs/{job_id}", status_code=204, response_class=Response)
+    async def delete_job(job_id: str) -> None:
+        await be().jobs.DeleteJob(jpb.DeleteJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+
+    @app.get("/api/v1/jobs/{job_id}/checkpoints")
+    async def list_checkpoints(job_id: str) -> dict:
+        request = jpb.ListCheckpointsRequest(job_id=job_id)
+        return to_json(await be().jobs.ListCheckpoints(request, timeout=RPC_TIMEOUT_S))
+
+    @app.post("/api/v1/jobs/{job_id}/publish", status_code=201)
+    async def publish_checkpoint(job_id: str, body: PublishCheckpointBody) -> dict:
+        request = jpb.PublishCheckpointRequest(
+            job_id=job_id, step=body.step, name=body.name, description=body.description
+        )
+        resp = await be().jobs.PublishCheckpoint(request, timeout=RPC_TIMEOUT_S)
+        return {"model_id": resp.model_id}
 
     @app.get("/api/v1/jobs")
     async def list_jobs(
@@ -610,7 +688,14 @@ def create_app(
         model_id: str = "",
         dataset_id: str = "",
         method_id: str = "",
+        label: list[str] = Query(default=[], description="key=value; repeat for several (all must match)"),
     ) -> dict:
+        labels = {}
+        for pair in label:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ApiError(400, "INVALID_ARGUMENT", f"label must be key=value, got {pair!r}", field="label")
+            labels[key] = value
         request = jpb.ListJobsRequest(
             page_size=page_size,
             page_token=page_token,
@@ -618,6 +703,7 @@ def create_app(
             model_id=model_id,
             dataset_id=dataset_id,
             method_id=method_id,
+            labels=labels,
         )
         return to_json(await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S))
 

@@ -312,16 +312,20 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     @map_errors
     async def Heartbeat(self, request: apb.HeartbeatRequest, context: Any) -> apb.HeartbeatResponse:
-        return apb.HeartbeatResponse(cancel_job_ids=await self.jobs.heartbeat(request.agent_id))
+        stop = await self.jobs.heartbeat(request.agent_id, list(request.running_job_ids))
+        return apb.HeartbeatResponse(cancel_job_ids=stop)
 
     @map_errors
     async def StreamAssignments(
         self, request: apb.StreamAssignmentsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[apb.StreamAssignmentsResponse]:
-        cancels_sent: set[str] = set()
+        """Assignments as jobs fit the agent, then stops for its jobs: a cancellation for a terminate, one with
+        checkpoint_first for a pause. Each stop is sent once per stream (a reconnect sends it again)."""
+        stops_sent: set[tuple[str, bool]] = set()
         while True:
             job = await self.jobs.claim_next(request.agent_id)
             if job is not None:
+                stops_sent = {s for s in stops_sent if s[0] != job.id}  # a new attempt may be stopped again
                 yield apb.StreamAssignmentsResponse(
                     assignment=apb.JobAssignment(
                         job_id=job.id,
@@ -332,13 +336,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         dataset_uri=job.dataset_uri,
                         parameters=struct(json.loads(job.parameters)),
                         output_uri=job.output_uri,
+                        resume_from_uri=job.resume_from_uri,
+                        resume_from_step=job.resume_from_step,
+                        checkpoint_uri=job.checkpoint_uri,
                     )
                 )
                 continue
-            for job_id in await self.jobs.cancelling_jobs(request.agent_id):
-                if job_id not in cancels_sent:
-                    cancels_sent.add(job_id)
-                    yield apb.StreamAssignmentsResponse(cancellation=apb.JobCancellation(job_id=job_id))
+            for stop in await self.jobs.cancelling_jobs(request.agent_id):
+                if stop not in stops_sent:
+                    stops_sent.add(stop)
+                    job_id, checkpoint_first = stop
+                    yield apb.StreamAssignmentsResponse(
+                        cancellation=apb.JobCancellation(job_id=job_id, checkpoint_first=checkpoint_first)
+                    )
             await self.changes.wait(WATCH_POLL_S)
 
     @map_errors
@@ -365,8 +375,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         ended = True
                         break
                     batch.append(decode_report(item))
-                for (job_id, attempt), seq in (await self.jobs.apply_reports(batch)).items():
-                    yield apb.ReportJobResponse(job_id=job_id, attempt=attempt, acked_seq=seq)
+                acks = await self.jobs.apply_reports(batch)
+                for (job_id, attempt), seq in acks.items():
+                    # A fenced attempt no longer owns its job: its reports were refused and the agent must stop it.
+                    why = acks.fenced.get((job_id, attempt), "")
+                    yield apb.ReportJobResponse(
+                        job_id=job_id, attempt=attempt, acked_seq=seq, stop=bool(why), reason=why
+                    )
                 if ended:
                     break
         finally:

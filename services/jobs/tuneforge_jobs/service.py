@@ -134,6 +134,34 @@ class Report:
     text: str = ""
 
 
+class ReportAcks(dict[tuple[str, int], int]):
+    """Per (job, attempt), the highest report sequence number stored: the agent's acknowledgement.
+
+    `fenced` holds the (job, attempt)s whose reports were refused because that attempt no longer owns the
+    job, each with the reason; the agent must stop those runs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fenced: dict[tuple[str, int], str] = {}
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job just handed to an agent: its row (readable as the row itself: claimed.id, claimed.attempt, ...)
+    and where the attempt starts from."""
+
+    job: Any
+    resume_from_uri: str = ""  # the latest checkpoint; empty for a fresh start
+    resume_from_step: int = 0
+    checkpoint_uri: str = ""  # where the attempt saves checkpoints, each under <uri>/checkpoint-<step>
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "job":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.job, name)
+
+
 @dataclass
 class Jobs:
     engine: AsyncEngine
@@ -994,7 +1022,9 @@ class Jobs:
             values.update(run_seconds=(job.run_seconds or 0.0) + ran, attempt_started_at=None)
         if job.pause_requested and current != JobState.CANCELLING:
             checkpointed = (
-                await conn.execute(select(store.checkpoints.c.step).where(store.checkpoints.c.job_id == job.id).limit(1))
+                await conn.execute(
+                    select(store.checkpoints.c.step).where(store.checkpoints.c.job_id == job.id).limit(1)
+                )
             ).first()
             values["pause_requested"] = False
             if checkpointed is not None:
@@ -1015,12 +1045,15 @@ class Jobs:
         acks = await self.apply_reports([dataclasses.replace(report, agent_id=agent_id)])
         return acks[(report.job_id, report.attempt)]
 
-    async def apply_reports(self, reports: list[Report]) -> dict[tuple[str, int], int]:
+    async def apply_reports(self, reports: list[Report]) -> ReportAcks:
         """Store a batch of reports in one transaction, each exactly once and in order.
 
-        Returns, per (job, attempt), the highest sequence number stored: the agent's acknowledgement.
+        Returns, per (job, attempt), the highest sequence number stored: the agent's acknowledgement. Reports
+        from an attempt that no longer owns its job (fenced: requeued, handed to another agent, or sent under
+        an agent id whose lease lapsed) are refused: nothing of them is stored, they are acknowledged so the
+        agent stops resending, and `fenced` says why, for the agent to stop that run.
         """
-        acks: dict[tuple[str, int], int] = {}
+        acks = ReportAcks()
         changed: set[tuple[str, int]] = set()
         async with self.engine.begin() as conn:
             keys = {(r.job_id, r.attempt) for r in reports}
@@ -1038,15 +1071,16 @@ class Jobs:
             batch = _ReportBatch(self, conn)
             for r in reports:
                 key = (r.job_id, r.attempt)
+                if key not in acks.fenced and (why := await _fence_reason(batch, r)):
+                    acks.fenced[key] = why
+                if key in acks.fenced:
+                    acks[key] = max(r.seq, acks.get(key, stored.get(key, 0)))
+                    continue
                 last = acks.get(key, stored.get(key))
                 if last is not None and r.seq <= last:
                     acks[key] = last  # a resend after reconnect: already stored
                     continue
                 job = await batch.job(r.job_id)
-                if job.agent_id != r.agent_id or job.attempt != r.attempt:
-                    # From an attempt that no longer owns the job (e.g. after a requeue): acknowledged, dropped.
-                    acks[key] = r.seq
-                    continue
                 await batch.add(job, r)
                 acks[key] = r.seq
                 changed.add(key)
@@ -1067,6 +1101,23 @@ class Jobs:
             uris, self._dropped_checkpoint_uris = self._dropped_checkpoint_uris, []
             await asyncio.to_thread(_remove_uris, uris)
         return acks
+
+
+async def _fence_reason(batch: _ReportBatch, r: Report) -> str:
+    """Why this report's attempt no longer owns its job; empty when it does."""
+    try:
+        job = await batch.job(r.job_id)
+    except NotFound:
+        return f"job {r.job_id} no longer exists"
+    if job.attempt != r.attempt:
+        return f"attempt {r.attempt} of job {r.job_id} was superseded by attempt {job.attempt}"
+    if job.agent_id != r.agent_id:
+        holder = f"agent {job.agent_id}" if job.agent_id else "no agent"
+        return (
+            f"job {r.job_id} attempt {r.attempt} no longer runs on agent {r.agent_id or '(none)'}: "
+            f"the job is {job.state} on {holder} (the agent's lease lapsed, or the job was reassigned)"
+        )
+    return ""
 
 
 class _ReportBatch:

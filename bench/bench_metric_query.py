@@ -1,0 +1,172 @@
+"""Chart queries on a 1M-point job: downsampled in the database vs fetching the raw rows (the baseline).
+
+Loads one job of `--names` metrics x `--steps` steps (5 x 200,000 = 1,000,000 points, by COPY) into a fresh
+PostgreSQL database, then times `Jobs.metric_series` (max_points=500) for every name and for one name over a
+step range, `--reps` times each, against fetching the same raw rows those answers summarise. Prints p50/p95 in
+ms and the ratio baseline/downsampled (how many times faster the chart query is).
+
+    python bench/bench_metric_query.py [--steps 200000] [--names 5] [--reps 50] [--pg-url postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import math
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy import select
+
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_jobs import store
+from tuneforge_jobs.main import MIGRATIONS
+from tuneforge_jobs.service import CatalogInputs, Jobs
+
+MAX_POINTS = 500
+NAMES = ["loss", "learning_rate", "grad_norm", "epoch", "reward", "kl", "eval_loss", "reward_std"]
+
+
+class FixedCatalog:
+    """The jobs service's catalog port, answering every id."""
+
+    async def resolve_inputs(
+        self,
+        model_id: str,
+        dataset_id: str,
+        method_id: str,
+        parameters: dict[str, Any],
+        base: dict[str, Any] | None = None,
+    ) -> CatalogInputs:
+        return CatalogInputs("/m", "/d", "x", {**(base or {}), **parameters})
+
+    async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
+        return 0, 0
+
+    async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str:
+        return "model-bench"
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], reps: int) -> tuple[list[float], Any]:
+    await fn()  # warm: plans, buffers
+    samples, result = [], None
+    for _ in range(reps):
+        started = time.perf_counter()
+        result = await fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples, result
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+async def load(pg_url: str, job_id: str, names: list[str], steps: int) -> float:
+    """COPY the points in (name-interleaved by step, as agents report them); returns seconds."""
+    rng = random.Random(7)
+    now = dt.datetime.now(dt.UTC)
+    conn = await asyncpg.connect(pg_url)
+    started = time.perf_counter()
+    try:
+        batch: list[tuple[Any, ...]] = []
+        for step in range(1, steps + 1):
+            for i, name in enumerate(names):
+                value = 1.0 / math.sqrt(step) + i + rng.random() * 0.01
+                if name == "loss" and step == steps // 3:
+                    value = 1000.0  # one spike: a downsampled chart must still show it
+                batch.append((job_id, 1, name, step, value, now))
+            if len(batch) >= 200_000:
+                await conn.copy_records_to_table(
+                    "metric_points", records=batch, columns=["job_id", "attempt", "name", "step", "value", "recorded_at"]
+                )
+                batch = []
+        if batch:
+            await conn.copy_records_to_table(
+                "metric_points", records=batch, columns=["job_id", "attempt", "name", "step", "value", "recorded_at"]
+            )
+        await conn.execute("VACUUM ANALYZE metric_points")
+    finally:
+        await conn.close()
+    return time.perf_counter() - started
+
+
+async def run(admin_url: str, steps: int, n_names: int, reps: int, base_reps: int) -> None:
+    db = f"tuneforge_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{db}"')
+    pg_url = f"{admin_url.rsplit('/', 1)[0]}/{db}"
+    engine = make_engine(pg_url.replace("postgresql://", "postgresql+asyncpg://"))
+    try:
+        await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+        jobs = Jobs(engine=engine, catalog=FixedCatalog(), artifact_root="/a", subject_root="bench")
+        job = await jobs.submit("m", "d", "sft-lora", {})
+        names = NAMES[:n_names]
+        load_s = await load(pg_url, job.id, names, steps)
+        total = steps * len(names)
+        print(f"loaded {total:,} points ({len(names)} names x {steps:,} steps) in {load_s:.1f}s by COPY")
+
+        lo, hi = steps // 4, steps // 4 + steps // 2  # one name, the middle half of its steps
+        mp = store.metric_points
+
+        async def raw(query: Any) -> list[Any]:
+            async with engine.connect() as conn:
+                return list((await conn.execute(query)).all())
+
+        cases = [
+            (
+                f"all {len(names)} names, max_points={MAX_POINTS}",
+                lambda: jobs.metric_series(job.id, [], MAX_POINTS),
+                select(mp.c.name, mp.c.step, mp.c.value).where(mp.c.job_id == job.id).order_by(mp.c.name, mp.c.step),
+            ),
+            (
+                f"loss, steps {lo:,}..{hi:,}, max_points={MAX_POINTS}",
+                lambda: jobs.metric_series(job.id, ["loss"], MAX_POINTS, lo, hi),
+                select(mp.c.step, mp.c.value)
+                .where(mp.c.job_id == job.id, mp.c.name == "loss", mp.c.step >= lo, mp.c.step <= hi)
+                .order_by(mp.c.step),
+            ),
+        ]
+        rows_out = []
+        for label, query_fn, baseline_query in cases:
+            samples, result = await timed(query_fn, reps)
+            base_samples, base_rows = await timed(lambda q=baseline_query: raw(q), base_reps)
+            buckets = sum(len(s.points) for s in result)
+            spike = max(p.max for s in result if s.name == "loss" for p in s.points)
+            rows_out.append((label, samples, buckets, base_samples, len(base_rows), spike))
+
+        print(f"\n| query | reps | rows out | p50 ms | p95 ms | baseline: raw rows | reps | p50 ms | p95 ms | ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, samples, buckets, base, base_n, _ in rows_out:
+            ratio = statistics.median(base) / statistics.median(samples)
+            print(
+                f"| {label} | {len(samples)} | {buckets:,} | {pct(samples, 0.5):.1f} | {pct(samples, 0.95):.1f} "
+                f"| {base_n:,} | {len(base)} | {pct(base, 0.5):.1f} | {pct(base, 0.95):.1f} | {ratio:.1f}x |"
+            )
+        print("ratio = baseline p50 / downsampled p50 (higher: the downsampled query is that many times faster)")
+        print(f"spike kept: loss max in the downsampled series = {rows_out[0][5]:.1f} (injected 1000.0)")
+    finally:
+        await engine.dispose()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await admin.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200_000)
+    parser.add_argument("--names", type=int, default=5, choices=range(1, len(NAMES) + 1))
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--baseline-reps", type=int, default=5)
+    parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL")
+    args = parser.parse_args()
+    asyncio.run(run(args.pg_url, args.steps, args.names, args.reps, args.baseline_reps))
+
+
+if __name__ == "__main__":
+    main()
