@@ -19,6 +19,9 @@ from typing import Any
 from tuneforge_common.params import ParamSpec, check_range, coerce, specs_from_dataclass
 
 LOG_DATA_PREFIX = "[log_data]: "
+CHECKPOINT_PREFIX = "[checkpoint]: "
+# A runner that stopped after checkpointing because a pause was asked exits with this (EX_TEMPFAIL).
+PAUSED_EXIT_CODE = 75
 
 # LogDataCallback is served by __getattr__ and left out of __all__ so `import *` stays torch-free.
 __all__ = ["LOG_DATA_PREFIX", "log_data", "make_log_data_callback", "parse_flags", "parse_log_data"]
@@ -65,6 +68,52 @@ def parse_log_data(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
+
+
+def format_checkpoint(step: int, path: str, metrics: Mapping[str, Any]) -> str:
+    numbers = {k: _json_value(v) for k, v in metrics.items() if isinstance(_numeric(v), (int, float))}
+    return CHECKPOINT_PREFIX + json.dumps({"step": int(step), "path": str(path), "metrics": numbers}, default=str)
+
+
+def report_checkpoint(step: int, path: str, metrics: Mapping[str, Any]) -> None:
+    """Tell the agent a checkpoint is saved at path; it copies it into the artifact store and records it."""
+    print(format_checkpoint(step, path, metrics), flush=True)
+
+
+def parse_checkpoint(line: str) -> dict[str, Any] | None:
+    """The payload of a `[checkpoint]` line ({step, path, metrics}); None for any other line."""
+    text = line.strip()
+    if not text.startswith(CHECKPOINT_PREFIX.rstrip()):
+        return None
+    try:
+        payload = json.loads(text[len(CHECKPOINT_PREFIX.rstrip()) :])
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("step"), int) or not payload.get("path"):
+        return None
+    payload.setdefault("metrics", {})
+    return payload
+
+
+# --- pause ----------------------------------------------------------------------------------------
+
+_pause_requested = False
+
+
+def _on_pause_signal(signum: int, frame: Any) -> None:
+    global _pause_requested
+    _pause_requested = True
+
+
+def install_pause_handler() -> None:
+    """SIGUSR1 from the agent asks for a pause: the trainer callback saves a checkpoint and stops."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, _on_pause_signal)
+
+
+def pause_requested() -> bool:
+    return _pause_requested
 
 
 # --- flags ----------------------------------------------------------------------------------------
@@ -205,6 +254,22 @@ def _build_callback_class() -> type:
                 if number is not None:
                     details[key] = number
             log_data(progress, **details)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if _pause_requested:
+                control.should_save = True  # the checkpoint a resume starts from
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            # Metrics at that step: the latest logged values up to it (loss, eval_loss, ...).
+            metrics: dict[str, Any] = {}
+            for entry in state.log_history:
+                if entry.get("step", 0) <= state.global_step:
+                    metrics.update({k: v for k, v in entry.items() if k not in ("step", "epoch")})
+            report_checkpoint(state.global_step, path, metrics)
 
     _callback_class = LogDataCallback
     return LogDataCallback

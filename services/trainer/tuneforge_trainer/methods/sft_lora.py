@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge_common.methods import SftLoraParams, check_cross_field
-from tuneforge_trainer.sdk import log_data, make_log_data_callback, parse_flags
+from tuneforge_trainer.sdk import (
+    PAUSED_EXIT_CODE,
+    install_pause_handler,
+    log_data,
+    make_log_data_callback,
+    parse_flags,
+    pause_requested,
+)
 
 PROMPT_CANDIDATES = ("question", "instruction", "query", "input", "prompt")
 ANSWER_CANDIDATES = ("answer", "response", "output", "completion")
@@ -424,6 +431,9 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout
     result = trainer.train(resume_from_checkpoint=resume)
+    if pause_requested():
+        # Stopped after the pause checkpoint (reported by the callback); the final model comes after a resume.
+        return {"paused_at_step": result.global_step}
 
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
@@ -453,6 +463,7 @@ def check_params(params: SftLoraParams) -> None:
 def main(argv: list[str] | None = None) -> int:
     params, extras = parse_flags(SftLoraParams, argv)
     check_params(params)
+    install_pause_handler()
     try:
         train(params, extras)
     except SystemExit:
@@ -461,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"error: sft-lora training failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
-    return 0
+    return PAUSED_EXIT_CODE if pause_requested() else 0
 
 
 if __name__ == "__main__":
