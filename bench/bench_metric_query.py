@@ -84,7 +84,9 @@ async def load(pg_url: str, job_id: str, names: list[str], steps: int) -> float:
                 batch.append((job_id, 1, name, step, value, now))
             if len(batch) >= 200_000:
                 await conn.copy_records_to_table(
-                    "metric_points", records=batch, columns=["job_id", "attempt", "name", "step", "value", "recorded_at"]
+                    "metric_points",
+                    records=batch,
+                    columns=["job_id", "attempt", "name", "step", "value", "recorded_at"],
                 )
                 batch = []
         if batch:
@@ -117,6 +119,10 @@ async def run(admin_url: str, steps: int, n_names: int, reps: int, base_reps: in
 
         async def raw(query: Any) -> list[Any]:
             async with engine.connect() as conn:
+                # The planner settings the service's query runs under, so only the downsampling differs.
+                await conn.exec_driver_sql(
+                    "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('jit', 'off', true)"
+                )
                 return list((await conn.execute(query)).all())
 
         cases = [
@@ -141,7 +147,7 @@ async def run(admin_url: str, steps: int, n_names: int, reps: int, base_reps: in
             spike = max(p.max for s in result if s.name == "loss" for p in s.points)
             rows_out.append((label, samples, buckets, base_samples, len(base_rows), spike))
 
-        print(f"\n| query | reps | rows out | p50 ms | p95 ms | baseline: raw rows | reps | p50 ms | p95 ms | ratio |")
+        print("\n| query | reps | rows out | p50 ms | p95 ms | baseline: raw rows | reps | p50 ms | p95 ms | ratio |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, samples, buckets, base, base_n, _ in rows_out:
             ratio = statistics.median(base) / statistics.median(samples)

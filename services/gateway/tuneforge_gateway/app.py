@@ -707,6 +707,23 @@ def create_app(
         )
         return to_json(await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S))
 
+    # Before /api/v1/jobs/{job_id}, which would otherwise take "compare" for a job id.
+    @app.get("/api/v1/jobs/compare")
+    async def compare_jobs(
+        job_id: list[str] = Query(default=[], description="2 to 20 jobs in the order to show them; repeat it"),
+        name: list[str] = Query(default=[], description="Metrics to align; repeat for several; none: those all have"),
+        max_points: int = Query(0, ge=0, le=10_000, description="Buckets per series; 0: the service's default"),
+    ) -> dict:
+        """The parameters that differ (one value per job, null where a job lacks it) and, per metric, one
+        downsampled series per job, all over one step range so that their buckets line up."""
+        request = jpb.CompareJobsRequest(job_ids=job_id, metric_names=name, max_points=max_points)
+        found = to_json(await be().jobs.CompareJobs(request, timeout=RPC_TIMEOUT_S))
+        for difference in found["differing_parameters"]:  # Value carries numbers as doubles, as Struct does
+            difference["values"] = [
+                int(v) if isinstance(v, float) and v.is_integer() else v for v in difference["values"]
+            ]
+        return found
+
     @app.get("/api/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> dict:
         return to_json((await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
@@ -726,12 +743,37 @@ def create_app(
         )
 
     @app.get("/api/v1/jobs/{job_id}/metrics")
-    async def job_metrics(job_id: str, name: list[str] = Query(default=[])) -> dict:
+    async def job_metrics(
+        job_id: str,
+        name: list[str] = Query(default=[], description="Only these metrics; repeat for several; none: all"),
+        max_points: int = Query(
+            0, ge=0, le=10_000, description="Downsample each series to at most this many buckets; 0: every point"
+        ),
+        min_step: int = Query(0, ge=0, description="Only points from this step on"),
+        max_step: int = Query(0, ge=0, description="Only points up to this step; 0: no bound"),
+    ) -> dict:
+        """Each metric's points as [step, value] pairs under `series` (for charts), and the points themselves.
+
+        With max_points the service downsamples every series to equal-width step buckets, all over one step range;
+        a point is then the last one of its bucket and carries the bucket's min, max and count, so spikes show.
+        """
+        if max_points:
+            request = jpb.ListJobMetricsRequest(
+                job_id=job_id, names=name, max_points=max_points, min_step=min_step, max_step=max_step
+            )
+            found = (await be().jobs.ListJobMetrics(request, timeout=RPC_TIMEOUT_S)).series
+            return {
+                "job_id": job_id,
+                "series": {s.name: [[p.step, p.value] for p in s.points] for s in found},
+                "points": [{"name": s.name, **to_json(p)} for s in found for p in s.points],
+            }
         points = [
             to_json(p)
             for p in await every_page(
                 be().jobs.ListJobMetrics,
-                lambda token: jpb.ListJobMetricsRequest(job_id=job_id, names=name, page_size=1000, page_token=token),
+                lambda token: jpb.ListJobMetricsRequest(
+                    job_id=job_id, names=name, page_size=1000, page_token=token, min_step=min_step, max_step=max_step
+                ),
                 "points",
             )
         ]

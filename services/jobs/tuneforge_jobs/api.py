@@ -24,6 +24,7 @@ from . import estimates
 from .estimates import Estimate
 from .lifecycle import ON_AGENT, TERMINAL, JobState
 from .notify import Notifier
+from .series import Series
 from .service import Jobs, Report
 
 MAX_PAGE = 1000
@@ -244,10 +245,44 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @map_errors
     async def ListJobMetrics(self, request: pb.ListJobMetricsRequest, context: Any) -> pb.ListJobMetricsResponse:
+        """Raw points page by page; with max_points, one page of series downsampled in the database."""
+        if request.max_points < 0:
+            raise InvalidArgument.for_field("max_points", "must not be negative")
+        names = list(request.names)
+        if request.max_points:
+            found = await self.jobs.metric_series(
+                request.job_id, names, request.max_points, request.min_step, request.max_step
+            )
+            return pb.ListJobMetricsResponse(series=[self._series_pb(s) for s in found])
         size = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
-        rows = await self.jobs.metrics(request.job_id, list(request.names), decode_token(request.page_token), size + 1)
+        after = decode_token(request.page_token)
+        rows = await self.jobs.metrics(request.job_id, names, after, size + 1, request.min_step, request.max_step)
         token = encode_token(rows[size - 1].id) if len(rows) > size else ""
         return pb.ListJobMetricsResponse(points=[metric_to_pb(r) for r in rows[:size]], next_page_token=token)
+
+    @map_errors
+    async def CompareJobs(self, request: pb.CompareJobsRequest, context: Any) -> pb.CompareJobsResponse:
+        found = await self.jobs.compare(list(request.job_ids), list(request.metric_names), request.max_points)
+        return pb.CompareJobsResponse(
+            jobs=[job_to_pb(row) for row in found.jobs],
+            differing_parameters=[
+                json_format.ParseDict({"name": name, "values": values}, pb.ParameterDifference())
+                for name, values in found.differences
+            ],
+            metrics=[
+                pb.ComparedMetric(name=m.name, series=[self._series_pb(s) for s in m.series]) for m in found.metrics
+            ],
+        )
+
+    @staticmethod
+    def _series_pb(found: Series) -> pb.MetricSeries:
+        return pb.MetricSeries(
+            job_id=found.job_id,
+            name=found.name,
+            points=[
+                pb.SeriesPoint(step=p.step, value=p.value, min=p.min, max=p.max, count=p.count) for p in found.points
+            ],
+        )
 
     @map_errors
     async def ListJobLogs(self, request: pb.ListJobLogsRequest, context: Any) -> pb.ListJobLogsResponse:

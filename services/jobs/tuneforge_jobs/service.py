@@ -513,28 +513,28 @@ class Jobs:
         self, job_id: str, names: list[str], max_points: int, min_step: int = 0, max_step: int = 0
     ) -> list[series.Series]:
         """Each named metric (every one the job has when none is named, by name) downsampled in the database
-        to at most max_points buckets over its steps within [min_step, max_step] (max_step 0: no upper bound).
+        to at most max_points buckets over steps within [min_step, max_step] (max_step 0: no upper bound).
 
-        Only the buckets leave the database: a job of a million points answers with max_points rows per name.
+        All series of one answer share one step range (the union of theirs within the bounds), so their buckets
+        line up across charts. Only the buckets leave the database: a job of a million points answers with at
+        most max_points rows per name.
         """
         series.check_step_range(min_step, max_step)
         if max_points < 1:
             raise InvalidArgument.for_field("max_points", "must be at least 1 for a downsampled series")
         max_points = min(max_points, series.MAX_POINTS_LIMIT)
         job = await self.get(job_id)
-        out: list[series.Series] = []
         async with self.engine.connect() as conn:
-            for name in list(dict.fromkeys(names)) or await self._metric_names(conn, job_id):
-                span = await self._step_span(conn, job_id, name, min_step, max_step)
-                points = await self._downsampled(conn, job, name, *span, max_points) if span else []
-                out.append(series.Series(job_id, name, points))
-        return out
+            names = list(dict.fromkeys(names)) or await self._metric_names(conn, job_id)
+            span = series.common_range([await self._step_span(conn, job, n, min_step, max_step) for n in names])
+            points = await self._downsampled(conn, job, names, span, max_points) if span else {}
+        return [series.Series(job_id, name, points.get(name, [])) for name in names]
 
     async def compare(self, job_ids: list[str], metric_names: list[str], max_points: int) -> series.Comparison:
         """Jobs side by side: the parameters that differ and, per metric, one series per job in the given
-        order, each downsampled over the same step range (the union of the jobs' ranges) so buckets line up.
+        order, all downsampled over one step range (the union of the jobs') so that their buckets line up.
 
-        Without metric names, the metrics every one of the jobs has are compared.
+        Without metric names, the metrics every one of the jobs has are compared; max_points 0 is the default.
         """
         errors = ViolationCollector()
         if not 2 <= len(job_ids) <= series.MAX_COMPARED_JOBS:
@@ -542,7 +542,7 @@ class Jobs:
         if not all(job_ids):
             errors.add("job_ids", "must not contain an empty id")
         elif len(set(job_ids)) != len(job_ids):
-            errors.add("job_ids", "must not repeat a job")
+            errors.add("job_ids", "must not name a job twice")
         if max_points < 0:
             errors.add("max_points", "must not be negative")
         errors.raise_if_any()
@@ -553,7 +553,6 @@ class Jobs:
             if missing:
                 raise NotFound(f"job {', '.join(repr(m) for m in missing)} not found")
             rows = [found[job_id] for job_id in job_ids]
-            differences = series.parameter_differences([json.loads(r.parameters) for r in rows])
             if metric_names:
                 names = list(dict.fromkeys(metric_names))
             else:
@@ -561,26 +560,15 @@ class Jobs:
                 for job_id in job_ids[1:]:
                     shared &= set(await self._metric_names(conn, job_id))
                 names = sorted(shared)
-            metrics: list[series.ComparedMetric] = []
-            for name in names:
-                spans = [await self._step_span(conn, job_id, name, 0, 0) for job_id in job_ids]
-                common = series.common_range(spans)
-                metrics.append(
-                    series.ComparedMetric(
-                        name,
-                        [
-                            series.Series(
-                                row.id,
-                                name,
-                                await self._downsampled(conn, row, name, *common, max_points)
-                                if span and common
-                                else [],
-                            )
-                            for row, span in zip(rows, spans, strict=True)
-                        ],
-                    )
-                )
-        return series.Comparison(rows, differences, metrics)
+            span = series.common_range([await self._step_span(conn, row, n, 0, 0) for row in rows for n in names])
+            per_job = [await self._downsampled(conn, row, names, span, max_points) if span else {} for row in rows]
+        metrics = [
+            series.ComparedMetric(
+                name, [series.Series(row.id, name, got.get(name, [])) for row, got in zip(rows, per_job, strict=True)]
+            )
+            for name in names
+        ]
+        return series.Comparison(rows, series.parameter_differences([json.loads(r.parameters) for r in rows]), metrics)
 
     @staticmethod
     async def _metric_names(conn: AsyncConnection, job_id: str) -> list[str]:
@@ -594,13 +582,24 @@ class Jobs:
         return sorted(r.name for r in rows)
 
     @staticmethod
+    def _current_points(job: Any) -> list[Any]:
+        """Conditions for the job's points that stand: when an attempt resumed from a checkpoint, the earlier
+        attempts' points past that step are superseded. Resuming deletes them in the same transaction; this
+        keeps every query on that line as well."""
+        mp = store.metric_points
+        conditions = [mp.c.job_id == job.id]
+        if job.attempt > 1:
+            conditions.append(or_(mp.c.attempt == job.attempt, mp.c.step <= job.resumed_from_step))
+        return conditions
+
+    @classmethod
     async def _step_span(
-        conn: AsyncConnection, job_id: str, name: str, min_step: int, max_step: int
+        cls, conn: AsyncConnection, job: Any, name: str, min_step: int, max_step: int
     ) -> tuple[int, int] | None:
         """First and last step of a series within [min_step, max_step] (0: no upper bound); None when empty.
-        Two index probes (separate subqueries so SQLite, too, answers each from the index's end)."""
+        Two index probes (separate subqueries so that SQLite, too, reads each from an end of the index)."""
         mp = store.metric_points
-        where = [mp.c.job_id == job_id, mp.c.name == name, mp.c.step >= min_step]
+        where = [*cls._current_points(job), mp.c.name == name, mp.c.step >= min_step]
         if max_step:
             where.append(mp.c.step <= max_step)
         first = select(func.min(mp.c.step)).where(*where).scalar_subquery()
@@ -608,53 +607,64 @@ class Jobs:
         row = (await conn.execute(select(first, last))).one()
         return None if row[0] is None else (int(row[0]), int(row[1]))
 
-    @staticmethod
+    @classmethod
     async def _downsampled(
-        conn: AsyncConnection, job: Any, name: str, lo: int, hi: int, max_points: int
-    ) -> list[series.SeriesPoint]:
-        """One series within [lo, hi] as at most max_points buckets (series.downsample's rule, in SQL).
+        cls, conn: AsyncConnection, job: Any, names: list[str], span: tuple[int, int], max_points: int
+    ) -> dict[str, list[series.SeriesPoint]]:
+        """The job's series of these names within span as at most max_points buckets each: series.downsample's
+        rule, in one SQL statement.
 
-        The database groups the range's points by bucket (min, max, count, last step: one pass over the index
-        range) and looks up the value at each bucket's last step (one index probe per bucket). A series of at
-        most max_points points comes back as it is. Where attempts of a resumed job overlap on a step, the
-        latest attempt's point stands.
+        The database reads the points in range once, groups them by (name, bucket) into min, max, count and last
+        step, and looks up the value at each bucket's last step (one index probe per bucket; should two attempts
+        hold that step, the latest one's). A series of at most max_points points comes back as it is.
         """
+        lo, hi = span
         mp = store.metric_points
-        in_range = (mp.c.job_id == job.id, mp.c.name == name, mp.c.step >= lo, mp.c.step <= hi)
-        source = select(mp.c.id, mp.c.step, mp.c.value).where(*in_range)
-        if job.attempt > 1:  # only a resumed job can hold one step from two attempts
-            top = func.max(mp.c.attempt).over(partition_by=mp.c.step).label("top")
-            ranked = select(mp.c.id, mp.c.step, mp.c.value, mp.c.attempt, top).where(*in_range).subquery("ranked")
-            source = select(ranked.c.id, ranked.c.step, ranked.c.value).where(ranked.c.attempt == ranked.c.top)
-        pts = source.subquery("pts")
+        in_range = [*cls._current_points(job), mp.c.name.in_(names), mp.c.step >= lo, mp.c.step <= hi]
+        pts = select(mp.c.id, mp.c.name, mp.c.step, mp.c.value).where(*in_range).subquery("pts")
         bucket = ((pts.c.step - lo) * max_points // (hi - lo + 1)).label("bucket")
-        bucketed = select(pts.c.step, pts.c.value, bucket).subquery("bucketed")
+        # OFFSET 0 keeps PostgreSQL from merging this subquery into the grouping: over a computed column it then
+        # expects few groups and hashes them in one pass, rather than sorting every point by bucket.
+        bucketed = select(pts.c.name, pts.c.step, pts.c.value, bucket).offset(0).subquery("bucketed")
         agg = (
             select(
+                bucketed.c.name,
                 bucketed.c.bucket,
                 func.count().label("n"),
                 func.min(bucketed.c.value).label("low"),
                 func.max(bucketed.c.value).label("high"),
                 func.max(bucketed.c.step).label("last_step"),
             )
-            .group_by(bucketed.c.bucket)
+            .group_by(bucketed.c.name, bucketed.c.bucket)
             .subquery("agg")
         )
         last_value = (
             select(mp.c.value)
-            .where(mp.c.job_id == job.id, mp.c.name == name, mp.c.step == agg.c.last_step)
+            .where(mp.c.job_id == job.id, mp.c.name == agg.c.name, mp.c.step == agg.c.last_step)
             .order_by(mp.c.attempt.desc(), mp.c.id.desc())
             .limit(1)
             .scalar_subquery()
         )
-        query = select(agg.c.last_step, last_value.label("value"), agg.c.low, agg.c.high, agg.c.n)
-        rows = (await conn.execute(query.order_by(agg.c.bucket))).all()
-        if sum(r.n for r in rows) <= max_points and any(r.n > 1 for r in rows):
-            raw = await conn.execute(select(pts.c.step, pts.c.value).order_by(pts.c.step, pts.c.id))
-            return [series.SeriesPoint.single(int(r.step), float(r.value)) for r in raw]
-        return [
-            series.SeriesPoint(int(r.last_step), float(r.value), float(r.low), float(r.high), int(r.n)) for r in rows
-        ]
+        if conn.dialect.name == "postgresql":
+            # For this transaction only: plan with the actual step range (a cached generic plan guesses a narrow
+            # one and walks the index over a whole series), and no JIT, whose compiling costs more than it saves
+            # on a query that answers in milliseconds.
+            await conn.exec_driver_sql(
+                "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('jit', 'off', true)"
+            )
+        query = select(agg.c.name, agg.c.last_step, last_value.label("value"), agg.c.low, agg.c.high, agg.c.n)
+        out: dict[str, list[series.SeriesPoint]] = {}
+        for r in await conn.execute(query.order_by(agg.c.bucket)):
+            point = series.SeriesPoint(int(r.last_step), float(r.value), float(r.low), float(r.high), int(r.n))
+            out.setdefault(r.name, []).append(point)
+        short = [n for n, ps in out.items() if sum(p.count for p in ps) <= max_points and any(p.count > 1 for p in ps)]
+        if short:
+            raw = select(pts.c.name, pts.c.step, pts.c.value).where(pts.c.name.in_(short))
+            for n in short:
+                out[n] = []
+            for p in await conn.execute(raw.order_by(pts.c.name, pts.c.step, pts.c.id)):
+                out[p.name].append(series.SeriesPoint.single(int(p.step), float(p.value)))
+        return out
 
     async def events(self, job_id: str, after_id: int, limit: int) -> list[Any]:
         await self.get(job_id)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import fsspec
 import grpc
 from google.protobuf import json_format
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
@@ -52,6 +54,30 @@ class AgentSettings(CommonSettings):
     agent_python: str = Field(sys.executable, description="Python interpreter that runs built-in methods.")
     agent_grpc_port: int = Field(0, description="Port of the agent's health endpoint; 0 picks a free one.")
     agent_terminate_grace_seconds: float = Field(10.0, description="SIGTERM to SIGKILL grace on terminate.")
+    agent_labels: str = Field(
+        "",
+        description="This agent's labels as k=v,k2=v2 (e.g. zone=eu,pool=a100); a job's resource request can ask "
+        "for them.",
+    )
+
+    @field_validator("agent_labels")
+    @classmethod
+    def _labels_parse(cls, value: str) -> str:
+        parse_labels(value)
+        return value
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """'k=v,k2=v2' as a dict; blanks around names, values and commas are ignored."""
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"agent label {item.strip()!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
 
 
 @dataclass
@@ -71,6 +97,8 @@ class Reporter:
     pending: list[_Pending] = field(default_factory=list)
     seqs: dict[tuple[str, int], int] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called with (job id, attempt, reason) when the service refuses an attempt's reports: it must stop.
+    on_stop: Callable[[str, int, str], None] | None = None
 
     def add(self, job_id: str, attempt: int, **report: Any) -> None:
         key = (job_id, attempt)
@@ -111,6 +139,13 @@ class Reporter:
                 if resp is grpc.aio.EOF:
                     raise ConnectionError("report stream closed by the jobs service")
                 self.ack(resp.job_id, resp.attempt, resp.acked_seq)
+                if resp.stop:
+                    # The attempt no longer owns its job: whatever it still reports would be refused too.
+                    self.pending = [
+                        p for p in self.pending if (p.request.job_id, p.request.attempt) != (resp.job_id, resp.attempt)
+                    ]
+                    if self.on_stop is not None:
+                        self.on_stop(resp.job_id, resp.attempt, resp.reason)
 
         tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
         try:
@@ -197,6 +232,7 @@ class JobRun:
         self.proc: asyncio.subprocess.Process | None = None
         self.cancelled = False
         self.shutting_down = False
+        self.fenced = ""  # why the service refused this attempt's reports; it then reports nothing more
         self.workdir = (
             Path(agent.settings.agent_work_dir).resolve() / assignment.job_id / f"attempt-{assignment.attempt}"
         )
@@ -224,6 +260,10 @@ class JobRun:
         try:
             self.log_line("agent", f"attempt {self.a.attempt} starting on agent {self.agent.settings.agent_name}")
             model_path, dataset_path = await asyncio.to_thread(self._stage_inputs)
+            if self.cancelled:  # stopped while its inputs were being staged: never start the process
+                if not (self.shutting_down or self.fenced):
+                    self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
+                return
             output_dir = self.workdir / "output"
             params = json_format.MessageToDict(self.a.parameters)
             cmd = build_command(
@@ -263,8 +303,9 @@ class JobRun:
                 self._pump(self.proc.stdout, "stdout", None), self._pump(self.proc.stderr, "stderr", stderr_tail)
             )
             code = await self.proc.wait()
-            if self.shutting_down:
-                # The agent is stopping, not the job: its lease lapses and the job is retried elsewhere.
+            if self.shutting_down or self.fenced:
+                # The agent is stopping, not the job (its lease lapses and the job is retried elsewhere), or the
+                # service has taken the job from this attempt: either way this attempt has no outcome to report.
                 return
             if self.cancelled:
                 self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
@@ -326,39 +367,105 @@ class JobRun:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def detect_gpus() -> list[str]:
+@dataclass(frozen=True)
+class Gpu:
+    model: str
+    memory_bytes: int
+
+
+# Run in a child process: CUDA initialised in the long-lived agent would hold memory on the GPUs for good.
+_TORCH_PROBE = """
+import json, torch
+gpus = []
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        gpus.append([torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory])
+print(json.dumps(gpus))
+"""
+
+
+def _gpu_devices_present() -> bool:
+    """Cheap look for a GPU driver, so CPU-only nodes skip importing torch just to learn there is none."""
+    return (
+        shutil.which("nvidia-smi") is not None
+        or Path("/dev/nvidiactl").exists()
+        or Path("/dev/kfd").exists()  # ROCm, which torch.cuda also drives
+        or any(Path("/dev").glob("nvidia[0-9]*"))
+    )
+
+
+def _torch_gpus(python: str) -> list[Gpu] | None:
+    """GPUs as torch sees them in the runners' interpreter; None when torch is missing or sees no GPU."""
+    try:
+        out = subprocess.run(
+            [python, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=120, check=True
+        ).stdout
+        found = [Gpu(str(name), int(memory)) for name, memory in json.loads(out.strip().splitlines()[-1])]
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError, TypeError):
+        return None
+    return found or None
+
+
+def _nvidia_smi_gpus() -> list[Gpu]:
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        import subprocess
-
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=30,
             check=True,
         ).stdout
-        return [line.strip() for line in out.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         return []
+    gpus = []
+    for line in out.splitlines():
+        name, _, mib = line.rpartition(",")
+        try:
+            gpus.append(Gpu(name.strip(), int(float(mib.strip())) * 1024 * 1024))
+        except ValueError:
+            continue
+    return gpus
+
+
+@functools.cache
+def detect_gpus(python: str = sys.executable) -> tuple[Gpu, ...]:
+    """The node's GPUs: from torch.cuda when torch is importable and sees them, else nvidia-smi, else none.
+    Probed once per process: GPUs do not come and go under a running agent."""
+    if not _gpu_devices_present():
+        return ()
+    return tuple(_torch_gpus(python) or _nvidia_smi_gpus())
+
+
+def total_memory_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
-        self.reporter = Reporter()
+        self.reporter = Reporter(on_stop=self._stop_fenced)
         self.runs: dict[str, JobRun] = {}
         self.tasks: set[asyncio.Task] = set()
         self.agent_id = ""
 
     def resources(self) -> apb.AgentResources:
-        gpus = detect_gpus()
+        """What this node offers: GPUs (count, models, memory per GPU: the smallest one's when they differ),
+        CPUs, RAM, the labels from TUNEFORGE_AGENT_LABELS and the slots."""
+        gpus = detect_gpus(self.settings.agent_python)
         return apb.AgentResources(
             gpu_count=len(gpus),
-            gpu_models=gpus,
+            gpu_models=[g.model for g in gpus],
+            gpu_memory_bytes=min((g.memory_bytes for g in gpus), default=0),
             cpu_count=os.cpu_count() or 1,
-            memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            memory_bytes=total_memory_bytes(),
+            labels=parse_labels(self.settings.agent_labels),
             slots=self.settings.agent_slots,
         )
 
@@ -382,7 +489,9 @@ class Agent:
     async def _session(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
         resp = await stub.RegisterAgent(
             apb.RegisterAgentRequest(
-                name=self.settings.agent_name, resources=self.resources(), resume_agent_id=self.agent_id
+                name=self.settings.agent_name,
+                resources=await asyncio.to_thread(self.resources),  # the first call probes the GPUs
+                resume_agent_id=self.agent_id,
             ),
             timeout=10,
         )
@@ -442,6 +551,15 @@ class Agent:
             task = asyncio.create_task(run.terminate())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _stop_fenced(self, job_id: str, attempt: int, reason: str) -> None:
+        """The service refused this attempt's reports (requeued, given to another agent, our lease lapsed)."""
+        run = self.runs.get(job_id)
+        if run is None or run.a.attempt != attempt or run.fenced:
+            return
+        log.warning("stopping job %s attempt %d: the jobs service refused its reports: %s", job_id, attempt, reason)
+        run.fenced = reason or "refused by the jobs service"
+        self._cancel(job_id)
 
     async def shutdown(self) -> None:
         for run in self.runs.values():

@@ -1,0 +1,437 @@
+"""Metric queries on real databases (SQLite and PostgreSQL): downsampled series, step ranges, comparisons.
+
+The database does the downsampling (Jobs.metric_series); series.downsample is the reference it must match
+exactly, point for point, on both engines. CompareJobs and ListJobMetrics also go through the real gRPC
+servicer on an in-process server, and the gateway's routes through the real servicer behind them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from sqlalchemy import update
+
+from tests.integration.test_jobs_service import StaticCatalog
+from tuneforge.jobs.v1 import jobs_pb2 as pb
+from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.errors import InvalidArgument, NotFound
+from tuneforge_common.grpcutil import decode_error, start_server
+from tuneforge_gateway.app import create_app
+from tuneforge_jobs import api, series, store
+from tuneforge_jobs.lifecycle import JobState
+from tuneforge_jobs.main import MIGRATIONS
+from tuneforge_jobs.notify import Notifier
+from tuneforge_jobs.service import Jobs, Report
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+Rows = list[tuple[str, int, float]]  # (name, step, value), in insertion order
+
+
+@asynccontextmanager
+async def jobs_on(url: str) -> AsyncIterator[Jobs]:
+    engine = make_engine(url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    try:
+        yield Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge")
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def jobs(database_url: str) -> AsyncIterator[Jobs]:
+    async with jobs_on(database_url) as j:
+        yield j
+
+
+async def insert(jobs: Jobs, job_id: str, rows: Rows, attempt: int = 1) -> None:
+    async with jobs.engine.begin() as conn:
+        await conn.execute(
+            store.metric_points.insert(),
+            [dict(job_id=job_id, attempt=attempt, name=n, step=s, value=v, recorded_at=T0) for n, s, v in rows],
+        )
+
+
+def training_curve(seed: int, steps: range, names: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")) -> Rows:
+    """Noisy curves as an agent reports them (every name at each step), with a spike in loss and grad_norm."""
+    rng = random.Random(seed)
+    rows: Rows = []
+    for step in steps:
+        for i, name in enumerate(names):
+            value = 2.0 / (1 + step / 100) + i + rng.gauss(0, 0.05)
+            if name in ("loss", "grad_norm") and step == steps[len(steps) // 3]:
+                value = 50.0 + i
+            rows.append((name, step, value))
+    return rows
+
+
+def reference(rows: Rows, name: str, max_points: int, lo: int, hi: int) -> list[series.SeriesPoint]:
+    """What series.downsample makes of one name's points (stored order within a step)."""
+    points = sorted(((s, v) for n, s, v in rows if n == name), key=lambda p: p[0])
+    return series.downsample(points, max_points, lo, hi)
+
+
+async def make_job(jobs: Jobs, **parameters: Any) -> str:
+    return (await jobs.submit("m1", "d1", "sft-lora", parameters)).id
+
+
+# -- Jobs.metric_series -----------------------------------------------------------------------------------------
+
+
+async def test_downsampled_series_match_the_reference_point_for_point(jobs):
+    job_id = await make_job(jobs)
+    rows = training_curve(1, range(1, 3_001))
+    rows += [("eval_loss", s, 1.0 / s) for s in range(100, 3_001, 100)]  # 30 points: short, comes back as is
+    await insert(jobs, job_id, rows)
+
+    got = await jobs.metric_series(job_id, [], 200)
+
+    assert [s.name for s in got] == ["eval_loss", "grad_norm", "learning_rate", "loss"]  # all names, sorted
+    for s in got:
+        assert s.job_id == job_id
+        assert s.points == reference(rows, s.name, 200, 1, 3_000)  # one step range for every series of a job
+    loss = {s.name: s for s in got}["loss"].points
+    assert 100 < len(loss) <= 200 and sum(p.count for p in loss) == 3_000
+    assert max(p.max for p in loss) == 50.0  # the spike survives as its bucket's max
+    eval_loss = {s.name: s for s in got}["eval_loss"].points
+    assert [(p.step, p.count) for p in eval_loss] == [(s, 1) for s in range(100, 3_001, 100)]
+
+
+async def test_a_step_range_bounds_the_points_and_the_buckets(jobs):
+    job_id = await make_job(jobs)
+    rows = training_curve(2, range(0, 5_000))
+    await insert(jobs, job_id, rows)
+
+    (loss,) = await jobs.metric_series(job_id, ["loss"], 50, min_step=1_000, max_step=1_999)
+    assert loss.points == reference([r for r in rows if 1_000 <= r[1] <= 1_999], "loss", 50, 1_000, 1_999)
+    assert [p.step for p in loss.points] == list(range(1_019, 2_000, 20))  # 50 buckets of 20 steps
+    assert all(p.count == 20 for p in loss.points)
+
+    # Only a lower bound: up to the last step. A range that holds nothing: an empty series, not an error.
+    (tail,) = await jobs.metric_series(job_id, ["loss"], 10, min_step=4_900)
+    assert tail.points == reference([r for r in rows if r[1] >= 4_900], "loss", 10, 4_900, 4_999)
+    (none,) = await jobs.metric_series(job_id, ["loss"], 10, min_step=9_000)
+    assert none.points == []
+
+
+async def test_named_series_come_in_the_order_asked_and_unknown_names_are_empty(jobs):
+    job_id = await make_job(jobs)
+    await insert(jobs, job_id, training_curve(3, range(1, 101)))
+    got = await jobs.metric_series(job_id, ["loss", "nope", "grad_norm", "loss"], 500)
+    assert [(s.name, len(s.points)) for s in got] == [("loss", 100), ("nope", 0), ("grad_norm", 100)]
+    assert all(p.count == 1 and p.min == p.max == p.value for p in got[0].points)
+
+
+async def test_a_short_series_whose_steps_would_share_buckets_still_comes_back_raw(jobs):
+    job_id = await make_job(jobs)
+    # Four points in a range of 10,000 steps: with 5 buckets, steps 1 and 2 would share one; fewer than
+    # max_points points are never merged.
+    rows: Rows = [("loss", 1, 4.0), ("loss", 2, 3.0), ("loss", 5_000, 2.0), ("loss", 10_000, 1.0)]
+    await insert(jobs, job_id, rows)
+    (loss,) = await jobs.metric_series(job_id, [], 5)
+    assert loss.points == [series.SeriesPoint.single(s, v) for _, s, v in rows]
+
+
+async def resumed(jobs: Jobs, job_id: str, attempt: int, from_step: int) -> None:
+    async with jobs.engine.begin() as conn:
+        await conn.execute(
+            update(store.jobs).where(store.jobs.c.id == job_id).values(attempt=attempt, resumed_from_step=from_step)
+        )
+
+
+async def test_a_resumed_jobs_series_follow_its_current_attempt(jobs):
+    job_id = await make_job(jobs)
+    first = [("loss", s, 10.0 + s) for s in range(1, 101)]
+    # Attempt 2 resumed from the checkpoint at step 59 and has reached step 80; it reported step 59 again. Attempt
+    # 1's points past step 59 (which resuming deletes) are superseded even where attempt 2 has not got to yet.
+    second = [("loss", s, -float(s)) for s in range(59, 81)]
+    await insert(jobs, job_id, first, attempt=1)
+    await insert(jobs, job_id, second, attempt=2)
+    await resumed(jobs, job_id, attempt=2, from_step=59)
+
+    expected = [r for r in first if r[1] <= 59] + second
+    (loss,) = await jobs.metric_series(job_id, ["loss"], 10)
+    assert loss.points == reference(expected, "loss", 10, 1, 80)
+    assert sum(p.count for p in loss.points) == 81
+    (raw,) = await jobs.metric_series(job_id, ["loss"], 1_000)
+    assert [(p.step, p.value) for p in raw.points] == [(s, v) for _, s, v in sorted(expected, key=lambda r: r[1])]
+    # Where two attempts hold the bucket's last step, the value is the later attempt's.
+    (one,) = await jobs.metric_series(job_id, ["loss"], 1, max_step=59)
+    assert (one.points[0].step, one.points[0].value, one.points[0].count) == (59, -59.0, 60)
+
+
+async def test_a_job_restarted_from_scratch_shows_only_its_new_attempt(jobs):
+    job_id = await make_job(jobs)
+    await insert(jobs, job_id, [("loss", s, 1.0) for s in range(1, 101)], attempt=1)
+    await insert(jobs, job_id, [("loss", s, 2.0) for s in range(1, 31)], attempt=2)
+    await resumed(jobs, job_id, attempt=2, from_step=0)
+    (loss,) = await jobs.metric_series(job_id, [], 500)
+    assert [(p.step, p.value) for p in loss.points] == [(s, 2.0) for s in range(1, 31)]
+
+
+async def test_series_of_points_reported_by_an_agent(jobs):
+    job = await jobs.submit("m1", "d1", "sft-lora", {})
+    agent, _ = await jobs.register_agent("a", {}, 1)
+    job = await jobs.claim_next(agent)
+    reports = [Report(job.id, job.attempt, 1, "state", T0, agent_id=agent, state=JobState.RUNNING)]
+    for step in range(1, 301):
+        values = {"loss": 3.0 - step / 100, "learning_rate": 1e-4}
+        reports.append(Report(job.id, job.attempt, step + 1, "metric", T0, agent_id=agent, step=step, values=values))
+    await jobs.apply_reports(reports)
+
+    loss, lr = await jobs.metric_series(job.id, ["loss", "learning_rate"], 30)
+    assert [p.step for p in loss.points] == list(range(10, 301, 10))  # 30 buckets of 10 steps
+    assert loss.points[0] == series.SeriesPoint(10, 3.0 - 10 / 100, 3.0 - 10 / 100, 3.0 - 1 / 100, 10)
+    assert {p.value for p in lr.points} == {1e-4} and len(lr.points) == 30
+
+
+async def test_the_raw_paged_mode_still_pages_and_honours_a_step_range(jobs):
+    job_id = await make_job(jobs)
+    await insert(jobs, job_id, training_curve(4, range(1, 51)))
+    page = await jobs.metrics(job_id, ["loss"], 0, 10)
+    assert [r.step for r in page] == list(range(1, 11))
+    page = await jobs.metrics(job_id, ["loss"], page[-1].id, 10, min_step=20, max_step=24)
+    assert [r.step for r in page] == [20, 21, 22, 23, 24]
+    assert len(await jobs.metrics(job_id, [], 0, 1_000)) == 150
+
+
+async def test_bad_requests_are_refused(jobs):
+    job_id = await make_job(jobs)
+    with pytest.raises(NotFound):
+        await jobs.metric_series("job-nope", [], 10)
+    for kwargs, field in [
+        ({"max_points": 0}, "max_points"),
+        ({"max_points": 10, "min_step": -1}, "min_step"),
+        ({"max_points": 10, "min_step": 10, "max_step": 5}, "max_step"),
+    ]:
+        with pytest.raises(InvalidArgument) as exc:
+            await jobs.metric_series(job_id, [], **kwargs)
+        assert exc.value.violations[0].field == field
+
+
+async def test_max_points_is_clamped_to_the_limit(jobs, monkeypatch):
+    job_id = await make_job(jobs)
+    await insert(jobs, job_id, [("loss", s, float(s)) for s in range(100)])
+    monkeypatch.setattr(series, "MAX_POINTS_LIMIT", 10)
+    (loss,) = await jobs.metric_series(job_id, [], 1_000_000)
+    assert len(loss.points) == 10
+
+
+async def test_both_engines_answer_the_same_for_the_same_data(tmp_path, postgres_url):
+    rows = training_curve(5, range(0, 4_000, 3)) + [("eval_loss", s, s / 7) for s in range(0, 4_000, 250)]
+    answers = []
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}", postgres_url):
+        async with jobs_on(url) as jobs:
+            job_id = await make_job(jobs)
+            await insert(jobs, job_id, rows)
+            answers.append(
+                [
+                    [(s.name, s.points) for s in await jobs.metric_series(job_id, [], 97)],
+                    [(s.name, s.points) for s in await jobs.metric_series(job_id, ["grad_norm"], 13, 600, 2_100)],
+                    [(s.name, s.points) for s in await jobs.metric_series(job_id, ["loss"], 5_000)],
+                ]
+            )
+    assert answers[0] == answers[1]
+    assert len(answers[0][0]) == 4 and len(answers[0][1][0][1]) == 13 and len(answers[0][2][0][1]) == 1_334
+
+
+# -- over gRPC: CompareJobs, ListJobMetrics ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def stub(jobs: Jobs) -> AsyncIterator[jobs_pb2_grpc.JobServiceStub]:
+    changes = Notifier()
+    server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield jobs_pb2_grpc.JobServiceStub(channel)
+    await server.stop(None)
+
+
+def points_of(s: pb.MetricSeries) -> list[series.SeriesPoint]:
+    return [series.SeriesPoint(p.step, p.value, p.min, p.max, p.count) for p in s.points]
+
+
+async def three_jobs(jobs: Jobs) -> tuple[list[str], list[Rows]]:
+    ids = [
+        await make_job(jobs, lora_rank=8, learning_rate=2e-4, seed=1),
+        await make_job(jobs, lora_rank=16, learning_rate=2e-4),
+        await make_job(jobs, lora_rank=8, learning_rate=1e-4, seed=1),
+    ]
+    data = [
+        training_curve(10, range(1, 1_001)) + [("eval_loss", s, 0.5) for s in range(100, 1_001, 100)],
+        training_curve(11, range(1, 2_001)),
+        training_curve(12, range(500, 1_501), names=("loss", "grad_norm")),
+    ]
+    for job_id, rows in zip(ids, data, strict=True):
+        await insert(jobs, job_id, rows)
+    return ids, data
+
+
+async def test_compare_jobs_lists_differing_parameters_and_aligned_series(jobs, stub):
+    ids, data = await three_jobs(jobs)
+    order = [ids[2], ids[0], ids[1]]  # answers follow the request's order
+    resp = await stub.CompareJobs(pb.CompareJobsRequest(job_ids=order, max_points=100), timeout=10)
+
+    assert [j.id for j in resp.jobs] == order
+    diffs = {d.name: [_plain(v) for v in d.values] for d in resp.differing_parameters}
+    assert diffs == {"learning_rate": [1e-4, 2e-4, 2e-4], "lora_rank": [8, 8, 16], "seed": [1, 1, None]}
+    assert [d.name for d in resp.differing_parameters] == ["learning_rate", "lora_rank", "seed"]
+
+    # Without names: the metrics all three have (not learning_rate or eval_loss), one series per job.
+    assert [m.name for m in resp.metrics] == ["grad_norm", "loss"]
+    by_job = {job_id: rows for job_id, rows in zip(ids, data, strict=True)}
+    for metric in resp.metrics:
+        assert [s.job_id for s in metric.series] == order
+        for s in metric.series:
+            assert s.name == metric.name
+            # One step range for all (1..2000, the union), so bucket b covers the same steps in every job.
+            assert points_of(s) == reference(by_job[s.job_id], metric.name, 100, 1, 2_000)
+    loss = {s.job_id: points_of(s) for s in resp.metrics[1].series}
+    edges = {job_id: {series.bucket_of(p.step, 1, 2_000, 100) for p in pts} for job_id, pts in loss.items()}
+    assert edges[ids[1]] == set(range(100))
+    assert edges[ids[0]] == set(range(50)) and edges[ids[2]] == set(range(24, 75))
+
+
+def _plain(value: Any) -> Any:
+    kind = value.WhichOneof("kind")
+    return None if kind == "null_value" else getattr(value, kind)
+
+
+async def test_compare_jobs_with_named_metrics_keeps_a_series_for_a_job_without_it(jobs, stub):
+    ids, data = await three_jobs(jobs)
+    resp = await stub.CompareJobs(pb.CompareJobsRequest(job_ids=ids, metric_names=["eval_loss", "loss"]), timeout=10)
+    assert [m.name for m in resp.metrics] == ["eval_loss", "loss"]
+    eval_loss = resp.metrics[0].series
+    assert [len(s.points) for s in eval_loss] == [10, 0, 0]
+    # max_points 0 means the default number of buckets.
+    assert [len(s.points) for s in resp.metrics[1].series] == [
+        len(reference(rows, "loss", series.DEFAULT_MAX_POINTS, 1, 2_000)) for rows in data
+    ]
+
+
+async def test_compare_jobs_refuses_bad_requests_with_the_right_codes(jobs, stub):
+    ids, _ = await three_jobs(jobs)
+    cases = [
+        ([ids[0]], grpc.StatusCode.INVALID_ARGUMENT),
+        ([], grpc.StatusCode.INVALID_ARGUMENT),
+        ([ids[0], ids[0]], grpc.StatusCode.INVALID_ARGUMENT),
+        ([ids[0], ""], grpc.StatusCode.INVALID_ARGUMENT),
+        ([f"job-{i}" for i in range(21)], grpc.StatusCode.INVALID_ARGUMENT),
+        ([ids[0], "job-missing"], grpc.StatusCode.NOT_FOUND),
+    ]
+    for job_ids, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.CompareJobs(pb.CompareJobsRequest(job_ids=job_ids), timeout=10)
+        err = decode_error(exc.value)
+        assert err.code == code, job_ids
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            assert [f for f, _ in err.field_violations] == ["job_ids"]
+    assert "job-missing" in exc.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.CompareJobs(pb.CompareJobsRequest(job_ids=ids, max_points=-1), timeout=10)
+    assert decode_error(exc.value).field_violations[0][0] == "max_points"
+
+
+async def test_list_job_metrics_answers_series_with_max_points_and_raw_pages_without(jobs, stub):
+    job_id = await make_job(jobs)
+    rows = training_curve(6, range(1, 1_001))
+    await insert(jobs, job_id, rows)
+
+    req = pb.ListJobMetricsRequest(job_id=job_id, names=["loss"], max_points=40, min_step=101, max_step=900)
+    resp = await stub.ListJobMetrics(req, timeout=10)
+    assert not resp.points and not resp.next_page_token
+    assert [(s.job_id, s.name) for s in resp.series] == [(job_id, "loss")]
+    assert points_of(resp.series[0]) == reference([r for r in rows if 101 <= r[1] <= 900], "loss", 40, 101, 900)
+
+    raw = await stub.ListJobMetrics(
+        pb.ListJobMetricsRequest(job_id=job_id, names=["loss"], page_size=5, min_step=10), timeout=10
+    )
+    assert [p.step for p in raw.points] == [10, 11, 12, 13, 14] and raw.next_page_token and not raw.series
+
+    for req, field in [
+        (pb.ListJobMetricsRequest(job_id=job_id, max_points=-5), "max_points"),
+        (pb.ListJobMetricsRequest(job_id=job_id, max_points=5, min_step=9, max_step=3), "max_step"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.ListJobMetrics(req, timeout=10)
+        assert decode_error(exc.value).field_violations[0][0] == field
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.ListJobMetrics(pb.ListJobMetricsRequest(job_id="job-nope", max_points=5), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- the gateway's routes, through the real servicer -------------------------------------------------------------
+
+
+@pytest.fixture
+async def http(jobs: Jobs) -> AsyncIterator[httpx.AsyncClient]:
+    server, port = await start_server(api.bindings(jobs, Notifier()), "127.0.0.1", 0)
+    app = create_app(f"127.0.0.1:{port}", f"127.0.0.1:{port}", upload_dir=None)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        yield c
+    await server.stop(None)
+
+
+async def test_gateway_compare_route_is_not_taken_for_a_job_id(jobs, http):
+    ids, data = await three_jobs(jobs)
+    resp = await http.get("/api/v1/jobs/compare", params={"job_id": ids[:2], "name": ["loss"], "max_points": 10})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [j["id"] for j in body["jobs"]] == ids[:2]
+    assert body["differing_parameters"] == [
+        {"name": "lora_rank", "values": [8, 16]},
+        {"name": "seed", "values": [1, None]},
+    ]
+    (loss,) = body["metrics"]
+    assert loss["name"] == "loss" and [s["job_id"] for s in loss["series"]] == ids[:2]
+    first = loss["series"][0]["points"][0]
+    expected = reference(data[0], "loss", 10, 1, 2_000)[0]
+    assert first == {
+        "step": expected.step,
+        "value": expected.value,
+        "min": expected.min,
+        "max": expected.max,
+        "count": expected.count,
+    }
+
+    resp = await http.get("/api/v1/jobs/compare", params={"job_id": [ids[0], "job-missing"]})
+    assert resp.status_code == 404 and "job-missing" in resp.json()["error"]["message"]
+    resp = await http.get("/api/v1/jobs/compare", params={"job_id": ids[0]})
+    assert resp.status_code == 400 and resp.json()["error"]["field"] == "job_ids"
+
+
+async def test_gateway_metrics_route_downsamples_with_max_points(jobs, http):
+    job_id = await make_job(jobs)
+    rows = training_curve(7, range(1, 2_001))
+    await insert(jobs, job_id, rows)
+
+    resp = await http.get(f"/api/v1/jobs/{job_id}/metrics", params={"name": "loss", "max_points": 20})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    expected = reference(rows, "loss", 20, 1, 2_000)
+    assert body["series"] == {"loss": [[p.step, p.value] for p in expected]}
+    assert body["points"][0] == {
+        "name": "loss",
+        "step": expected[0].step,
+        "value": expected[0].value,
+        "min": expected[0].min,
+        "max": expected[0].max,
+        "count": expected[0].count,
+    }
+
+    ranged = await http.get(
+        f"/api/v1/jobs/{job_id}/metrics", params={"name": "loss", "min_step": 1_990, "max_step": 1_995}
+    )
+    assert [s for s, _ in ranged.json()["series"]["loss"]] == [1_990, 1_991, 1_992, 1_993, 1_994, 1_995]
+    assert ranged.json()["points"][0]["name"] == "loss"  # the raw mode keeps its shape
+
+    bad = await http.get(f"/api/v1/jobs/{job_id}/metrics", params={"max_points": -1})
+    assert bad.status_code == 400
