@@ -157,16 +157,49 @@ async def test_lost_agent_job_is_requeued_then_fails_past_the_attempt_limit(jobs
         await jobs.heartbeat(agent)  # a lost agent must register again
 
 
-async def test_reports_from_a_superseded_attempt_are_ignored(jobs):
-    await jobs.submit("m1", "d1", "sft-lora", {})
+async def test_reports_of_an_attempt_that_lost_its_job_are_refused_with_stop_and_nothing_is_stored(jobs):
+    job = await jobs.submit("m1", "d1", "sft-lora", {})
     a1, _ = await jobs.register_agent("a1", {}, 1)
     first = await jobs.claim_next(a1)
+    await jobs.apply_report(a1, report(first, 1, "log", text="before the lease lapsed"))
     jobs.clock.now += dt.timedelta(seconds=11)
     await jobs.reap_lost_agents()
+    # Requeued: the stale agent keeps reporting, first under its old id, then under the id it got back.
+    acks = await jobs.apply_reports([report(first, 2, "log", agent_id=a1, text="stale")])
+    assert acks[(job.id, 1)] == 2 and "no longer runs on agent" in acks.fenced[(job.id, 1)]
+    a1_again, resumed = await jobs.register_agent("a1", {}, 1, resume_agent_id=a1)
+    assert not resumed
+    acks = await jobs.apply_reports([report(first, 3, "metric", agent_id=a1_again, step=9, values={"loss": 0.1})])
+    assert (job.id, 1) in acks.fenced
+    # Handed to another agent: attempt 1's outcome is refused, acknowledged up to its last seq so it is not resent.
     a2, _ = await jobs.register_agent("a2", {}, 1)
     await jobs.claim_next(a2)
-    await jobs.apply_report(a1, report(first, 1, "state", state=JobState.SUCCEEDED))
-    assert (await jobs.get(first.id)).state == JobState.STARTING
+    acks = await jobs.apply_reports(
+        [
+            report(first, 4, "log", agent_id=a1_again, text="stale"),
+            report(first, 5, "state", agent_id=a1_again, state=JobState.SUCCEEDED),
+        ]
+    )
+    assert acks == {(job.id, 1): 5} and "superseded by attempt 2" in acks.fenced[(job.id, 1)]
+    job = await jobs.get(job.id)
+    assert (job.state, job.attempt, job.agent_id, job.current_step) == (JobState.STARTING, 2, a2, 0)
+    assert [line.text for line in await jobs.logs(job.id, 0, 100)] == ["before the lease lapsed"]
+    assert await jobs.metrics(job.id, [], 0, 100) == []
+    async with jobs.engine.connect() as conn:
+        last_seq = (await conn.execute(select(store.report_acks.c.last_seq))).scalars().all()
+    assert last_seq == [1]  # the fenced reports moved nothing
+    # A resend of an already stored report from the stale attempt is refused too.
+    assert (job.id, 1) in (await jobs.apply_reports([report(first, 1, "log", agent_id=a1, text="x")])).fenced
+
+
+async def test_the_live_attempt_is_not_fenced_and_a_deleted_job_fences_instead_of_failing_the_stream(jobs):
+    await jobs.submit("m1", "d1", "sft-lora", {})
+    agent, _ = await jobs.register_agent("a", {}, 1)
+    job = await jobs.claim_next(agent)
+    acks = await jobs.apply_reports([report(job, 1, "log", agent_id=agent, text="ok")])
+    assert acks == {(job.id, 1): 1} and not acks.fenced
+    acks = await jobs.apply_reports([Report("job-gone", 1, 1, "log", dt.datetime.now(dt.UTC), agent_id=agent)])
+    assert acks.fenced == {("job-gone", 1): "job job-gone no longer exists"}
 
 
 async def test_cancel_of_a_queued_job_is_immediate_and_of_a_running_one_goes_via_cancelling(jobs):
@@ -205,3 +238,102 @@ async def test_a_reconnecting_agent_keeps_its_lease_and_jobs_but_not_after_it_la
     new_id, resumed = await jobs.register_agent("a", {}, 1, resume_agent_id=agent)
     assert new_id != agent and not resumed
     assert (await jobs.get(job.id)).state == JobState.QUEUED
+
+
+async def add_checkpoint(jobs: Jobs, job_id: str, step: int, attempt: int) -> str:
+    uri = f"/artifacts/jobs/{job_id}/checkpoints/checkpoint-{step}"
+    async with jobs.engine.begin() as conn:
+        await conn.execute(
+            store.checkpoints.insert().values(
+                job_id=job_id, step=step, attempt=attempt, uri=uri, metrics="{}", created_at=jobs.clock()
+            )
+        )
+    return uri
+
+
+async def test_lost_agent_job_resumes_from_latest_checkpoint_without_doubled_metric_points(jobs):
+    job = await jobs.submit("m1", "d1", "sft-lora", {})
+    a1, _ = await jobs.register_agent("a1", {}, 1)
+    first = await jobs.claim_next(a1)
+    assert (first.resume_from_uri, first.resume_from_step) == ("", 0)
+    assert first.checkpoint_uri == f"/artifacts/jobs/{job.id}/checkpoints"
+    assert first.attempt_started_at == jobs.clock.now
+    seq = 0
+    for step in range(1, 7):
+        seq += 1
+        await jobs.apply_report(a1, report(first, seq, "metric", step=step, values={"loss": 10.0 - step}))
+    await add_checkpoint(jobs, job.id, 2, 1)
+    latest = await add_checkpoint(jobs, job.id, 4, 1)
+    jobs.clock.now += dt.timedelta(seconds=11)  # heartbeats stop after step 6
+    assert await jobs.reap_lost_agents() == 1
+    requeued = await jobs.get(job.id)
+    assert (requeued.state, requeued.attempt, requeued.agent_id) == (JobState.QUEUED, 1, None)
+    assert requeued.run_seconds == 11.0  # the lost attempt's time still counts
+
+    a2, _ = await jobs.register_agent("a2", {}, 1)
+    second = await jobs.claim_next(a2)
+    assert (second.attempt, second.resume_from_uri, second.resume_from_step) == (2, latest, 4)
+    assert (second.resumed_from_step, second.current_step) == (4, 4)
+    events = await jobs.events(job.id, 0, 100)
+    assert events[-1].reason == f"assigned to agent {a2}; resumes from step 4"
+    # Steps 5 and 6 of attempt 1 are gone: attempt 2 reports them again, and each step is stored once.
+    for step in (5, 6):
+        await jobs.apply_report(a2, report(second, step - 4, "metric", step=step, values={"loss": 5.5 - step}))
+    points = [(p.step, p.attempt) for p in await jobs.metrics(job.id, ["loss"], 0, 100)]
+    assert sorted(points) == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]
+
+
+async def test_a_lost_agents_job_asked_to_pause_is_paused_at_its_checkpoint_or_else_requeued(jobs):
+    with_checkpoint = await jobs.submit("m1", "d1", "sft-lora", {})
+    without = await jobs.submit("m1", "d1", "sft-lora", {})
+    agent, _ = await jobs.register_agent("a", {}, 2)
+    await jobs.claim_next(agent)
+    await jobs.claim_next(agent)
+    await jobs.pause(with_checkpoint.id)
+    await jobs.pause(without.id)
+    # A pause reaches the agent as a stop that saves a checkpoint first; a terminate as a plain one.
+    assert sorted(await jobs.cancelling_jobs(agent)) == sorted([(with_checkpoint.id, True), (without.id, True)])
+    await add_checkpoint(jobs, with_checkpoint.id, 3, 1)
+    jobs.clock.now += dt.timedelta(seconds=11)
+    assert await jobs.reap_lost_agents() == 2
+    paused, requeued = await jobs.get(with_checkpoint.id), await jobs.get(without.id)
+    assert (paused.state, paused.agent_id, paused.pause_requested) == (JobState.PAUSED, None, False)
+    assert (requeued.state, requeued.agent_id, requeued.pause_requested) == (JobState.QUEUED, None, False)
+    assert "no checkpoint" in requeued.state_reason
+
+
+async def test_a_cancelled_job_is_a_plain_stop_for_its_agent(jobs):
+    job = await jobs.submit("m1", "d1", "sft-lora", {})
+    agent, _ = await jobs.register_agent("a", {}, 1)
+    await jobs.claim_next(agent)
+    await jobs.cancel(job.id)
+    assert await jobs.cancelling_jobs(agent) == [(job.id, False)]
+
+
+async def test_heartbeat_stops_jobs_the_agent_still_runs_but_no_longer_owns(jobs):
+    job = await jobs.submit("m1", "d1", "sft-lora", {})
+    old, _ = await jobs.register_agent("a", {}, 1)
+    await jobs.claim_next(old)
+    assert await jobs.heartbeat(old, [job.id]) == []
+    jobs.clock.now += dt.timedelta(seconds=11)
+    await jobs.reap_lost_agents()
+    new, _ = await jobs.register_agent("a", {}, 1, resume_agent_id=old)
+    assert await jobs.heartbeat(new, [job.id, "job-unknown"]) == [job.id, "job-unknown"]
+
+
+async def test_claims_pass_over_jobs_that_do_not_fit_the_agent(jobs):
+    gib = 1024**3
+    big = await jobs.submit("m1", "d1", "sft-lora", {}, priority=9, resources={"gpu_count": 2})
+    eu = await jobs.submit(
+        "m1", "d1", "sft-lora", {}, priority=5, resources={"gpu_count": 1, "agent_labels": {"zone": "eu"}}
+    )
+    cpu = await jobs.submit("m1", "d1", "sft-lora", {}, priority=0)
+    us_gpu = {"gpu_count": 1, "gpu_memory_bytes": str(80 * gib), "labels": {"zone": "us"}}
+    agent, _ = await jobs.register_agent("us-1gpu", us_gpu, 2)
+    assert (await jobs.claim_next(agent)).id == cpu.id  # backfilled past the two it cannot run
+    assert await jobs.claim_next(agent) is None
+    eu_gpus = {"gpu_count": 2, "gpu_memory_bytes": str(80 * gib), "labels": {"zone": "eu"}}
+    eu_agent, _ = await jobs.register_agent("eu-2gpu", eu_gpus, 2)
+    assert (await jobs.claim_next(eu_agent)).id == big.id
+    assert await jobs.claim_next(eu_agent) is None  # a slot is free, but both GPUs are taken
+    assert (await jobs.get(eu.id)).state == JobState.QUEUED

@@ -135,8 +135,9 @@ async def finish(agent: SimAgent, job, replica: Jobs, delay: float) -> None:
         Report(job.id, job.attempt, 3, "state", now, agent_id=agent.agent_id, state=JobState.SUCCEEDED),
     ]
     async with agent.lock:
-        acks = await replica.apply_reports(reports)
-        assert acks[(job.id, job.attempt)] == 3 and not acks.fenced
+        for batch in (reports[:2], reports[2:]):
+            acks = await replica.apply_reports(batch)
+            assert acks[(job.id, job.attempt)] == batch[-1].seq and not acks.fenced
         del agent.running[job.id]
 
 
@@ -158,7 +159,14 @@ async def test_two_replicas_never_hand_a_job_out_twice_and_every_fitting_job_run
 
     started = time.perf_counter()
     finishing: set[asyncio.Task] = set()
-    await asyncio.gather(*(run_agent(a, replicas, rng, finishing) for a in agents))
+    agents_done = asyncio.gather(*(run_agent(a, replicas, rng, finishing) for a in agents))
+    while not agents_done.done():  # a failed finish would leave its agent waiting forever: fail fast instead
+        await asyncio.wait([agents_done, *finishing], timeout=120, return_when=asyncio.FIRST_EXCEPTION)
+        for task in [agents_done, *finishing]:
+            if task.done() and task.exception() is not None:
+                agents_done.cancel()
+                raise task.exception()
+        assert time.perf_counter() - started < 120, "agents did not drain the queue in 120 s"
     await asyncio.gather(*finishing)
     elapsed = time.perf_counter() - started
     claims = [c for a in agents for c in a.claims]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,7 +16,7 @@ from tuneforge.jobs.v1 import jobs_pb2 as pb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.grpcutil import decode_error, start_server
-from tuneforge_jobs import api
+from tuneforge_jobs import api, store
 from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
 from tuneforge_jobs.service import Jobs
@@ -25,6 +26,7 @@ from tuneforge_trainer.agent import Reporter, _Pending
 class Stubs:
     jobs: jobs_pb2_grpc.JobServiceStub
     agents: agent_pb2_grpc.AgentServiceStub
+    service: Jobs
 
 
 @pytest.fixture
@@ -39,6 +41,7 @@ async def stubs(tmp_path) -> AsyncIterator[Stubs]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     s = Stubs()
     s.jobs, s.agents = jobs_pb2_grpc.JobServiceStub(channel), agent_pb2_grpc.AgentServiceStub(channel)
+    s.service = jobs
     yield s
     await channel.close()
     await server.stop(None)
@@ -173,3 +176,88 @@ async def test_list_jobs_pages_with_tokens(stubs):
     page1 = await stubs.jobs.ListJobs(pb.ListJobsRequest(page_size=2), timeout=5)
     page2 = await stubs.jobs.ListJobs(pb.ListJobsRequest(page_size=2, page_token=page1.next_page_token), timeout=5)
     assert sorted(j.id for j in [*page1.jobs, *page2.jobs]) == sorted(ids) and not page2.next_page_token
+
+
+async def register(s: Stubs, name: str) -> str:
+    return (await s.agents.RegisterAgent(apb.RegisterAgentRequest(name=name), timeout=5)).agent_id
+
+
+async def lapse(s: Stubs, agent_id: str) -> None:
+    """The agent's heartbeats stopped long ago; the reaper takes its jobs."""
+    async with s.service.engine.begin() as conn:
+        await conn.execute(
+            store.agents.update()
+            .where(store.agents.c.id == agent_id)
+            .values(last_heartbeat_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+        )
+    assert await s.service.reap_lost_agents() == 1
+
+
+async def test_a_stale_attempts_reports_are_answered_with_stop_and_the_next_attempt_resumes_from_a_checkpoint(stubs):
+    job = await submit(stubs)
+    a1 = await register(stubs, "n1")
+    first = await next_assignment(stubs, a1)
+    assert (first.attempt, first.resume_from_uri, first.resume_from_step) == (1, "", 0)
+    assert first.checkpoint_uri == f"/a/jobs/{job.id}/checkpoints"
+    async with stubs.service.engine.begin() as conn:
+        await conn.execute(
+            store.checkpoints.insert().values(
+                job_id=job.id,
+                step=3,
+                attempt=1,
+                uri=f"{first.checkpoint_uri}/checkpoint-3",
+                metrics="{}",
+                created_at=dt.datetime.now(dt.UTC),
+            )
+        )
+    await lapse(stubs, a1)
+    second = await next_assignment(stubs, await register(stubs, "n2"))
+    assert (second.attempt, second.resume_from_uri, second.resume_from_step) == (
+        2,
+        f"{first.checkpoint_uri}/checkpoint-3",
+        3,
+    )
+
+    stopped: list[tuple[str, int, str]] = []
+    stale = Reporter(agent_id=a1, on_stop=lambda *stop: stopped.append(stop))
+    stale.add(job.id, 1, log=apb.LogReport(text="still training"))
+    stale.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED))
+    await drain(stale, stubs)  # acknowledged, so nothing is resent, but refused
+    assert stopped and stopped[0][:2] == (job.id, 1) and "superseded by attempt 2" in stopped[0][2]
+    assert not (await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id), timeout=5)).lines
+    got = (await stubs.jobs.GetJob(pb.GetJobRequest(job_id=job.id), timeout=5)).job
+    assert (got.state, got.attempt, got.resumed_from_step) == (pb.JOB_STATE_STARTING, 2, 3)
+
+
+async def test_a_pause_reaches_the_agent_as_a_stop_that_checkpoints_first_and_a_cancel_as_a_plain_one(stubs):
+    paused, cancelled = await submit(stubs), await submit(stubs)
+    agent_id = (
+        await stubs.agents.RegisterAgent(
+            apb.RegisterAgentRequest(name="n1", resources=apb.AgentResources(slots=2)), timeout=5
+        )
+    ).agent_id
+    call = stubs.agents.StreamAssignments(apb.StreamAssignmentsRequest(agent_id=agent_id))
+    assigned = {(await asyncio.wait_for(call.read(), 5)).assignment.job_id for _ in range(2)}
+    assert assigned == {paused.id, cancelled.id}
+    await stubs.service.pause(paused.id)
+    await stubs.jobs.CancelJob(pb.CancelJobRequest(job_id=cancelled.id), timeout=5)
+    stops = {}
+    for _ in range(2):
+        msg = await asyncio.wait_for(call.read(), 5)
+        stops[msg.cancellation.job_id] = msg.cancellation.checkpoint_first
+    call.cancel()
+    assert stops == {paused.id: True, cancelled.id: False}
+
+
+async def test_heartbeat_names_the_jobs_an_agent_runs_that_are_no_longer_its_own(stubs):
+    job = await submit(stubs)
+    old = await register(stubs, "n1")
+    await next_assignment(stubs, old)
+    beat = await stubs.agents.Heartbeat(apb.HeartbeatRequest(agent_id=old, running_job_ids=[job.id]), timeout=5)
+    assert list(beat.cancel_job_ids) == []
+    await lapse(stubs, old)
+    new = (
+        await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1", resume_agent_id=old), timeout=5)
+    ).agent_id
+    beat = await stubs.agents.Heartbeat(apb.HeartbeatRequest(agent_id=new, running_job_ids=[job.id]), timeout=5)
+    assert list(beat.cancel_job_ids) == [job.id]

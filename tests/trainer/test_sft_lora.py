@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tuneforge_trainer.sdk import parse_log_data
+from tuneforge_trainer.sdk import parse_checkpoint, parse_log_data
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = REPO / "examples" / "datasets"
@@ -34,8 +34,10 @@ def run_method(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
 def assert_trained(result: subprocess.CompletedProcess, model_dir: Path, output_dir: Path, rank: int) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     payloads = [p for p in map(parse_log_data, result.stdout.splitlines()) if p is not None]
-    # stdout holds only the log_data protocol
-    assert len(payloads) == len([line for line in result.stdout.splitlines() if line.strip()])
+    # stdout holds only the protocol: log_data lines and, when checkpoints are saved, checkpoint lines
+    checkpoints = [c for c in map(parse_checkpoint, result.stdout.splitlines()) if c is not None]
+    assert len(payloads) + len(checkpoints) == len([line for line in result.stdout.splitlines() if line.strip()])
+    assert all(c["path"].endswith(f"checkpoint-{c['step']}") for c in checkpoints)
     losses = [p["details"] for p in payloads if "loss" in p["details"]]
     assert len(losses) >= 4
     assert all(isinstance(d["loss"], float) and math.isfinite(d["loss"]) for d in losses)

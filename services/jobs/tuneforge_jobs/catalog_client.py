@@ -98,9 +98,7 @@ class GrpcCatalog:
             return 0, 0  # an estimate without a token count is still an estimate
         return stats.total_tokens, stats.rows_truncated
 
-    async def publish_model(
-        self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]
-    ) -> str:
+    async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str:
         request = pb.PublishModelRequest(
             name=name,
             description=description,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,9 +53,7 @@ class CatalogPort(Protocol):
 
     async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]: ...
 
-    async def publish_model(
-        self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]
-    ) -> str: ...
+    async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str: ...
 
 
 LABEL_KEY_MAX = LABEL_VALUE_MAX = 63
@@ -284,9 +283,7 @@ class Jobs:
             j = store.jobs.c
             finished = await conn.execute(
                 select(j.run_seconds, j.started_at, j.ended_at, j.total_steps)
-                .where(
-                    j.model_id == model_id, j.method_id == method_id, j.state == JobState.SUCCEEDED
-                )
+                .where(j.model_id == model_id, j.method_id == method_id, j.state == JobState.SUCCEEDED)
                 .order_by(j.ended_at.desc())
                 .limit(5)
             )
@@ -345,9 +342,7 @@ class Jobs:
             )
             if result.rowcount != 1:
                 raise FailedPrecondition("job changed concurrently; read it again and retry")
-            await write_event(
-                conn, store.outbox, f"{self.subject_root}.jobs.job.pause_requested", {"job_id": job_id}
-            )
+            await write_event(conn, store.outbox, f"{self.subject_root}.jobs.job.pause_requested", {"job_id": job_id})
         self._after_commit()
         return await self.get(job_id)
 
@@ -851,7 +846,7 @@ class Jobs:
             tuple(scheduler.ResourceRequest.from_json(r.resources) for r in held),
         )
 
-    async def _queue_pages(self, conn: AsyncConnection) -> AsyncIterator[list[scheduler.QueuedJob]]:
+    async def _queue_pages(self, conn: AsyncConnection) -> AsyncGenerator[list[scheduler.QueuedJob], None]:
         """The queue in scheduling order, a page at a time (keyset paging: no row is skipped or repeated)."""
         j = store.jobs.c
         after: scheduler.QueuedJob | None = None
@@ -893,13 +888,27 @@ class Jobs:
         is claiming is skipped rather than waited for; the compare-and-set on the version guards the claim
         on every engine (SQLite has a single writer).
         """
+        async with self.engine.connect() as conn:
+            await self._active_agent(conn, agent_id)
+            queued = await conn.execute(select(store.jobs.c.id).where(store.jobs.c.state == JobState.QUEUED).limit(1))
+            if queued.first() is None:  # the common idle case: no lock taken, nothing written
+                return None
         async with self.engine.begin() as conn:
             agent = await self._active_agent(conn, agent_id, lock=True)
             snapshot = await self._agent_snapshot(conn, agent)
             if snapshot.free_slots == 0:
                 return None
-            claimed: ClaimedJob | None = None
-            async for page in self._queue_pages(conn):
+            claimed = await self._claim_first_fitting(conn, snapshot, agent_id)
+            if claimed is None:
+                return None
+        self._after_commit()
+        return dataclasses.replace(claimed, job=await self.get(claimed.job.id))
+
+    async def _claim_first_fitting(
+        self, conn: AsyncConnection, snapshot: scheduler.AgentSnapshot, agent_id: str
+    ) -> ClaimedJob | None:
+        async with contextlib.aclosing(self._queue_pages(conn)) as pages:
+            async for page in pages:
                 for candidate in scheduler.candidates(page, snapshot):
                     query = select(store.jobs).where(
                         store.jobs.c.id == candidate.job_id, store.jobs.c.state == JobState.QUEUED
@@ -911,13 +920,8 @@ class Jobs:
                         continue
                     claimed = await self._claim_in(conn, job, agent_id)
                     if claimed is not None:
-                        break
-                if claimed is not None:
-                    break
-            if claimed is None:
-                return None
-        self._after_commit()
-        return dataclasses.replace(claimed, job=await self.get(claimed.job.id))
+                        return claimed
+        return None
 
     async def _claim_in(self, conn: AsyncConnection, job: Any, agent_id: str) -> ClaimedJob | None:
         """Start the job's next attempt on the agent, from its latest checkpoint when it has one."""
@@ -1016,20 +1020,17 @@ class Jobs:
                     )
                 ).all()
                 for job in jobs:
-                    if await self._release_in(conn, job, now):
+                    if await self._release_in(conn, job):
                         reaped += 1
         if lost:
             log.warning("agents lost: %s (%d jobs moved)", lost, reaped)
             self._after_commit()
         return reaped
 
-    async def _release_in(self, conn: AsyncConnection, job: Any, now: dt.datetime) -> bool:
-        """Take a job from its lost agent, counting the lost attempt's time as run time."""
+    async def _release_in(self, conn: AsyncConnection, job: Any) -> bool:
+        """Take a job from its lost agent (_transition_in banks the lost attempt's time in run_seconds)."""
         current = JobState(job.state)
         values: dict[str, Any] = {}
-        if job.attempt_started_at is not None:
-            ran = max(0.0, (now - job.attempt_started_at).total_seconds())
-            values.update(run_seconds=(job.run_seconds or 0.0) + ran, attempt_started_at=None)
         if job.pause_requested and current != JobState.CANCELLING:
             checkpointed = (
                 await conn.execute(
@@ -1197,7 +1198,7 @@ class _ReportBatch:
                 extra = {"output_uri": r.output_uri or job.output_uri, "progress": 100.0}
             if not await self.jobs._transition_in(self.conn, job, target, r.reason, **extra):
                 raise FailedPrecondition("job changed concurrently")
-            del self.rows[job.id]  # reload: version and state changed
+            self.rows.pop(job.id, None)  # reload: version and state changed
 
     async def flush(self) -> None:
         if self.logs:
