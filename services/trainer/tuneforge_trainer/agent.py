@@ -39,7 +39,7 @@ from tuneforge_common.logs import setup_logging
 from tuneforge_common.params import protected_env_problem, to_env
 from tuneforge_common.runtime import wait_for_shutdown_signal
 
-from .sdk import parse_log_data
+from .sdk import PAUSED_EXIT_CODE, parse_checkpoint, parse_log_data
 
 log = logging.getLogger("tuneforge.agent")
 LINE_LIMIT = 1024 * 1024
@@ -233,6 +233,8 @@ class JobRun:
         self.cancelled = False
         self.shutting_down = False
         self.fenced = ""  # why the service refused this attempt's reports; it then reports nothing more
+        self.pausing = False  # a pause was asked: the runner checkpoints and stops (exit PAUSED_EXIT_CODE)
+        self.uploads: list[asyncio.Task] = []  # checkpoints being copied into the artifact store
         self.workdir = (
             Path(agent.settings.agent_work_dir).resolve() / assignment.job_id / f"attempt-{assignment.attempt}"
         )
@@ -260,6 +262,7 @@ class JobRun:
         try:
             self.log_line("agent", f"attempt {self.a.attempt} starting on agent {self.agent.settings.agent_name}")
             model_path, dataset_path = await asyncio.to_thread(self._stage_inputs)
+            resume_from = await asyncio.to_thread(self._stage_checkpoint)
             if self.cancelled:  # stopped while its inputs were being staged: never start the process
                 if not (self.shutting_down or self.fenced):
                     self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
@@ -273,13 +276,13 @@ class JobRun:
                 model_path,
                 dataset_path,
                 str(output_dir),
-                self.a.resume_from_uri,
+                resume_from,
             )
             own = {
                 "MODEL_PATH": model_path,
                 "DATASET_PATH": dataset_path,
                 "OUTPUT_DIR": str(output_dir),
-                "RESUME_FROM_CHECKPOINT": self.a.resume_from_uri,
+                "RESUME_FROM_CHECKPOINT": resume_from,
                 "TUNEFORGE_JOB_ID": self.a.job_id,
                 "TUNEFORGE_ATTEMPT": str(self.a.attempt),
                 "PYTHONUNBUFFERED": "1",
@@ -303,11 +306,15 @@ class JobRun:
                 self._pump(self.proc.stdout, "stdout", None), self._pump(self.proc.stderr, "stderr", stderr_tail)
             )
             code = await self.proc.wait()
+            # Checkpoints reach the store (and the service) before the outcome that follows them.
+            await asyncio.gather(*self.uploads, return_exceptions=True)
             if self.shutting_down or self.fenced:
                 # The agent is stopping, not the job (its lease lapses and the job is retried elsewhere), or the
                 # service has taken the job from this attempt: either way this attempt has no outcome to report.
                 return
-            if self.cancelled:
+            if self.pausing and code == PAUSED_EXIT_CODE:
+                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_PAUSED, reason="paused at a checkpoint"))
+            elif self.cancelled:
                 self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
             elif code == 0:
                 store = ArtifactStore(self.agent.settings.artifact_root)
@@ -332,6 +339,38 @@ class JobRun:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.workdir / "model", ignore_errors=True)
 
+    def _stage_checkpoint(self) -> str:
+        """The checkpoint a resumed attempt starts from, copied next to the run; "" for a fresh start."""
+        if not self.a.resume_from_uri:
+            return ""
+        local = self.workdir / "resume" / f"checkpoint-{self.a.resume_from_step}"
+        fs, path = fsspec.core.url_to_fs(self.a.resume_from_uri)
+        fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+        return str(local)
+
+    async def _store_checkpoint(self, saved: dict[str, Any]) -> None:
+        """Copy a checkpoint the runner saved into the store, then record it with the service."""
+        if not self.a.checkpoint_uri:
+            return
+        uri = f"{self.a.checkpoint_uri}/checkpoint-{saved['step']}"
+        try:
+            await asyncio.to_thread(ArtifactStore(self.agent.settings.artifact_root).put_dir, saved["path"], uri)
+        except OSError as exc:  # rotated away by the runner before the copy, or the store is down: not fatal
+            self.log_line("agent", f"checkpoint at step {saved['step']} not stored: {exc}")
+            return
+        metrics = {k: float(v) for k, v in saved["metrics"].items() if isinstance(v, (int, float))}
+        self.report(checkpoint=apb.CheckpointReport(step=saved["step"], uri=uri, metrics=metrics))
+
+    async def pause(self) -> None:
+        """Ask the runner to checkpoint and stop (SIGUSR1); it exits with PAUSED_EXIT_CODE."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            await self.terminate()  # not started yet: nothing to checkpoint, the service keeps its last one
+            return
+        self.pausing = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGUSR1)
+
     async def _pump(self, stream: asyncio.StreamReader | None, name: str, tail: list[str] | None) -> None:
         assert stream is not None
         while True:
@@ -342,6 +381,10 @@ class JobRun:
             if not raw:
                 return
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            saved = parse_checkpoint(text) if name == "stdout" else None
+            if saved is not None:
+                self.uploads.append(asyncio.create_task(self._store_checkpoint(saved)))
+                continue
             parsed = parse_log_data(text)
             metric = metric_report(parsed) if parsed is not None else None
             if metric is not None:
@@ -529,7 +572,7 @@ class Agent:
             if msg.WhichOneof("work") == "assignment":
                 self._start(msg.assignment)
             elif msg.WhichOneof("work") == "cancellation":
-                self._cancel(msg.cancellation.job_id)
+                self._cancel(msg.cancellation.job_id, msg.cancellation.checkpoint_first)
         raise ConnectionError("assignment stream ended")
 
     def _start(self, assignment: apb.JobAssignment) -> None:
@@ -545,10 +588,10 @@ class Agent:
         self.tasks.discard(task)
         self.runs.pop(job_id, None)
 
-    def _cancel(self, job_id: str) -> None:
+    def _cancel(self, job_id: str, checkpoint_first: bool = False) -> None:
         run = self.runs.get(job_id)
-        if run is not None and not run.cancelled:
-            task = asyncio.create_task(run.terminate())
+        if run is not None and not run.cancelled and not run.pausing:
+            task = asyncio.create_task(run.pause() if checkpoint_first else run.terminate())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 

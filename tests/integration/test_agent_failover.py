@@ -1,0 +1,135 @@
+"""An agent killed mid-run: its job resumes from its latest checkpoint on another agent (real agent processes,
+real sft-lora runners, the jobs service on PostgreSQL), with every metric step stored exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.grpcutil import start_server
+from tuneforge_jobs import api
+from tuneforge_jobs.main import MIGRATIONS, reaper
+from tuneforge_jobs.notify import Notifier
+from tuneforge_jobs.service import CatalogInputs, Jobs
+
+REPO = Path(__file__).resolve().parents[2]
+DATASET = REPO / "examples" / "datasets" / "sample-chat.jsonl"
+MAX_STEPS = 24
+
+
+class TinyCatalog:
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+
+    async def resolve_inputs(self, model_id, dataset_id, method_id, parameters, base=None) -> CatalogInputs:
+        params = {"max_steps": MAX_STEPS, "save_steps": 4, "logging_steps": 1, "batch_size": 2, **parameters}
+        return CatalogInputs(
+            str(self.model_dir), str(DATASET), "tuneforge_trainer.methods.sft_lora", params, dataset_rows=40
+        )
+
+    async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
+        return 0, 0
+
+    async def publish_model(self, *args: Any) -> str:
+        raise AssertionError("not used")
+
+
+def start_agent(name: str, port: int, tmp_path: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "TUNEFORGE_JOBS_ADDRESS": f"127.0.0.1:{port}",
+        "TUNEFORGE_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "TUNEFORGE_AGENT_NAME": name,
+        "TUNEFORGE_AGENT_WORK_DIR": str(tmp_path / name),
+        "TUNEFORGE_METRICS_PORT": "-1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "2",
+    }
+    log = (tmp_path / f"{name}.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "tuneforge_trainer.agent"], env=env, stdout=log, stderr=log)
+
+
+def kill_with_children(proc: subprocess.Popen) -> None:
+    """As a machine dying would: the agent and its runner, at once, with no goodbye."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    for p in [psutil.Process(proc.pid), *children]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=10)
+
+
+async def wait_for(predicate, within: float, what: str) -> Any:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(300)
+async def test_a_killed_agents_job_resumes_from_its_checkpoint_on_another_agent(postgres_url, tmp_path):
+    from tuneforge_trainer.tiny_model import build_tiny_model
+
+    model_dir = await asyncio.to_thread(build_tiny_model, tmp_path / "tiny", 0)
+    engine = make_engine(postgres_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    changes = Notifier()
+    jobs = Jobs(
+        engine=engine,
+        catalog=TinyCatalog(model_dir),
+        artifact_root=str(tmp_path / "artifacts"),
+        subject_root="t",
+        lease_ttl_seconds=3,
+        heartbeat_interval_seconds=1,
+        on_change=changes.notify,
+    )
+    server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
+    reaping = asyncio.create_task(reaper(jobs, 0.5))
+    agents: list[subprocess.Popen] = []
+    try:
+        job = await jobs.submit("tiny", "chat", "sft-lora", {})
+        agents.append(start_agent("first", port, tmp_path))
+
+        async def checkpointed() -> Any:
+            kept = await jobs.checkpoints(job.id)
+            return kept if kept and kept[-1].step >= 8 else None
+
+        kept = await wait_for(checkpointed, 180, "a checkpoint at step 8 or later")
+        kill_with_children(agents[0])
+        lost_at = (await jobs.get(job.id)).current_step
+        agents.append(start_agent("second", port, tmp_path))
+
+        async def finished() -> Any:
+            current = await jobs.get(job.id)
+            return current if current.state in ("SUCCEEDED", "FAILED") else None
+
+        done = await wait_for(finished, 200, "the job to finish on the second agent")
+        logs = "\n".join((tmp_path / f"{n}.log").read_text()[-1500:] for n in ("first", "second"))
+        assert done.state == "SUCCEEDED", f"{done.state_reason}\n{logs}"
+        resumed_from = max(c.step for c in kept)
+        assert done.attempt == 2 and done.resumed_from_step >= resumed_from
+        assert lost_at >= done.resumed_from_step  # the first attempt got past the checkpoint it resumed from
+        losses = [p.step for p in await jobs.metrics(job.id, ["loss"], 0, 10_000)]
+        assert sorted(losses) == list(range(1, MAX_STEPS + 1))  # none missing, none doubled
+    finally:
+        for proc in agents:
+            if proc.poll() is None:
+                kill_with_children(proc)
+        reaping.cancel()
+        await server.stop(None)
+        await engine.dispose()
