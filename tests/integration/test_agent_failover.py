@@ -133,3 +133,58 @@ async def test_a_killed_agents_job_resumes_from_its_checkpoint_on_another_agent(
         reaping.cancel()
         await server.stop(None)
         await engine.dispose()
+
+
+@pytest.mark.timeout(300)
+async def test_pausing_a_running_job_checkpoints_frees_the_agent_and_resume_finishes_it(postgres_url, tmp_path):
+    from tuneforge_trainer.tiny_model import build_tiny_model
+
+    model_dir = await asyncio.to_thread(build_tiny_model, tmp_path / "tiny", 0)
+    engine = make_engine(postgres_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    changes = Notifier()
+    jobs = Jobs(
+        engine=engine,
+        catalog=TinyCatalog(model_dir),
+        artifact_root=str(tmp_path / "artifacts"),
+        subject_root="t",
+        lease_ttl_seconds=5,
+        heartbeat_interval_seconds=1,
+        on_change=changes.notify,
+    )
+    server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
+    agent = start_agent("only", port, tmp_path)
+    try:
+        # save_steps 0: the pause itself must save the checkpoint the resume starts from.
+        job = await jobs.submit("tiny", "chat", "sft-lora", {"save_steps": 0, "max_steps": 400})
+
+        async def training() -> Any:
+            return (await jobs.get(job.id)).current_step >= 3
+
+        await wait_for(training, 180, "a few steps")
+        await jobs.pause(job.id)
+
+        async def paused() -> Any:
+            current = await jobs.get(job.id)
+            return current if current.state in ("PAUSED", "FAILED", "SUCCEEDED") else None
+
+        stopped = await wait_for(paused, 120, "the pause")
+        logs = (tmp_path / "only.log").read_text()[-2000:]
+        assert stopped.state == "PAUSED", f"{stopped.state_reason}\n{logs}"
+        kept = await jobs.checkpoints(job.id)
+        assert kept and stopped.agent_id is None and stopped.current_step < 400
+        assert await asyncio.to_thread(os.path.isdir, kept[-1].uri)
+        await jobs.resume(job.id)
+
+        async def resumed_run() -> Any:
+            current = await jobs.get(job.id)
+            return current if current.attempt == 2 and current.state == "RUNNING" else None
+
+        running = await wait_for(resumed_run, 120, "the resumed attempt to start")
+        assert running.resumed_from_step == kept[-1].step
+        await jobs.cancel(job.id)  # the rest of 400 steps would only slow the suite down
+    finally:
+        if agent.poll() is None:
+            kill_with_children(agent)
+        await server.stop(None)
+        await engine.dispose()

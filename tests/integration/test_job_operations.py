@@ -108,6 +108,7 @@ async def test_pausing_a_running_job_asks_the_agent_and_its_stop_makes_it_paused
     assert paused.run_seconds >= 0 and paused.attempt_started_at is None
     resumed = await jobs.resume(job.id)
     assert resumed.state == JobState.QUEUED
+    assert resumed.max_attempts == resumed.attempt + jobs.max_attempts  # the pause used no attempt budget
     history = [(e.from_state, e.to_state) for e in await jobs.events(job.id, 0, 100)]
     assert history[-2:] == [("RUNNING", "PAUSED"), ("PAUSED", "QUEUED")]
 

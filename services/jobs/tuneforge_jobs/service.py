@@ -356,6 +356,8 @@ class Jobs:
             expect_version=job.version,
             pause_requested=False,
             agent_id=None,
+            # A pause is not a failure: the attempts it took don't count against the lost-agent limit.
+            max_attempts=job.attempt + self.max_attempts,
         )
         return await self.get(job_id)
 
