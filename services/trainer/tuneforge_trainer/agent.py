@@ -312,8 +312,14 @@ class JobRun:
                 # The agent is stopping, not the job (its lease lapses and the job is retried elsewhere), or the
                 # service has taken the job from this attempt: either way this attempt has no outcome to report.
                 return
-            if self.pausing and code == PAUSED_EXIT_CODE:
-                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_PAUSED, reason="paused at a checkpoint"))
+            if self.pausing:
+                # A runner without pause support dies of SIGUSR1: still a pause, resumed from its latest checkpoint.
+                reason = (
+                    "paused at a checkpoint"
+                    if code == PAUSED_EXIT_CODE
+                    else f"stopped for a pause (exit code {code}); resumes from the latest saved checkpoint"
+                )
+                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_PAUSED, reason=reason))
             elif self.cancelled:
                 self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
             elif code == 0:
