@@ -17,10 +17,10 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from typing import Any
 
 import asyncpg
 import grpc
+from _support import FixedCatalog  # bench/ is the script's directory, so first on sys.path
 from sqlalchemy import func, select
 
 from tuneforge.agent.v1 import agent_pb2 as apb
@@ -30,31 +30,11 @@ from tuneforge_common.grpcutil import start_server
 from tuneforge_jobs import api, store
 from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
-from tuneforge_jobs.service import CatalogInputs, Jobs
+from tuneforge_jobs.service import Jobs
 from tuneforge_trainer.agent import Reporter
 
 NAMES = ["loss", "learning_rate", "grad_norm", "epoch", "reward", "reward_std", "kl", "eval_loss"]
 COLUMNS = ["job_id", "attempt", "name", "step", "value", "recorded_at"]
-
-
-class FixedCatalog:
-    """The jobs service's catalog port, answering every id."""
-
-    async def resolve_inputs(
-        self,
-        model_id: str,
-        dataset_id: str,
-        method_id: str,
-        parameters: dict[str, Any],
-        base: dict[str, Any] | None = None,
-    ) -> CatalogInputs:
-        return CatalogInputs("/m", "/d", "x", {**(base or {}), **parameters})
-
-    async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
-        return 0, 0
-
-    async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str:
-        return "model-bench"
 
 
 def values_at(step: int, names: list[str]) -> dict[str, float]:

@@ -22,35 +22,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from _support import FixedCatalog  # bench/ is the script's directory, so first on sys.path
 from sqlalchemy import select
 
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_jobs import store
 from tuneforge_jobs.main import MIGRATIONS
-from tuneforge_jobs.service import CatalogInputs, Jobs
+from tuneforge_jobs.service import Jobs
 
 MAX_POINTS = 500
 NAMES = ["loss", "learning_rate", "grad_norm", "epoch", "reward", "kl", "eval_loss", "reward_std"]
-
-
-class FixedCatalog:
-    """The jobs service's catalog port, answering every id."""
-
-    async def resolve_inputs(
-        self,
-        model_id: str,
-        dataset_id: str,
-        method_id: str,
-        parameters: dict[str, Any],
-        base: dict[str, Any] | None = None,
-    ) -> CatalogInputs:
-        return CatalogInputs("/m", "/d", "x", {**(base or {}), **parameters})
-
-    async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
-        return 0, 0
-
-    async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str:
-        return "model-bench"
 
 
 async def timed(fn: Callable[[], Awaitable[Any]], reps: int) -> tuple[list[float], Any]:

@@ -44,6 +44,27 @@ class TinyCatalog:
         raise AssertionError("not used")
 
 
+async def serve_jobs(postgres_url: str, tmp_path: Path, lease_ttl_seconds: int) -> tuple[Jobs, Any, int]:
+    """The jobs service on PostgreSQL over gRPC, with short leases so a lost agent is noticed quickly."""
+    from tuneforge_trainer.tiny_model import build_tiny_model
+
+    model_dir = await asyncio.to_thread(build_tiny_model, tmp_path / "tiny", 0)
+    engine = make_engine(postgres_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    changes = Notifier()
+    jobs = Jobs(
+        engine=engine,
+        catalog=TinyCatalog(model_dir),
+        artifact_root=str(tmp_path / "artifacts"),
+        subject_root="t",
+        lease_ttl_seconds=lease_ttl_seconds,
+        heartbeat_interval_seconds=1,
+        on_change=changes.notify,
+    )
+    server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
+    return jobs, server, port
+
+
 def start_agent(name: str, port: int, tmp_path: Path) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -83,22 +104,7 @@ async def wait_for(predicate, within: float, what: str) -> Any:
 
 @pytest.mark.timeout(300)
 async def test_a_killed_agents_job_resumes_from_its_checkpoint_on_another_agent(postgres_url, tmp_path):
-    from tuneforge_trainer.tiny_model import build_tiny_model
-
-    model_dir = await asyncio.to_thread(build_tiny_model, tmp_path / "tiny", 0)
-    engine = make_engine(postgres_url)
-    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
-    changes = Notifier()
-    jobs = Jobs(
-        engine=engine,
-        catalog=TinyCatalog(model_dir),
-        artifact_root=str(tmp_path / "artifacts"),
-        subject_root="t",
-        lease_ttl_seconds=3,
-        heartbeat_interval_seconds=1,
-        on_change=changes.notify,
-    )
-    server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
+    jobs, server, port = await serve_jobs(postgres_url, tmp_path, lease_ttl_seconds=3)
     reaping = asyncio.create_task(reaper(jobs, 0.5))
     agents: list[subprocess.Popen] = []
     try:
@@ -132,27 +138,12 @@ async def test_a_killed_agents_job_resumes_from_its_checkpoint_on_another_agent(
                 kill_with_children(proc)
         reaping.cancel()
         await server.stop(None)
-        await engine.dispose()
+        await jobs.engine.dispose()
 
 
 @pytest.mark.timeout(300)
 async def test_pausing_a_running_job_checkpoints_frees_the_agent_and_resume_finishes_it(postgres_url, tmp_path):
-    from tuneforge_trainer.tiny_model import build_tiny_model
-
-    model_dir = await asyncio.to_thread(build_tiny_model, tmp_path / "tiny", 0)
-    engine = make_engine(postgres_url)
-    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
-    changes = Notifier()
-    jobs = Jobs(
-        engine=engine,
-        catalog=TinyCatalog(model_dir),
-        artifact_root=str(tmp_path / "artifacts"),
-        subject_root="t",
-        lease_ttl_seconds=5,
-        heartbeat_interval_seconds=1,
-        on_change=changes.notify,
-    )
-    server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
+    jobs, server, port = await serve_jobs(postgres_url, tmp_path, lease_ttl_seconds=5)
     agent = start_agent("only", port, tmp_path)
     try:
         # save_steps 0: the pause itself must save the checkpoint the resume starts from.
@@ -187,4 +178,4 @@ async def test_pausing_a_running_job_checkpoints_frees_the_agent_and_resume_fini
         if agent.poll() is None:
             kill_with_children(agent)
         await server.stop(None)
-        await engine.dispose()
+        await jobs.engine.dispose()
