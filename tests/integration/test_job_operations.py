@@ -146,6 +146,9 @@ def test_retention_keeps_the_last_k_and_the_best():
     assert checkpoint_retention(checkpoints, 2) == {30, 40, 20}
     with_eval = [(10, {"loss": 0.1, "eval_loss": 3.0}), (20, {"loss": 0.9, "eval_loss": 1.0}), (30, {"loss": 1})]
     assert checkpoint_retention(with_eval, 1) == {30, 20}  # best by eval_loss when there is one
+    rewards = [(10, {"reward": 0.2, "loss": 0.1}), (20, {"reward": 0.9, "loss": 2.0}), (30, {"reward": 0.5})]
+    assert checkpoint_retention(rewards, 1, "reward") == {30, 20}  # a reward: higher is better
+    assert checkpoint_retention(rewards, 1, "eval_accuracy") == {30, 10}  # nobody has it: lowest loss
 
 
 async def test_checkpoints_are_recorded_once_and_retained_with_their_files(jobs, tmp_path):

@@ -216,6 +216,13 @@ class TrainerParams(TrainingParams):
         aliases=("max_checkpoints",),
         group="advanced",
     )
+    checkpoint_metric: str = param(
+        "eval_loss",
+        "Metric that picks the best checkpoint, kept besides the last save_total_limit ones (lower is better, "
+        "except for names with reward or accuracy); falls back to loss when no checkpoint has it.",
+        aliases=("metric_for_best_model",),
+        group="advanced",
+    )
     validation_ratio: float = param(
         0.0,
         "Share of the rows held out as a validation set (the same rows for every run of a dataset), "
@@ -399,6 +406,11 @@ class DeepExtensionParams(TrainingParams, Load4BitParams, LoraRankParams):
 
 
 # --- the built-in methods ------------------------------------------------------------------------
+
+
+def greater_is_better(metric: str) -> bool:
+    """Whether a higher value of this metric is better (rewards, accuracies); losses and the rest: lower."""
+    return any(word in metric for word in ("reward", "accuracy"))
 
 
 @dataclass(frozen=True)

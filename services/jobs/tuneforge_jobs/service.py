@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tuneforge_common.db import new_id, utcnow
 from tuneforge_common.errors import FailedPrecondition, InvalidArgument, NotFound, ViolationCollector
 from tuneforge_common.events import write_event
+from tuneforge_common.methods import greater_is_better
 
 from . import estimates, lifecycle, scheduler, series, store
 from .estimates import Estimate
@@ -73,14 +74,16 @@ def _remove_uris(uris: list[str]) -> None:
             log.warning("could not remove dropped checkpoint %s", uri, exc_info=True)
 
 
-def checkpoint_retention(checkpoints: list[tuple[int, dict[str, float]]], keep_last: int) -> set[int]:
-    """Steps to keep: the last keep_last, plus the best by eval_loss (or loss when none has eval_loss)."""
+def checkpoint_retention(
+    checkpoints: list[tuple[int, dict[str, float]]], keep_last: int, metric: str = "eval_loss"
+) -> set[int]:
+    """Steps to keep: the last keep_last, plus the best by the chosen metric (loss when no checkpoint has it)."""
     steps = sorted(step for step, _ in checkpoints)
     kept = set(steps[-keep_last:]) if keep_last > 0 else set()
-    for metric in ("eval_loss", "loss"):
-        scored = [(metrics[metric], step) for step, metrics in checkpoints if metric in metrics]
+    for name in dict.fromkeys((metric, "loss")):
+        scored = [(metrics[name], step) for step, metrics in checkpoints if name in metrics]
         if scored:
-            kept.add(min(scored)[1])
+            kept.add((max if greater_is_better(name) else min)(scored)[1])
             break
     return kept
 
@@ -446,8 +449,10 @@ class Jobs:
                 )
             )
         rows = (await conn.execute(select(c.step, c.uri, c.metrics).where(c.job_id == job.id))).all()
-        keep_last = int(json.loads(job.parameters).get("save_total_limit", 0) or 0) or self.checkpoint_keep
-        kept = checkpoint_retention([(row.step, json.loads(row.metrics)) for row in rows], keep_last)
+        params = json.loads(job.parameters)
+        keep_last = int(params.get("save_total_limit", 0) or 0) or self.checkpoint_keep
+        metric = str(params.get("checkpoint_metric") or "eval_loss")
+        kept = checkpoint_retention([(row.step, json.loads(row.metrics)) for row in rows], keep_last, metric)
         dropped = [row for row in rows if row.step not in kept]
         if dropped:
             dropped_steps = [d.step for d in dropped]

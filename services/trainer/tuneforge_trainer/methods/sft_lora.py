@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuneforge_common.methods import SftLoraParams, check_cross_field
+from tuneforge_common.methods import SftLoraParams, check_cross_field, greater_is_better
 from tuneforge_trainer.sdk import (
     PAUSED_EXIT_CODE,
     install_pause_handler,
@@ -413,6 +413,9 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
         save_strategy="steps" if checkpoints else "no",
         save_steps=params.save_steps if checkpoints else 500,
         save_total_limit=params.save_total_limit or None,
+        # The Trainer's own rotation then spares the best checkpoint too, as the jobs service's retention does;
+        # only an eval metric can be tracked, and only with a validation split.
+        **best_checkpoint_tracking(params.checkpoint_metric, eval_dataset is not None),
         eval_strategy="steps" if eval_dataset is not None else "no",
         eval_steps=params.save_steps if checkpoints else params.logging_steps,
         per_device_eval_batch_size=params.batch_size,
@@ -452,6 +455,12 @@ def _train(params: SftLoraParams, extras: dict[str, str], cache_dir: str | None)
         train_samples_per_second=metrics.get("train_samples_per_second"),
     )
     return metrics
+
+
+def best_checkpoint_tracking(metric: str, has_eval: bool) -> dict[str, Any]:
+    if not (has_eval and metric.startswith("eval_")):
+        return {}
+    return {"metric_for_best_model": metric, "greater_is_better": greater_is_better(metric)}
 
 
 def check_params(params: SftLoraParams) -> None:
