@@ -151,6 +151,13 @@ def event_to_pb(row: Any) -> pb.JobEvent:
     )
 
 
+async def _page_after(read: Any, job_id: str, requested_size: int, page_token: str) -> tuple[list[Any], str]:
+    """One page of rows stored after the token's row id; the next token is the last row's id."""
+    size = page_size(requested_size, DEFAULT_PAGE, MAX_PAGE)
+    rows = await read(job_id, after_id=decode_token(page_token), limit=size + 1)
+    return rows[:size], encode_token(rows[size - 1].id) if len(rows) > size else ""
+
+
 def _cursor(event_id: int, metric_id: int, log_id: int) -> str:
     return f"e{event_id}.m{metric_id}.l{log_id}"
 
@@ -254,11 +261,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 request.job_id, names, request.max_points, request.min_step, request.max_step
             )
             return pb.ListJobMetricsResponse(series=[self._series_pb(s) for s in found])
-        size = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
-        after = decode_token(request.page_token)
-        rows = await self.jobs.metrics(request.job_id, names, after, size + 1, request.min_step, request.max_step)
-        token = encode_token(rows[size - 1].id) if len(rows) > size else ""
-        return pb.ListJobMetricsResponse(points=[metric_to_pb(r) for r in rows[:size]], next_page_token=token)
+        read = functools.partial(self.jobs.metrics, names=names, min_step=request.min_step, max_step=request.max_step)
+        rows, token = await _page_after(read, request.job_id, request.page_size, request.page_token)
+        return pb.ListJobMetricsResponse(points=[metric_to_pb(r) for r in rows], next_page_token=token)
 
     @map_errors
     async def CompareJobs(self, request: pb.CompareJobsRequest, context: Any) -> pb.CompareJobsResponse:
@@ -286,17 +291,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @map_errors
     async def ListJobLogs(self, request: pb.ListJobLogsRequest, context: Any) -> pb.ListJobLogsResponse:
-        size = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
-        rows = await self.jobs.logs(request.job_id, decode_token(request.page_token), size + 1)
-        token = encode_token(rows[size - 1].id) if len(rows) > size else ""
-        return pb.ListJobLogsResponse(lines=[log_to_pb(r) for r in rows[:size]], next_page_token=token)
+        rows, token = await _page_after(self.jobs.logs, request.job_id, request.page_size, request.page_token)
+        return pb.ListJobLogsResponse(lines=[log_to_pb(r) for r in rows], next_page_token=token)
 
     @map_errors
     async def ListJobEvents(self, request: pb.ListJobEventsRequest, context: Any) -> pb.ListJobEventsResponse:
-        size = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
-        rows = await self.jobs.events(request.job_id, decode_token(request.page_token), size + 1)
-        token = encode_token(rows[size - 1].id) if len(rows) > size else ""
-        return pb.ListJobEventsResponse(events=[event_to_pb(r) for r in rows[:size]], next_page_token=token)
+        rows, token = await _page_after(self.jobs.events, request.job_id, request.page_size, request.page_token)
+        return pb.ListJobEventsResponse(events=[event_to_pb(r) for r in rows], next_page_token=token)
 
     @map_errors
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:

@@ -499,15 +499,21 @@ class Jobs:
         """Raw points in the order they were stored (their id is the page cursor), optionally only some names
         and steps within [min_step, max_step] (max_step 0: no upper bound)."""
         series.check_step_range(min_step, max_step)
+        mp = store.metric_points.c
+        conditions: list[Any] = [mp.name.in_(names)] if names else []
+        conditions += [mp.step >= min_step] if min_step else []
+        conditions += [mp.step <= max_step] if max_step else []
+        return await self._rows_after(store.metric_points, job_id, after_id, limit, *conditions)
+
+    async def _rows_after(self, table: Any, job_id: str, after_id: int, limit: int, *conditions: Any) -> list[Any]:
+        """A job's rows of one table in the order they were stored, after a cursor (their id)."""
         await self.get(job_id)
-        mp = store.metric_points
-        query = select(mp).where(mp.c.job_id == job_id, mp.c.id > after_id).order_by(mp.c.id).limit(limit)
-        if names:
-            query = query.where(mp.c.name.in_(names))
-        if min_step:
-            query = query.where(mp.c.step >= min_step)
-        if max_step:
-            query = query.where(mp.c.step <= max_step)
+        query = (
+            select(table)
+            .where(table.c.job_id == job_id, table.c.id > after_id, *conditions)
+            .order_by(table.c.id)
+            .limit(limit)
+        )
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).all())
 
@@ -669,32 +675,10 @@ class Jobs:
         return out
 
     async def events(self, job_id: str, after_id: int, limit: int) -> list[Any]:
-        await self.get(job_id)
-        async with self.engine.connect() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        select(store.job_events)
-                        .where(store.job_events.c.job_id == job_id, store.job_events.c.id > after_id)
-                        .order_by(store.job_events.c.id)
-                        .limit(limit)
-                    )
-                ).all()
-            )
+        return await self._rows_after(store.job_events, job_id, after_id, limit)
 
     async def logs(self, job_id: str, after_id: int, limit: int) -> list[Any]:
-        await self.get(job_id)
-        async with self.engine.connect() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        select(store.log_lines)
-                        .where(store.log_lines.c.job_id == job_id, store.log_lines.c.id > after_id)
-                        .order_by(store.log_lines.c.id)
-                        .limit(limit)
-                    )
-                ).all()
-            )
+        return await self._rows_after(store.log_lines, job_id, after_id, limit)
 
     # -- state machine --------------------------------------------------------
 
