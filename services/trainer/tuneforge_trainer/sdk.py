@@ -58,16 +58,21 @@ def log_data(progress: float, code: int = 200, **details: Any) -> None:
     print(format_log_data(progress, code, **details), flush=True)
 
 
-def parse_log_data(line: str) -> dict[str, Any] | None:
-    """The payload of a `[log_data]` line; None for any other line, including malformed ones."""
-    text = line.strip()
-    if not text.startswith(LOG_DATA_PREFIX.rstrip()):
+def _prefixed_object(line: str, prefix: str) -> dict[str, Any] | None:
+    """The JSON object after a protocol prefix; None for any other line, including malformed ones."""
+    text, prefix = line.strip(), prefix.rstrip()
+    if not text.startswith(prefix):
         return None
     try:
-        payload = json.loads(text[len(LOG_DATA_PREFIX.rstrip()) :])
+        payload = json.loads(text[len(prefix) :])
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
+
+
+def parse_log_data(line: str) -> dict[str, Any] | None:
+    """The payload of a `[log_data]` line; None for any other line, including malformed ones."""
+    return _prefixed_object(line, LOG_DATA_PREFIX)
 
 
 def format_checkpoint(step: int, path: str, metrics: Mapping[str, Any]) -> str:
@@ -82,14 +87,8 @@ def report_checkpoint(step: int, path: str, metrics: Mapping[str, Any]) -> None:
 
 def parse_checkpoint(line: str) -> dict[str, Any] | None:
     """The payload of a `[checkpoint]` line ({step, path, metrics}); None for any other line."""
-    text = line.strip()
-    if not text.startswith(CHECKPOINT_PREFIX.rstrip()):
-        return None
-    try:
-        payload = json.loads(text[len(CHECKPOINT_PREFIX.rstrip()) :])
-    except ValueError:
-        return None
-    if not isinstance(payload, dict) or not isinstance(payload.get("step"), int) or not payload.get("path"):
+    payload = _prefixed_object(line, CHECKPOINT_PREFIX)
+    if payload is None or not isinstance(payload.get("step"), int) or not payload.get("path"):
         return None
     payload.setdefault("metrics", {})
     return payload
