@@ -16,19 +16,16 @@ import argparse
 import asyncio
 import datetime as dt
 import time
-import uuid
 
 import asyncpg
 import grpc
-from _support import FixedCatalog  # bench/ is the script's directory, so first on sys.path
+from _support import FixedCatalog, jobs_database  # bench/ is the script's directory, so first on sys.path
 from sqlalchemy import func, select
 
 from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
-from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.grpcutil import start_server
 from tuneforge_jobs import api, store
-from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
 from tuneforge_jobs.service import Jobs
 from tuneforge_trainer.agent import Reporter
@@ -109,13 +106,7 @@ async def copy_in(jobs: Jobs, pg_url: str, steps: int, names: list[str]) -> tupl
 async def run(admin_url: str, steps: int, n_names: int) -> None:
     names = NAMES[:n_names]
     points = steps * len(names)
-    db = f"tuneforge_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{db}"')
-    pg_url = f"{admin_url.rsplit('/', 1)[0]}/{db}"
-    engine = make_engine(pg_url.replace("postgresql://", "postgresql+asyncpg://"))
-    try:
-        await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    async with jobs_database(admin_url) as (pg_url, engine):
         changes = Notifier()
         jobs = Jobs(
             engine=engine, catalog=FixedCatalog(), artifact_root="/a", subject_root="bench", on_change=changes.notify
@@ -137,10 +128,6 @@ async def run(admin_url: str, steps: int, n_names: int) -> None:
                 results.append((label, seconds))
         finally:
             await server.stop(None)
-    finally:
-        await engine.dispose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        await admin.close()
 
     print(f"{points:,} metric points ({steps:,} reports of {len(names)} values) into PostgreSQL\n")
     print("| path | seconds | points/s |\n| --- | --- | --- |")

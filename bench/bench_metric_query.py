@@ -17,17 +17,14 @@ import math
 import random
 import statistics
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-from _support import FixedCatalog  # bench/ is the script's directory, so first on sys.path
+from _support import FixedCatalog, jobs_database  # bench/ is the script's directory, so first on sys.path
 from sqlalchemy import select
 
-from tuneforge_common.db import make_engine, migrate
 from tuneforge_jobs import store
-from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.service import Jobs
 
 MAX_POINTS = 500
@@ -81,13 +78,7 @@ async def load(pg_url: str, job_id: str, names: list[str], steps: int) -> float:
 
 
 async def run(admin_url: str, steps: int, n_names: int, reps: int, base_reps: int) -> None:
-    db = f"tuneforge_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{db}"')
-    pg_url = f"{admin_url.rsplit('/', 1)[0]}/{db}"
-    engine = make_engine(pg_url.replace("postgresql://", "postgresql+asyncpg://"))
-    try:
-        await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    async with jobs_database(admin_url) as (pg_url, engine):
         jobs = Jobs(engine=engine, catalog=FixedCatalog(), artifact_root="/a", subject_root="bench")
         job = await jobs.submit("m", "d", "sft-lora", {})
         names = NAMES[:n_names]
@@ -138,10 +129,6 @@ async def run(admin_url: str, steps: int, n_names: int, reps: int, base_reps: in
             )
         print("ratio = baseline p50 / downsampled p50 (higher: the downsampled query is that many times faster)")
         print(f"spike kept: loss max in the downsampled series = {rows_out[0][5]:.1f} (injected 1000.0)")
-    finally:
-        await engine.dispose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        await admin.close()
 
 
 def main() -> None:
