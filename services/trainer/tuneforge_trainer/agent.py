@@ -147,14 +147,9 @@ class Reporter:
                     if self.on_stop is not None:
                         self.on_stop(resp.job_id, resp.attempt, resp.reason)
 
-        tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            await run_until_first_failure(writer(), reader())
         finally:
-            for task in tasks:
-                task.cancel()
             call.cancel()
 
 
@@ -180,6 +175,19 @@ def runner_env(
     skipped = sorted(k for k in from_params if k in own or protected_env_problem(k))
     kept = {k: v for k, v in from_params.items() if k not in skipped}
     return {**base, **kept, **own}, skipped
+
+
+async def run_until_first_failure(*coroutines: Any) -> None:
+    """Run together until one fails (its error is raised) or all end; the rest are cancelled and awaited."""
+    tasks = [asyncio.create_task(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def build_command(
@@ -550,19 +558,11 @@ class Agent:
             await self.shutdown()
         self.agent_id = self.reporter.agent_id = resp.agent_id
         log.info("registered as %s (resumed=%s)", self.agent_id, resp.resumed)
-        tasks = [
-            asyncio.create_task(self._heartbeats(stub, resp.heartbeat_interval_seconds or 3)),
-            asyncio.create_task(self._assignments(stub)),
-            asyncio.create_task(self.reporter.run_stream(stub)),
-        ]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await run_until_first_failure(
+            self._heartbeats(stub, resp.heartbeat_interval_seconds or 3),
+            self._assignments(stub),
+            self.reporter.run_stream(stub),
+        )
 
     async def _heartbeats(self, stub: agent_pb2_grpc.AgentServiceStub, interval: float) -> None:
         while True:
