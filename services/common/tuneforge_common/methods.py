@@ -236,6 +236,20 @@ class TrainerParams(TrainingParams):
     seed: int = param(
         42, "Random seed for data order and initialisation.", minimum=0, maximum=2**31 - 1, group="advanced"
     )
+    gradient_checkpointing: bool = param(
+        False,
+        "Recompute activations in the backward pass instead of keeping them: much less GPU memory for long "
+        "sequences, about a third slower.",
+        aliases=("activation_checkpointing",),
+        group="advanced",
+    )
+    use_liger_kernel: bool = param(
+        False,
+        "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): less GPU memory "
+        "and faster steps; needs a CUDA GPU and the liger-kernel package.",
+        aliases=("liger_kernel", "enable_liger_kernel"),
+        group="advanced",
+    )
 
 
 @dataclass(frozen=True)
@@ -254,6 +268,20 @@ class LoraParams(LoraRankParams):
         minimum=0.0,
         maximum=1000.0,
         aliases=("lora_plus_ratio",),
+        group="advanced",
+    )
+    target_modules: str = param(
+        "all-linear",
+        "Modules that get LoRA matrices: all-linear (every linear layer but the output head), or "
+        "comma-separated module names such as q_proj,v_proj.",
+        aliases=("lora_target", "lora_target_modules"),
+        group="advanced",
+    )
+    merge_adapter: bool = param(
+        False,
+        "Also save the complete model: the adapter merged into the full-precision base, in safetensors with "
+        "the tokenizer, under merged/ next to the adapter.",
+        aliases=("save_merged_model",),
         group="advanced",
     )
 
@@ -277,7 +305,27 @@ class UseLoraParams:
 
 
 @dataclass(frozen=True)
-class SftParams(TrainerParams):
+class SupervisedParams(TrainerParams):
+    """How supervised rows become batches: the SFT methods' own parameters."""
+
+    packing: bool = param(
+        True,
+        "Pack samples into full sequences with no padding (best-fit packing, padding-free: each sample still "
+        "attends only to itself), so no compute goes to padding; false pads each batch to its longest sample.",
+        aliases=("padding_free",),
+        group="advanced",
+    )
+    completion_only_loss: bool = param(
+        True,
+        "Learn only from the answers: the loss covers assistant turns and completions, not the prompts; "
+        "false learns from every token. Plain-text rows always learn from every token.",
+        aliases=("train_on_completions_only", "assistant_only_loss"),
+        group="advanced",
+    )
+
+
+@dataclass(frozen=True)
+class SftParams(SupervisedParams):
     """Full supervised fine-tuning: every weight is trained (TRL SFTTrainer)."""
 
     learning_rate: float = redefault(TrainingParams, "learning_rate", 2e-5)
@@ -293,7 +341,7 @@ class SftParams(TrainerParams):
 
 
 @dataclass(frozen=True)
-class SftLoraParams(TrainerParams, Load4BitParams, LoraParams):
+class SftLoraParams(SupervisedParams, Load4BitParams, LoraParams):
     """Supervised fine-tuning of a LoRA adapter (TRL SFTTrainer + PEFT)."""
 
 
@@ -618,7 +666,26 @@ def _grpo_rewards(p: Mapping[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+TARGET_MODULE_RE = re.compile(r"[A-Za-z0-9_.]{1,128}")
+
+
+def _lora_targets(p: Mapping[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    targets = p.get("target_modules")
+    if targets is not None and targets != "all-linear":
+        names = [n.strip() for n in str(targets).split(",")]
+        bad = next((n for n in names if not TARGET_MODULE_RE.fullmatch(n)), None)
+        if bad is not None:
+            problems.append(
+                ("target_modules", f"must be all-linear or comma-separated module names (q_proj,v_proj), got {bad!r}")
+            )
+    if p.get("merge_adapter") and p.get("use_lora") is False:
+        problems.append(("merge_adapter", "needs use_lora: without an adapter the saved model is already complete"))
+    return problems
+
+
 GENERIC_RULES: tuple[CrossFieldRule, ...] = (
+    _lora_targets,
     _prompt_shorter_than_sequence,
     _checkpoint_limit_needs_checkpoints,
     _loraplus_ratio,

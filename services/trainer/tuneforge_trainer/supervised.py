@@ -1,0 +1,127 @@
+"""Supervised fine-tuning (TRL SFTTrainer) as the sft, sft-lora and qlora methods run it.
+
+One builder for the three: `full=True` trains every weight (sft, with fim_ratio), otherwise a LoRA adapter,
+on a 4-bit base when load_in_4bit (qlora's default). The trainer is built apart from training so tests can
+check, parameter by parameter, what each one changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+from tuneforge_trainer import data, hardware, runner
+from tuneforge_trainer.sdk import make_log_data_callback
+
+
+@dataclasses.dataclass
+class Built:
+    trainer: Any
+    tokenizer: Any
+    eval_dataset: Any
+    precision: str
+    data_format: str
+    train_rows: int
+
+
+def _loss_on_completions(dataset, data_format: str, tokenizer, params: Any) -> tuple[Any, dict[str, Any]]:
+    """The dataset and SFTConfig flags that put the loss on answers only (or on everything when asked)."""
+    if not params.completion_only_loss:
+        return dataset, {"completion_only_loss": False, "assistant_only_loss": False}
+    if data_format == "chat":
+        if "{% generation %}" in (tokenizer.chat_template or "") or "{%- generation %}" in (
+            tokenizer.chat_template or ""
+        ):
+            return dataset, {"assistant_only_loss": True}
+        # The template can't mark assistant tokens: learn the last assistant turn of each conversation.
+        return data.chat_as_prompt_completion(dataset), {"completion_only_loss": True}
+    return dataset, {"completion_only_loss": data_format != "text"}
+
+
+def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | None, *, full: bool) -> Built:
+    import transformers
+    from trl import SFTConfig, SFTTrainer
+
+    runner.quiet_libraries()
+    transformers.set_seed(params.seed)  # the LoRA matrices' initialisation follows --seed too
+    tokenizer = runner.load_tokenizer(paths.model)
+    cuda, cuda_bf16 = runner.cuda_state()
+    precision = hardware.check_hardware(params, cuda, cuda_bf16)
+    fim_ratio = getattr(params, "fim_ratio", 0.0)
+    try:
+        dataset = data.load_rows(paths.dataset, params.max_samples, cache_dir)
+        dataset, data_format = data.prepare_dataset(dataset, params, bool(tokenizer.chat_template), paths.dataset)
+        if data_format == "chat" and not tokenizer.chat_template:
+            raise SystemExit(f"error: {paths.model} has no chat template, so chat ('messages') rows cannot be used")
+        added_tokens = False
+        fim_rows = 0
+        if fim_ratio > 0:
+            if data_format != "text":
+                raise SystemExit(
+                    f"error: --fim_ratio={fim_ratio}: fill-in-the-middle reorders plain-text rows ('text' "
+                    f"column, e.g. source files); this dataset is {data_format}"
+                )
+            tokens, added_tokens = data.fim_tokens(tokenizer)
+            dataset, fim_rows = data.fim_transform(dataset, fim_ratio, tokens, params.seed)
+        dataset, loss_flags = _loss_on_completions(dataset, data_format, tokenizer, params)
+        dataset, eval_dataset = data.split_validation(dataset, params.validation_ratio)
+    except data.DatasetProblem as exc:
+        raise SystemExit(f"error: dataset: {exc}") from None
+    held_out = f", {len(eval_dataset)} held out for validation" if eval_dataset is not None else ""
+    fim = f", {fim_rows} reordered for fill-in-the-middle" if fim_ratio > 0 else ""
+    print(
+        f"{method_id}: {len(dataset)} {data_format} rows from {paths.dataset}{held_out}{fim}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    model = hardware.load_model(paths.model, params, precision)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    optimizer = None
+    if not full:
+        if getattr(params, "load_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+        # Wrapped here rather than by SFTTrainer(peft_config=...) so the LoRA+ optimizer can see the adapter.
+        model = runner.apply_lora(model, params)
+        optimizer = runner.build_optimizer(model, params)
+
+    config = SFTConfig(
+        **runner.trainer_arguments(params, precision, cuda, paths.output, eval_dataset is not None),
+        max_length=params.max_seq_length,
+        # Best-fit decreasing packing is padding-free: samples keep their own position ids, so none attends
+        # to another, and no step computes padding.
+        packing=params.packing,
+        packing_strategy="bfd",
+        **loss_flags,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),  # (None, None): Trainer builds AdamW and the schedule from the config
+        callbacks=[make_log_data_callback()],
+    )
+    return Built(trainer, tokenizer, eval_dataset, precision, data_format, len(dataset))
+
+
+def train(method_id: str, params: Any, extras: dict[str, str], *, full: bool) -> dict[str, Any]:
+    paths = runner.run_paths(extras)
+
+    def run(cache_dir: str | None) -> dict[str, Any]:
+        built = build(method_id, params, paths, cache_dir, full=full)
+        return runner.train_and_finish(
+            built.trainer,
+            built.tokenizer,
+            paths,
+            built.eval_dataset,
+            merge=not full and getattr(params, "merge_adapter", False),
+            precision=built.precision,
+        )
+
+    return runner.with_datasets_cache(run)
