@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -86,6 +87,20 @@ def test_log_data_callback_reports_numeric_logs(capsys):
         "progress": 25.0,
         "details": {"step": 3, "epoch": 0.25, "loss": 1.25, "grad_norm": 0.5, "learning_rate": 2e-4},
     }
+
+
+def test_log_data_callback_reports_training_tokens_per_second(capsys):
+    callback = sdk.make_log_data_callback()
+    state = SimpleNamespace(global_step=0, max_steps=4, epoch=0.0, is_world_process_zero=True, num_input_tokens_seen=0)
+    callback.on_train_begin(None, state, None)
+    time.sleep(0.05)
+    state.global_step, state.num_input_tokens_seen = 1, 5000
+    callback.on_log(None, state, None, logs={"loss": 2.0})
+    details = parse_log_data(capsys.readouterr().out)["details"]
+    assert details["tokens_seen"] == 5000
+    assert 0 < details["tokens_per_second"] < 5000 / 0.05
+    callback.on_log(None, state, None, logs={"eval_loss": 2.5})  # evaluations carry no throughput
+    assert "tokens_per_second" not in parse_log_data(capsys.readouterr().out)["details"]
 
 
 # --- parse_flags ----------------------------------------------------------------------------------

@@ -256,7 +256,6 @@ def test_compute_type_resolves_to_a_precision_this_machine_runs(compute_type, cu
         ({"compute_type": "fp16"}, False, False, "--compute_type=fp16 needs a CUDA GPU"),
         ({"compute_type": "bf16"}, True, False, "this GPU does not support bfloat16"),
         ({"load_in_4bit": True}, False, False, "--load_in_4bit=true: 4-bit quantization (bitsandbytes) needs a CUDA"),
-        ({"flash_attention": True}, False, False, "--flash_attention=true: FlashAttention-2 needs a CUDA GPU"),
         ({"flash_attention": True, "compute_type": "fp32"}, True, True, "needs bf16 or fp16 compute"),
     ],
 )
@@ -271,7 +270,7 @@ def test_hardware_needs_fail_clearly_before_loading(monkeypatch, flags, cuda, bf
 
 @pytest.mark.parametrize(
     ("flags", "package"),
-    [({"load_in_4bit": True}, "bitsandbytes"), ({"flash_attention": True, "compute_type": "bf16"}, "flash-attn")],
+    [({"load_in_4bit": True}, "bitsandbytes"), ({"use_liger_kernel": True}, "liger-kernel")],
 )
 def test_missing_gpu_packages_are_named(monkeypatch, flags, package):
     from tuneforge_common.methods import SftLoraParams

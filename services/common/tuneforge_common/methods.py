@@ -193,7 +193,8 @@ class TrainerParams(TrainingParams):
     )
     flash_attention: bool = param(
         False,
-        "Use FlashAttention-2; needs a CUDA GPU, the flash-attn package and bf16 or fp16 compute.",
+        "Use FlashAttention-2 (needs bf16 or fp16 compute); where the GPU or the flash-attn package is missing "
+        "the run falls back to PyTorch's SDPA attention and says so in its log.",
         aliases=("use_flash_attention",),
         group="advanced",
     )

@@ -1,12 +1,13 @@
 """What this machine can run: precision, 4-bit loading, FlashAttention-2, Liger kernels; and loading the model.
 
 Everything a flag asks for that the hardware or the installed packages can't honour fails here, before the
-model is loaded, with a message naming the flag.
+model is loaded, with a message naming the flag; FlashAttention-2 alone falls back (to SDPA) with a notice.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +48,8 @@ def check_hardware(params: Any, cuda: bool, cuda_bf16: bool) -> str:
             raise SystemExit(
                 "error: --load_in_4bit=true needs the bitsandbytes package: pip install 'tuneforge-trainer[gpu]'"
             )
-    if params.flash_attention:
-        if not cuda:
-            raise SystemExit(
-                "error: --flash_attention=true: FlashAttention-2 needs a CUDA GPU and this machine has none; "
-                "set flash_attention=false to use PyTorch's scaled-dot-product attention"
-            )
-        if not installed("flash_attn"):
-            raise SystemExit("error: --flash_attention=true needs the flash-attn package: pip install flash-attn")
-        if precision == "fp32":
-            raise SystemExit(
-                "error: --flash_attention=true needs bf16 or fp16 compute; set --compute_type=bf16 or fp16"
-            )
+    if params.flash_attention and precision == "fp32" and flash_attention_available(cuda):
+        raise SystemExit("error: --flash_attention=true needs bf16 or fp16 compute; set --compute_type=bf16 or fp16")
     if getattr(params, "use_liger_kernel", False):
         if not installed("liger_kernel"):
             raise SystemExit(
@@ -67,6 +58,25 @@ def check_hardware(params: Any, cuda: bool, cuda_bf16: bool) -> str:
         if not cuda:
             raise SystemExit("error: --use_liger_kernel=true: Liger's Triton kernels need a CUDA GPU")
     return precision
+
+
+def flash_attention_available(cuda: bool) -> bool:
+    return cuda and installed("flash_attn")
+
+
+def attention_implementation(params: Any, cuda: bool) -> tuple[str, str]:
+    """(attn_implementation, a notice for the log): FlashAttention-2 when asked and it can run, else PyTorch's
+    scaled-dot-product attention, which gives the same results with more memory for long sequences."""
+    if not params.flash_attention:
+        return "sdpa", ""
+    if not cuda:
+        return "sdpa", "flash_attention: FlashAttention-2 needs a CUDA GPU; falling back to PyTorch SDPA attention"
+    if not installed("flash_attn"):
+        return "sdpa", (
+            "flash_attention: the flash-attn package is not installed (pip install flash-attn); "
+            "falling back to PyTorch SDPA attention"
+        )
+    return "flash_attention_2", "flash_attention: using FlashAttention-2"
 
 
 def torch_dtype(precision: str):
@@ -81,9 +91,10 @@ def load_model(model_path: Path, params: Any, precision: str, *, quantize: bool 
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(precision)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if params.flash_attention:
-        kwargs["attn_implementation"] = "flash_attention_2"
+    attention, notice = attention_implementation(params, torch.cuda.is_available())
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
     if getattr(params, "load_in_4bit", False) if quantize is None else quantize:
         from transformers import BitsAndBytesConfig
 

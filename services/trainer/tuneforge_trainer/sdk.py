@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -241,7 +242,14 @@ def _build_callback_class() -> type:
     from transformers import TrainerCallback
 
     class LogDataCallback(TrainerCallback):
-        """Reports every Trainer log (loss, learning_rate, grad_norm, eval_loss, ...) as log_data."""
+        """Reports every Trainer log (loss, learning_rate, grad_norm, eval_loss, ...) as log_data, with the
+        training tokens per second since the previous log and, on a GPU, the peak memory."""
+
+        def __init__(self) -> None:
+            self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._last = (time.perf_counter(), getattr(state, "num_input_tokens_seen", 0) or 0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero:
@@ -252,7 +260,23 @@ def _build_callback_class() -> type:
                 number = _numeric(value)
                 if number is not None:
                     details[key] = number
+            if "loss" in details:  # a training log, not an evaluation
+                details.update(self._throughput(state))
             log_data(progress, **details)
+
+        def _throughput(self, state) -> dict[str, float]:
+            extra: dict[str, float] = {}
+            now, seen = time.perf_counter(), getattr(state, "num_input_tokens_seen", 0) or 0
+            if self._last is not None and seen > self._last[1] and now > self._last[0]:
+                extra["tokens_per_second"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
+            self._last = (now, seen)
+            if seen:
+                extra["tokens_seen"] = seen
+            import torch
+
+            if torch.cuda.is_available():
+                extra["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            return extra
 
         def on_step_end(self, args, state, control, **kwargs):
             if _pause_requested:
