@@ -218,6 +218,107 @@ def parse_flags(
     return params_cls(**{k: v for k, v in values.items() if k in field_names}), extras
 
 
+# --- rows for scripts without the HF Trainer ------------------------------------------------------
+
+PROMPT_COLUMNS = ("question", "instruction", "query", "input", "prompt")
+ANSWER_COLUMNS = ("answer", "response", "output", "completion")
+
+
+def read_prompt_answer_rows(
+    path: str, max_samples: int = -1, input_column: str = "", output_column: str = ""
+) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from a JSON-lines file: the named columns, or the first of the usual names.
+
+    Chat rows ({"messages": [...]}) give their last user turn and the assistant turn after it. A row without
+    both raises ValueError naming its line, so a custom script fails with the line in its error.
+    """
+    pairs: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path} line {number}: invalid JSON ({exc})") from None
+            pair = _prompt_answer(row, input_column, output_column) if isinstance(row, dict) else None
+            if pair is None:
+                wanted = f"{input_column or '/'.join(PROMPT_COLUMNS)} and {output_column or '/'.join(ANSWER_COLUMNS)}"
+                raise ValueError(f"{path} line {number}: no prompt/answer pair (expected {wanted}, or messages)")
+            pairs.append(pair)
+            if 0 < max_samples <= len(pairs):
+                break
+    return pairs
+
+
+def _prompt_answer(row: dict[str, Any], input_column: str, output_column: str) -> tuple[str, str] | None:
+    if not (input_column or output_column) and isinstance(row.get("messages"), list):
+        turns = [m for m in row["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        for i in range(len(turns) - 1, 0, -1):
+            if turns[i].get("role") == "assistant" and turns[i - 1].get("role") == "user":
+                return turns[i - 1]["content"], turns[i]["content"]
+        return None
+    prompt_key = input_column or next((c for c in PROMPT_COLUMNS if c in row), "")
+    answer_key = output_column or next((c for c in ANSWER_COLUMNS if c in row and c != prompt_key), "")
+    prompt, answer = row.get(prompt_key), row.get(answer_key)
+    if isinstance(prompt, str) and prompt.strip() and isinstance(answer, str) and answer.strip():
+        return prompt, answer
+    return None
+
+
+def encode_prompt_answer(
+    tokenizer: Any, prompt: str, answer: str, max_input_length: int, max_content_length: int, max_seq_length: int
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one pair: the prompt keeps its last max_input_length tokens, the answer its first
+    max_content_length (ending with EOS), both together at most max_seq_length; prompt labels are -100 so
+    the loss is on the answer only. Uses the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt_text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        prompt_text = prompt + "\n"
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"][-max_input_length:]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max(0, max_content_length - 1)]
+    answer_ids = [*answer_ids, tokenizer.eos_token_id]
+    room = max_seq_length - len(prompt_ids)
+    answer_ids = answer_ids[: max(room, 1)]
+    ids = (prompt_ids + answer_ids)[:max_seq_length]
+    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_seq_length]
+    return ids, labels
+
+
+def log_generations(model: Any, tokenizer: Any, prompt: str, count: int, max_new_tokens: int = 32) -> list[str]:
+    """Sample `count` answers to a prompt (chat template when there is one) and print them to the log as JSON,
+    so a run shows what it learned, not only its loss; reports `generations` as a metric."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = prompt + "\n"
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=count,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    print(json.dumps({"prompt": prompt, "generations": texts}), file=sys.stderr, flush=True)
+    log_data(100, generations=len(texts))
+    return texts
+
+
 # --- transformers callback (built lazily) -------------------------------------------------------
 
 
