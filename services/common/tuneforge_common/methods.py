@@ -429,6 +429,13 @@ class GrpoParams(TrainerParams, LoraParams, UseLoraParams):
     temperature: float = param(
         1.0, "Sampling temperature of the generations.", minimum=0.01, maximum=5.0, group="advanced"
     )
+    checkpoint_metric: str = redefault(
+        TrainerParams,
+        "checkpoint_metric",
+        "eval_reward",
+        "Metric that picks the best checkpoint, kept besides the last save_total_limit ones: the mean reward on "
+        "the validation prompts by default (higher is better); falls back to loss when no checkpoint has it.",
+    )
     reward_functions: str = param(
         "accuracy,format",
         "Comma-separated names of the reward functions that score each completion.",

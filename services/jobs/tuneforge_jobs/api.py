@@ -20,7 +20,7 @@ from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.grpcutil import ServiceBinding, map_errors
 from tuneforge_common.paging import decode_token, encode_token, page_size, struct, timestamp
 
-from . import estimates
+from . import estimates, scheduler
 from .estimates import Estimate
 from .lifecycle import ON_AGENT, TERMINAL, JobState
 from .notify import Notifier
@@ -375,6 +375,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         resume_from_uri=job.resume_from_uri,
                         resume_from_step=job.resume_from_step,
                         checkpoint_uri=job.checkpoint_uri,
+                        python_env=job.python_env,
+                        gpu_count=scheduler.ResourceRequest.from_json(job.resources).gpu_count,
                     )
                 )
                 continue

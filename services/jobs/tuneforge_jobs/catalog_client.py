@@ -87,6 +87,7 @@ class GrpcCatalog:
                 f"model {model.id} updated {model.update_time.ToJsonString()}; dataset sha256 {dataset.sha256[:16]}"
             ),
             dataset_rows=dataset.row_count,
+            python_env=_training_env(method),
         )
 
     async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
@@ -120,6 +121,13 @@ def _override(base: dict[str, Any], overrides: dict[str, Any], method: Any) -> d
     for key, value in overrides.items():
         merged[canonical.get(key, key)] = value
     return merged
+
+
+def _training_env(method: Any) -> str:
+    """An added method's training environment (its stages.training.env); "" for a built-in, which has no stages."""
+    training = json_format.MessageToDict(method.stages).get("training")
+    env = training.get("env") if isinstance(training, dict) else None
+    return env.strip() if isinstance(env, str) else ""
 
 
 def _format_name(value: common_pb2.DatasetFormat.ValueType) -> str:

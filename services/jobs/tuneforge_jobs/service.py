@@ -38,6 +38,8 @@ class CatalogInputs:
     method_version: str = ""
     catalog_version: str = ""
     dataset_rows: int = 0
+    # An added method's training environment (stages.training.env); empty for built-ins.
+    python_env: str = ""
 
 
 class CatalogPort(Protocol):
@@ -251,6 +253,7 @@ class Jobs:
                     model_uri=inputs.model_uri,
                     dataset_uri=inputs.dataset_uri,
                     entrypoint=inputs.entrypoint,
+                    python_env=inputs.python_env,
                     parameters=json.dumps(inputs.parameters),
                     state=JobState.QUEUED,
                     state_reason="",

@@ -21,6 +21,8 @@ jobs = Table(
     Column("model_uri", Text, nullable=False),
     Column("dataset_uri", Text, nullable=False),
     Column("entrypoint", Text, nullable=False),
+    # The environment the entrypoint runs in: an added method's training env; "" for built-ins.
+    Column("python_env", Text, nullable=False, default=""),
     Column("parameters", Text, nullable=False),  # resolved, JSON
     Column("state", String(16), nullable=False),
     Column("state_reason", Text, nullable=False, default=""),

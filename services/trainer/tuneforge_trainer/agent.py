@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -22,11 +23,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
 import grpc
+import psutil
 from google.protobuf import json_format
 from pydantic import Field, field_validator
 
@@ -44,6 +46,13 @@ from .sdk import PAUSED_EXIT_CODE, parse_checkpoint, parse_log_data
 log = logging.getLogger("tuneforge.agent")
 LINE_LIMIT = 1024 * 1024
 KEEP_STDERR_LINES = 20
+MAX_REASON_LINE = 500
+# A runner's own reason for failing: argparse's "prog: error: ...", the SDK's "error: ...", logging's "ERROR: ...",
+# an exception's "ValueError: ...". torchrun's closing ChildFailedError only says that a worker failed.
+ERROR_LINE = re.compile(r"(?:^|[\s:.\]])(?:[A-Za-z_.]*Error|error|ERROR):\s*\S")
+NOT_THE_REASON = ("ChildFailedError",)
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
+OOM_HINT = "CUDA out of memory: lower batch_size or max_seq_length, or enable gradient_checkpointing / load_in_4bit"
 
 
 class AgentSettings(CommonSettings):
@@ -52,6 +61,18 @@ class AgentSettings(CommonSettings):
     agent_slots: int = Field(1, description="Jobs this agent runs at once.")
     agent_work_dir: str = Field(".tuneforge/agent", description="Local scratch space for running jobs.")
     agent_python: str = Field(sys.executable, description="Python interpreter that runs built-in methods.")
+    agent_methods_dir: str = Field(
+        "",
+        description="Where added methods' stage files live: a method's stages.training.file is a path inside it. "
+        "Empty: the `methods` directory next to agent_work_dir (.tuneforge/methods by default).",
+    )
+    agent_python_envs: str = Field(
+        "",
+        description="Python environments added methods name, as name=/path/to/python,name2=/path/to/venv (a "
+        "directory means its bin/python). A name not listed is looked up as a conda environment: <dir>/<name>/"
+        "bin/python for each dir of CONDA_ENVS_PATH, the envs directory of the active conda ($CONDA_PREFIX), of "
+        "CONDA_EXE's conda and of MAMBA_ROOT_PREFIX, and ~/.conda/envs. 'base' (unless listed) is agent_python.",
+    )
     agent_grpc_port: int = Field(0, description="Port of the agent's health endpoint; 0 picks a free one.")
     agent_terminate_grace_seconds: float = Field(10.0, description="SIGTERM to SIGKILL grace on terminate.")
     agent_labels: str = Field(
@@ -66,6 +87,17 @@ class AgentSettings(CommonSettings):
         parse_labels(value)
         return value
 
+    @field_validator("agent_python_envs")
+    @classmethod
+    def _python_envs_parse(cls, value: str) -> str:
+        parse_python_envs(value)
+        return value
+
+    def methods_dir(self) -> Path:
+        if self.agent_methods_dir:
+            return Path(self.agent_methods_dir).expanduser().resolve()
+        return Path(self.agent_work_dir).expanduser().resolve().parent / "methods"
+
 
 def parse_labels(text: str) -> dict[str, str]:
     """'k=v,k2=v2' as a dict; blanks around names, values and commas are ignored."""
@@ -78,6 +110,153 @@ def parse_labels(text: str) -> dict[str, str]:
             raise ValueError(f"agent label {item.strip()!r} is not key=value")
         labels[key.strip()] = value.strip()
     return labels
+
+
+def parse_python_envs(text: str) -> dict[str, str]:
+    """'name=/path/to/python,name2=/path/to/venv' as a dict; each needs a name and a path."""
+    envs: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"agent python env {item.strip()!r} is not name=/path/to/python-or-venv")
+        envs[name.strip()] = path.strip()
+    return envs
+
+
+class LaunchError(Exception):
+    """A job this agent can't start (unknown environment, missing stage file); the message is the job's reason."""
+
+
+def conda_envs_dirs(environ: Mapping[str, str], home: Path) -> list[Path]:
+    """Where conda keeps named environments, in conda's own order of preference, without duplicates."""
+    dirs = [Path(p).expanduser() for p in environ.get("CONDA_ENVS_PATH", "").split(os.pathsep) if p.strip()]
+    prefix = environ.get("CONDA_PREFIX", "")
+    if prefix:
+        # Inside an activated environment CONDA_PREFIX is <root>/envs/<name>; in base it is <root> itself.
+        active = Path(prefix)
+        dirs.append(active.parent if active.parent.name == "envs" else active / "envs")
+    conda_exe = environ.get("CONDA_EXE", "")
+    if conda_exe:
+        dirs.append(Path(conda_exe).parent.parent / "envs")  # <root>/bin/conda (condabin/conda too)
+    if environ.get("MAMBA_ROOT_PREFIX"):
+        dirs.append(Path(environ["MAMBA_ROOT_PREFIX"]) / "envs")
+    dirs.append(home / ".conda" / "envs")
+    seen: list[Path] = []
+    for d in dirs:
+        if d not in seen:
+            seen.append(d)
+    return seen
+
+
+def _interpreters(path: Path) -> list[Path]:
+    return [path / "bin" / "python", path / "bin" / "python3"] if path.is_dir() else [path]
+
+
+def _runnable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def resolve_python_env(
+    name: str, explicit: Mapping[str, str], default: str, environ: Mapping[str, str], home: Path
+) -> str:
+    """The interpreter of the environment `name`: as mapped in agent_python_envs, else a conda environment of
+    that name; empty or 'base' (unless mapped) is `default`, the agent's interpreter. The path is kept as it
+    is, never resolved: a venv's bin/python is a symlink, and only through it does Python find the venv."""
+    name = name.strip()
+    if name in explicit:
+        candidates = _interpreters(Path(explicit[name]).expanduser())
+        where = f"agent_python_envs maps it to {explicit[name]}"
+    elif name in ("", "base"):
+        return default
+    else:
+        dirs = conda_envs_dirs(environ, home)
+        candidates = [d / name / "bin" / "python" for d in dirs]
+        where = "not in agent_python_envs (TUNEFORGE_AGENT_PYTHON_ENVS) nor a conda environment"
+    found = next((c for c in candidates if _runnable(c)), None)
+    if found is None:
+        looked = ", ".join(str(c) for c in candidates)
+        raise LaunchError(f"python_env {name!r}: no Python interpreter found ({where}); looked at {looked}")
+    return str(found)
+
+
+def resolve_stage_file(methods_dir: Path, file: str) -> Path:
+    """An added method's stage file, strictly inside the methods directory: a relative path without '..'
+    that, symlinks followed, still lands inside it."""
+    root = methods_dir.resolve()
+    given = PurePosixPath(file)
+    if not file.strip() or given.is_absolute() or file.startswith("~") or ".." in given.parts:
+        raise LaunchError(
+            f"entrypoint {file!r}: an added method's file must be a path relative to the methods directory "
+            f"{root}, without '..'"
+        )
+    path = (root / given).resolve()
+    if not path.is_relative_to(root):
+        raise LaunchError(f"entrypoint {file!r}: leads to {path}, outside the methods directory {root}")
+    if not path.is_file():
+        raise LaunchError(f"entrypoint {file!r}: no such file {root / given} (methods directory {root})")
+    return path
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one job's runner starts: its interpreter, what that runs, and for a file its directory."""
+
+    python: str
+    target: str  # a module for -m, or a script's absolute path
+    script_dir: str = ""  # a script's directory, put on PYTHONPATH so it imports its siblings
+
+    @property
+    def is_script(self) -> bool:
+        return bool(self.script_dir)
+
+
+def _script(settings: AgentSettings, entrypoint: str, python_env: str) -> Path:
+    if Path(entrypoint).is_absolute() and not python_env:
+        if not Path(entrypoint).is_file():
+            raise LaunchError(f"entrypoint {entrypoint!r}: no such file")
+        return Path(entrypoint)
+    return resolve_stage_file(settings.methods_dir(), entrypoint)
+
+
+def resolve_launch(
+    settings: AgentSettings,
+    entrypoint: str,
+    python_env: str,
+    environ: Mapping[str, str] = os.environ,
+    home: Path | None = None,
+) -> Launch:
+    """Interpreter and target of a job, or LaunchError naming each problem and what was looked at.
+
+    A module (tuneforge_trainer.methods.sft_lora) is a built-in. A .py file is an added method's stage
+    file, relative to the methods directory; an absolute one without a python_env is a file the jobs
+    service named directly (the catalog stores only relative ones), run where it is.
+    """
+    problems: list[str] = []
+    python = settings.agent_python
+    try:
+        python = resolve_python_env(
+            python_env,
+            parse_python_envs(settings.agent_python_envs),
+            settings.agent_python,
+            environ,
+            Path.home() if home is None else home,
+        )
+    except LaunchError as exc:
+        problems.append(str(exc))
+    target, script_dir = entrypoint, ""
+    if entrypoint.endswith(".py"):
+        try:
+            script = _script(settings, entrypoint, python_env)
+            target, script_dir = str(script), str(script.parent)
+        except LaunchError as exc:
+            problems.append(str(exc))
+    elif not entrypoint:
+        problems.append("entrypoint: the assignment names no module or file to run")
+    if problems:
+        raise LaunchError("; ".join(problems))
+    return Launch(python, target, script_dir)
 
 
 @dataclass
@@ -198,8 +377,13 @@ def build_command(
     dataset_path: str,
     output_dir: str,
     resume_from: str,
+    nproc_per_node: int = 1,
 ) -> list[str]:
-    """DeepExtension's runner contract: every hyperparameter as --key=value, booleans as true/false."""
+    """DeepExtension's runner contract: every hyperparameter as --key=value, booleans as true/false.
+
+    entrypoint: a .py file (run as a script) or a module (run with -m). With more than one process per node,
+    torchrun (as `python -m torch.distributed.run`, so it is the environment's own) starts one per GPU.
+    """
     values = {
         **{k: _flag_value(v) for k, v in params.items()},
         "model_path": model_path,
@@ -208,8 +392,43 @@ def build_command(
         "resume_from_checkpoint": resume_from,
     }
     target = [entrypoint] if entrypoint.endswith(".py") else ["-m", entrypoint]
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
+        if nproc_per_node > 1
+        else []
+    )
     flags = [f"--{k}={'true' if v is True else 'false' if v is False else v}" for k, v in values.items()]
-    return [python, *target, *flags]
+    return [python, *launcher, *target, *flags]
+
+
+def visible_devices(indices: list[int], agent_visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a runner given GPUs as the agent numbers them. When the agent itself is
+    limited to some GPUs (its own CUDA_VISIBLE_DEVICES, e.g. "2,3" or GPU UUIDs), its GPU i is the i-th listed."""
+    if agent_visible is not None and agent_visible.strip():
+        listed = [d.strip() for d in agent_visible.split(",") if d.strip()]
+        return ",".join(listed[i] for i in indices if i < len(listed))
+    return ",".join(str(i) for i in indices)
+
+
+def failure_reason(code: int, stderr_tail: list[str], out_of_memory: bool) -> str:
+    """A failed run's reason: how it ended, then its own last word (its last error: line, else its last stderr
+    line), with what to change when CUDA ran out of memory."""
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
+    errors = [t for t in stderr_tail if ERROR_LINE.search(t) and not any(n in t for n in NOT_THE_REASON)]
+    if out_of_memory:
+        errors = [t for t in errors if any(m in t for m in OOM_MARKERS)] or errors
+    line = errors[-1] if errors else stderr_tail[-1] if stderr_tail else ""
+    if len(line) > MAX_REASON_LINE:
+        line = line[: MAX_REASON_LINE - 3] + "..."
+    if out_of_memory:
+        return f"training process {how}: {OOM_HINT}" + (f" ({line})" if line else "")
+    return f"training process {how}: {line or 'no error output'}"
 
 
 def metric_report(parsed: dict[str, Any]) -> apb.MetricReport | None:
@@ -243,6 +462,9 @@ class JobRun:
         self.fenced = ""  # why the service refused this attempt's reports; it then reports nothing more
         self.pausing = False  # a pause was asked: the runner checkpoints and stops (exit PAUSED_EXIT_CODE)
         self.uploads: list[asyncio.Task] = []  # checkpoints being copied into the artifact store
+        self.gpus: list[int] = []  # the agent's GPUs this run holds (as the agent numbers them)
+        self.distributed = False  # started under torchrun, one worker process per GPU
+        self.out_of_memory = False  # CUDA said so on stderr
         self.workdir = (
             Path(agent.settings.agent_work_dir).resolve() / assignment.job_id / f"attempt-{assignment.attempt}"
         )
@@ -267,8 +489,11 @@ class JobRun:
         return model_path, dataset_path
 
     async def run(self) -> None:
+        settings = self.agent.settings
         try:
-            self.log_line("agent", f"attempt {self.a.attempt} starting on agent {self.agent.settings.agent_name}")
+            self.log_line("agent", f"attempt {self.a.attempt} starting on agent {settings.agent_name}")
+            # Before anything is staged or started: a job this node can't run fails at once, saying why.
+            launch = await asyncio.to_thread(resolve_launch, settings, self.a.entrypoint, self.a.python_env)
             model_path, dataset_path = await asyncio.to_thread(self._stage_inputs)
             resume_from = await asyncio.to_thread(self._stage_checkpoint)
             if self.cancelled:  # stopped while its inputs were being staged: never start the process
@@ -277,14 +502,17 @@ class JobRun:
                 return
             output_dir = self.workdir / "output"
             params = json_format.MessageToDict(self.a.parameters)
+            nproc = max(1, self.a.gpu_count)
+            self.distributed = nproc > 1
             cmd = build_command(
-                self.agent.settings.agent_python,
-                self.a.entrypoint,
+                launch.python,
+                launch.target,
                 params,
                 model_path,
                 dataset_path,
                 str(output_dir),
                 resume_from,
+                nproc_per_node=nproc,
             )
             own = {
                 "MODEL_PATH": model_path,
@@ -296,9 +524,22 @@ class JobRun:
                 "PYTHONUNBUFFERED": "1",
                 "HF_HUB_OFFLINE": "1",
             }
-            env, skipped = runner_env(os.environ, params, own)
+            base = dict(os.environ)
+            if launch.python != settings.agent_python:
+                # Another environment's interpreter: its bin first on PATH, for the tools a script calls, and
+                # no VIRTUAL_ENV naming the agent's own environment.
+                base.pop("VIRTUAL_ENV", None)
+                own["PATH"] = os.pathsep.join(p for p in (str(Path(launch.python).parent), base.get("PATH")) if p)
+            if launch.is_script:
+                # python file.py puts its directory on sys.path; PYTHONPATH keeps it there for the processes the
+                # script starts (dataloader workers, its own subprocesses).
+                own["PYTHONPATH"] = os.pathsep.join(p for p in (launch.script_dir, base.get("PYTHONPATH")) if p)
+            if self.gpus:
+                own["CUDA_VISIBLE_DEVICES"] = visible_devices(self.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            env, skipped = runner_env(base, params, own)
             if skipped:
                 self.log_line("agent", f"not set from parameters (protected variables): {', '.join(skipped)}")
+            self.log_line("agent", self._describe(launch, nproc, own.get("CUDA_VISIBLE_DEVICES")))
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdout=asyncio.subprocess.PIPE,
@@ -340,18 +581,37 @@ class JobRun:
                     )
                 )
             else:
-                last = stderr_tail[-1] if stderr_tail else "no error output"
-                self.report(
-                    state=apb.StateReport(
-                        state=apb.REPORTED_STATE_FAILED, reason=f"training process exited with code {code}: {last}"
-                    )
-                )
+                if stderr_tail:
+                    # Its last words as one block, so the job's log ends with them even where lines interleave.
+                    block = "\n".join(stderr_tail)
+                    self.log_line("agent", f"training process exited with code {code}; last stderr lines:\n{block}")
+                    log.warning("job %s attempt %d: exit code %d; last stderr lines:\n%s", *self._id, code, block)
+                reason = failure_reason(code, stderr_tail, self.out_of_memory)
+                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=reason))
+        except LaunchError as exc:  # the user's to fix (environment, file): the reason says it, no traceback
+            log.warning("job %s attempt %d can't start: %s", *self._id, exc)
+            self.log_line("agent", str(exc))
+            self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=str(exc)))
         except Exception as exc:  # staging or upload failed: the job fails with the reason, the agent lives on
             log.exception("job %s failed on the agent", self.a.job_id)
             self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=f"agent error: {exc}"))
         finally:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.workdir / "model", ignore_errors=True)
+
+    @property
+    def _id(self) -> tuple[str, int]:
+        return self.a.job_id, self.a.attempt
+
+    def _describe(self, launch: Launch, nproc: int, devices: str | None) -> str:
+        what = f"running {launch.target} with {launch.python}"
+        if self.a.python_env:
+            what += f" (python_env {self.a.python_env!r})"
+        if nproc > 1:
+            what += f" under torchrun, {nproc} processes"
+        if devices is not None:
+            what += f" on CUDA_VISIBLE_DEVICES={devices}"
+        return what
 
     def _stage_checkpoint(self) -> str:
         """The checkpoint a resumed attempt starts from, copied next to the run; "" for a fresh start."""
@@ -381,9 +641,18 @@ class JobRun:
         if proc is None or proc.returncode is not None:
             await self.terminate()  # not started yet: nothing to checkpoint, the service keeps its last one
             return
+        targets = [proc.pid]
+        if self.distributed:
+            # torchrun dies of SIGUSR1 (it doesn't pass it on): the signal goes to its workers, which checkpoint
+            # and stop; torchrun then ends with them.
+            targets = [p.pid for p in _children(proc.pid, recursive=False)]
+            if not targets:  # no worker started yet: nothing to checkpoint
+                await self.terminate()
+                return
         self.pausing = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGUSR1)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
 
     async def _pump(self, stream: asyncio.StreamReader | None, name: str, tail: list[str] | None) -> None:
         assert stream is not None
@@ -395,6 +664,8 @@ class JobRun:
             if not raw:
                 return
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if name == "stderr" and any(marker in text for marker in OOM_MARKERS):
+                self.out_of_memory = True
             saved = parse_checkpoint(text) if name == "stdout" else None
             if saved is not None:
                 self.uploads.append(asyncio.create_task(self._store_checkpoint(saved)))
@@ -415,13 +686,27 @@ class JobRun:
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
+        # torchrun starts each worker in a session of its own, out of reach of the group's signals: noted
+        # now, while they are still the runner's children, so the SIGKILL below reaches them too.
+        tree = _children(proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), self.agent.settings.agent_terminate_grace_seconds)
         except TimeoutError:
+            tree += _children(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            for child in tree:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()  # psutil checks the pid still names the same process
+
+
+def _children(pid: int, recursive: bool = True) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=recursive)
+    except psutil.Error:
+        return []
 
 
 @dataclass(frozen=True)
@@ -511,11 +796,14 @@ class Agent:
         self.runs: dict[str, JobRun] = {}
         self.tasks: set[asyncio.Task] = set()
         self.agent_id = ""
+        self.free_gpus: list[int] | None = None  # the GPUs no run holds; known once the node is probed
 
     def resources(self) -> apb.AgentResources:
         """What this node offers: GPUs (count, models, memory per GPU: the smallest one's when they differ),
         CPUs, RAM, the labels from TUNEFORGE_AGENT_LABELS and the slots."""
         gpus = detect_gpus(self.settings.agent_python)
+        if self.free_gpus is None:
+            self.free_gpus = list(range(len(gpus)))
         return apb.AgentResources(
             gpu_count=len(gpus),
             gpu_models=[g.model for g in gpus],
@@ -585,6 +873,7 @@ class Agent:
         if assignment.job_id in self.runs:
             return
         run = JobRun(self, assignment)
+        run.gpus = self._take_gpus(assignment.gpu_count)
         self.runs[assignment.job_id] = run
         task = asyncio.create_task(run.run(), name=f"job-{assignment.job_id}")
         self.tasks.add(task)
@@ -592,7 +881,21 @@ class Agent:
 
     def _finished(self, job_id: str, task: asyncio.Task) -> None:
         self.tasks.discard(task)
-        self.runs.pop(job_id, None)
+        run = self.runs.pop(job_id, None)
+        if run is not None and self.free_gpus is not None:
+            self.free_gpus = sorted(self.free_gpus + run.gpus)
+
+    def _take_gpus(self, count: int) -> list[int]:
+        """GPUs for a run that asked for `count`, lowest free first. The scheduler only sends a job whose GPUs
+        are free here; when this agent knows fewer (probe failed), the run goes unpinned rather than not at all.
+        A job that asked for none isn't pinned either: it sees what the agent sees."""
+        free = self.free_gpus or []
+        if count <= 0 or len(free) < count:
+            if count > 0:
+                log.warning("job asks for %d GPU(s), %d known free here: not pinning it", count, len(free))
+            return []
+        taken, self.free_gpus = free[:count], free[count:]
+        return taken
 
     def _cancel(self, job_id: str, checkpoint_first: bool = False) -> None:
         run = self.runs.get(job_id)

@@ -243,6 +243,8 @@ class JobAssignment(_message.Message):
     RESUME_FROM_URI_FIELD_NUMBER: _builtins.int
     RESUME_FROM_STEP_FIELD_NUMBER: _builtins.int
     CHECKPOINT_URI_FIELD_NUMBER: _builtins.int
+    PYTHON_ENV_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     method_id: _builtins.str
@@ -257,6 +259,15 @@ class JobAssignment(_message.Message):
     resume_from_step: _builtins.int
     checkpoint_uri: _builtins.str
     """Where the agent stores checkpoints (each under <uri>/checkpoint-<step>)."""
+    python_env: _builtins.str
+    """Python environment the training runs in: an added method's stages.training.env (a conda environment,
+    or a name the agent maps to an interpreter); then entrypoint is its file, relative to the agent's
+    methods directory. Empty for built-in methods, which run in the agent's own interpreter.
+    """
+    gpu_count: _builtins.int
+    """GPUs the job asked for (its resource request). Above one, the agent starts the runner under torchrun,
+    one process per GPU; from one up, it pins the runner to the GPUs it gave the job.
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -273,10 +284,12 @@ class JobAssignment(_message.Message):
         resume_from_uri: _builtins.str = ...,
         resume_from_step: _builtins.int = ...,
         checkpoint_uri: _builtins.str = ...,
+        python_env: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "gpu_count", b"gpu_count", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "python_env", b"python_env", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
