@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tuneforge_trainer.sdk import PAUSED_EXIT_CODE, parse_checkpoint, parse_log_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,3 +76,30 @@ def test_sigusr1_pauses_at_a_reported_checkpoint_and_resuming_continues_at_the_n
     ]
     assert later == [checkpoint["step"] + 1, checkpoint["step"] + 2, checkpoint["step"] + 3]
     assert (output / "adapter_config.json").is_file()
+
+
+def test_a_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_model_dir, child_env, tmp_path):
+    """Optimizer, scheduler, RNG (LoRA dropout) and data position all come back: steps 4-6 of a run resumed at
+    step 3 have the losses and learning rates of the same steps in a run that never stopped."""
+
+    def run(output: Path, *extra: str) -> dict[int, dict]:
+        result = subprocess.run(
+            flags(tiny_model_dir, output, "--max_steps=6", "--lora_dropout=0.2", "--max_seq_length=128", *extra),
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs = [p["details"] for p in map(parse_log_data, result.stdout.splitlines()) if p]
+        return {d["step"]: d for d in logs if "loss" in d}
+
+    whole = run(tmp_path / "whole", "--save_steps=3")
+    assert sorted(whole) == [1, 2, 3, 4, 5, 6]
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    resumed = run(tmp_path / "resumed", f"--resume_from_checkpoint={checkpoint}")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-4)
+        assert resumed[step]["learning_rate"] == pytest.approx(whole[step]["learning_rate"])
