@@ -199,6 +199,57 @@ def test_a_real_tiny_job_trains_to_succeeded_with_metrics_logs_and_a_peft_adapte
     assert lora_b and any(p.abs().sum().item() > 0 for p in lora_b)  # trained, not the zero init
 
 
+EXAMPLES = REPO / "examples" / "datasets"
+
+
+@pytest.mark.parametrize(
+    ("method_id", "dataset", "parameters", "metric", "output_file"),
+    [
+        ("sft", "sample-chat.jsonl", {"learning_rate": 1e-3}, "loss", "model.safetensors"),
+        ("dpo", "sample-preference.jsonl", {"beta": 0.2, "lora_rank": 4}, "rewards/accuracies", "adapter_config.json"),
+        (
+            "grpo",
+            "sample-qa.jsonl",
+            {
+                "num_generations": 2,
+                "max_completion_length": 8,
+                "max_prompt_length": 64,
+                "reward_functions": "accuracy,length",
+            },
+            "reward",
+            "adapter_config.json",
+        ),
+        ("custom01", "sample-qa.jsonl", {"lora_rank": 4, "num_generations": 2}, "loss", "adapter_config.json"),
+    ],
+)
+def test_each_builtin_method_trains_through_the_platform(stack, method_id, dataset, parameters, metric, output_file):
+    path = EXAMPLES / dataset
+    ds = stack.http.post(
+        "/api/v1/datasets", files={"file": (dataset, path.read_bytes())}, data={"name": f"{method_id}-{dataset}"}
+    )
+    assert ds.status_code == 201, ds.text
+    resp = stack.http.post(
+        "/api/v1/jobs",
+        json={
+            "model_id": "tiny-chat",
+            "dataset_id": ds.json()["id"],
+            "method_id": method_id,
+            "parameters": {"max_steps": 2, "batch_size": 2, **parameters},
+        },
+    )
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["id"]
+    with stack.http.stream("GET", f"/api/v1/jobs/{job_id}/events", timeout=240) as sse:
+        read_sse(sse, "SUCCEEDED")
+    final = stack.http.get(f"/api/v1/jobs/{job_id}").json()
+    if final["state"] != "SUCCEEDED":
+        logs = stack.http.get(f"/api/v1/jobs/{job_id}/logs", params={"format": "text"}).text
+        pytest.fail(f"{method_id}: {final['state']} {final.get('state_reason')}\n{logs[-3000:]}")
+    series = stack.http.get(f"/api/v1/jobs/{job_id}/metrics", params={"name": metric}).json()["series"][metric]
+    assert [step for step, _ in series] == [1, 2]
+    assert (Path(final["output_uri"]) / output_file).is_file()
+
+
 def test_terminating_a_running_job_stops_its_process(stack):
     ds = stack.http.get("/api/v1/datasets", params={"status": "READY"}).json()["datasets"][0]
     job = stack.http.post(

@@ -638,7 +638,11 @@ async def test_builtin_methods_are_listed_with_schemas(catalog_stub):
     assert "sft-lora" in rank.applies_to and "sft" not in rank.applies_to
     assert "training_steps" in next(p for p in sft.parameters if p.name == "max_steps").aliases
     formats = {m.id: {common_pb2.DatasetFormat.Name(f) for f in m.dataset_formats} for m in methods}
-    assert formats["dpo"] == {"DATASET_FORMAT_PREFERENCE"} and formats["grpo"] == {"DATASET_FORMAT_PROMPT_ANSWER"}
+    assert formats["dpo"] == {"DATASET_FORMAT_PREFERENCE"} and formats["grpo"] == {
+        "DATASET_FORMAT_PROMPT_ANSWER",
+        "DATASET_FORMAT_COLUMNS",
+        "DATASET_FORMAT_INSTRUCTION",
+    }
     assert "DATASET_FORMAT_CHAT" in formats["sft-lora"] and formats["custom01"] == set()
 
 

@@ -554,7 +554,9 @@ BUILTIN_METHODS: tuple[MethodDefinition, ...] = (
         lifecycle="customized",
         params=GrpoParams,
         entrypoint=_entrypoint("grpo"),
-        dataset_formats=("prompt_answer",),
+        # A prompt and the reference answer the rewards compare with: prompt/answer rows, or any named or
+        # detected question/answer columns (instruction/output included).
+        dataset_formats=("prompt_answer", "columns", "instruction"),
     ),
     _template("custom01"),
     _template("custom02"),
