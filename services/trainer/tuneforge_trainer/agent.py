@@ -873,7 +873,7 @@ class Agent:
         if assignment.job_id in self.runs:
             return
         run = JobRun(self, assignment)
-        run.gpus = self._take_gpus(assignment.gpu_count)
+        run.gpus = self._take_gpus(assignment.job_id, assignment.gpu_count)
         self.runs[assignment.job_id] = run
         task = asyncio.create_task(run.run(), name=f"job-{assignment.job_id}")
         self.tasks.add(task)
@@ -885,14 +885,14 @@ class Agent:
         if run is not None and self.free_gpus is not None:
             self.free_gpus = sorted(self.free_gpus + run.gpus)
 
-    def _take_gpus(self, count: int) -> list[int]:
+    def _take_gpus(self, job_id: str, count: int) -> list[int]:
         """GPUs for a run that asked for `count`, lowest free first. The scheduler only sends a job whose GPUs
         are free here; when this agent knows fewer (probe failed), the run goes unpinned rather than not at all.
         A job that asked for none isn't pinned either: it sees what the agent sees."""
         free = self.free_gpus or []
         if count <= 0 or len(free) < count:
             if count > 0:
-                log.warning("job asks for %d GPU(s), %d known free here: not pinning it", count, len(free))
+                log.warning("job %s asks for %d GPU(s), %d known free here: not pinning it", job_id, count, len(free))
             return []
         taken, self.free_gpus = free[:count], free[count:]
         return taken
