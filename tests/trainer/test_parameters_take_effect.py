@@ -158,10 +158,33 @@ def test_max_seq_length_truncates_every_sample(build):
 def test_packing_fills_sequences_without_padding_and_keeps_samples_apart(build):
     padded, packed = first_batch(build(packing=False)), first_batch(build(packing=True, max_seq_length=256))
     assert "attention_mask" in padded and "position_ids" not in padded
-    # Padding-free: one row of several samples, each restarting its positions, no pad token at all.
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    # Padding-free: rows of several samples, each restarting its positions, no attention mask at all.
+    assert packed["input_ids"].shape[0] == 2 and "attention_mask" not in packed
     starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) > 2 and starts[0] == 0
+
+
+def test_a_row_per_packed_sequence_gives_the_loss_of_trls_single_row(build):
+    """Without FlashAttention-2 each packed sequence gets its own row (less attention work); same loss."""
+    from tuneforge_trainer.supervised import RowPerPackedSequence
+
+    built = build(packing=True, max_seq_length=128)
+    collator = built.trainer.data_collator
+    assert isinstance(collator, RowPerPackedSequence)
+    examples = [built.trainer.train_dataset[i] for i in range(2)]
+    rows, joined = collator(examples), collator.collator(examples)
+    assert rows["input_ids"].shape[0] == 2 and joined["input_ids"].shape[0] == 1
+    assert int(rows["packed_tokens"]) == joined["input_ids"].shape[1]
+    model = built.trainer.model.eval()
+    keys = ("input_ids", "labels", "position_ids")
+    with torch.no_grad():
+        row_loss = model(**{k: rows[k] for k in keys}, use_cache=False).loss
+        joined_loss = model(**{k: joined[k] for k in keys}, use_cache=False).loss
+    torch.testing.assert_close(row_loss, joined_loss, atol=1e-5, rtol=1e-5)
+    built.trainer.model.train()
+    built.trainer.train()  # TRL's num_tokens metric counts every packed token, not one row's width
+    logged = [h for h in built.trainer.state.log_history if "num_tokens" in h]
+    assert logged[-1]["num_tokens"] == built.trainer.state.num_input_tokens_seen
 
 
 def test_packed_samples_do_not_attend_to_each_other(tiny_model_dir):
@@ -184,9 +207,11 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model_dir):
 
 def test_completion_only_loss_masks_the_prompt(build, tmp_path):
     def masked_share(built) -> float:
-        labels = first_batch(built)["labels"]
-        real = labels[labels != -100].numel()
-        return 1 - real / labels.numel()
+        """Share of the batch's tokens (padding aside) that the loss leaves out."""
+        batch = first_batch(built)
+        tokens = batch["input_ids"] != built.tokenizer.pad_token_id
+        learned = (batch["labels"] != -100) & tokens
+        return 1 - learned.sum().item() / tokens.sum().item()
 
     for dataset in (CHAT, QA):  # chat (assistant turns) and prompt/answer rows (completions)
         only_answers = masked_share(build(dataset, packing=True, max_seq_length=256))

@@ -39,9 +39,59 @@ def _loss_on_completions(dataset, data_format: str, tokenizer, params: Any) -> t
     return dataset, {"completion_only_loss": data_format != "text"}
 
 
+class RowPerPackedSequence:
+    """Batches of packed sequences with one row each, instead of TRL's one row for the whole batch.
+
+    TRL's padding-free collator joins a batch's packed sequences into a single row, which FlashAttention-2's
+    variable-length kernels split again at no cost. SDPA and eager attention instead compute the whole row
+    under a block mask: batch_size times the attention work (measured: packing gained 1.24x over padding
+    that way, 1.43x with a row per sequence). Each row keeps its samples apart by their restarting position
+    ids; the short rows are padded at the end (labels -100), where no earlier token can see them.
+    """
+
+    def __init__(self, collator: Any, pad_token_id: int) -> None:
+        self.collator, self.pad_token_id = collator, pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+        from torch.nn.functional import pad
+
+        rows = [self.collator([example]) for example in examples]
+        width = max(row["input_ids"].shape[1] for row in rows)
+
+        def stacked(key: str, fill: int) -> Any:
+            return torch.cat([pad(row[key], (0, width - row[key].shape[1]), value=fill) for row in rows])
+
+        return {
+            "input_ids": stacked("input_ids", self.pad_token_id),
+            "labels": stacked("labels", -100),
+            "position_ids": stacked("position_ids", 0),
+            # Not a model input: PlatformSFTTrainer takes it out to count the tokens trained.
+            "packed_tokens": torch.tensor(sum(row["input_ids"].shape[1] for row in rows)),
+        }
+
+
+def _platform_trainer_class():
+    from trl import SFTTrainer
+
+    class PlatformSFTTrainer(SFTTrainer):
+        """SFTTrainer whose token count (the num_tokens metric) is right for RowPerPackedSequence batches."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            packed_tokens = inputs.pop("packed_tokens", None)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if packed_tokens is not None and model.training and hasattr(self, "_total_train_tokens"):
+                # TRL counted one row's width for a padding-free batch; it holds packed_tokens.
+                self._total_train_tokens += int(packed_tokens) - inputs["position_ids"].size(1)
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return result
+
+    return PlatformSFTTrainer
+
+
 def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | None, *, full: bool) -> Built:
     import transformers
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     runner.quiet_libraries()
     transformers.set_seed(params.seed)  # the LoRA matrices' initialisation follows --seed too
@@ -98,7 +148,7 @@ def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | 
         packing_strategy="bfd",
         **loss_flags,
     )
-    trainer = SFTTrainer(
+    trainer = _platform_trainer_class()(
         model=model,
         args=config,
         train_dataset=dataset,
@@ -107,6 +157,9 @@ def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | 
         optimizers=(optimizer, None),  # (None, None): Trainer builds AdamW and the schedule from the config
         callbacks=[make_log_data_callback()],
     )
+    if params.packing and model.config._attn_implementation != "flash_attention_2":
+        # Swapped after construction: TRL refuses a collator of ours in padding-free mode.
+        trainer.data_collator = RowPerPackedSequence(trainer.data_collator, tokenizer.pad_token_id)
     return Built(trainer, tokenizer, eval_dataset, precision, data_format, len(dataset))
 
 
