@@ -27,7 +27,9 @@ of its repeats (noise on a shared machine only slows a run); every repeat is lis
 
 With PyTorch SDPA attention (CPU, or a GPU without --flash_attention), TRL's padding-free collator concatenates
 a packed batch into one row of up to batch_size x max_length tokens, so attention runs over that whole row
-under a block-diagonal mask, (B*L)^2 rather than B*L^2: on this CPU model it takes most of packing's gain.
+under a block-diagonal mask, (B*L)^2 rather than B*L^2. The platform gives each packed sequence its own row
+instead (tuneforge_trainer.supervised.RowPerPackedSequence); bare-same keeps TRL's joined row, which is most
+of the difference in scenario 1.
 
     python bench/bench_training_throughput.py [--quick] [--json PATH] [--repeats 3] [--steps 8] [--threads 1]
 """

@@ -17,37 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge_common.methods import check_cross_field, greater_is_better
-from tuneforge_trainer.sdk import PAUSED_EXIT_CODE, install_pause_handler, log_data, parse_flags, pause_requested
+from tuneforge_trainer.sdk import (
+    PAUSED_EXIT_CODE,
+    RunPaths,
+    install_pause_handler,
+    log_data,
+    parse_flags,
+    pause_requested,
+    run_paths,
+)
 
-REQUIRED_EXTRAS = ("model_path", "dataset_path", "output_dir")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    model: Path
-    dataset: Path
-    output: Path
-    # A checkpoint directory, True (the latest in output), or None for a fresh start.
-    resume: str | bool | None
-
-
-def run_paths(extras: dict[str, str]) -> RunPaths:
-    """The agent's flags (or their upper-case environment variables), checked; SystemExit names the flag."""
-    values = {k: extras.get(k) or os.environ.get(k.upper(), "") for k in REQUIRED_EXTRAS}
-    missing = [f"--{k}" for k, v in values.items() if not v]
-    if missing:
-        raise SystemExit(f"error: missing required flag(s): {', '.join(missing)}")
-    model = Path(values["model_path"])
-    if not (model / "config.json").is_file():
-        raise SystemExit(f"error: --model_path={model}: no model there (config.json missing)")
-    flag = extras.get("resume_from_checkpoint", os.environ.get("RESUME_FROM_CHECKPOINT")) or None
-    resume: str | bool | None = flag
-    if flag is not None:
-        if flag.lower() == "true":
-            resume = True  # Trainer picks the last checkpoint in output_dir
-        elif not Path(flag).is_dir():
-            raise SystemExit(f"error: --resume_from_checkpoint={flag}: no such checkpoint directory")
-    return RunPaths(model, Path(values["dataset_path"]), Path(values["output_dir"]), resume)
+__all__ = ["RunPaths", "run_main", "run_paths", "train_built"]
 
 
 def quiet_libraries() -> None:
@@ -226,6 +206,18 @@ def train_and_finish(trainer, tokenizer, paths: RunPaths, eval_dataset, *, merge
         # Stopped after the pause checkpoint (reported by the callback); the final model comes after a resume.
         return {"paused_at_step": result.global_step}
     return finish(trainer, result, tokenizer, paths, eval_dataset, merge=merge, precision=precision)
+
+
+def train_built(paths: RunPaths, build: Callable[[str | None], Any], *, merge: bool) -> dict:
+    """Build the trainer (with the run's datasets cache dir), train it, and save, report and merge the result."""
+
+    def run(cache_dir: str | None) -> dict:
+        built = build(cache_dir)
+        return train_and_finish(
+            built.trainer, built.tokenizer, paths, built.eval_dataset, merge=merge, precision=built.precision
+        )
+
+    return with_datasets_cache(run)
 
 
 def with_datasets_cache(train: Callable[[str | None], dict]) -> dict:

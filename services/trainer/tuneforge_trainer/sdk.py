@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tuneforge_common.params import ParamSpec, check_range, coerce, specs_from_dataclass
@@ -93,6 +94,39 @@ def parse_checkpoint(line: str) -> dict[str, Any] | None:
         return None
     payload.setdefault("metrics", {})
     return payload
+
+
+# --- the paths the agent passes ------------------------------------------------------------------
+
+REQUIRED_EXTRAS = ("model_path", "dataset_path", "output_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    model: Path
+    dataset: Path
+    output: Path
+    # A checkpoint directory, True (the latest in output), or None for a fresh start.
+    resume: str | bool | None
+
+
+def run_paths(extras: dict[str, str]) -> RunPaths:
+    """The agent's flags (or their upper-case environment variables), checked; SystemExit names the flag."""
+    values = {k: extras.get(k) or os.environ.get(k.upper(), "") for k in REQUIRED_EXTRAS}
+    missing = [f"--{k}" for k, v in values.items() if not v]
+    if missing:
+        raise SystemExit(f"error: missing required flag(s): {', '.join(missing)}")
+    model = Path(values["model_path"])
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"error: --model_path={model}: no model there (config.json missing)")
+    flag = extras.get("resume_from_checkpoint", os.environ.get("RESUME_FROM_CHECKPOINT")) or None
+    resume: str | bool | None = flag
+    if flag is not None:
+        if flag.lower() == "true":
+            resume = True  # Trainer picks the last checkpoint in output_dir
+        elif not Path(flag).is_dir():
+            raise SystemExit(f"error: --resume_from_checkpoint={flag}: no such checkpoint directory")
+    return RunPaths(model, Path(values["dataset_path"]), Path(values["output_dir"]), resume)
 
 
 # --- pause ----------------------------------------------------------------------------------------

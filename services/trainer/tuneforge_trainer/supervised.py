@@ -165,16 +165,8 @@ def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | 
 
 def train(method_id: str, params: Any, extras: dict[str, str], *, full: bool) -> dict[str, Any]:
     paths = runner.run_paths(extras)
-
-    def run(cache_dir: str | None) -> dict[str, Any]:
-        built = build(method_id, params, paths, cache_dir, full=full)
-        return runner.train_and_finish(
-            built.trainer,
-            built.tokenizer,
-            paths,
-            built.eval_dataset,
-            merge=not full and getattr(params, "merge_adapter", False),
-            precision=built.precision,
-        )
-
-    return runner.with_datasets_cache(run)
+    return runner.train_built(
+        paths,
+        lambda cache_dir: build(method_id, params, paths, cache_dir, full=full),
+        merge=not full and getattr(params, "merge_adapter", False),
+    )

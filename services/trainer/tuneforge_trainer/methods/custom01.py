@@ -19,7 +19,6 @@ prompt into the log so you can see what the adapter learned.
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from tuneforge_trainer.sdk import (
     pause_requested,
     read_prompt_answer_rows,
     report_checkpoint,
+    run_paths,
 )
 
 STATE_FILE = "training_state.pt"
@@ -174,14 +174,11 @@ def train(params: DeepExtensionParams, model_path: Path, dataset_path: Path, out
 def main(argv: list[str] | None = None) -> int:
     params, extras = parse_flags(DeepExtensionParams, argv)
     install_pause_handler()
-    paths = {k: extras.get(k) or os.environ.get(k.upper(), "") for k in ("model_path", "dataset_path", "output_dir")}
-    missing = [f"--{k}" for k, v in paths.items() if not v]
-    if missing:
-        return fail(f"missing required flag(s): {', '.join(missing)}")
+    paths = run_paths(extras)  # SystemExit naming a missing flag
     if params.max_input_length >= params.max_seq_length:
         return fail("--max_input_length must be less than --max_seq_length")
-    resume = extras.get("resume_from_checkpoint") or os.environ.get("RESUME_FROM_CHECKPOINT", "")
-    return train(params, Path(paths["model_path"]), Path(paths["dataset_path"]), Path(paths["output_dir"]), resume)
+    resume = paths.resume if isinstance(paths.resume, str) else ""
+    return train(params, paths.model, paths.dataset, paths.output, resume)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ and data position. It fine-tunes a LoRA adapter on prompt/answer rows with DeepE
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tuneforge_trainer.sdk import (
     parse_flags,
     pause_requested,
     read_prompt_answer_rows,
+    run_paths,
 )
 
 
@@ -97,13 +97,9 @@ def train(params: DeepExtensionParams, model_path: Path, dataset_path: Path, out
 def main(argv: list[str] | None = None) -> int:
     params, extras = parse_flags(DeepExtensionParams, argv)
     install_pause_handler()
-    paths = {k: extras.get(k) or os.environ.get(k.upper(), "") for k in ("model_path", "dataset_path", "output_dir")}
-    missing = [f"--{k}" for k, v in paths.items() if not v]
-    if missing:
-        print(f"error: missing required flag(s): {', '.join(missing)}", file=sys.stderr)
-        return 1
-    resume = extras.get("resume_from_checkpoint") or os.environ.get("RESUME_FROM_CHECKPOINT", "")
-    return train(params, Path(paths["model_path"]), Path(paths["dataset_path"]), Path(paths["output_dir"]), resume)
+    paths = run_paths(extras)  # SystemExit naming a missing flag
+    resume = paths.resume if isinstance(paths.resume, str) else ""
+    return train(params, paths.model, paths.dataset, paths.output, resume)
 
 
 if __name__ == "__main__":

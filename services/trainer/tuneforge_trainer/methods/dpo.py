@@ -324,19 +324,9 @@ def build(params: Any, paths: runner.RunPaths, cache_dir: str | None) -> Built:
 
 def train(params: DpoParams, extras: dict[str, str]) -> dict[str, Any]:
     paths = runner.run_paths(extras)
-
-    def run(cache_dir: str | None) -> dict[str, Any]:
-        built = build(params, paths, cache_dir)
-        return runner.train_and_finish(
-            built.trainer,
-            built.tokenizer,
-            paths,
-            built.eval_dataset,
-            merge=params.use_lora and params.merge_adapter,
-            precision=built.precision,
-        )
-
-    return runner.with_datasets_cache(run)
+    return runner.train_built(
+        paths, lambda cache_dir: build(params, paths, cache_dir), merge=params.use_lora and params.merge_adapter
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

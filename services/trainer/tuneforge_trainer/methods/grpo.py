@@ -175,19 +175,11 @@ def build(params: GrpoParams, paths: runner.RunPaths, cache_dir: str | None, ext
 
 def train(params: GrpoParams, extras: dict[str, str]) -> dict[str, Any]:
     paths = runner.run_paths(extras)
-
-    def run(cache_dir: str | None) -> dict[str, Any]:
-        built = build(params, paths, cache_dir, extras)
-        return runner.train_and_finish(
-            built.trainer,
-            built.tokenizer,
-            paths,
-            built.eval_dataset,
-            merge=params.use_lora and params.merge_adapter,
-            precision=built.precision,
-        )
-
-    return runner.with_datasets_cache(run)
+    return runner.train_built(
+        paths,
+        lambda cache_dir: build(params, paths, cache_dir, extras),
+        merge=params.use_lora and params.merge_adapter,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
