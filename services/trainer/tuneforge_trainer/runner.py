@@ -109,6 +109,21 @@ def trainer_arguments(params: Any, precision: str, cuda: bool, output_dir: Path,
     }
 
 
+def trainer_inputs(model, config, dataset, eval_dataset, tokenizer, optimizer) -> dict[str, Any]:
+    """What every TRL trainer of ours is built with: the model, its config, the data, and our callback."""
+    from tuneforge_trainer.sdk import make_log_data_callback
+
+    return {
+        "model": model,
+        "args": config,
+        "train_dataset": dataset,
+        "eval_dataset": eval_dataset,
+        "processing_class": tokenizer,
+        "optimizers": (optimizer, None),  # (None, None): Trainer builds AdamW and the schedule from the config
+        "callbacks": [make_log_data_callback()],
+    }
+
+
 def lora_config(params: Any):
     from peft import LoraConfig
 

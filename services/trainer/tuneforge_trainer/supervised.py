@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 from tuneforge_trainer import data, hardware, runner
-from tuneforge_trainer.sdk import make_log_data_callback
 
 
 @dataclasses.dataclass
@@ -149,13 +148,7 @@ def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | 
         **loss_flags,
     )
     trainer = _platform_trainer_class()(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        optimizers=(optimizer, None),  # (None, None): Trainer builds AdamW and the schedule from the config
-        callbacks=[make_log_data_callback()],
+        **runner.trainer_inputs(model, config, dataset, eval_dataset, tokenizer, optimizer)
     )
     if params.packing and model.config._attn_implementation != "flash_attention_2":
         # Swapped after construction: TRL refuses a collator of ours in padding-free mode.

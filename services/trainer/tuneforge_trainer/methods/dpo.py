@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge_common.methods import DpoParams
-from tuneforge_trainer import data, hardware, runner
-from tuneforge_trainer.sdk import make_log_data_callback
+from tuneforge_trainer import data, hardware, runner, supervised
 
 METHOD_ID = "dpo"
 # TRL refuses exo_pair without label smoothing; the EXO paper recommends 1e-3.
@@ -50,14 +49,8 @@ Prompt = str | list[Message]
 
 
 @dataclasses.dataclass
-class Built:
-    trainer: Any
-    tokenizer: Any
-    eval_dataset: Any
-    precision: str
-    data_format: str
-    train_rows: int
-    prompts_cut: int
+class Built(supervised.Built):
+    prompts_cut: int = 0
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -305,15 +298,7 @@ def build(params: Any, paths: runner.RunPaths, cache_dir: str | None) -> Built:
         # With LoRA the base model's dropout is already off and the adapter's stays as asked.
         disable_dropout=not params.use_lora,
     )
-    trainer = DPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        optimizers=(optimizer, None),  # (None, None): Trainer builds AdamW and the schedule from the config
-        callbacks=[make_log_data_callback()],
-    )
+    trainer = DPOTrainer(**runner.trainer_inputs(model, config, dataset, eval_dataset, tokenizer, optimizer))
     if params.use_lora and "ref" in model.peft_config:
         # Given a PeftModel, TRL adds a "ref" adapter copied from ours; freshly initialised (lora_B = 0) that is
         # the base model itself, which TRL uses when no "ref" adapter exists (adapters disabled). Dropped, so it

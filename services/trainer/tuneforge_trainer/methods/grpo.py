@@ -34,7 +34,6 @@ from typing import Any
 
 from tuneforge_common.methods import GrpoParams
 from tuneforge_trainer import data, hardware, rewards, runner
-from tuneforge_trainer.sdk import make_log_data_callback
 from tuneforge_trainer.supervised import Built
 
 METHOD_ID = "grpo"
@@ -160,14 +159,7 @@ def build(params: GrpoParams, paths: runner.RunPaths, cache_dir: str | None, ext
         log_completions=False,  # it prints tables to stdout, which carries the log_data protocol
     )
     trainer = trainer_class()(
-        model=model,
-        reward_funcs=funcs,
-        args=config,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        optimizers=(optimizer, None),  # (None, None): Trainer builds AdamW and the schedule from the config
-        callbacks=[make_log_data_callback()],
+        reward_funcs=funcs, **runner.trainer_inputs(model, config, dataset, eval_dataset, tokenizer, optimizer)
     )
     trainer.max_prompt_length = params.max_prompt_length
     return Built(trainer, tokenizer, eval_dataset, precision, data_format, len(dataset))
