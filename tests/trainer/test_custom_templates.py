@@ -119,3 +119,18 @@ def test_read_prompt_answer_rows_picks_columns_and_chat_turns(tmp_path):
     custom = tmp_path / "c.jsonl"
     custom.write_text('{"ask": "q?", "reply": "a.", "question": "no"}\n')
     assert read_prompt_answer_rows(str(custom), input_column="ask", output_column="reply") == [("q?", "a.")]
+
+
+def test_custom01_honours_the_schedule_parameters(tiny_model_dir, child_env, tmp_path):
+    """max_samples, batch_size, grad_accum_steps and epochs set the steps; warmup_steps the learning rates."""
+    schedule = ("--max_samples=4", "--grad_accum_steps=2", "--epochs=2", "--max_grad_norm=0.5")
+    warm = run(child_env, "custom01", tiny_model_dir, tmp_path / "a", *schedule, "--warmup_steps=1")
+    cold = run(child_env, "custom01", tiny_model_dir, tmp_path / "b", *schedule, "--warmup_steps=0")
+    for result in (warm, cold):
+        assert result.returncode == 0, result.stderr[-2000:]
+    # 4 rows / batch 2 = 2 micro-batches an epoch, 2 of them per step: 1 step an epoch, 2 in all.
+    warm_steps = [d for d in details(warm.stdout) if "loss" in d]
+    assert [d["step"] for d in warm_steps] == [1, 2] and warm_steps[0]["total_steps"] == 2
+    assert [d["learning_rate"] for d in warm_steps] == pytest.approx([1e-3, 0.0])  # warmed up after step 1
+    cold_rates = [d["learning_rate"] for d in details(cold.stdout) if "loss" in d]
+    assert cold_rates == pytest.approx([5e-4, 0.0])  # linear decay from the start
