@@ -376,6 +376,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         resume_from_step=job.resume_from_step,
                         checkpoint_uri=job.checkpoint_uri,
                         python_env=job.python_env,
+                        saving_entrypoint=job.saving_entrypoint,
+                        saving_python_env=job.saving_python_env,
                         gpu_count=scheduler.ResourceRequest.from_json(job.resources).gpu_count,
                     )
                 )

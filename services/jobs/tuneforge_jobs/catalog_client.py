@@ -77,6 +77,7 @@ class GrpcCatalog:
             pb.ResolveParametersRequest(method_id=method_id, parameters=given),
             "parameters",
         )
+        saving_entrypoint, saving_env = _saving_stage(method)
         return CatalogInputs(
             model_uri=model.uri,
             dataset_uri=dataset.uri,
@@ -88,6 +89,8 @@ class GrpcCatalog:
             ),
             dataset_rows=dataset.row_count,
             python_env=_training_env(method),
+            saving_entrypoint=saving_entrypoint,
+            saving_python_env=saving_env,
         )
 
     async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
@@ -128,6 +131,19 @@ def _training_env(method: Any) -> str:
     training = json_format.MessageToDict(method.stages).get("training")
     env = training.get("env") if isinstance(training, dict) else None
     return env.strip() if isinstance(env, str) else ""
+
+
+def _saving_stage(method: Any) -> tuple[str, str]:
+    """An added method's saving stage as (file, env): what the agent runs after the training. ("", "") for a
+    built-in and for the customized lifecycle, which has none (the catalog stores saving only for complete and
+    live, with its env defaulted to the training env; defaulted here too should an older row lack it)."""
+    if method.lifecycle not in ("complete", "live"):
+        return "", ""
+    saving = json_format.MessageToDict(method.stages).get("saving")
+    if not isinstance(saving, dict) or not isinstance(saving.get("file"), str) or not saving["file"].strip():
+        return "", ""
+    env = saving.get("env")
+    return saving["file"].strip(), env.strip() if isinstance(env, str) and env.strip() else _training_env(method)
 
 
 def _format_name(value: common_pb2.DatasetFormat.ValueType) -> str:

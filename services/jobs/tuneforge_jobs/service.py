@@ -40,6 +40,9 @@ class CatalogInputs:
     dataset_rows: int = 0
     # An added method's training environment (stages.training.env); empty for built-ins.
     python_env: str = ""
+    # An added method's saving stage (stages.saving: file, env), run after the training; empty when it has none.
+    saving_entrypoint: str = ""
+    saving_python_env: str = ""
 
 
 class CatalogPort(Protocol):
@@ -254,6 +257,8 @@ class Jobs:
                     dataset_uri=inputs.dataset_uri,
                     entrypoint=inputs.entrypoint,
                     python_env=inputs.python_env,
+                    saving_entrypoint=inputs.saving_entrypoint,
+                    saving_python_env=inputs.saving_python_env,
                     parameters=json.dumps(inputs.parameters),
                     state=JobState.QUEUED,
                     state_reason="",

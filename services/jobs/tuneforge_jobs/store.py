@@ -23,6 +23,9 @@ jobs = Table(
     Column("entrypoint", Text, nullable=False),
     # The environment the entrypoint runs in: an added method's training env; "" for built-ins.
     Column("python_env", Text, nullable=False, default=""),
+    # An added method's saving stage (complete and live lifecycles): its file and env; "" when it has none.
+    Column("saving_entrypoint", Text, nullable=False, default=""),
+    Column("saving_python_env", Text, nullable=False, default=""),
     Column("parameters", Text, nullable=False),  # resolved, JSON
     Column("state", String(16), nullable=False),
     Column("state_reason", Text, nullable=False, default=""),

@@ -245,6 +245,8 @@ class JobAssignment(_message.Message):
     CHECKPOINT_URI_FIELD_NUMBER: _builtins.int
     PYTHON_ENV_FIELD_NUMBER: _builtins.int
     GPU_COUNT_FIELD_NUMBER: _builtins.int
+    SAVING_ENTRYPOINT_FIELD_NUMBER: _builtins.int
+    SAVING_PYTHON_ENV_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     method_id: _builtins.str
@@ -268,6 +270,12 @@ class JobAssignment(_message.Message):
     """GPUs the job asked for (its resource request). Above one, the agent starts the runner under torchrun,
     one process per GPU; from one up, it pins the runner to the GPUs it gave the job.
     """
+    saving_entrypoint: _builtins.str
+    """An added method's saving stage (stages.saving.file, relative to the methods directory, and its env): run
+    after the training exits 0, with --model_path, --adapter_path (the training's output) and --output_dir
+    (<training output>/complete). Empty when the method has none (built-ins, the customized lifecycle).
+    """
+    saving_python_env: _builtins.str
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -286,10 +294,12 @@ class JobAssignment(_message.Message):
         checkpoint_uri: _builtins.str = ...,
         python_env: _builtins.str = ...,
         gpu_count: _builtins.int = ...,
+        saving_entrypoint: _builtins.str = ...,
+        saving_python_env: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "gpu_count", b"gpu_count", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "python_env", b"python_env", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "gpu_count", b"gpu_count", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "python_env", b"python_env", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri", "saving_entrypoint", b"saving_entrypoint", "saving_python_env", b"saving_python_env"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
