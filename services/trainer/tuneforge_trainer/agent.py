@@ -401,6 +401,23 @@ def build_command(
     return [python, *launcher, *target, *flags]
 
 
+def build_saving_command(
+    python: str, entrypoint: str, params: dict[str, Any], model_path: str, adapter_path: str, output_dir: str
+) -> list[str]:
+    """An added method's saving stage, run after its training: the job's parameters as flags (as the training
+    got them), then --model_path (the base model), --adapter_path (what the training saved) and --output_dir
+    (where the complete model goes). One process: saving is no distributed run."""
+    values = {
+        **{k: _flag_value(v) for k, v in params.items()},
+        "model_path": model_path,
+        "adapter_path": adapter_path,
+        "output_dir": output_dir,
+    }
+    target = [entrypoint] if entrypoint.endswith(".py") else ["-m", entrypoint]
+    flags = [f"--{k}={'true' if v is True else 'false' if v is False else v}" for k, v in values.items()]
+    return [python, *target, *flags]
+
+
 def visible_devices(indices: list[int], agent_visible: str | None) -> str:
     """CUDA_VISIBLE_DEVICES for a runner given GPUs as the agent numbers them. When the agent itself is
     limited to some GPUs (its own CUDA_VISIBLE_DEVICES, e.g. "2,3" or GPU UUIDs), its GPU i is the i-th listed."""
@@ -408,6 +425,27 @@ def visible_devices(indices: list[int], agent_visible: str | None) -> str:
         listed = [d.strip() for d in agent_visible.split(",") if d.strip()]
         return ",".join(listed[i] for i in indices if i < len(listed))
     return ",".join(str(i) for i in indices)
+
+
+def error_line(stderr_tail: list[str], out_of_memory: bool) -> str:
+    """A failed run's own last word: its last error: line (the CUDA one when it ran out of memory), else its last
+    stderr line; "" when it said nothing."""
+    errors = [t for t in stderr_tail if ERROR_LINE.search(t) and not any(n in t for n in NOT_THE_REASON)]
+    if out_of_memory:
+        errors = [t for t in errors if any(m in t for m in OOM_MARKERS)] or errors
+    line = errors[-1] if errors else stderr_tail[-1] if stderr_tail else ""
+    if len(line) > MAX_REASON_LINE:
+        line = line[: MAX_REASON_LINE - 3] + "..."
+    return line
+
+
+def saving_failure_reason(code: int, stderr_tail: list[str], out_of_memory: bool) -> str:
+    """A failed saving stage's reason: its own last word, as a training's, else how it ended."""
+    line = error_line(stderr_tail, out_of_memory)
+    if line:
+        return f"saving stage failed: {line}"
+    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return f"saving stage failed: {how}, no error output"
 
 
 def failure_reason(code: int, stderr_tail: list[str], out_of_memory: bool) -> str:
@@ -420,12 +458,7 @@ def failure_reason(code: int, stderr_tail: list[str], out_of_memory: bool) -> st
             how = f"was killed by signal {-code}"
     else:
         how = f"exited with code {code}"
-    errors = [t for t in stderr_tail if ERROR_LINE.search(t) and not any(n in t for n in NOT_THE_REASON)]
-    if out_of_memory:
-        errors = [t for t in errors if any(m in t for m in OOM_MARKERS)] or errors
-    line = errors[-1] if errors else stderr_tail[-1] if stderr_tail else ""
-    if len(line) > MAX_REASON_LINE:
-        line = line[: MAX_REASON_LINE - 3] + "..."
+    line = error_line(stderr_tail, out_of_memory)
     if out_of_memory:
         return f"training process {how}: {OOM_HINT}" + (f" ({line})" if line else "")
     return f"training process {how}: {line or 'no error output'}"
@@ -465,6 +498,7 @@ class JobRun:
         self.gpus: list[int] = []  # the agent's GPUs this run holds (as the agent numbers them)
         self.distributed = False  # started under torchrun, one worker process per GPU
         self.out_of_memory = False  # CUDA said so on stderr
+        self.stage = "training"  # then "saving", for an added method with a saving stage
         self.workdir = (
             Path(agent.settings.agent_work_dir).resolve() / assignment.job_id / f"attempt-{assignment.attempt}"
         )
@@ -492,8 +526,10 @@ class JobRun:
         settings = self.agent.settings
         try:
             self.log_line("agent", f"attempt {self.a.attempt} starting on agent {settings.agent_name}")
-            # Before anything is staged or started: a job this node can't run fails at once, saying why.
+            # Before anything is staged or started: a job this node can't run fails at once, saying why (its
+            # saving stage too: no training is wasted on a job whose output could not then be saved).
             launch = await asyncio.to_thread(resolve_launch, settings, self.a.entrypoint, self.a.python_env)
+            saving = await asyncio.to_thread(self._resolve_saving)
             model_path, dataset_path = await asyncio.to_thread(self._stage_inputs)
             resume_from = await asyncio.to_thread(self._stage_checkpoint)
             if self.cancelled:  # stopped while its inputs were being staged: never start the process
@@ -519,75 +555,44 @@ class JobRun:
                 "DATASET_PATH": dataset_path,
                 "OUTPUT_DIR": str(output_dir),
                 "RESUME_FROM_CHECKPOINT": resume_from,
-                "TUNEFORGE_JOB_ID": self.a.job_id,
-                "TUNEFORGE_ATTEMPT": str(self.a.attempt),
-                "PYTHONUNBUFFERED": "1",
-                "HF_HUB_OFFLINE": "1",
             }
-            base = dict(os.environ)
-            if launch.python != settings.agent_python:
-                # Another environment's interpreter: its bin first on PATH, for the tools a script calls, and
-                # no VIRTUAL_ENV naming the agent's own environment.
-                base.pop("VIRTUAL_ENV", None)
-                own["PATH"] = os.pathsep.join(p for p in (str(Path(launch.python).parent), base.get("PATH")) if p)
-            if launch.is_script:
-                # python file.py puts its directory on sys.path; PYTHONPATH keeps it there for the processes the
-                # script starts (dataloader workers, its own subprocesses).
-                own["PYTHONPATH"] = os.pathsep.join(p for p in (launch.script_dir, base.get("PYTHONPATH")) if p)
-            if self.gpus:
-                own["CUDA_VISIBLE_DEVICES"] = visible_devices(self.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-            env, skipped = runner_env(base, params, own)
-            if skipped:
-                self.log_line("agent", f"not set from parameters (protected variables): {', '.join(skipped)}")
-            self.log_line("agent", self._describe(launch, nproc, own.get("CUDA_VISIBLE_DEVICES")))
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=str(self.workdir),
-                start_new_session=True,
-                limit=LINE_LIMIT,
-            )
-            self.report(state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason=f"pid {self.proc.pid}"))
-            stderr_tail: list[str] = []
-            await asyncio.gather(
-                self._pump(self.proc.stdout, "stdout", None), self._pump(self.proc.stderr, "stderr", stderr_tail)
-            )
-            code = await self.proc.wait()
-            # Checkpoints reach the store (and the service) before the outcome that follows them.
-            await asyncio.gather(*self.uploads, return_exceptions=True)
-            if self.shutting_down or self.fenced:
-                # The agent is stopping, not the job (its lease lapses and the job is retried elsewhere), or the
-                # service has taken the job from this attempt: either way this attempt has no outcome to report.
+            env = self._stage_env(launch, params, own)
+            self.log_line("agent", self._describe(launch, self.a.python_env, nproc, env.get("CUDA_VISIBLE_DEVICES")))
+            code, stderr_tail = await self._run_stage(cmd, env)
+            if self._stopped(code):
                 return
-            if self.pausing:
-                # A runner without pause support dies of SIGUSR1: still a pause, resumed from its latest checkpoint.
-                reason = (
-                    "paused at a checkpoint"
-                    if code == PAUSED_EXIT_CODE
-                    else f"stopped for a pause (exit code {code}); resumes from the latest saved checkpoint"
+            if code != 0:
+                self._failed(code, stderr_tail, failure_reason(code, stderr_tail, self.out_of_memory))
+                return
+            if saving is not None:
+                # The saving stage: the method's own file turns what the training saved (an adapter, or a whole
+                # model) into the complete model, under <output>/complete, stored with the rest below.
+                self.stage, self.distributed = "saving", False
+                complete_dir = output_dir / "complete"
+                cmd = build_saving_command(
+                    saving.python, saving.target, params, model_path, str(output_dir), str(complete_dir)
                 )
-                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_PAUSED, reason=reason))
-            elif self.cancelled:
-                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
-            elif code == 0:
-                store = ArtifactStore(self.agent.settings.artifact_root)
-                await asyncio.to_thread(store.put_dir, str(output_dir), self.a.output_uri)
-                self.log_line("agent", f"output stored at {self.a.output_uri}")
-                self.report(
-                    state=apb.StateReport(
-                        state=apb.REPORTED_STATE_SUCCEEDED, reason="completed", output_uri=self.a.output_uri
-                    )
+                own = {"MODEL_PATH": model_path, "ADAPTER_PATH": str(output_dir), "OUTPUT_DIR": str(complete_dir)}
+                env = self._stage_env(saving, params, own)
+                if self._stopped(code):  # terminated or paused between the stages
+                    return
+                described = self._describe(saving, self.a.saving_python_env, 1, env.get("CUDA_VISIBLE_DEVICES"))
+                self.log_line("agent", f"saving stage: {described}")
+                code, stderr_tail = await self._run_stage(cmd, env)
+                if self._stopped(code):
+                    return
+                if code != 0:
+                    self._failed(code, stderr_tail, saving_failure_reason(code, stderr_tail, self.out_of_memory))
+                    return
+                self.log_line("agent", f"saving stage done: the complete model is in {complete_dir}")
+            store = ArtifactStore(self.agent.settings.artifact_root)
+            await asyncio.to_thread(store.put_dir, str(output_dir), self.a.output_uri)
+            self.log_line("agent", f"output stored at {self.a.output_uri}")
+            self.report(
+                state=apb.StateReport(
+                    state=apb.REPORTED_STATE_SUCCEEDED, reason="completed", output_uri=self.a.output_uri
                 )
-            else:
-                if stderr_tail:
-                    # Its last words as one block, so the job's log ends with them even where lines interleave.
-                    block = "\n".join(stderr_tail)
-                    self.log_line("agent", f"training process exited with code {code}; last stderr lines:\n{block}")
-                    log.warning("job %s attempt %d: exit code %d; last stderr lines:\n%s", *self._id, code, block)
-                reason = failure_reason(code, stderr_tail, self.out_of_memory)
-                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=reason))
+            )
         except LaunchError as exc:  # the user's to fix (environment, file): the reason says it, no traceback
             log.warning("job %s attempt %d can't start: %s", *self._id, exc)
             self.log_line("agent", str(exc))
@@ -599,14 +604,110 @@ class JobRun:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.workdir / "model", ignore_errors=True)
 
+    def _resolve_saving(self) -> Launch | None:
+        """The saving stage's interpreter and file, found exactly as the training's are; None without one."""
+        if not self.a.saving_entrypoint:
+            return None
+        try:
+            return resolve_launch(self.agent.settings, self.a.saving_entrypoint, self.a.saving_python_env)
+        except LaunchError as exc:
+            raise LaunchError(f"saving stage: {exc}") from None
+
+    def _stage_env(self, launch: Launch, params: dict[str, Any], paths: dict[str, str]) -> dict[str, str]:
+        """A stage's environment: the agent's, the parameters as variables, then the agent's own for the job."""
+        settings = self.agent.settings
+        own = {
+            **paths,
+            "TUNEFORGE_JOB_ID": self.a.job_id,
+            "TUNEFORGE_ATTEMPT": str(self.a.attempt),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        base = dict(os.environ)
+        if launch.python != settings.agent_python:
+            # Another environment's interpreter: its bin first on PATH, for the tools a script calls, and
+            # no VIRTUAL_ENV naming the agent's own environment.
+            base.pop("VIRTUAL_ENV", None)
+            own["PATH"] = os.pathsep.join(p for p in (str(Path(launch.python).parent), base.get("PATH")) if p)
+        if launch.is_script:
+            # python file.py puts its directory on sys.path; PYTHONPATH keeps it there for the processes the
+            # script starts (dataloader workers, its own subprocesses).
+            own["PYTHONPATH"] = os.pathsep.join(p for p in (launch.script_dir, base.get("PYTHONPATH")) if p)
+        if self.gpus:
+            own["CUDA_VISIBLE_DEVICES"] = visible_devices(self.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        env, skipped = runner_env(base, params, own)
+        if skipped:
+            self.log_line("agent", f"not set from parameters (protected variables): {', '.join(skipped)}")
+        return env
+
+    async def _run_stage(self, cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+        """Run one stage's process in the attempt's directory to its end: its exit code and last stderr lines.
+        Its [log_data] lines become metrics, its checkpoints are stored, the rest goes to the job's log."""
+        self.out_of_memory = False
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=str(self.workdir),
+            start_new_session=True,
+            limit=LINE_LIMIT,
+        )
+        if self.stage == "training":
+            self.report(state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason=f"pid {self.proc.pid}"))
+        if self.cancelled or (self.pausing and self.stage == "saving"):
+            await self._stop_process()  # stopped while it was starting
+        stderr_tail: list[str] = []
+        await asyncio.gather(
+            self._pump(self.proc.stdout, "stdout", None), self._pump(self.proc.stderr, "stderr", stderr_tail)
+        )
+        code = await self.proc.wait()
+        # Checkpoints reach the store (and the service) before the outcome that follows them.
+        await asyncio.gather(*self.uploads, return_exceptions=True)
+        return code, stderr_tail
+
+    def _stopped(self, code: int) -> bool:
+        """Whether the run was stopped rather than ended on its own: reports that outcome, when it has one."""
+        if self.shutting_down or self.fenced:
+            # The agent is stopping, not the job (its lease lapses and the job is retried elsewhere), or the
+            # service has taken the job from this attempt: either way this attempt has no outcome to report.
+            return True
+        if self.pausing:
+            if self.stage == "saving":
+                reason = (
+                    "paused during the saving stage, which was stopped; resumes from the latest saved checkpoint "
+                    "and saves again"
+                )
+            elif code == PAUSED_EXIT_CODE:
+                reason = "paused at a checkpoint"
+            else:
+                # A runner without pause support dies of SIGUSR1: still a pause, resumed from its latest checkpoint.
+                reason = f"stopped for a pause (exit code {code}); resumes from the latest saved checkpoint"
+            self.report(state=apb.StateReport(state=apb.REPORTED_STATE_PAUSED, reason=reason))
+            return True
+        if self.cancelled:
+            self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
+            return True
+        return False
+
+    def _failed(self, code: int, stderr_tail: list[str], reason: str) -> None:
+        if stderr_tail:
+            # Its last words as one block, so the job's log ends with them even where lines interleave.
+            block = "\n".join(stderr_tail)
+            self.log_line("agent", f"{self.stage} process exited with code {code}; last stderr lines:\n{block}")
+            log.warning(
+                "job %s attempt %d: %s exit code %d; last stderr lines:\n%s", *self._id, self.stage, code, block
+            )
+        self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=reason))
+
     @property
     def _id(self) -> tuple[str, int]:
         return self.a.job_id, self.a.attempt
 
-    def _describe(self, launch: Launch, nproc: int, devices: str | None) -> str:
+    def _describe(self, launch: Launch, python_env: str, nproc: int, devices: str | None) -> str:
         what = f"running {launch.target} with {launch.python}"
-        if self.a.python_env:
-            what += f" (python_env {self.a.python_env!r})"
+        if python_env:
+            what += f" (python_env {python_env!r})"
         if nproc > 1:
             what += f" under torchrun, {nproc} processes"
         if devices is not None:
@@ -637,6 +738,14 @@ class JobRun:
 
     async def pause(self) -> None:
         """Ask the runner to checkpoint and stop (SIGUSR1); it exits with PAUSED_EXIT_CODE."""
+        if self.stage == "saving":
+            # The saving stage has no checkpoint to save (the training's are stored already) nor a pause to honour:
+            # it is stopped as a terminate stops it, and the job pauses; a resume trains on from the latest
+            # checkpoint and saves again. Letting it finish instead would hold the GPUs for as long as a merge
+            # takes, behind a pause nothing could then hurry (a terminate is not sent to a pausing run).
+            self.pausing = True
+            await self._stop_process()
+            return
         proc = self.proc
         if proc is None or proc.returncode is not None:
             await self.terminate()  # not started yet: nothing to checkpoint, the service keeps its last one
@@ -681,8 +790,12 @@ class JobRun:
                 del tail[:-KEEP_STDERR_LINES]
 
     async def terminate(self) -> None:
-        """SIGTERM to the process group, SIGKILL after the grace period."""
+        """SIGTERM to the process group, SIGKILL after the grace period; the run ends CANCELLED."""
         self.cancelled = True
+        await self._stop_process()
+
+    async def _stop_process(self) -> None:
+        """SIGTERM to the running stage's process group, SIGKILL after the grace period."""
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
