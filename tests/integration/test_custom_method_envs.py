@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -94,14 +95,19 @@ async def stack(postgres_url, second_postgres_url, tmp_path) -> AsyncIterator[St
     await engine.dispose()
 
 
-async def add_method(s: Stack, name: str, env: str) -> None:
+async def add_method(s: Stack, name: str, env: str, saving: dict[str, str] | None = None) -> None:
+    """An added method training with deepextension_style/train.py in `env`; with `saving`, of the complete
+    lifecycle, whose saving stage is that {"file": ..., "env": ...}."""
+    stages: dict[str, Any] = {"training": {"file": "deepextension_style/train.py", "env": env}}
+    if saving is not None:
+        stages["saving"] = saving
     definition = struct_pb2.Struct()
     definition.update(
         {
             "name": name,
             "training_type": "chat",
-            "lifecycle": "customized",
-            "stages": {"training": {"file": "deepextension_style/train.py", "env": env}},
+            "lifecycle": "customized" if saving is None else "complete",
+            "stages": stages,
         }
     )
     await s.catalog.CreateMethod(cpb.CreateMethodRequest(definition=definition), timeout=10)
@@ -110,7 +116,7 @@ async def add_method(s: Stack, name: str, env: str) -> None:
 def start_agent(s: Stack, **settings: str) -> subprocess.Popen:
     # No conda of this machine's, and a HOME without ~/.conda: only what the test maps is found.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONDA", "MAMBA"))}
-    env.update(
+    defaults = dict(
         HOME=str(s.tmp_path / "home"),
         TUNEFORGE_JOBS_ADDRESS=f"127.0.0.1:{s.jobs_port}",
         TUNEFORGE_ARTIFACT_ROOT=str(s.tmp_path / "artifacts"),
@@ -121,8 +127,8 @@ def start_agent(s: Stack, **settings: str) -> subprocess.Popen:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="2",
-        **settings,
     )
+    env.update({**defaults, **settings})  # a test's settings win (TUNEFORGE_AGENT_METHODS_DIR, ...)
     log = (s.tmp_path / "agent.log").open("w")
     return subprocess.Popen([sys.executable, "-m", "tuneforge_trainer.agent"], env=env, stdout=log, stderr=log)
 
@@ -191,6 +197,69 @@ async def test_an_unchanged_deepextension_script_trains_in_the_environment_its_m
 
     copy, _ = await stack.jobs.copy(job.id, {"max_steps": 2})
     assert (copy.entrypoint, copy.python_env) == ("deepextension_style/train.py", "deepextension")
+    assert (job.saving_entrypoint, job.saving_python_env) == ("", "")  # the customized lifecycle saves nothing
+
+
+@pytest.mark.timeout(120)
+async def test_a_complete_methods_saving_stage_runs_after_its_training_and_its_model_is_stored(stack):
+    from transformers import AutoModelForCausalLM
+
+    venv = await asyncio.to_thread(venv_with_torch_but_not_tuneforge, stack.tmp_path / "envs" / "deepextension")
+    # No env for the saving stage: it runs in the training's.
+    await add_method(stack, "de-complete", "deepextension", saving={"file": "deepextension_style/save.py"})
+    job = await stack.jobs.submit("tiny", stack.dataset_id, "de-complete", {"max_steps": 2, "max_seq_length": 128})
+    assert (job.saving_entrypoint, job.saving_python_env) == ("deepextension_style/save.py", "deepextension")
+    agent = start_agent(stack, TUNEFORGE_AGENT_PYTHON_ENVS=f"deepextension={venv}")
+    try:
+        done = await finished(stack.jobs, job.id, 90)
+        logs = [line.text for line in await stack.jobs.logs(job.id, 0, 1000)]
+        assert done.state == "SUCCEEDED", f"{done.state_reason}\n" + "\n".join(logs[-20:])
+    finally:
+        stop(agent)
+    save_py = METHODS_DIR / "deepextension_style" / "save.py"
+    marker = f"saving stage: running {save_py} with {venv}/bin/python (python_env 'deepextension')"
+    assert marker in logs
+    said = next(i for i, line in enumerate(logs) if line.startswith("loaded the fully fine-tuned model; saved"))
+    assert logs.index(marker) < said  # the marker comes before the saving stage's own lines
+    assert [p.value for p in await stack.jobs.metrics(job.id, ["loss"], 0, 1000)][-1] > 0
+    changed = await stack.jobs.metrics(job.id, ["tensors_changed"], 0, 1000)
+    assert len(changed) == 1 and changed[0].value > 0  # the saving stage's [log_data]: training changed weights
+    output = Path(done.output_uri)
+    assert (output / "model.safetensors").is_file() and (output / "complete" / "model.safetensors").is_file()
+    complete = await asyncio.to_thread(AutoModelForCausalLM.from_pretrained, str(output / "complete"))
+    trained = await asyncio.to_thread(AutoModelForCausalLM.from_pretrained, str(output))
+    assert all(a.equal(b) for a, b in zip(complete.parameters(), trained.parameters(), strict=True))
+
+    copy, _ = await stack.jobs.copy(job.id, {"max_steps": 1})  # resolved again from the catalog
+    assert (copy.saving_entrypoint, copy.saving_python_env) == ("deepextension_style/save.py", "deepextension")
+
+
+@pytest.mark.timeout(90)
+async def test_a_saving_stage_that_fails_fails_the_job_with_its_error_line(stack):
+    methods = stack.tmp_path / "methods"
+    await asyncio.to_thread(shutil.copytree, METHODS_DIR / "deepextension_style", methods / "deepextension_style")
+    (methods / "deepextension_style" / "broken_save.py").write_text(
+        "import sys\n"
+        "print(f'saving in {sys.prefix}', flush=True)\n"
+        "print('error: cannot merge into the base: no space left on device', file=sys.stderr)\n"
+        "sys.exit(1)\n"
+    )
+    saver = await asyncio.to_thread(venv_with_torch_but_not_tuneforge, stack.tmp_path / "envs" / "saver")
+    # Training in the agent's own interpreter, saving in an environment of its own.
+    await add_method(
+        stack, "de-broken-save", "base", saving={"file": "deepextension_style/broken_save.py", "env": "saver"}
+    )
+    job = await stack.jobs.submit("tiny", stack.dataset_id, "de-broken-save", {"max_steps": 1})
+    agent = start_agent(stack, TUNEFORGE_AGENT_PYTHON_ENVS=f"saver={saver}", TUNEFORGE_AGENT_METHODS_DIR=str(methods))
+    try:
+        done = await finished(stack.jobs, job.id, 60)
+        logs = [line.text for line in await stack.jobs.logs(job.id, 0, 1000)]
+    finally:
+        stop(agent)
+    assert done.state == "FAILED" and done.attempt == 1, done.state_reason
+    assert done.state_reason == "saving stage failed: error: cannot merge into the base: no space left on device"
+    assert f"saving in {saver}" in logs  # the saving stage's env, not the training's
+    assert not done.output_uri or not await asyncio.to_thread(Path(done.output_uri).is_dir)  # nothing stored
 
 
 @pytest.mark.timeout(90)
@@ -214,7 +283,13 @@ async def test_a_method_whose_environment_the_node_lacks_fails_naming_it_and_whe
 class EnvCatalog(StaticCatalog):
     async def resolve_inputs(self, *args: Any, **kwargs: Any) -> CatalogInputs:
         inputs = await super().resolve_inputs(*args, **kwargs)
-        return dataclasses.replace(inputs, entrypoint="team/train.py", python_env="team")
+        return dataclasses.replace(
+            inputs,
+            entrypoint="team/train.py",
+            python_env="team",
+            saving_entrypoint="team/save.py",
+            saving_python_env="team-save",
+        )
 
 
 async def test_an_assignment_carries_the_methods_environment_and_the_gpus_the_job_asked_for(tmp_path):
@@ -233,6 +308,7 @@ async def test_an_assignment_carries_the_methods_environment_and_the_gpus_the_jo
         got = (await asyncio.wait_for(call.read(), 5)).assignment
         call.cancel()
         assert (got.entrypoint, got.python_env, got.gpu_count) == ("team/train.py", "team", 2)
+        assert (got.saving_entrypoint, got.saving_python_env) == ("team/save.py", "team-save")
     finally:
         await channel.close()
         await server.stop(None)
