@@ -24,11 +24,13 @@ from tuneforge_trainer.agent import (
     Gpu,
     LaunchError,
     build_command,
+    build_saving_command,
     conda_envs_dirs,
     failure_reason,
     resolve_launch,
     resolve_python_env,
     resolve_stage_file,
+    saving_failure_reason,
     visible_devices,
 )
 
@@ -210,6 +212,34 @@ def test_commands_follow_the_runner_contract_and_multi_gpu_jobs_start_under_torc
         "/methods/team/train.py",
         *flags,
     ]
+
+
+def test_the_saving_stage_gets_the_parameters_then_the_base_model_the_training_output_and_where_to_save():
+    params = {"lora_rank": 8.0, "load_in_4bit": False, "output_dir": "/theirs"}
+    assert build_saving_command(
+        "/envs/save/bin/python", "/methods/team/save.py", params, "/m", "/o", "/o/complete"
+    ) == [
+        "/envs/save/bin/python",
+        "/methods/team/save.py",
+        "--lora_rank=8",
+        "--load_in_4bit=false",
+        "--output_dir=/o/complete",  # the agent's paths win over a parameter of the same name
+        "--model_path=/m",
+        "--adapter_path=/o",
+    ]
+    # One process even for a multi-GPU job, and a module runs with -m as a training's does.
+    assert build_saving_command("py", "team.save", {}, "/m", "/o", "/o/complete")[:3] == ["py", "-m", "team.save"]
+
+
+def test_a_failed_saving_stage_is_named_with_its_error_line():
+    tail = ["Loading base", "save.py: error: --adapter_path: no adapter_config.json", "bye"]
+    assert (
+        saving_failure_reason(2, tail, False)
+        == "saving stage failed: save.py: error: --adapter_path: no adapter_config.json"
+    )
+    assert saving_failure_reason(1, ["just this"], False) == "saving stage failed: just this"
+    assert saving_failure_reason(1, [], False) == "saving stage failed: exited with code 1, no error output"
+    assert saving_failure_reason(-9, [], False) == "saving stage failed: killed by signal 9, no error output"
 
 
 def test_a_runner_sees_the_gpus_it_was_given_in_the_agents_own_numbering():
@@ -460,3 +490,137 @@ async def test_a_pause_under_torchrun_signals_the_workers_which_checkpoint_and_s
     states, logs = await ended(agent)
     assert [s.state for s in states] == [apb.REPORTED_STATE_RUNNING, apb.REPORTED_STATE_PAUSED]
     assert {"rank 0 saved a checkpoint", "rank 1 saved a checkpoint"} <= set(logs)
+
+
+# --- the saving stage -------------------------------------------------------------------------------------
+
+TRAIN_THEN_SAVE = """
+import os, sys
+out = os.environ["OUTPUT_DIR"]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "adapter.txt"), "w").write("trained")
+print('[log_data]: {"code": 200, "progress": 100, "details": {"step": 2, "total_steps": 2, "loss": 0.5}}', flush=True)
+"""
+
+
+def saving_job(tmp_path: Path, saving_file: str, saving_env: str = "", **extra) -> apb.JobAssignment:
+    write(tmp_path / "methods" / "team" / "train.py", TRAIN_THEN_SAVE)
+    return assignment(
+        tmp_path, "team/train.py", "base", saving_entrypoint=saving_file, saving_python_env=saving_env, **extra
+    )
+
+
+def metric_reports(agent: Agent) -> list[apb.MetricReport]:
+    return [p.request.metric for p in agent.reporter.pending if p.request.WhichOneof("report") == "metric"]
+
+
+async def test_the_saving_stage_runs_after_the_training_in_its_own_environment_and_its_output_is_stored(tmp_path):
+    write(
+        tmp_path / "methods" / "team" / "save.py",
+        """
+        import json, os, sys
+        from helpers import NAME
+        seen = {
+            "argv": sys.argv[1:], "prefix": sys.prefix, "cwd": os.getcwd(), "name": NAME,
+            "adapter": open(os.path.join(os.environ["ADAPTER_PATH"], "adapter.txt")).read(),
+            "env": {k: os.environ.get(k) for k in ("MODEL_PATH", "ADAPTER_PATH", "OUTPUT_DIR", "LORA_RANK")},
+        }
+        os.makedirs(os.environ["OUTPUT_DIR"])
+        json.dump(seen, open(os.path.join(os.environ["OUTPUT_DIR"], "seen.json"), "w"))
+        print("merged", flush=True)
+        print('[log_data]: {"code": 200, "progress": 100, "details": {"tensors_changed": 3}}', flush=True)
+        """,
+    )
+    write(tmp_path / "methods" / "team" / "helpers.py", "NAME = 'a sibling of save.py'\n")
+    venv = make_venv(tmp_path / "venvs" / "saver")
+    settings = AgentSettings(
+        agent_work_dir=str(tmp_path / "agent"), agent_python_envs=f"saver={venv}", artifact_root=str(tmp_path / "a")
+    )
+    agent = Agent(settings)
+    from google.protobuf import struct_pb2
+
+    params = struct_pb2.Struct()
+    params.update({"lora_rank": 4})
+    states, logs = await run_to_end(agent, saving_job(tmp_path, "team/save.py", "saver", parameters=params))
+    assert [s.state for s in states] == [apb.REPORTED_STATE_RUNNING, apb.REPORTED_STATE_SUCCEEDED], logs[-5:]
+    attempt = tmp_path / "agent" / "job-1" / "attempt-1"
+    output = attempt / "output"
+    seen = json.loads((tmp_path / "stored" / "complete" / "seen.json").read_text())
+    assert (tmp_path / "stored" / "adapter.txt").read_text() == "trained"  # the training's output is stored too
+    assert seen["argv"] == [
+        "--lora_rank=4",
+        f"--model_path={tmp_path}",
+        f"--adapter_path={output}",
+        f"--output_dir={output / 'complete'}",
+    ]
+    assert seen["env"] == {
+        "MODEL_PATH": str(tmp_path),
+        "ADAPTER_PATH": str(output),
+        "OUTPUT_DIR": str(output / "complete"),
+        "LORA_RANK": "4",
+    }
+    assert (seen["prefix"], seen["cwd"], seen["name"], seen["adapter"]) == (
+        str(venv),
+        str(attempt),
+        "a sibling of save.py",
+        "trained",
+    )
+    marker = (
+        f"saving stage: running {tmp_path / 'methods' / 'team' / 'save.py'} with {venv}/bin/python (python_env 'saver')"
+    )
+    assert logs.index(marker) < logs.index("merged")
+    assert [m.values for m in metric_reports(agent)] == [{"loss": 0.5}, {"tensors_changed": 3.0}]
+
+
+async def test_a_saving_stage_that_fails_fails_the_job_and_a_missing_one_fails_it_before_training(tmp_path):
+    write(
+        tmp_path / "methods" / "team" / "save.py",
+        """
+        import sys
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print("error: adapter_config.json missing in the training output", file=sys.stderr)
+        sys.exit(1)
+        """,
+    )
+    agent = Agent(AgentSettings(agent_work_dir=str(tmp_path / "agent")))
+    states, logs = await run_to_end(agent, saving_job(tmp_path, "team/save.py", "base"))
+    assert [s.state for s in states] == [apb.REPORTED_STATE_RUNNING, apb.REPORTED_STATE_FAILED]
+    assert states[-1].reason == "saving stage failed: error: adapter_config.json missing in the training output"
+    assert logs[-1].startswith("saving process exited with code 1; last stderr lines:\n")
+    assert not (tmp_path / "stored").exists()
+
+    agent = Agent(AgentSettings(agent_work_dir=str(tmp_path / "agent2")))
+    states, _ = await run_to_end(agent, saving_job(tmp_path, "../escape.py", "base"))
+    assert [s.state for s in states] == [apb.REPORTED_STATE_FAILED]  # the training never started
+    assert states[0].reason.startswith("saving stage: entrypoint '../escape.py': an added method's file must be")
+
+
+@pytest.mark.parametrize("checkpoint_first", [False, True])
+async def test_terminate_or_pause_during_the_saving_stage_stops_it(tmp_path, checkpoint_first):
+    write(
+        tmp_path / "methods" / "team" / "save.py",
+        """
+        import time
+        print("saving", flush=True)
+        time.sleep(120)
+        """,
+    )
+    agent = Agent(AgentSettings(agent_work_dir=str(tmp_path / "agent"), agent_terminate_grace_seconds=1))
+    agent._start(saving_job(tmp_path, "team/save.py", "base"))
+    run = agent.runs["job-1"]
+    for _ in range(400):
+        if any(p.request.log.text == "saving" for p in agent.reporter.pending):
+            break
+        await asyncio.sleep(0.05)
+    saver = run.proc
+    assert saver is not None and run.stage == "saving"
+    agent._cancel("job-1", checkpoint_first=checkpoint_first)
+    states, _ = await ended(agent)
+    assert saver.returncode is not None and saver.returncode < 0  # stopped, not waited for
+    assert [s.state for s in states] == [
+        apb.REPORTED_STATE_RUNNING,
+        apb.REPORTED_STATE_PAUSED if checkpoint_first else apb.REPORTED_STATE_CANCELLED,
+    ]
+    if checkpoint_first:
+        assert states[-1].reason.startswith("paused during the saving stage")
+    assert not (tmp_path / "stored").exists()
