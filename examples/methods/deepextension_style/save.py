@@ -41,7 +41,7 @@ def main() -> None:
     trained = Path(args.adapter_path)
     if not trained.is_dir():
         sys.exit(f"error: --adapter_path {trained} is not a directory")
-    base = AutoModelForCausalLM.from_pretrained(args.model_path, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
     before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
     if (trained / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -49,7 +49,7 @@ def main() -> None:
         model = PeftModel.from_pretrained(base, str(trained)).merge_and_unload()
         how = "merged the LoRA adapter into the base"
     elif (trained / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(trained), torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(trained), dtype=torch.float32)
         if type(model) is not type(base) or set(model.state_dict()) != set(before):
             sys.exit(f"error: the model in {trained} is not a fine-tuned {type(base).__name__} of {args.model_path}")
         how = "loaded the fully fine-tuned model"
