@@ -306,10 +306,13 @@ async def test_an_assignment_carries_the_methods_environment_and_the_gpus_the_jo
         await jobs.submit("m1", "d1", "team-sft", {}, resources={"gpu_count": 2})
         call = agents.StreamAssignments(apb.StreamAssignmentsRequest(agent_id=agent_id))
         got = (await asyncio.wait_for(call.read(), 5)).assignment
+        # Let the handler finish its next claim (a SQLite transaction) and park before the stream goes: a
+        # handler cancelled mid-transaction on an engine disposed under it can leave the loop unable to close.
+        await asyncio.sleep(0.5)
         call.cancel()
         assert (got.entrypoint, got.python_env, got.gpu_count) == ("team/train.py", "team", 2)
         assert (got.saving_entrypoint, got.saving_python_env) == ("team/save.py", "team-save")
     finally:
         await channel.close()
-        await server.stop(None)
+        await server.stop(1)
         await engine.dispose()
