@@ -345,6 +345,9 @@ def create_app(
     app.add_middleware(
         UploadSizeLimit, path="/api/v1/datasets", limit=max_upload_bytes + MULTIPART_OVERHEAD, shown=max_upload_bytes
     )
+    app.add_middleware(
+        UploadSizeLimit, path="/v1/files", limit=max_upload_bytes + MULTIPART_OVERHEAD, shown=max_upload_bytes
+    )
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:
@@ -825,4 +828,7 @@ def create_app(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
+    from .openai_compat import openai_router  # imports this module's helpers, so not at the top
+
+    app.include_router(openai_router(be))
     return app

@@ -1,0 +1,469 @@
+"""OpenAI-compatible fine-tuning API under /v1, for the official `openai` client and tools built on it.
+
+Mapping onto TuneForge:
+
+* A file is a catalog dataset and its id is the dataset id (no second id space); only purpose "fine-tune"
+  is accepted. File status: VALIDATING -> "uploaded", READY -> "processed", INVALID -> "error".
+* A fine-tuning job is a TuneForge job and its id is the job id. `model` is a catalog model id and
+  `training_file` a dataset id. Method "supervised" (the default) runs `sft-lora`, "dpo" runs `dpo`.
+  Hyperparameters: n_epochs -> epochs, batch_size -> batch_size, beta -> beta, and
+  learning_rate_multiplier -> learning_rate = the method's default learning rate x the multiplier;
+  "auto" (or leaving one out) keeps the platform default. `seed` -> seed, `suffix` -> the job name,
+  `metadata` -> job labels. `validation_file` is refused (400): TuneForge holds out a validation share of
+  the training dataset (the validation_ratio parameter) instead of taking a second dataset.
+* fine_tuned_model is the job's output URI once it has succeeded (publish it to get a catalog model id).
+* Lists take OpenAI's cursor (`after`: the last id of the previous page, `limit`), newest first.
+* Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the gateway's own
+  gRPC -> HTTP status mapping (errors.py); code is the gRPC code's name in lower case ("not_found").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Literal
+
+import grpc
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from google.protobuf import struct_pb2
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneforge.catalog.v1 import catalog_pb2 as cpb
+from tuneforge.common.v1 import common_pb2 as compb
+from tuneforge.jobs.v1 import jobs_pb2 as jpb
+from tuneforge_common.methods import builtin_method
+
+from .app import RPC_TIMEOUT_S, UPLOAD_TIMEOUT_S, Backends, every_page, upload_requests
+from .errors import ApiError, api_error_handler, grpc_error_handler, validation_error_handler
+from .uploads import UPLOAD_CHUNK
+
+OWNER = "tuneforge"
+METHOD_IDS = {"supervised": "sft-lora", "dpo": "dpo"}
+METHOD_TYPES = {v: k for k, v in METHOD_IDS.items()}
+FILE_STATUS = {
+    compb.DATASET_STATUS_VALIDATING: "uploaded",
+    compb.DATASET_STATUS_READY: "processed",
+    compb.DATASET_STATUS_INVALID: "error",
+}
+JOB_STATUS = {
+    jpb.JOB_STATE_QUEUED: "queued",
+    jpb.JOB_STATE_STARTING: "running",
+    jpb.JOB_STATE_RUNNING: "running",
+    jpb.JOB_STATE_PAUSED: "paused",
+    jpb.JOB_STATE_SUCCEEDED: "succeeded",
+    jpb.JOB_STATE_FAILED: "failed",
+    jpb.JOB_STATE_CANCELLING: "cancelled",
+    jpb.JOB_STATE_CANCELLED: "cancelled",
+}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
+# OpenAI hyperparameter name -> TuneForge parameter name (learning_rate_multiplier is computed, see above).
+HYPERPARAMETERS = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
+# Labels the compat layer writes itself; metadata keys may not use the prefix.
+LABEL_PREFIX = "openai."
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+async def reshaped(request: Request, exc: Exception) -> JSONResponse:
+    """The gateway's own error answer (its status mapping and message rules) in OpenAI's error shape."""
+    if isinstance(exc, OpenAIError):
+        return openai_error(exc.status, exc.message, exc.param, exc.code)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        native = await grpc_error_handler(request, exc)
+    elif isinstance(exc, ApiError):
+        native = await api_error_handler(request, exc)
+    else:
+        native = await validation_error_handler(request, exc)
+    error = json.loads(bytes(native.body))["error"]
+    return openai_error(native.status_code, error["message"], error.get("field"), str(error["code"]).lower())
+
+
+class OpenAIRoute(APIRoute):
+    """Routes whose errors, including request validation, come back in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (grpc.aio.AioRpcError, ApiError, RequestValidationError, OpenAIError) as exc:
+                return await reshaped(request, exc)
+
+        return handle
+
+
+class SupervisedHyperparameters(BaseModel):
+    batch_size: int | Literal["auto"] | None = None
+    learning_rate_multiplier: float | Literal["auto"] | None = None
+    n_epochs: int | Literal["auto"] | None = None
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    beta: float | Literal["auto"] | None = None
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+
+
+class DpoMethod(BaseModel):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class MethodBody(BaseModel):
+    type: str
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+
+class CreateJobBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(..., min_length=1, max_length=128)
+    training_file: str = Field(..., min_length=1, max_length=128)
+    validation_file: str | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    hyperparameters: DpoHyperparameters | None = None
+    method: MethodBody | None = None
+    metadata: dict[str, str] | None = None
+
+
+def seconds(ts: Any) -> int:
+    return int(ts.seconds)
+
+
+def seconds_or_none(ts: Any) -> int | None:
+    return int(ts.seconds) or None
+
+
+def file_object(dataset: compb.Dataset) -> dict[str, Any]:
+    problems = "; ".join(f"line {p.line}: {p.message}" for p in dataset.validation.problems)
+    return {
+        "id": dataset.id,
+        "object": "file",
+        "bytes": dataset.size_bytes,
+        "created_at": seconds(dataset.create_time),
+        "filename": dataset.name,
+        "purpose": "fine-tune",
+        "status": FILE_STATUS.get(dataset.status, "uploaded"),
+        "status_details": problems or None,
+    }
+
+
+def method_type(method_id: str) -> str:
+    return METHOD_TYPES.get(method_id, "dpo" if method_id.startswith("dpo") else "supervised")
+
+
+def job_hyperparameters(job: jpb.Job) -> dict[str, Any]:
+    params: dict[str, Any] = dict(job.parameters)
+    found: dict[str, Any] = {}
+    for openai_name, name in HYPERPARAMETERS.items():
+        if name in params:
+            value = params[name]
+            found[openai_name] = int(value) if isinstance(value, float) and value.is_integer() else value
+    base = default_learning_rate(job.method_id)
+    if "learning_rate" in params and base:
+        found["learning_rate_multiplier"] = params["learning_rate"] / base
+    defaults = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    if method_type(job.method_id) == "dpo":
+        defaults["beta"] = "auto"
+    return defaults | found
+
+
+def job_object(job: jpb.Job) -> dict[str, Any]:
+    hyperparameters = job_hyperparameters(job)
+    kind = method_type(job.method_id)
+    status = JOB_STATUS.get(job.state, "queued")
+    error = None
+    if status == "failed":
+        error = {"code": "job_failed", "message": job.state_reason or "the job failed", "param": None}
+    labels = dict(job.labels)
+    seed: Any = job.parameters["seed"] if "seed" in job.parameters else None
+    remaining = int(job.remaining_seconds)
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "model": job.model_id,
+        "created_at": seconds(job.create_time),
+        "finished_at": seconds_or_none(job.end_time) if status in ("succeeded", "failed", "cancelled") else None,
+        "fine_tuned_model": job.output_uri or None if status == "succeeded" else None,
+        "organization_id": OWNER,
+        "result_files": [],
+        "status": status,
+        "validation_file": None,
+        "training_file": job.dataset_id,
+        "hyperparameters": hyperparameters,
+        "trained_tokens": job.tokens_seen if status == "succeeded" else None,
+        "error": error,
+        "seed": int(seed) if seed is not None else None,
+        "metadata": {k: v for k, v in labels.items() if not k.startswith(LABEL_PREFIX)} or None,
+        "method": {"type": kind, kind: {"hyperparameters": hyperparameters}},
+        "estimated_finish": seconds(job.update_time) + remaining if status == "running" and remaining else None,
+        "suffix": labels.get(f"{LABEL_PREFIX}suffix"),
+    }
+
+
+def default_learning_rate(method_id: str) -> float:
+    method = builtin_method(method_id)
+    if method is None:
+        return 0.0
+    found = next((f for f in dataclasses.fields(method.params) if f.name == "learning_rate"), None)
+    return float(found.default) if found is not None and isinstance(found.default, int | float) else 0.0
+
+
+def training_parameters(body: CreateJobBody) -> tuple[str, dict[str, Any]]:
+    """(method id, TuneForge parameters) from the body's method or its top-level hyperparameters."""
+    hyper: SupervisedHyperparameters | None = body.hyperparameters
+    kind = "supervised"
+    if body.method is not None:
+        kind = body.method.type
+        if kind not in METHOD_IDS:
+            raise OpenAIError(400, f"method.type must be one of {', '.join(METHOD_IDS)}", "method.type")
+        chosen = body.method.dpo if kind == "dpo" else body.method.supervised
+        if chosen is not None:
+            hyper = chosen.hyperparameters
+    method_id = METHOD_IDS[kind]
+    params: dict[str, Any] = {}
+    for openai_name, name in HYPERPARAMETERS.items():
+        value = getattr(hyper, openai_name, None) if hyper is not None else None
+        if value is None or value == "auto":
+            continue
+        if openai_name == "beta" and kind != "dpo":
+            raise OpenAIError(400, "beta applies to the dpo method only", "hyperparameters.beta")
+        params[name] = value
+    multiplier = hyper.learning_rate_multiplier if hyper is not None else None
+    if multiplier is not None and multiplier != "auto":
+        if multiplier <= 0:
+            raise OpenAIError(400, "learning_rate_multiplier must be > 0", "hyperparameters.learning_rate_multiplier")
+        params["learning_rate"] = default_learning_rate(method_id) * multiplier
+    if body.seed is not None:
+        params["seed"] = body.seed
+    return method_id, params
+
+
+def page(items: list[dict[str, Any]], after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """OpenAI cursor paging over items already in list order: those after the one with id `after`."""
+    start = 0
+    if after:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise OpenAIError(400, f"no item with id {after!r} in this list", "after", "invalid_cursor")
+        start = ids.index(after) + 1
+    return items[start : start + limit], start + limit < len(items)
+
+
+def listing(data: list[dict[str, Any]], has_more: bool, ids: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {"object": "list", "data": data, "has_more": has_more}
+    if ids:
+        result |= {"first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return result
+
+
+def openai_router(be: Callable[[], Backends]) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+    # -- files ----------------------------------------------------------------
+
+    @router.post("/files")
+    async def create_file(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
+        if purpose != "fine-tune":
+            raise OpenAIError(400, f"purpose {purpose!r} is not supported; only 'fine-tune'", "purpose")
+        metadata = cpb.DatasetUploadMetadata(name=(file.filename or "").rsplit("/", 1)[-1] or "file.jsonl")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while chunk := await file.read(UPLOAD_CHUNK):
+                yield chunk
+
+        resp = await be().catalog.UploadDataset(upload_requests(metadata, chunks()), timeout=UPLOAD_TIMEOUT_S)
+        return file_object(resp.dataset)
+
+    @router.get("/files")
+    async def list_files(
+        purpose: str = "", after: str = "", limit: int = Query(10_000, ge=1, le=10_000), order: str = "desc"
+    ) -> dict:
+        if purpose and purpose != "fine-tune":
+            return listing([], False, ids=True)
+        datasets = await every_page(
+            be().catalog.ListDatasets,
+            lambda token: cpb.ListDatasetsRequest(page_size=1000, page_token=token),
+            "datasets",
+        )
+        files = sorted((file_object(d) for d in datasets), key=lambda f: f["created_at"], reverse=order != "asc")
+        data, more = page(files, after, limit)
+        return listing(data, more, ids=True)
+
+    @router.get("/files/{file_id}")
+    async def retrieve_file(file_id: str) -> dict:
+        resp = await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=file_id), timeout=RPC_TIMEOUT_S)
+        return file_object(resp.dataset)
+
+    @router.delete("/files/{file_id}")
+    async def delete_file(file_id: str) -> dict:
+        await be().catalog.DeleteDataset(cpb.DeleteDatasetRequest(dataset_id=file_id), timeout=RPC_TIMEOUT_S)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # -- fine-tuning jobs -----------------------------------------------------
+
+    @router.post("/fine_tuning/jobs")
+    async def create_job(body: CreateJobBody) -> dict:
+        if body.validation_file:
+            raise OpenAIError(
+                400,
+                "validation_file is not supported: TuneForge holds out a share of training_file for validation "
+                "(the validation_ratio parameter of the TuneForge API)",
+                "validation_file",
+            )
+        method_id, params = training_parameters(body)
+        labels = dict(body.metadata or {})
+        if bad := next((k for k in labels if k.startswith(LABEL_PREFIX)), None):
+            raise OpenAIError(400, f"metadata keys may not start with {LABEL_PREFIX!r}: {bad!r}", "metadata")
+        if body.suffix:
+            labels[f"{LABEL_PREFIX}suffix"] = body.suffix
+        struct = struct_pb2.Struct()
+        struct.update(params)
+        resp = await be().jobs.SubmitJob(
+            jpb.SubmitJobRequest(
+                model_id=body.model,
+                dataset_id=body.training_file,
+                method_id=method_id,
+                parameters=struct,
+                name=f"{body.model}:{body.suffix}" if body.suffix else "",
+                labels=labels,
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        return job_object(resp.job)
+
+    @router.get("/fine_tuning/jobs")
+    async def list_jobs(after: str = "", limit: int = Query(20, ge=1, le=1000)) -> dict:
+        jobs = await every_page(
+            be().jobs.ListJobs, lambda token: jpb.ListJobsRequest(page_size=1000, page_token=token), "jobs"
+        )
+        ordered = sorted(jobs, key=lambda j: (j.create_time.seconds, j.create_time.nanos), reverse=True)
+        data, more = page([job_object(j) for j in ordered], after, limit)
+        return listing(data, more)
+
+    @router.get("/fine_tuning/jobs/{job_id}")
+    async def retrieve_job(job_id: str) -> dict:
+        return job_object((await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
+
+    @router.post("/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str) -> dict:
+        resp = await be().jobs.CancelJob(jpb.CancelJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+        return job_object(resp.job)
+
+    @router.post("/fine_tuning/jobs/{job_id}/pause")
+    async def pause_job(job_id: str) -> dict:
+        return job_object((await be().jobs.PauseJob(jpb.PauseJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
+
+    @router.post("/fine_tuning/jobs/{job_id}/resume")
+    async def resume_job(job_id: str) -> dict:
+        resp = await be().jobs.ResumeJob(jpb.ResumeJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+        return job_object(resp.job)
+
+    @router.get("/fine_tuning/jobs/{job_id}/events")
+    async def job_events(job_id: str, after: str = "", limit: int = Query(20, ge=1, le=10_000)) -> dict:
+        """State changes as "message" events and each logged step's metrics as one "metrics" event, newest first."""
+        await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+        transitions = await every_page(
+            be().jobs.ListJobEvents,
+            lambda token: jpb.ListJobEventsRequest(job_id=job_id, page_size=1000, page_token=token),
+            "events",
+        )
+        points = await every_page(
+            be().jobs.ListJobMetrics,
+            lambda token: jpb.ListJobMetricsRequest(job_id=job_id, page_size=1000, page_token=token),
+            "points",
+        )
+        events: list[tuple[tuple[int, int], dict[str, Any]]] = []
+        for e in transitions:
+            old, new = JOB_STATUS.get(e.from_state), JOB_STATUS.get(e.to_state, "queued")
+            text = f"Job changed from {old} to {new}" if old else f"Job is {new}"
+            text += f": {e.reason}" if e.reason else ""
+            event = {
+                "id": f"ftevent-{job_id}-state-{e.seq}",
+                "object": "fine_tuning.job.event",
+                "created_at": seconds(e.time),
+                "level": "error" if new == "failed" else "info",
+                "message": text,
+                "type": "message",
+                "data": {},
+            }
+            events.append(((seconds(e.time), 0), event))
+        by_step: dict[int, dict[str, Any]] = {}
+        created: dict[int, int] = {}
+        for p in points:
+            by_step.setdefault(p.step, {"step": p.step})[p.name] = p.value
+            created[p.step] = max(created.get(p.step, 0), seconds(p.time))
+        for step, data in by_step.items():
+            if "loss" in data and "train_loss" not in data:
+                data["train_loss"] = data["loss"]
+            event = {
+                "id": f"ftevent-{job_id}-step-{step}",
+                "object": "fine_tuning.job.event",
+                "created_at": created[step],
+                "level": "info",
+                "message": f"Step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in data.items() if k != "step"),
+                "type": "metrics",
+                "data": data,
+            }
+            events.append(((created[step], 1), event))
+        ordered = [event for _, event in sorted(events, key=lambda pair: pair[0], reverse=True)]
+        found, more = page(ordered, after, limit)
+        return listing(found, more)
+
+    @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(job_id: str, after: str = "", limit: int = Query(10, ge=1, le=1000)) -> dict:
+        resp = await be().jobs.ListCheckpoints(jpb.ListCheckpointsRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+        checkpoints = []
+        for c in sorted(resp.checkpoints, key=lambda c: c.step, reverse=True):
+            metrics: dict[str, Any] = {"step": c.step, **dict(c.metrics)}
+            if "loss" in metrics and "train_loss" not in metrics:
+                metrics["train_loss"] = metrics["loss"]
+            checkpoints.append(
+                {
+                    "id": f"ftckpt-{job_id}-{c.step}",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": seconds(c.create_time),
+                    "fine_tuned_model_checkpoint": c.uri,
+                    "step_number": c.step,
+                    "metrics": metrics,
+                    "fine_tuning_job_id": job_id,
+                }
+            )
+        data, more = page(checkpoints, after, limit)
+        return listing(data, more, ids=True)
+
+    # -- models ---------------------------------------------------------------
+
+    def model_object(model: compb.Model) -> dict[str, Any]:
+        return {"id": model.id, "object": "model", "created": seconds(model.create_time), "owned_by": OWNER}
+
+    @router.get("/models")
+    async def list_models() -> dict:
+        models = await every_page(
+            be().catalog.ListModels, lambda token: cpb.ListModelsRequest(page_size=1000, page_token=token), "models"
+        )
+        return {"object": "list", "data": [model_object(m) for m in models]}
+
+    @router.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        resp = await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)
+        return model_object(resp.model)
+
+    return router
