@@ -3,6 +3,7 @@ publish and label filters reach gRPC with the right fields and come back with th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,6 +52,16 @@ class Jobs(Recorder, jobs_pb2_grpc.JobServiceServicer):
         await self.enter("PublishCheckpoint", request, context)
         return jpb.PublishCheckpointResponse(model_id="model-7")
 
+    async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
+        await self.enter("GetJob", request, context)
+        return jpb.GetJobResponse(job=jpb.Job(id=request.job_id, state=jpb.JOB_STATE_RUNNING))
+
+    async def WatchJob(self, request: jpb.WatchJobRequest, context: Any) -> AsyncIterator[jpb.WatchJobResponse]:
+        await self.enter("WatchJob", request, context)
+        self.watching.set()
+        await self.release.wait()  # the stream stays open until the test lets it end
+        yield jpb.WatchJobResponse(cursor="c-2", job=jpb.Job(id=request.job_id, state=jpb.JOB_STATE_SUCCEEDED))
+
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
         await self.enter("ListJobs", request, context)
         return jpb.ListJobsResponse()
@@ -59,6 +70,7 @@ class Jobs(Recorder, jobs_pb2_grpc.JobServiceServicer):
 @pytest.fixture
 async def jobs() -> AsyncIterator[Jobs]:
     fake = Jobs()
+    fake.watching, fake.release = asyncio.Event(), asyncio.Event()
     binding = ServiceBinding(jobs_pb2_grpc.add_JobServiceServicer_to_server, fake, "tuneforge.jobs.v1.JobService")
     server, port = await start_server([binding], "127.0.0.1", 0)
     fake.address = f"127.0.0.1:{port}"
@@ -129,3 +141,26 @@ async def test_list_jobs_passes_label_filters_and_refuses_a_malformed_one(http, 
     assert dict(jobs.last("ListJobs").labels) == {"team": "search", "exp": "1"}
     resp = await http.get("/api/v1/jobs", params={"label": "nokey"})
     assert resp.status_code == 400 and resp.json()["error"]["field"] == "label"
+
+
+def open_streams(metrics_text: str) -> float:
+    line = next(x for x in metrics_text.splitlines() if x.startswith("tuneforge_gateway_open_streams "))
+    return float(line.split()[1])
+
+
+async def test_metrics_count_the_open_event_streams(http, jobs):
+    before = open_streams((await http.get("/metrics")).text)
+
+    async def watch() -> str:
+        async with http.stream("GET", "/api/v1/jobs/j1/events", headers={"Last-Event-ID": "c-1"}) as resp:
+            assert resp.status_code == 200
+            return "".join([chunk async for chunk in resp.aiter_text()])
+
+    task = asyncio.create_task(watch())
+    await asyncio.wait_for(jobs.watching.wait(), 5)
+    assert open_streams((await http.get("/metrics")).text) == before + 1
+    jobs.release.set()
+    body = await asyncio.wait_for(task, 5)
+    assert "id: c-2" in body and "event: job" in body
+    assert jobs.last("WatchJob").after_cursor == "c-1"  # the reconnect resumes where it left off
+    assert open_streams((await http.get("/metrics")).text) == before

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -57,6 +57,7 @@ CHANNEL_OPTIONS = (
 )
 REQUESTS = Counter("tuneforge_gateway_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("tuneforge_gateway_request_seconds", "HTTP request latency", ["route"])
+OPEN_STREAMS = Gauge("tuneforge_gateway_open_streams", "Server-Sent Events streams open now")
 
 
 def job_or_estimate(resp: Any, response: Response) -> dict[str, Any]:
@@ -814,6 +815,7 @@ def create_app(
 
         async def stream() -> AsyncIterator[str]:
             call = be().jobs.WatchJob(jpb.WatchJobRequest(job_id=job_id, after_cursor=cursor))
+            OPEN_STREAMS.inc()
             try:
                 async for update in call:
                     kind = update.WhichOneof("update")
@@ -822,6 +824,7 @@ def create_app(
             except grpc.aio.AioRpcError as err:
                 yield f"event: error\ndata: {json.dumps({'code': err.code().name})}\n\n"
             finally:
+                OPEN_STREAMS.dec()
                 call.cancel()
 
         return StreamingResponse(
