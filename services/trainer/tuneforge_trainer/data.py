@@ -18,8 +18,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-PROMPT_CANDIDATES = ("question", "instruction", "query", "input", "prompt")
-ANSWER_CANDIDATES = ("answer", "response", "output", "completion")
+from tuneforge_trainer.sdk import ANSWER_COLUMNS, PROMPT_COLUMNS
+
+# The column names a prompt/answer pair is looked for under: the same for the built-ins and the SDK's readers.
+PROMPT_CANDIDATES = PROMPT_COLUMNS
+ANSWER_CANDIDATES = ANSWER_COLUMNS
 # The validation rows depend only on the dataset (and max_samples), not on --seed, so runs that differ in
 # seed or hyperparameters are evaluated on the same rows and their eval_loss can be compared.
 VALIDATION_SPLIT_SEED = 1234

@@ -300,19 +300,23 @@ def _prompt_answer(row: dict[str, Any], input_column: str, output_column: str) -
     return None
 
 
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The prompt as the model sees it before its answer: one user turn of its chat template, or the plain
+    text and a newline when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt + "\n"
+
+
 def encode_prompt_answer(
     tokenizer: Any, prompt: str, answer: str, max_input_length: int, max_content_length: int, max_seq_length: int
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one pair: the prompt keeps its last max_input_length tokens, the answer its first
     max_content_length (ending with EOS), both together at most max_seq_length; prompt labels are -100 so
     the loss is on the answer only. Uses the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        prompt_text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        prompt_text = prompt + "\n"
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"][-max_input_length:]
+    prompt_ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"][-max_input_length:]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max(0, max_content_length - 1)]
     answer_ids = [*answer_ids, tokenizer.eos_token_id]
     room = max_seq_length - len(prompt_ids)
@@ -327,12 +331,7 @@ def log_generations(model: Any, tokenizer: Any, prompt: str, count: int, max_new
     so a run shows what it learned, not only its loss; reports `generations` as a metric."""
     import torch
 
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = prompt + "\n"
+    text = prompt_text(tokenizer, prompt)
     device = next(model.parameters()).device
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
     was_training = model.training
