@@ -4,66 +4,23 @@ and a dataset that failed validation can't cost GPU time."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 
 from tests.helpers import chat_jsonl, write_fake_model_dir
+from tests.stack import Services, catalog_and_jobs
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
-from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
-from tuneforge.jobs.v1 import jobs_pb2_grpc
-from tuneforge_catalog import api as catalog_api
-from tuneforge_catalog.jobs_client import GrpcJobs
-from tuneforge_catalog.main import CatalogSettings, build_catalog
-from tuneforge_common.db import make_engine, migrate
-from tuneforge_common.grpcutil import decode_error, start_server
-from tuneforge_jobs import api as jobs_api
-from tuneforge_jobs.catalog_client import GrpcCatalog
-from tuneforge_jobs.main import MIGRATIONS
-from tuneforge_jobs.notify import Notifier
-from tuneforge_jobs.service import Jobs
-
-
-@dataclass
-class Services:
-    catalog: catalog_pb2_grpc.CatalogServiceStub
-    jobs: jobs_pb2_grpc.JobServiceStub
-    jobs_server: grpc.aio.Server
+from tuneforge_common.grpcutil import decode_error
 
 
 @pytest.fixture
 async def services(postgres_url, second_postgres_url, tmp_path) -> AsyncIterator[Services]:
-    model_dir = write_fake_model_dir(tmp_path / "models" / "tiny-test")
-    catalog, _ = await build_catalog(
-        CatalogSettings(
-            catalog_database_url=postgres_url,
-            artifact_root=str(tmp_path / "artifacts"),
-            catalog_seed_models=str(model_dir),
-        )
-    )
-    catalog_server, catalog_port = await start_server([catalog_api.binding(catalog)], "127.0.0.1", 0)
-    engine = make_engine(second_postgres_url)
-    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
-    catalog_client = GrpcCatalog(f"127.0.0.1:{catalog_port}")
-    jobs = Jobs(engine=engine, catalog=catalog_client, artifact_root=str(tmp_path / "artifacts"), subject_root="t")
-    jobs_server, jobs_port = await start_server(jobs_api.bindings(jobs, Notifier()), "127.0.0.1", 0)
-    catalog.jobs = jobs_client = GrpcJobs(f"127.0.0.1:{jobs_port}")
-    catalog_channel = grpc.aio.insecure_channel(f"127.0.0.1:{catalog_port}")
-    jobs_channel = grpc.aio.insecure_channel(f"127.0.0.1:{jobs_port}")
-    yield Services(
-        catalog_pb2_grpc.CatalogServiceStub(catalog_channel), jobs_pb2_grpc.JobServiceStub(jobs_channel), jobs_server
-    )
-    for closable in (catalog_channel, jobs_channel, jobs_client, catalog_client):
-        await closable.close()
-    await jobs_server.stop(None)
-    await catalog_server.stop(None)
-    await catalog.close()
-    await catalog.engine.dispose()
-    await engine.dispose()
+    async with catalog_and_jobs(postgres_url, second_postgres_url, tmp_path) as started:
+        yield started
 
 
 async def upload(s: Services, name: str, data: bytes) -> common_pb2.Dataset:
