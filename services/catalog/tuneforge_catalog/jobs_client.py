@@ -7,6 +7,7 @@ import grpc
 from tuneforge.jobs.v1 import jobs_pb2 as pb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_common.errors import Unavailable
+from tuneforge_common.tls import TlsConfig, open_channel
 
 UNFINISHED = [
     pb.JOB_STATE_QUEUED,
@@ -18,8 +19,8 @@ UNFINISHED = [
 
 
 class GrpcJobs:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
+        self.channel = open_channel(address, tls=tls)
         self.stub = jobs_pb2_grpc.JobServiceStub(self.channel)
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ from tuneforge_common.events import OutboxPublisher
 from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
 from tuneforge_common.runtime import run_service, wait_for_shutdown_signal
+from tuneforge_common.tls import TlsConfig
 
 from . import api, store
 from .jobs_client import GrpcJobs
@@ -49,7 +50,7 @@ async def build_catalog(settings: CatalogSettings) -> tuple[Catalog, OutboxPubli
         engine, store.outbox, settings.nats_url, settings.events_stream, settings.events_subject_root
     )
     catalog = Catalog(
-        jobs=GrpcJobs(settings.jobs_address),
+        jobs=GrpcJobs(settings.jobs_address, TlsConfig.from_settings(settings)),
         max_line_chars=settings.catalog_max_line_chars,
         validation_wait_seconds=settings.catalog_validation_wait_seconds,
         engine=engine,
@@ -70,9 +71,10 @@ async def build_catalog(settings: CatalogSettings) -> tuple[Catalog, OutboxPubli
 async def serve() -> None:
     settings = CatalogSettings()
     setup_logging(settings.log_level)
+    tls = TlsConfig.from_settings(settings)  # a bad TLS file stops the start before migrations run
     catalog, publisher = await build_catalog(settings)
     publisher.start()
-    server, port = await start_server([api.binding(catalog)], settings.grpc_host, settings.catalog_grpc_port)
+    server, port = await start_server([api.binding(catalog)], settings.grpc_host, settings.catalog_grpc_port, tls=tls)
     log.info("catalog serving on %s:%d", settings.grpc_host, port)
     metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
     print(f"TUNEFORGE_READY catalog grpc={port} metrics={metrics}", flush=True)

@@ -18,3 +18,21 @@ class CommonSettings(BaseSettings):
     grpc_host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     log_level: str = Field("INFO", description="Python log level.")
     metrics_port: int = Field(-1, description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables.")
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) of this service; with tls_key_file its gRPC server listens with TLS, "
+        "its channels present it to servers that require client certificates, and the gateway serves HTTPS with it "
+        "(unless gateway_https_cert_file is set). Empty: plaintext.",
+    )
+    tls_key_file: str = Field("", description="PEM private key (unencrypted) of tls_cert_file.")
+    tls_ca_file: str = Field(
+        "",
+        description="PEM CA certificates that verify the servers this process dials (empty: the system roots) and, "
+        "with tls_require_client_cert, the clients it serves. Set alone, channels use TLS without a certificate of "
+        "their own (an agent on a GPU node that only verifies the jobs service).",
+    )
+    tls_require_client_cert: bool = Field(
+        False,
+        description="mTLS between services: gRPC servers refuse clients without a certificate signed by tls_ca_file. "
+        "The gateway's HTTP side still accepts browsers without one.",
+    )

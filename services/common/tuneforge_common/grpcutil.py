@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
 from . import errors
+from .tls import TlsConfig, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,16 @@ class ServiceBinding:
 
 
 async def start_server(
-    bindings: Iterable[ServiceBinding], host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+    bindings: Iterable[ServiceBinding],
+    host: str,
+    port: int,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    *,
+    tls: TlsConfig | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server with health checking and reflection; port 0 picks a free port."""
+    """Start a grpc.aio server with health checking and reflection; port 0 picks a free port. It listens with TLS
+    (mTLS when tls.require_client_cert) when tls is enabled, else plaintext."""
+    credentials = server_credentials(tls)  # before the server exists: a bad file fails the start, naming its setting
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
     bindings = list(bindings)
     health_servicer = health.aio.HealthServicer()
@@ -149,7 +157,8 @@ async def start_server(
         b.add_to_server(b.servicer, server)
     names = [b.full_name for b in bindings] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
     for b in bindings:
         await health_servicer.set(b.full_name, health_pb2.HealthCheckResponse.SERVING)

@@ -29,6 +29,7 @@ from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_common.grpcutil import MAX_MESSAGE_BYTES
+from tuneforge_common.tls import TlsConfig, open_channel
 
 from .errors import ApiError, api_error_handler, grpc_error_handler, validation_error_handler
 from .uploads import UPLOAD_CHUNK, UploadSpool
@@ -298,9 +299,9 @@ class UploadSizeLimit:
 
 
 class Backends:
-    def __init__(self, catalog_address: str, jobs_address: str) -> None:
-        self.catalog_channel = grpc.aio.insecure_channel(catalog_address, options=CHANNEL_OPTIONS)
-        self.jobs_channel = grpc.aio.insecure_channel(jobs_address, options=CHANNEL_OPTIONS)
+    def __init__(self, catalog_address: str, jobs_address: str, *, tls: TlsConfig | None = None) -> None:
+        self.catalog_channel = open_channel(catalog_address, tls=tls, options=CHANNEL_OPTIONS)
+        self.jobs_channel = open_channel(jobs_address, tls=tls, options=CHANNEL_OPTIONS)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self.catalog_channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.jobs_channel)
 
@@ -316,6 +317,7 @@ def create_app(
     upload_dir: str | os.PathLike[str] | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     upload_ttl_s: float = UPLOAD_TTL_S,
+    tls: TlsConfig | None = None,
 ) -> FastAPI:
     backends: Backends | None = None
     spool = UploadSpool(
@@ -325,7 +327,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal backends
-        backends = Backends(catalog_address, jobs_address)
+        backends = Backends(catalog_address, jobs_address, tls=tls)
         yield
         await backends.close()
 

@@ -13,6 +13,7 @@ from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2
 from tuneforge_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from tuneforge_common.grpcutil import decode_error
+from tuneforge_common.tls import TlsConfig, open_channel
 
 from .service import CatalogInputs
 
@@ -21,8 +22,8 @@ STATS_TIMEOUT_S = 120.0
 
 
 class GrpcCatalog:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
+        self.channel = open_channel(address, tls=tls)
         self.stub = catalog_pb2_grpc.CatalogServiceStub(self.channel)
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ from tuneforge_common.events import OutboxPublisher
 from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
 from tuneforge_common.runtime import run_service, wait_for_shutdown_signal
+from tuneforge_common.tls import TlsConfig
 
 from . import api, store
 from .catalog_client import GrpcCatalog
@@ -48,13 +49,14 @@ async def reaper(jobs: Jobs, interval: float) -> None:
 async def serve() -> None:
     settings = JobsSettings()
     setup_logging(settings.log_level)
+    tls = TlsConfig.from_settings(settings)  # a bad TLS file stops the start before migrations run
     engine = make_engine(settings.jobs_database_url)
     await migrate(engine, MIGRATIONS, "alembic_version_jobs")
     publisher = OutboxPublisher(
         engine, store.outbox, settings.nats_url, settings.events_stream, settings.events_subject_root
     )
     changes = Notifier()
-    catalog = GrpcCatalog(settings.catalog_address)
+    catalog = GrpcCatalog(settings.catalog_address, tls)
     jobs = Jobs(
         engine=engine,
         catalog=catalog,
@@ -68,7 +70,7 @@ async def serve() -> None:
     )
     publisher.start()
     reaper_task = asyncio.create_task(reaper(jobs, max(1.0, settings.jobs_lease_ttl_seconds / 5)))
-    server, port = await start_server(api.bindings(jobs, changes), settings.grpc_host, settings.jobs_grpc_port)
+    server, port = await start_server(api.bindings(jobs, changes), settings.grpc_host, settings.jobs_grpc_port, tls=tls)
     log.info("jobs serving on %s:%d", settings.grpc_host, port)
     metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
     print(f"TUNEFORGE_READY jobs grpc={port} metrics={metrics}", flush=True)

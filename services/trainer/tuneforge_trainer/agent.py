@@ -40,6 +40,7 @@ from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
 from tuneforge_common.params import protected_env_problem, to_env
 from tuneforge_common.runtime import wait_for_shutdown_signal
+from tuneforge_common.tls import TlsConfig, open_channel
 
 from .sdk import PAUSED_EXIT_CODE, parse_checkpoint, parse_log_data
 
@@ -905,6 +906,7 @@ def total_memory_bytes() -> int:
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
+        self.tls = TlsConfig.from_settings(settings)  # checked here: the channel only opens in run_forever's task
         self.reporter = Reporter(on_stop=self._stop_fenced)
         self.runs: dict[str, JobRun] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -929,7 +931,7 @@ class Agent:
 
     async def run_forever(self) -> None:
         backoff = 0.5
-        async with grpc.aio.insecure_channel(self.settings.jobs_address) as channel:
+        async with open_channel(self.settings.jobs_address, tls=self.tls) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             while True:
                 try:
@@ -1036,7 +1038,7 @@ async def serve() -> None:
     settings = AgentSettings()
     setup_logging(settings.log_level)
     agent = Agent(settings)
-    server, port = await start_server([], settings.grpc_host, settings.agent_grpc_port)
+    server, port = await start_server([], settings.grpc_host, settings.agent_grpc_port, tls=agent.tls)
     metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
     print(f"TUNEFORGE_READY trainer grpc={port} metrics={metrics}", flush=True)
     runner = asyncio.create_task(agent.run_forever())
