@@ -302,11 +302,13 @@ def test_agent_with_a_missing_cert_file_fails_at_construction_not_in_its_connect
 
 async def _ready_line(proc: asyncio.subprocess.Process) -> str:
     assert proc.stdout is not None
+    output: list[str] = []
     async with asyncio.timeout(60):
         while line := (await proc.stdout.readline()).decode():
             if line.startswith("TUNEFORGE_READY"):
                 return line.strip()
-    raise AssertionError(f"the gateway exited ({await proc.wait()}) without a TUNEFORGE_READY line")
+            output.append(line)
+    raise AssertionError(f"the gateway exited ({await proc.wait()}) without a TUNEFORGE_READY line:\n{''.join(output)}")
 
 
 async def test_gateway_serves_https_to_clients_without_certificates_and_reaches_mtls_services(
@@ -322,6 +324,7 @@ async def test_gateway_serves_https_to_clients_without_certificates_and_reaches_
             "TUNEFORGE_TLS_KEY_FILE": str(pki.client_key),
             "TUNEFORGE_TLS_CA_FILE": str(pki.ca),
             "TUNEFORGE_TLS_REQUIRE_CLIENT_CERT": "true",
+            "TUNEFORGE_SERVICE_TOKEN": "tls-test-service-token",  # services refuse to start without one
         }
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -342,5 +345,6 @@ async def test_gateway_serves_https_to_clients_without_certificates_and_reaches_
             assert resp.status_code == 200, resp.text
             assert resp.json() == {"status": "ok", "services": {"catalog": "SERVING", "jobs": "SERVING"}}
         finally:
-            proc.terminate()
+            if proc.returncode is None:
+                proc.terminate()
             await proc.wait()
