@@ -74,6 +74,7 @@ def job_to_pb(row: Any, now: dt.datetime | None = None) -> pb.Job:
         remaining_seconds=remaining,
         copied_from_job_id=row.copied_from_job_id or "",
         resumed_from_step=row.resumed_from_step,
+        validation_dataset_id=row.validation_dataset_id,
     )
 
 
@@ -192,6 +193,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             resources=resources_from_pb(request.resources),
             submitted_by=request.submitted_by,
             dry_run=request.dry_run,
+            validation_dataset_id=request.validation_dataset_id,
         )
         return pb.SubmitJobResponse(job=job_to_pb(row) if row else None, estimate=estimate_to_pb(estimate))
 
@@ -204,6 +206,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             model_id=request.model_id,
             name=request.name,
             dry_run=request.dry_run,
+            validation_dataset_id=request.validation_dataset_id,
         )
         return pb.CopyJobResponse(job=job_to_pb(row) if row else None, estimate=estimate_to_pb(estimate))
 
@@ -241,7 +244,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         size, offset = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), decode_token(request.page_token)
         states = [pb.JobState.Name(v).removeprefix("JOB_STATE_") for v in request.states if v]
         rows = await self.jobs.list_jobs(
-            size + 1, offset, states, request.model_id, request.dataset_id, request.method_id, dict(request.labels)
+            size + 1,
+            offset,
+            states,
+            request.model_id,
+            request.dataset_id,
+            request.method_id,
+            dict(request.labels),
+            after_job_id=request.after_job_id,
         )
         token = encode_token(offset + size) if len(rows) > size else ""
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in rows[:size]], next_page_token=token)
@@ -378,6 +388,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         python_env=job.python_env,
                         saving_entrypoint=job.saving_entrypoint,
                         saving_python_env=job.saving_python_env,
+                        validation_dataset_uri=job.validation_dataset_uri,
                         gpu_count=scheduler.ResourceRequest.from_json(job.resources).gpu_count,
                     )
                 )

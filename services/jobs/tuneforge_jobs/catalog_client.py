@@ -55,20 +55,9 @@ class GrpcCatalog:
         dataset = (
             await self._call(self.stub.GetDataset, pb.GetDatasetRequest(dataset_id=dataset_id), "dataset_id")
         ).dataset
-        if dataset.status != common_pb2.DATASET_STATUS_READY:
-            status = common_pb2.DatasetStatus.Name(dataset.status).removeprefix("DATASET_STATUS_")
-            problems = f" ({dataset.validation.problem_count} problems)" if dataset.validation.problem_count else ""
-            raise FailedPrecondition(
-                f"dataset_id: dataset {dataset_id!r} is {status}{problems}; only READY datasets train"
-            )
+        _check_ready(dataset, "dataset_id")
         method = (await self._call(self.stub.GetMethod, pb.GetMethodRequest(method_id=method_id), "method_id")).method
-        if method.dataset_formats and dataset.format not in method.dataset_formats:
-            # Refused here, before a GPU node loads a model only to find rows it can't train on.
-            wanted = ", ".join(_format_name(f) for f in method.dataset_formats)
-            raise FailedPrecondition(
-                f"dataset_id: method {method_id!r} trains on {wanted} datasets; "
-                f"dataset {dataset_id!r} is {_format_name(dataset.format)}"
-            )
+        _check_format(dataset, method, "dataset_id")
         if base is not None:
             parameters = _override(base, parameters, method)
         given = struct_pb2.Struct()
@@ -93,6 +82,19 @@ class GrpcCatalog:
             saving_entrypoint=saving_entrypoint,
             saving_python_env=saving_env,
         )
+
+    async def validation_dataset_uri(self, dataset_id: str, method_id: str) -> str:
+        field = "validation_dataset_id"
+        dataset = (await self._call(self.stub.GetDataset, pb.GetDatasetRequest(dataset_id=dataset_id), field)).dataset
+        _check_ready(dataset, field)
+        method = (await self._call(self.stub.GetMethod, pb.GetMethodRequest(method_id=method_id), "method_id")).method
+        if "validation_ratio" not in {p.name for p in method.parameters}:
+            # Only methods that evaluate take the flag; an added method's own script would refuse it unknown.
+            raise FailedPrecondition(
+                f"{field}: method {method_id!r} does not evaluate on a validation set (it has no validation_ratio)"
+            )
+        _check_format(dataset, method, field)
+        return str(dataset.uri)
 
     async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]:
         """(total tokens, rows over max_seq_length) with the model's tokenizer: a pass over the dataset."""
@@ -145,6 +147,23 @@ def _saving_stage(method: Any) -> tuple[str, str]:
         return "", ""
     env = saving.get("env")
     return saving["file"].strip(), env.strip() if isinstance(env, str) and env.strip() else _training_env(method)
+
+
+def _check_ready(dataset: Any, field: str) -> None:
+    if dataset.status != common_pb2.DATASET_STATUS_READY:
+        status = common_pb2.DatasetStatus.Name(dataset.status).removeprefix("DATASET_STATUS_")
+        problems = f" ({dataset.validation.problem_count} problems)" if dataset.validation.problem_count else ""
+        raise FailedPrecondition(f"{field}: dataset {dataset.id!r} is {status}{problems}; only READY datasets train")
+
+
+def _check_format(dataset: Any, method: Any, field: str) -> None:
+    if method.dataset_formats and dataset.format not in method.dataset_formats:
+        # Refused here, before a GPU node loads a model only to find rows it can't train on.
+        wanted = ", ".join(_format_name(f) for f in method.dataset_formats)
+        raise FailedPrecondition(
+            f"{field}: method {method.id!r} trains on {wanted} datasets; "
+            f"dataset {dataset.id!r} is {_format_name(dataset.format)}"
+        )
 
 
 def _format_name(value: common_pb2.DatasetFormat.ValueType) -> str:

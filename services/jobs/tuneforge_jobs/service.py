@@ -57,6 +57,11 @@ class CatalogPort(Protocol):
         base: dict[str, Any] | None = None,
     ) -> CatalogInputs: ...
 
+    async def validation_dataset_uri(self, dataset_id: str, method_id: str) -> str:
+        """The URI of a dataset the job evaluates on, once checked as a training dataset is (READY, a format the
+        method trains on) and the method is one that evaluates (it has validation_ratio)."""
+        ...
+
     async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]: ...
 
     async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str: ...
@@ -219,10 +224,12 @@ class Jobs:
         submitted_by: str = "",
         dry_run: bool = False,
         copied_from: Any = None,
+        validation_dataset_id: str = "",
     ) -> tuple[Any | None, Estimate]:
         """Validate and resolve, then store the job QUEUED (or, for a dry run, only say what it would do).
 
         copied_from: the job a copy starts from; its resolved parameters are the base `parameters` override.
+        validation_dataset_id: a dataset to evaluate on instead of holding out validation_ratio of the rows.
         """
         labels, resources = labels or {}, resources or {}
         errors = ViolationCollector()
@@ -240,6 +247,7 @@ class Jobs:
         errors.raise_if_any()
         base = json.loads(copied_from.parameters) if copied_from is not None else None
         inputs = await self.catalog.resolve_inputs(model_id, dataset_id, method_id, parameters, base)
+        validation_uri = await self._validation_uri(validation_dataset_id, method_id, inputs.parameters)
         estimate = await self._estimate(inputs, model_id, dataset_id, method_id, count_tokens=dry_run)
         if dry_run:
             return None, estimate
@@ -252,9 +260,11 @@ class Jobs:
                     name=name,
                     model_id=model_id,
                     dataset_id=dataset_id,
+                    validation_dataset_id=validation_dataset_id,
                     method_id=method_id,
                     model_uri=inputs.model_uri,
                     dataset_uri=inputs.dataset_uri,
+                    validation_dataset_uri=validation_uri,
                     entrypoint=inputs.entrypoint,
                     python_env=inputs.python_env,
                     saving_entrypoint=inputs.saving_entrypoint,
@@ -284,6 +294,21 @@ class Jobs:
             await self._state_event(conn, job_id, None, JobState.QUEUED, 0, reason)
         self._after_commit()
         return await self.get(job_id), estimate
+
+    async def _validation_uri(self, dataset_id: str, method_id: str, parameters: dict[str, Any]) -> str:
+        """The validation dataset's URI ("" without one); with one, no share of the training rows is held out."""
+        if not dataset_id:
+            return ""
+        ratio = parameters.get("validation_ratio") or 0
+        if ratio > 0:
+            # Two validation sets would be one too many: say which knob to drop rather than pick one silently.
+            raise InvalidArgument.for_field(
+                "parameters.validation_ratio",
+                f"is {ratio}, which holds out that share of the training rows for validation, while "
+                f"validation_dataset_id {dataset_id!r} gives the validation rows: set validation_ratio to 0 or "
+                "leave out the validation dataset",
+            )
+        return await self.catalog.validation_dataset_uri(dataset_id, method_id)
 
     async def _estimate(
         self, inputs: CatalogInputs, model_id: str, dataset_id: str, method_id: str, count_tokens: bool
@@ -321,8 +346,10 @@ class Jobs:
         name: str = "",
         submitted_by: str = "",
         dry_run: bool = False,
+        validation_dataset_id: str = "",
     ) -> tuple[Any | None, Estimate]:
-        """A new job from an old one's exact resolved parameters, with overrides (DeepExtension's Copy)."""
+        """A new job from an old one's exact resolved parameters, with overrides (DeepExtension's Copy); it keeps
+        the old job's validation dataset unless given another."""
         old = await self.get(job_id)
         return await self.submit_job(
             model_id or old.model_id,
@@ -336,6 +363,7 @@ class Jobs:
             submitted_by=submitted_by or old.submitted_by,
             dry_run=dry_run,
             copied_from=old,
+            validation_dataset_id=validation_dataset_id or old.validation_dataset_id,
         )
 
     async def pause(self, job_id: str) -> Any:
@@ -413,17 +441,33 @@ class Jobs:
         dataset_id: str = "",
         method_id: str = "",
         labels: dict[str, str] | None = None,
+        after_job_id: str = "",
     ) -> list[Any]:
+        """Newest first (then by id); after_job_id starts the list after that job, as a cursor of ids does."""
         query = select(store.jobs)
+        if after_job_id:
+            async with self.engine.connect() as conn:
+                after = (
+                    await conn.execute(select(store.jobs.c.created_at).where(store.jobs.c.id == after_job_id))
+                ).first()
+            if after is None:
+                raise InvalidArgument.for_field("after_job_id", f"no job {after_job_id!r} to list after")
+            j = store.jobs.c
+            query = query.where(
+                or_(j.created_at < after.created_at, and_(j.created_at == after.created_at, j.id > after_job_id))
+            )
         if states:
             query = query.where(store.jobs.c.state.in_(states))
         for key, value in (labels or {}).items():
             # Labels are stored as sorted-key JSON; each pair appears as this exact fragment.
             fragment = json.dumps({key: value})[1:-1]
             query = query.where(store.jobs.c.labels.contains(fragment, autoescape=True))
-        for column, value in (("model_id", model_id), ("dataset_id", dataset_id), ("method_id", method_id)):
+        for column, value in (("model_id", model_id), ("method_id", method_id)):
             if value:
                 query = query.where(store.jobs.c[column] == value)
+        if dataset_id:  # trained or evaluated on: either way the catalog must not delete it under the job
+            j = store.jobs.c
+            query = query.where(or_(j.dataset_id == dataset_id, j.validation_dataset_id == dataset_id))
         query = query.order_by(store.jobs.c.created_at.desc(), store.jobs.c.id).offset(offset).limit(limit)
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).all())

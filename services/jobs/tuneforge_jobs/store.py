@@ -17,9 +17,12 @@ jobs = Table(
     Column("name", String(255), nullable=False, default=""),
     Column("model_id", String(64), nullable=False),
     Column("dataset_id", String(64), nullable=False),
+    # A second dataset evaluated on instead of a held-out share of dataset_id; "" when none was given.
+    Column("validation_dataset_id", String(64), nullable=False, default=""),
     Column("method_id", String(64), nullable=False),
     Column("model_uri", Text, nullable=False),
     Column("dataset_uri", Text, nullable=False),
+    Column("validation_dataset_uri", Text, nullable=False, default=""),
     Column("entrypoint", Text, nullable=False),
     # The environment the entrypoint runs in: an added method's training env; "" for built-ins.
     Column("python_env", Text, nullable=False, default=""),

@@ -379,16 +379,20 @@ def build_command(
     output_dir: str,
     resume_from: str,
     nproc_per_node: int = 1,
+    validation_dataset_path: str = "",
 ) -> list[str]:
     """DeepExtension's runner contract: every hyperparameter as --key=value, booleans as true/false.
 
     entrypoint: a .py file (run as a script) or a module (run with -m). With more than one process per node,
     torchrun (as `python -m torch.distributed.run`, so it is the environment's own) starts one per GPU.
+    --validation_dataset_path only when the job has a validation dataset: scripts that never take one keep
+    the flags they know.
     """
     values = {
         **{k: _flag_value(v) for k, v in params.items()},
         "model_path": model_path,
         "dataset_path": dataset_path,
+        **({"validation_dataset_path": validation_dataset_path} if validation_dataset_path else {}),
         "output_dir": output_dir,
         "resume_from_checkpoint": resume_from,
     }
@@ -510,7 +514,8 @@ class JobRun:
     def log_line(self, stream: str, text: str) -> None:
         self.report(log=apb.LogReport(stream=stream, text=text))
 
-    def _stage_inputs(self) -> tuple[str, str]:
+    def _stage_inputs(self) -> tuple[str, str, str]:
+        """Local paths of the model, the dataset and the validation dataset ("" when the job has none)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         model_path = self.a.model_uri
         if "://" in model_path and not model_path.startswith("file://"):
@@ -521,7 +526,12 @@ class JobRun:
         dataset_path = str(self.workdir / "dataset.jsonl")
         fs, path = fsspec.core.url_to_fs(self.a.dataset_uri)
         fs.get_file(path, dataset_path)
-        return model_path, dataset_path
+        validation_path = ""
+        if self.a.validation_dataset_uri:
+            validation_path = str(self.workdir / "validation.jsonl")
+            fs, path = fsspec.core.url_to_fs(self.a.validation_dataset_uri)
+            fs.get_file(path, validation_path)
+        return model_path, dataset_path, validation_path
 
     async def run(self) -> None:
         settings = self.agent.settings
@@ -531,7 +541,7 @@ class JobRun:
             # saving stage too: no training is wasted on a job whose output could not then be saved).
             launch = await asyncio.to_thread(resolve_launch, settings, self.a.entrypoint, self.a.python_env)
             saving = await asyncio.to_thread(self._resolve_saving)
-            model_path, dataset_path = await asyncio.to_thread(self._stage_inputs)
+            model_path, dataset_path, validation_path = await asyncio.to_thread(self._stage_inputs)
             resume_from = await asyncio.to_thread(self._stage_checkpoint)
             if self.cancelled:  # stopped while its inputs were being staged: never start the process
                 if not (self.shutting_down or self.fenced):
@@ -550,10 +560,12 @@ class JobRun:
                 str(output_dir),
                 resume_from,
                 nproc_per_node=nproc,
+                validation_dataset_path=validation_path,
             )
             own = {
                 "MODEL_PATH": model_path,
                 "DATASET_PATH": dataset_path,
+                "VALIDATION_DATASET_PATH": validation_path,
                 "OUTPUT_DIR": str(output_dir),
                 "RESUME_FROM_CHECKPOINT": resume_from,
             }

@@ -200,8 +200,16 @@ def chat_as_prompt_completion(dataset):
     return converted.filter(lambda row: row["prompt"] is not None)
 
 
-def split_validation(dataset, ratio: float):
-    """(train, validation) with `ratio` of the rows held out (at least one) by a fixed seed; validation None at 0."""
+def split_validation(dataset, ratio: float, validation=None):
+    """(train, validation): the job's own validation rows (from --validation_dataset_path) when it has them,
+    else `ratio` of the rows held out (at least one) by a fixed seed; validation None when neither."""
+    if validation is not None:
+        if ratio > 0:
+            raise DatasetProblem(
+                f"--validation_ratio={ratio} holds out training rows for validation while --validation_dataset_path "
+                "gives the validation rows; set validation_ratio to 0 or leave out the validation dataset"
+            )
+        return dataset, validation
     if ratio <= 0:
         return dataset, None
     held_out = max(1, round(len(dataset) * ratio))
@@ -212,6 +220,16 @@ def split_validation(dataset, ratio: float):
         )
     split = dataset.train_test_split(test_size=held_out, shuffle=True, seed=VALIDATION_SPLIT_SEED)
     return split["train"], split["test"]
+
+
+def check_same_shape(validation, dataset, validation_format: str, data_format: str, path: Path) -> None:
+    """Supervised validation rows are scored as the training rows are (the loss flags follow the training rows'
+    shape: chat, prompt/completion or text), so both must come out in the same shape."""
+    if sorted(validation.column_names) != sorted(dataset.column_names):
+        raise DatasetProblem(
+            f"validation dataset {path} holds {validation_format} rows but the training dataset {data_format} rows; "
+            "give both in one format"
+        )
 
 
 # --- fill-in-the-middle (Mistral's fim_ratio) --------------------------------------------------------

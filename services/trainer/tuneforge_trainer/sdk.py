@@ -108,6 +108,8 @@ class RunPaths:
     output: Path
     # A checkpoint directory, True (the latest in output), or None for a fresh start.
     resume: str | bool | None
+    # The job's validation dataset (--validation_dataset_path), evaluated on instead of held-out rows; None without.
+    validation: Path | None = None
 
 
 def run_paths(extras: dict[str, str]) -> RunPaths:
@@ -126,7 +128,16 @@ def run_paths(extras: dict[str, str]) -> RunPaths:
             resume = True  # Trainer picks the last checkpoint in output_dir
         elif not Path(flag).is_dir():
             raise SystemExit(f"error: --resume_from_checkpoint={flag}: no such checkpoint directory")
-    return RunPaths(model, Path(values["dataset_path"]), Path(values["output_dir"]), resume)
+    validation = extras.get("validation_dataset_path") or os.environ.get("VALIDATION_DATASET_PATH") or None
+    if validation is not None and not Path(validation).is_file():
+        raise SystemExit(f"error: --validation_dataset_path={validation}: no such file")
+    return RunPaths(
+        model,
+        Path(values["dataset_path"]),
+        Path(values["output_dir"]),
+        resume,
+        Path(validation) if validation is not None else None,
+    )
 
 
 # --- pause ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from tuneforge_trainer import data, hardware, runner
@@ -88,6 +89,15 @@ def _platform_trainer_class():
     return PlatformSFTTrainer
 
 
+def _rows(path: Path, max_samples: int, params: Any, tokenizer, model_path: Path, cache_dir: str | None):
+    """A file's supervised rows in one of TRL's formats, and that format."""
+    dataset = data.load_rows(path, max_samples, cache_dir)
+    dataset, data_format = data.prepare_dataset(dataset, params, bool(tokenizer.chat_template), path)
+    if data_format == "chat" and not tokenizer.chat_template:
+        raise SystemExit(f"error: {model_path} has no chat template, so chat ('messages') rows cannot be used")
+    return dataset, data_format
+
+
 def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | None, *, full: bool) -> Built:
     import transformers
     from trl import SFTConfig
@@ -99,10 +109,11 @@ def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | 
     precision = hardware.check_hardware(params, cuda, cuda_bf16)
     fim_ratio = getattr(params, "fim_ratio", 0.0)
     try:
-        dataset = data.load_rows(paths.dataset, params.max_samples, cache_dir)
-        dataset, data_format = data.prepare_dataset(dataset, params, bool(tokenizer.chat_template), paths.dataset)
-        if data_format == "chat" and not tokenizer.chat_template:
-            raise SystemExit(f"error: {paths.model} has no chat template, so chat ('messages') rows cannot be used")
+        dataset, data_format = _rows(paths.dataset, params.max_samples, params, tokenizer, paths.model, cache_dir)
+        validation = None
+        if paths.validation is not None:  # every row of it: max_samples limits the training rows
+            validation, validation_format = _rows(paths.validation, 0, params, tokenizer, paths.model, cache_dir)
+            data.check_same_shape(validation, dataset, validation_format, data_format, paths.validation)
         added_tokens = False
         fim_rows = 0
         if fim_ratio > 0:
@@ -113,11 +124,15 @@ def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | 
                 )
             tokens, added_tokens = data.fim_tokens(tokenizer)
             dataset, fim_rows = data.fim_transform(dataset, fim_ratio, tokens, params.seed)
+            if validation is not None:  # scored on rows shaped as the training rows are
+                validation, _ = data.fim_transform(validation, fim_ratio, tokens, params.seed)
         dataset, loss_flags = _loss_on_completions(dataset, data_format, tokenizer, params)
-        dataset, eval_dataset = data.split_validation(dataset, params.validation_ratio)
+        if validation is not None:
+            validation, _ = _loss_on_completions(validation, data_format, tokenizer, params)
+        dataset, eval_dataset = data.split_validation(dataset, params.validation_ratio, validation)
     except data.DatasetProblem as exc:
         raise SystemExit(f"error: dataset: {exc}") from None
-    held_out = f", {len(eval_dataset)} held out for validation" if eval_dataset is not None else ""
+    held_out = validation_note(eval_dataset, paths.validation)
     fim = f", {fim_rows} reordered for fill-in-the-middle" if fim_ratio > 0 else ""
     print(
         f"{method_id}: {len(dataset)} {data_format} rows from {paths.dataset}{held_out}{fim}",
@@ -154,6 +169,15 @@ def build(method_id: str, params: Any, paths: runner.RunPaths, cache_dir: str | 
         # Swapped after construction: TRL refuses a collator of ours in padding-free mode.
         trainer.data_collator = RowPerPackedSequence(trainer.data_collator, tokenizer.pad_token_id)
     return Built(trainer, tokenizer, eval_dataset, precision, data_format, len(dataset))
+
+
+def validation_note(eval_dataset: Any, validation_path: Path | None) -> str:
+    """What the run evaluates on, for its first log line."""
+    if eval_dataset is None:
+        return ""
+    if validation_path is not None:
+        return f", {len(eval_dataset)} validation rows from {validation_path}"
+    return f", {len(eval_dataset)} held out for validation"
 
 
 def train(method_id: str, params: Any, extras: dict[str, str], *, full: bool) -> dict[str, Any]:

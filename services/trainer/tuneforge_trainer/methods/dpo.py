@@ -261,6 +261,11 @@ def build(params: Any, paths: runner.RunPaths, cache_dir: str | None) -> Built:
     with _dataset_problems_exit():  # checked first: no torch, transformers or trl is imported for it
         loaded = data.load_rows(paths.dataset, params.max_samples, cache_dir)
         rows, data_format = preference_rows(loaded, paths.dataset, params.prompt_input_column)
+        validation_rows = None
+        if paths.validation is not None:  # every row of it: max_samples limits the training rows
+            loaded = data.load_rows(paths.validation, 0, cache_dir)
+            # Each row is its own conversation or text to TRL: the two files need not share a kind.
+            validation_rows, _ = preference_rows(loaded, paths.validation, params.prompt_input_column)
     tokenizer = runner.load_tokenizer(paths.model)
     cuda, cuda_bf16 = runner.cuda_state()
     precision = hardware.check_hardware(params, cuda, cuda_bf16)
@@ -268,8 +273,14 @@ def build(params: Any, paths: runner.RunPaths, cache_dir: str | None) -> Built:
         raise SystemExit(f"error: {paths.model} has no chat template, so message rows cannot be used")
     with _dataset_problems_exit():
         prompts_cut = fit_prompts(rows, tokenizer, params.max_prompt_length, paths.dataset)
-        dataset, eval_dataset = data.split_validation(datasets.Dataset.from_list(rows), params.validation_ratio)
-    held_out = f", {len(eval_dataset)} held out for validation" if eval_dataset is not None else ""
+        validation = None
+        if validation_rows is not None and paths.validation is not None:
+            fit_prompts(validation_rows, tokenizer, params.max_prompt_length, paths.validation)
+            validation = datasets.Dataset.from_list(validation_rows)
+        dataset, eval_dataset = data.split_validation(
+            datasets.Dataset.from_list(rows), params.validation_ratio, validation
+        )
+    held_out = supervised.validation_note(eval_dataset, paths.validation)
     cut = f", {prompts_cut} prompts cut to their last {params.max_prompt_length} tokens" if prompts_cut else ""
     print(
         f"{METHOD_ID}: {len(dataset)} {data_format} preference rows from {paths.dataset}{held_out}{cut}",

@@ -30,11 +30,12 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from tuneforge_common.methods import GrpoParams
 from tuneforge_trainer import data, hardware, rewards, runner
-from tuneforge_trainer.supervised import Built
+from tuneforge_trainer.supervised import Built, validation_note
 
 METHOD_ID = "grpo"
 # GRPOTrainer passes these to every reward function itself; dataset columns of these names are not passed on.
@@ -111,6 +112,13 @@ def _check_regex_rows(dataset, names: list[str], pattern: str | None, path) -> N
             raise data.DatasetProblem(f"{path} line {data.line_number(path, i)}: column 'answer_regex': {problem}")
 
 
+def _prompt_rows(path: Path, max_samples: int, params: GrpoParams, tokenizer, cache_dir: str | None):
+    """A file's prompt rows, with its other columns for the reward functions, and their format."""
+    raw = data.load_rows(path, max_samples, cache_dir)
+    dataset, data_format = data.prepare_prompts(raw, params, bool(tokenizer.chat_template), path)
+    return with_other_columns(dataset, raw), data_format
+
+
 def build(params: GrpoParams, paths: runner.RunPaths, cache_dir: str | None, extras: dict[str, str]) -> Built:
     """The GRPO trainer, ready to train; the reward functions are checked first, before the model loads."""
     funcs = reward_functions(params, extras)
@@ -127,14 +135,16 @@ def build(params: GrpoParams, paths: runner.RunPaths, cache_dir: str | None, ext
     cuda, cuda_bf16 = runner.cuda_state()
     precision = hardware.check_hardware(params, cuda, cuda_bf16)
     try:
-        raw = data.load_rows(paths.dataset, params.max_samples, cache_dir)
-        dataset, data_format = data.prepare_prompts(raw, params, bool(tokenizer.chat_template), paths.dataset)
-        dataset = with_other_columns(dataset, raw)
+        dataset, data_format = _prompt_rows(paths.dataset, params.max_samples, params, tokenizer, cache_dir)
         _check_regex_rows(dataset, names, reward_regex(extras), paths.dataset)
-        dataset, eval_dataset = data.split_validation(dataset, params.validation_ratio)
+        validation = None
+        if paths.validation is not None:  # every row of it: max_samples limits the training rows
+            validation, _ = _prompt_rows(paths.validation, 0, params, tokenizer, cache_dir)
+            _check_regex_rows(validation, names, reward_regex(extras), paths.validation)
+        dataset, eval_dataset = data.split_validation(dataset, params.validation_ratio, validation)
     except data.DatasetProblem as exc:
         raise SystemExit(f"error: dataset: {exc}") from None
-    held_out = f", {len(eval_dataset)} held out for validation" if eval_dataset is not None else ""
+    held_out = validation_note(eval_dataset, paths.validation)
     print(
         f"{METHOD_ID}: {len(dataset)} {data_format} rows from {paths.dataset}{held_out}; rewards {', '.join(names)}",
         file=sys.stderr,

@@ -247,6 +247,7 @@ class JobAssignment(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _builtins.int
     SAVING_ENTRYPOINT_FIELD_NUMBER: _builtins.int
     SAVING_PYTHON_ENV_FIELD_NUMBER: _builtins.int
+    VALIDATION_DATASET_URI_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     method_id: _builtins.str
@@ -276,6 +277,10 @@ class JobAssignment(_message.Message):
     (<training output>/complete). Empty when the method has none (built-ins, the customized lifecycle).
     """
     saving_python_env: _builtins.str
+    validation_dataset_uri: _builtins.str
+    """The job's validation dataset (fsspec URI), evaluated on instead of a held-out share of the training rows;
+    the runner gets it as --validation_dataset_path (env VALIDATION_DATASET_PATH). Empty when it has none.
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -296,10 +301,11 @@ class JobAssignment(_message.Message):
         gpu_count: _builtins.int = ...,
         saving_entrypoint: _builtins.str = ...,
         saving_python_env: _builtins.str = ...,
+        validation_dataset_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "gpu_count", b"gpu_count", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "python_env", b"python_env", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri", "saving_entrypoint", b"saving_entrypoint", "saving_python_env", b"saving_python_env"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "gpu_count", b"gpu_count", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "python_env", b"python_env", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri", "saving_entrypoint", b"saving_entrypoint", "saving_python_env", b"saving_python_env", "validation_dataset_uri", b"validation_dataset_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -105,6 +105,7 @@ class Job(_message.Message):
     REMAINING_SECONDS_FIELD_NUMBER: _builtins.int
     COPIED_FROM_JOB_ID_FIELD_NUMBER: _builtins.int
     RESUMED_FROM_STEP_FIELD_NUMBER: _builtins.int
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_id: _builtins.str
     dataset_id: _builtins.str
@@ -135,6 +136,8 @@ class Job(_message.Message):
     """Set for copies: the job this one was copied from."""
     resumed_from_step: _builtins.int
     """Step of the checkpoint the current attempt started from; 0 for a fresh start."""
+    validation_dataset_id: _builtins.str
+    """The dataset evaluated on instead of a held-out share of dataset_id; empty when none was given."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Resolved parameters: defaults and aliases applied."""
@@ -185,10 +188,11 @@ class Job(_message.Message):
         remaining_seconds: _builtins.float = ...,
         copied_from_job_id: _builtins.str = ...,
         resumed_from_step: _builtins.int = ...,
+        validation_dataset_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "parameters", b"parameters", "resources", b"resources", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "catalog_version", b"catalog_version", "copied_from_job_id", b"copied_from_job_id", "create_time", b"create_time", "current_step", b"current_step", "dataset_id", b"dataset_id", "elapsed_seconds", b"elapsed_seconds", "end_time", b"end_time", "epoch", b"epoch", "id", b"id", "labels", b"labels", "max_attempts", b"max_attempts", "method_id", b"method_id", "method_version", b"method_version", "model_id", b"model_id", "name", b"name", "output_uri", b"output_uri", "parameters", b"parameters", "priority", b"priority", "progress_percent", b"progress_percent", "remaining_seconds", b"remaining_seconds", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submitted_by", b"submitted_by", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "catalog_version", b"catalog_version", "copied_from_job_id", b"copied_from_job_id", "create_time", b"create_time", "current_step", b"current_step", "dataset_id", b"dataset_id", "elapsed_seconds", b"elapsed_seconds", "end_time", b"end_time", "epoch", b"epoch", "id", b"id", "labels", b"labels", "max_attempts", b"max_attempts", "method_id", b"method_id", "method_version", b"method_version", "model_id", b"model_id", "name", b"name", "output_uri", b"output_uri", "parameters", b"parameters", "priority", b"priority", "progress_percent", b"progress_percent", "remaining_seconds", b"remaining_seconds", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submitted_by", b"submitted_by", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps", "update_time", b"update_time", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -279,6 +283,7 @@ class SubmitJobRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     dataset_id: _builtins.str
     method_id: _builtins.str
@@ -287,6 +292,10 @@ class SubmitJobRequest(_message.Message):
     dry_run: _builtins.bool
     submitted_by: _builtins.str
     """Recorded as given until auth is on; the gateway fills it from the caller."""
+    validation_dataset_id: _builtins.str
+    """Optional: a READY dataset in a format the method trains on, evaluated on instead of holding out
+    validation_ratio of dataset_id (so giving validation_ratio > 0 too is INVALID_ARGUMENT).
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -306,10 +315,11 @@ class SubmitJobRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         resources: Global___ResourceRequest | None = ...,
         submitted_by: _builtins.str = ...,
+        validation_dataset_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "dry_run", b"dry_run", "labels", b"labels", "method_id", b"method_id", "model_id", b"model_id", "name", b"name", "parameters", b"parameters", "priority", b"priority", "resources", b"resources", "submitted_by", b"submitted_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "dry_run", b"dry_run", "labels", b"labels", "method_id", b"method_id", "model_id", b"model_id", "name", b"name", "parameters", b"parameters", "priority", b"priority", "resources", b"resources", "submitted_by", b"submitted_by", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -391,12 +401,15 @@ class CopyJobRequest(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     dataset_id: _builtins.str
     """Optional: another dataset or model for the copy."""
     model_id: _builtins.str
     name: _builtins.str
     dry_run: _builtins.bool
+    validation_dataset_id: _builtins.str
+    """Optional: another validation dataset for the copy; empty keeps the old job's (if it had one)."""
     @_builtins.property
     def parameter_overrides(self) -> _struct_pb2.Struct:
         """Applied over the old job's resolved parameters."""
@@ -410,10 +423,11 @@ class CopyJobRequest(_message.Message):
         model_id: _builtins.str = ...,
         name: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
+        validation_dataset_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameter_overrides", b"parameter_overrides"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "dry_run", b"dry_run", "job_id", b"job_id", "model_id", b"model_id", "name", b"name", "parameter_overrides", b"parameter_overrides"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "dry_run", b"dry_run", "job_id", b"job_id", "model_id", b"model_id", "name", b"name", "parameter_overrides", b"parameter_overrides", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -938,11 +952,17 @@ class ListJobsRequest(_message.Message):
     DATASET_ID_FIELD_NUMBER: _builtins.int
     METHOD_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    AFTER_JOB_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
     model_id: _builtins.str
     dataset_id: _builtins.str
+    """Jobs that train or evaluate on this dataset (dataset_id or validation_dataset_id)."""
     method_id: _builtins.str
+    after_job_id: _builtins.str
+    """Start after this job in the list's order (newest first): for APIs whose cursor is the last id seen
+    (OpenAI's `after`). Keep it, like the filters, on the requests that follow with page_token.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___JobState.ValueType]:
         """Filters; empty means any."""
@@ -961,10 +981,11 @@ class ListJobsRequest(_message.Message):
         dataset_id: _builtins.str = ...,
         method_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        after_job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "labels", b"labels", "method_id", b"method_id", "model_id", b"model_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_job_id", b"after_job_id", "dataset_id", b"dataset_id", "labels", b"labels", "method_id", b"method_id", "model_id", b"model_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
