@@ -53,6 +53,7 @@ def format_name(value: int) -> str:
 def model_to_pb(row: Any) -> common_pb2.Model:
     lineage = json.loads(row.lineage or "{}")
     return common_pb2.Model(
+        project_id=row.project_id or "",
         id=row.id,
         name=row.name,
         description=row.description,
@@ -78,6 +79,7 @@ def dataset_to_pb(row: Any, with_problems: bool = True) -> common_pb2.Dataset:
     """with_problems=False keeps list pages small: up to 100 problems a dataset is for GetDataset."""
     report = json.loads(row.validation or "{}")
     return common_pb2.Dataset(
+        project_id=row.project_id or "",
         id=row.id,
         name=row.name,
         description=row.description,
@@ -122,6 +124,7 @@ def spec_to_pb(spec: ParamSpec) -> common_pb2.ParameterSpec:
 def method_to_pb(row: Any) -> common_pb2.TrainingMethod:
     specs = [ParamSpec.from_json(s) for s in json.loads(row.parameters)]
     return common_pb2.TrainingMethod(
+        project_id=row.project_id or "",
         id=row.id,
         display_name=row.display_name,
         description=row.description,

@@ -6,6 +6,7 @@ import grpc
 
 from tuneforge.jobs.v1 import jobs_pb2 as pb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_common.auth import service_credentials
 from tuneforge_common.errors import Unavailable
 from tuneforge_common.tls import TlsConfig, open_channel
 
@@ -19,8 +20,8 @@ UNFINISHED = [
 
 
 class GrpcJobs:
-    def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
-        self.channel = open_channel(address, tls=tls)
+    def __init__(self, address: str, tls: TlsConfig | None = None, service_token: str = "") -> None:
+        self.channel = open_channel(address, tls=tls, interceptors=service_credentials(service_token))
         self.stub = jobs_pb2_grpc.JobServiceStub(self.channel)
 
     async def close(self) -> None:

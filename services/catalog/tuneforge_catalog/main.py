@@ -9,7 +9,8 @@ from pathlib import Path
 from pydantic import Field
 
 from tuneforge_common.artifacts import ArtifactStore
-from tuneforge_common.config import CommonSettings
+from tuneforge_common.auth import KeyAuthenticator, ServerAuthInterceptor
+from tuneforge_common.config import CommonSettings, require_service_token
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.events import OutboxPublisher
 from tuneforge_common.grpcutil import serve_metrics, start_server
@@ -17,8 +18,9 @@ from tuneforge_common.logs import setup_logging
 from tuneforge_common.runtime import run_service, wait_for_shutdown_signal
 from tuneforge_common.tls import TlsConfig
 
-from . import api, store
+from . import api, auth_api, store
 from .jobs_client import GrpcJobs
+from .keys import Keys
 from .service import Catalog
 
 log = logging.getLogger("tuneforge.catalog")
@@ -36,6 +38,11 @@ class CatalogSettings(CommonSettings):
     catalog_validation_wait_seconds: float = Field(
         30.0, description="How long an upload waits for validation before answering VALIDATING."
     )
+    bootstrap_admin_key: str = Field(
+        "",
+        description="On the first start (no API key stored yet) this key becomes a superuser admin of the "
+        "'default' project. Make one with `python -m tuneforge_common.auth`; `tuneforge up` does it for you.",
+    )
     catalog_seed_models: str = Field(
         "",
         description="os.pathsep-separated model directories registered "
@@ -50,7 +57,7 @@ async def build_catalog(settings: CatalogSettings) -> tuple[Catalog, OutboxPubli
         engine, store.outbox, settings.nats_url, settings.events_stream, settings.events_subject_root
     )
     catalog = Catalog(
-        jobs=GrpcJobs(settings.jobs_address, TlsConfig.from_settings(settings)),
+        jobs=GrpcJobs(settings.jobs_address, TlsConfig.from_settings(settings), settings.service_token),
         max_line_chars=settings.catalog_max_line_chars,
         validation_wait_seconds=settings.catalog_validation_wait_seconds,
         engine=engine,
@@ -72,9 +79,20 @@ async def serve() -> None:
     settings = CatalogSettings()
     setup_logging(settings.log_level)
     tls = TlsConfig.from_settings(settings)  # a bad TLS file stops the start before migrations run
+    require_service_token(settings)
     catalog, publisher = await build_catalog(settings)
+    keys = Keys(catalog.engine)
+    if settings.bootstrap_admin_key and await keys.bootstrap_admin(settings.bootstrap_admin_key):
+        log.info("stored the bootstrap admin key (superuser, admin of project 'default')")
+    authenticate = KeyAuthenticator(keys.lookup, settings.service_token, cache_seconds=settings.auth_cache_seconds)
+    server, port = await start_server(
+        [api.binding(catalog), auth_api.binding(keys)],
+        settings.grpc_host,
+        settings.catalog_grpc_port,
+        interceptors=[ServerAuthInterceptor(authenticate)],
+        tls=tls,
+    )
     publisher.start()
-    server, port = await start_server([api.binding(catalog)], settings.grpc_host, settings.catalog_grpc_port, tls=tls)
     log.info("catalog serving on %s:%d", settings.grpc_host, port)
     metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
     print(f"TUNEFORGE_READY catalog grpc={port} metrics={metrics}", flush=True)

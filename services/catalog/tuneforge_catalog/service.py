@@ -20,14 +20,17 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tuneforge_common import auth
 from tuneforge_common import methods as method_defs
 from tuneforge_common.artifacts import ArtifactStore
-from tuneforge_common.db import new_id, utcnow
+from tuneforge_common.auth import Role
+from tuneforge_common.db import new_id, owning_project, utcnow
 from tuneforge_common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
@@ -90,6 +93,25 @@ async def _unique(message: str) -> AsyncIterator[None]:
         yield
     except IntegrityError:
         raise AlreadyExists(message) from None
+
+
+def _same_project(table: Any) -> Any:
+    """Names are unique per project: the rows of the project a new row would belong to."""
+    project = owning_project()
+    return table.c.project_id.is_(None) if project is None else table.c.project_id == project
+
+
+def _named(name: str) -> Any:
+    """Ids of the models called `name` in the project a new model would belong to."""
+    return select(store.models.c.id).where(store.models.c.name == name, _same_project(store.models))
+
+
+def _may_change(row: Any, what: str, needed: Role = Role.MEMBER) -> None:
+    """Changing needs `needed` in the row's project; built-in (shared) rows only a superuser changes."""
+    caller = auth.current()
+    caller.require(needed, f"changing {what}")
+    if row.project_id is None and not caller.superuser:
+        raise PermissionDenied(f"{what} is built in and shared by every project; only a superuser changes it")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -199,6 +221,7 @@ class Catalog:
 
     async def create_method(self, definition: dict[str, Any]) -> Any:
         """An added method (seed 003): the files per stage are checked before anything is stored."""
+        auth.current().require(Role.ADMIN, "adding a training method")
         violations = method_defs.validate_custom_method(definition)
         if violations:
             raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
@@ -220,6 +243,7 @@ class Catalog:
                     builtin=False,
                     stages=json.dumps(stages),
                     created_at=utcnow(),
+                    project_id=owning_project(),
                 )
             )
             await write_event(conn, store.outbox, self._subject("method", "created"), {"method_id": method_id})
@@ -230,6 +254,7 @@ class Catalog:
         row = await self.get_method(method_id)
         if row.builtin:
             raise FailedPrecondition(f"method {method_id!r} is built in and can't be deleted")
+        _may_change(row, f"method {method_id!r}", Role.ADMIN)
         async with self.engine.begin() as conn:
             await conn.execute(update(store.methods).where(store.methods.c.id == method_id).values(deleted_at=utcnow()))
             await write_event(conn, store.outbox, self._subject("method", "deleted"), {"method_id": method_id})
@@ -260,12 +285,13 @@ class Catalog:
         model_id: str = "",
         builtin: bool = False,
     ) -> Any:
+        auth.current().require(Role.MEMBER, "registering a model")
         name, tags, license = _check_name(name), _check_tags(tags or []), _check_license(license)
         if not source.strip():
             raise InvalidArgument.for_field(source_kind or "source", "is required")
         model_id = model_id or new_id("model")
         async with self.engine.connect() as conn:  # before any download: a taken name costs nothing
-            if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
+            if (await conn.execute(_named(name))).first():
                 raise AlreadyExists(f"a model named {name!r} exists")
         fetched = scratch_copy = False  # files we wrote: removed if the model is refused / once inspected
         if source_kind == "path":
@@ -283,10 +309,11 @@ class Catalog:
             info = await asyncio.to_thread(inspect_model_dir, local, source_kind)
             now = utcnow()
             async with _unique(f"a model named {name!r} exists"), self.engine.begin() as conn:
-                if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
+                if (await conn.execute(_named(name))).first():
                     raise AlreadyExists(f"a model named {name!r} exists")
                 await conn.execute(
                     store.models.insert().values(
+                        project_id=owning_project(),
                         id=model_id,
                         name=name,
                         description=description,
@@ -374,6 +401,7 @@ class Catalog:
         return target
 
     async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> Any:
+        auth.current().require(Role.MEMBER, "publishing a model")
         """A trained checkpoint as a model: an adapter is CUSTOMIZED, a full model COMPLETE (kind "" infers it).
         The base model must exist and the checkpoint must be in the artifact store."""
         name = _check_name(name)
@@ -414,10 +442,11 @@ class Catalog:
             raise InvalidArgument.for_field("kind", "a published model is CUSTOMIZED or COMPLETE")
         model_id, now = new_id("model"), utcnow()
         async with _unique(f"a model named {name!r} exists"), self.engine.begin() as conn:
-            if (await conn.execute(select(store.models.c.id).where(store.models.c.name == name))).first():
+            if (await conn.execute(_named(name))).first():
                 raise AlreadyExists(f"a model named {name!r} exists")
             await conn.execute(
                 store.models.insert().values(
+                    project_id=owning_project(),
                     id=model_id,
                     name=name,
                     description=description,
@@ -477,12 +506,16 @@ class Catalog:
             values["tags"] = json.dumps(_check_tags(list(changes["tags"])))
         if "license" in changes:
             values["license"] = _check_license(changes["license"])
-        await self.get_model(model_id)
+        _may_change(await self.get_model(model_id), f"model {model_id!r}")
         if not values:
             return await self.get_model(model_id)
         async with _unique(f"a model named {values.get('name')!r} exists"), self.engine.begin() as conn:
             if "name" in values:
-                same_name = (store.models.c.name == values["name"], store.models.c.id != model_id)
+                same_name = (
+                    store.models.c.name == values["name"],
+                    store.models.c.id != model_id,
+                    _same_project(store.models),
+                )
                 clash = await conn.execute(select(store.models.c.id).where(*same_name))
                 if clash.first():
                     raise AlreadyExists(f"a model named {values['name']!r} exists")
@@ -497,6 +530,7 @@ class Catalog:
         model = await self.get_model(model_id)
         if model.builtin:
             raise FailedPrecondition(f"model {model_id!r} is built in and can't be deleted")
+        _may_change(model, f"model {model_id!r}")
         async with self.engine.connect() as conn:
             published = (
                 await conn.execute(
@@ -557,6 +591,7 @@ class Catalog:
         Over the size limit nothing is stored. Otherwise the dataset is kept with its validation report
         (READY or INVALID), so a user can read what to fix; the answer waits for validation up to a bound.
         """
+        auth.current().require(Role.MEMBER, "uploading a dataset")
         name = _check_name(name)
         if declared_format and declared_format not in rules.FORMATS:
             raise InvalidArgument.for_field("format", f"must be one of {', '.join(rules.FORMATS)}")
@@ -583,6 +618,7 @@ class Catalog:
                 uri = await self._keep_content(conn, sha, size, tmp_path)
                 await conn.execute(
                     store.datasets.insert().values(
+                        project_id=owning_project(),
                         id=dataset_id,
                         name=name,
                         description=description,
@@ -698,6 +734,7 @@ class Catalog:
 
     async def delete_dataset(self, dataset_id: str) -> None:
         row = await self.get_dataset(dataset_id)
+        _may_change(row, f"dataset {dataset_id!r}")
         active = await self._active_jobs(dataset_id=dataset_id)
         if active:
             raise FailedPrecondition(f"dataset {dataset_id!r} is used by {active} unfinished job(s)")
@@ -774,6 +811,7 @@ class Catalog:
 
     async def split_dataset(self, dataset_id: str, validation_ratio: float, seed: int) -> tuple[Any, Any]:
         row = await self.get_dataset(dataset_id)
+        _may_change(row, f"dataset {dataset_id!r}")
         self._require_ready(row)
         try:
             train_idx, val_idx = rules.split_indices(row.row_count, validation_ratio, seed)
@@ -812,6 +850,7 @@ class Catalog:
                     ids.append(part_id)
                     await conn.execute(
                         store.datasets.insert().values(
+                            project_id=row.project_id,
                             id=part_id,
                             name=f"{row.name[: MAX_NAME - len(suffix) - 1]}-{suffix}",
                             description=f"{suffix} split of {row.id} (ratio {validation_ratio}, seed {seed})",

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, Integer, MetaData, String, Table, Text, func, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert as postgres_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tuneforge_common.db import UtcDateTime
+from tuneforge_common.db import UtcDateTime, project_scope
 from tuneforge_common.events import outbox_table
 from tuneforge_common.paging import decode_token, encode_token, page_size
 
@@ -19,7 +32,7 @@ models = Table(
     "models",
     metadata,
     Column("id", String(64), primary_key=True),
-    Column("name", String(255), nullable=False, unique=True),
+    Column("name", String(255), nullable=False),
     Column("description", Text, nullable=False, default=""),
     Column("uri", Text, nullable=False),
     Column("architecture", String(255), nullable=False),
@@ -37,6 +50,9 @@ models = Table(
     Column("source", Text, nullable=False, default=""),
     Column("base_model_id", String(64), nullable=True, index=True),
     Column("updated_at", UtcDateTime, nullable=True),
+    # NULL: built in, seen by every project.
+    Column("project_id", String(64), nullable=True, index=True),
+    Index("ux_models_project_name", "project_id", "name", unique=True),
 )
 
 datasets = Table(
@@ -57,6 +73,7 @@ datasets = Table(
     Column("prompt_input_column", String(255), nullable=False, default=""),
     Column("prompt_output_column", String(255), nullable=False, default=""),
     Column("parent_dataset_id", String(64), nullable=True),
+    Column("project_id", String(64), nullable=True, index=True),
 )
 
 # One row per stored content file. Uploads and deletes lock it, so a delete never removes bytes that an
@@ -85,6 +102,36 @@ methods = Table(
     Column("stages", Text, nullable=False, default="{}"),  # JSON, added methods only
     # Deleted methods leave selection but keep their id, so jobs that used them still name them.
     Column("deleted_at", UtcDateTime, nullable=True),
+    Column("project_id", String(64), nullable=True, index=True),
+)
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),  # user | service
+    Column("secret_hash", String(64), nullable=False),  # sha256 of the secret; the secret is never stored
+    Column("superuser", Boolean, nullable=False),
+    Column("created_by", String(32), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
+)
+
+key_roles = Table(
+    "key_roles",
+    metadata,
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("project_id", String(64), ForeignKey("projects.id"), primary_key=True),
+    Column("role", Integer, nullable=False),  # tuneforge_common.auth.Role
 )
 
 outbox = outbox_table(metadata)
@@ -103,6 +150,8 @@ async def list_page(
 ) -> tuple[list[Any], str]:
     size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     offset = decode_token(page_token)
+    if "project_id" in table.c:
+        conditions = [*(conditions or []), project_scope(table.c.project_id, shared=True)]
     query = select(table).where(*(conditions or [])).order_by(*order_by).offset(offset).limit(size + 1)
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
@@ -118,8 +167,12 @@ async def lock_content(conn: AsyncConnection, sha256: str, uri: str, size: int, 
 
 
 async def get_row(engine: AsyncEngine, table: Table, row_id: str) -> Any | None:
+    """The row if the caller's project may see it (another project's row is as absent as a missing one)."""
+    query = select(table).where(table.c.id == row_id)
+    if "project_id" in table.c:
+        query = query.where(project_scope(table.c.project_id, shared=True))
     async with engine.connect() as conn:
-        return (await conn.execute(select(table).where(table.c.id == row_id))).first()
+        return (await conn.execute(query)).first()
 
 
 async def count(engine: AsyncEngine, table: Table) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tuneforge_common.auth import new_key
 
 SERVICES = ("catalog", "jobs", "trainer", "gateway")
 BUILTIN_MODEL = "tiny-chat"
@@ -58,6 +62,21 @@ class EmbeddedStack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     log_files: list = field(default_factory=list)
+    # Set on the first start only: the superuser key made for the user, to print once.
+    admin_key: str = ""
+
+    def _secrets(self) -> dict[str, str]:
+        """The service token and agent join token, made on the first start and kept (mode 0600) so restarts
+        keep working; that first start also makes the admin key, which is never written down."""
+        path = self.data_dir / "secrets.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        made = {"service_token": secrets.token_hex(32), "agent_join_token": secrets.token_hex(32)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(made, fh)
+        self.admin_key = new_key()[1]
+        return made
 
     @property
     def gateway_url(self) -> str:
@@ -115,9 +134,14 @@ class EmbeddedStack:
         self.ports.update(catalog=free_port(), jobs=free_port(), gateway=free_port(self.gateway_port))
         metrics = {name: free_port() for name in ("catalog", "jobs", "trainer")}
         self.ports.update({f"{name}-metrics": port for name, port in metrics.items()})
+        kept = self._secrets()
         env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
+            "TUNEFORGE_SERVICE_TOKEN": kept["service_token"],
+            "TUNEFORGE_AGENT_JOIN_TOKENS": kept["agent_join_token"],
+            "TUNEFORGE_AGENT_JOIN_TOKEN": kept["agent_join_token"],
+            "TUNEFORGE_BOOTSTRAP_ADMIN_KEY": self.admin_key,
             "TUNEFORGE_NATS_URL": nats_url,
             "TUNEFORGE_ARTIFACT_ROOT": str(self.data_dir / "artifacts"),
             "TUNEFORGE_CATALOG_DATABASE_URL": f"sqlite+aiosqlite:///{self.data_dir / 'catalog.db'}",

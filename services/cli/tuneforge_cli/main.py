@@ -61,6 +61,12 @@ def up(
         table.add_row("data", str(stack.data_dir))
         console.print(table)
         console.print(f"TUNEFORGE_GATEWAY_URL={stack.gateway_url}", highlight=False, soft_wrap=True)
+        if stack.admin_key:
+            console.print(
+                "An admin API key was made for this data directory. It is shown only now; keep it "
+                "(send it as 'Authorization: Bearer <key>', or as the OpenAI client's api_key):"
+            )
+            console.print(f"TUNEFORGE_ADMIN_KEY={stack.admin_key}", highlight=False, soft_wrap=True)
         console.print("Logs are in data/logs. Press Ctrl-C to stop.")
         while not stopping:
             exited = stack.first_exit()

@@ -18,6 +18,14 @@ class CommonSettings(BaseSettings):
     grpc_host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     log_level: str = Field("INFO", description="Python log level.")
     metrics_port: int = Field(-1, description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables.")
+    service_token: str = Field(
+        "",
+        description="Shared secret TuneForge services present to each other (required; keep it in a Secret). "
+        "Calls with it act across projects, so never give it to users.",
+    )
+    auth_cache_seconds: float = Field(
+        5.0, description="How long a checked API key is trusted before it is checked again (bounds revocation delay)."
+    )
     tls_cert_file: str = Field(
         "",
         description="PEM certificate (chain) of this service; with tls_key_file its gRPC server listens with TLS, "
@@ -36,3 +44,10 @@ class CommonSettings(BaseSettings):
         description="mTLS between services: gRPC servers refuse clients without a certificate signed by tls_ca_file. "
         "The gateway's HTTP side still accepts browsers without one.",
     )
+
+
+def require_service_token(settings: CommonSettings) -> None:
+    """Services refuse to start without one: they could not call each other, and an empty token must never
+    match."""
+    if not settings.service_token:
+        raise SystemExit("TUNEFORGE_SERVICE_TOKEN is required: a long random secret shared by the TuneForge services")

@@ -9,10 +9,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, or_, true
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import DateTime, TypeDecorator
+
+from . import auth
 
 
 def utcnow() -> dt.datetime:
@@ -89,3 +91,19 @@ def run_alembic_env(context: Any, target_metadata: Any) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+
+
+def project_scope(column: Any, shared: bool) -> Any:
+    """The rows the current caller may see: its project's, plus with `shared` the built-in rows (NULL
+    project); everything for internal callers acting across projects."""
+    caller = auth.current()
+    if caller.unscoped:
+        return true()
+    mine = column == (caller.project or "")
+    return or_(mine, column.is_(None)) if shared else mine
+
+
+def owning_project() -> str | None:
+    """The project a new row belongs to: the caller's; NULL (shared) only for internal/system callers."""
+    caller = auth.current()
+    return None if caller.unscoped else (caller.project or "")

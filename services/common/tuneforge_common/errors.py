@@ -35,6 +35,14 @@ class ResourceExhausted(DomainError):
     pass
 
 
+class Unauthenticated(DomainError):
+    """No credential, or one that is unknown, malformed or revoked."""
+
+
+class PermissionDenied(DomainError):
+    """A known caller whose role does not allow the action on an object it can see."""
+
+
 class InvalidArgument(DomainError):
     def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
         super().__init__(message)

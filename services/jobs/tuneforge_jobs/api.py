@@ -44,6 +44,7 @@ def job_to_pb(row: Any, now: dt.datetime | None = None) -> pb.Job:
     elapsed, remaining = timing(row, now or dt.datetime.now(dt.UTC))
     return pb.Job(
         id=row.id,
+        project_id=row.project_id or "",
         name=row.name,
         model_id=row.model_id,
         dataset_id=row.dataset_id,
@@ -344,6 +345,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.changes = changes
 
     @map_errors
+    async def JoinAgent(self, request: apb.JoinAgentRequest, context: Any) -> apb.JoinAgentResponse:
+        credential_id, credential = await self.jobs.join_agent(request.join_token, request.name)
+        return apb.JoinAgentResponse(credential=credential, credential_id=credential_id)
+
+    @map_errors
     async def RegisterAgent(self, request: apb.RegisterAgentRequest, context: Any) -> apb.RegisterAgentResponse:
         resources = json_format.MessageToDict(request.resources, preserving_proto_field_name=True)
         agent_id, resumed = await self.jobs.register_agent(
@@ -358,6 +364,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     @map_errors
     async def Heartbeat(self, request: apb.HeartbeatRequest, context: Any) -> apb.HeartbeatResponse:
+        await self.jobs.check_agent_caller(request.agent_id)
         stop = await self.jobs.heartbeat(request.agent_id, list(request.running_job_ids))
         return apb.HeartbeatResponse(cancel_job_ids=stop)
 
@@ -367,6 +374,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[apb.StreamAssignmentsResponse]:
         """Assignments as jobs fit the agent, then stops for its jobs: a cancellation for a terminate, one with
         checkpoint_first for a pause. Each stop is sent once per stream (a reconnect sends it again)."""
+        await self.jobs.check_agent_caller(request.agent_id)
         stops_sent: set[tuple[str, bool]] = set()
         while True:
             job = await self.jobs.claim_next(request.agent_id)
@@ -417,6 +425,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 queue.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        checked_agents: set[str] = set()
         try:
             while (first := await queue.get()) is not None:
                 batch, ended = [decode_report(first)], False
@@ -426,6 +435,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         ended = True
                         break
                     batch.append(decode_report(item))
+                for agent_id in {r.agent_id for r in batch} - checked_agents:
+                    await self.jobs.check_agent_caller(agent_id)  # then job ownership is fenced per report
+                    checked_agents.add(agent_id)
                 acks = await self.jobs.apply_reports(batch)
                 for (job_id, attempt), seq in acks.items():
                     # A fenced attempt no longer owns its job: its reports were refused and the agent must stop it.

@@ -11,6 +11,7 @@ from google.protobuf import json_format, struct_pb2
 from tuneforge.catalog.v1 import catalog_pb2 as pb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2
+from tuneforge_common.auth import service_credentials
 from tuneforge_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from tuneforge_common.grpcutil import decode_error
 from tuneforge_common.tls import TlsConfig, open_channel
@@ -22,8 +23,9 @@ STATS_TIMEOUT_S = 120.0
 
 
 class GrpcCatalog:
-    def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
-        self.channel = open_channel(address, tls=tls)
+    def __init__(self, address: str, tls: TlsConfig | None = None, service_token: str = "") -> None:
+        # Calls act in the project of the request being served, so the catalog scopes its answers to it.
+        self.channel = open_channel(address, tls=tls, interceptors=service_credentials(service_token))
         self.stub = catalog_pb2_grpc.CatalogServiceStub(self.channel)
 
     async def close(self) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 from pydantic import Field
 
 from tuneforge_common.artifacts import ArtifactStore
-from tuneforge_common.config import CommonSettings
+from tuneforge_common.auth import KeyAuthenticator, ServerAuthInterceptor
+from tuneforge_common.auth_client import remote_key_lookup
+from tuneforge_common.config import CommonSettings, require_service_token
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.events import OutboxPublisher
 from tuneforge_common.grpcutil import serve_metrics, start_server
@@ -35,6 +37,11 @@ class JobsSettings(CommonSettings):
     jobs_max_attempts: int = Field(3, description="Attempts before a job whose agent keeps getting lost fails.")
     jobs_lease_ttl_seconds: int = Field(15, description="An agent silent this long is lost.")
     jobs_heartbeat_interval_seconds: int = Field(3, description="How often agents send heartbeats.")
+    agent_join_tokens: str = Field(
+        "",
+        description="Comma-separated secrets a new trainer node presents once (JoinAgent) to get its own "
+        "credential; remove one to stop new nodes joining with it (joined nodes keep their credentials).",
+    )
 
 
 async def reaper(jobs: Jobs, interval: float) -> None:
@@ -56,7 +63,8 @@ async def serve() -> None:
         engine, store.outbox, settings.nats_url, settings.events_stream, settings.events_subject_root
     )
     changes = Notifier()
-    catalog = GrpcCatalog(settings.catalog_address, tls)
+    require_service_token(settings)
+    catalog = GrpcCatalog(settings.catalog_address, tls, settings.service_token)
     jobs = Jobs(
         engine=engine,
         catalog=catalog,
@@ -67,10 +75,23 @@ async def serve() -> None:
         heartbeat_interval_seconds=settings.jobs_heartbeat_interval_seconds,
         on_event=publisher.notify,
         on_change=changes.notify,
+        join_tokens=tuple(t for t in settings.agent_join_tokens.split(",") if t),
+    )
+    authenticate = KeyAuthenticator(
+        remote_key_lookup(catalog.channel),
+        settings.service_token,
+        agent_lookup=jobs.agent_principal,
+        cache_seconds=settings.auth_cache_seconds,
     )
     publisher.start()
     reaper_task = asyncio.create_task(reaper(jobs, max(1.0, settings.jobs_lease_ttl_seconds / 5)))
-    server, port = await start_server(api.bindings(jobs, changes), settings.grpc_host, settings.jobs_grpc_port, tls=tls)
+    server, port = await start_server(
+        api.bindings(jobs, changes),
+        settings.grpc_host,
+        settings.jobs_grpc_port,
+        interceptors=[ServerAuthInterceptor(authenticate)],
+        tls=tls,
+    )
     log.info("jobs serving on %s:%d", settings.grpc_host, port)
     metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
     print(f"TUNEFORGE_READY jobs grpc={port} metrics={metrics}", flush=True)

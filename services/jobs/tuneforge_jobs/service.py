@@ -15,8 +15,17 @@ from typing import Any, Protocol
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tuneforge_common.db import new_id, utcnow
-from tuneforge_common.errors import FailedPrecondition, InvalidArgument, NotFound, ViolationCollector
+from tuneforge_common import auth
+from tuneforge_common.auth import Principal, Role
+from tuneforge_common.db import new_id, owning_project, project_scope, utcnow
+from tuneforge_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    ViolationCollector,
+)
 from tuneforge_common.events import write_event
 from tuneforge_common.methods import greater_is_better
 
@@ -187,6 +196,7 @@ class Jobs:
     on_event: Callable[[], None] | None = None  # wakes the outbox publisher
     on_change: Callable[[], None] | None = None  # wakes schedulers and watchers
     checkpoint_keep: int = 3  # checkpoints kept per job when its parameters don't say (save_total_limit)
+    join_tokens: tuple[str, ...] = ()  # the operator's secrets that let a new trainer node join
     _dropped_checkpoint_uris: list[str] = field(default_factory=list)
 
     def _after_commit(self) -> None:
@@ -231,6 +241,9 @@ class Jobs:
         copied_from: the job a copy starts from; its resolved parameters are the base `parameters` override.
         validation_dataset_id: a dataset to evaluate on instead of holding out validation_ratio of the rows.
         """
+        caller = auth.current()
+        caller.require(Role.MEMBER, "submitting a job")
+        submitted_by = submitted_by or caller.name
         labels, resources = labels or {}, resources or {}
         errors = ViolationCollector()
         for field_name, value in (("model_id", model_id), ("dataset_id", dataset_id), ("method_id", method_id)):
@@ -283,6 +296,7 @@ class Jobs:
                     created_at=now,
                     updated_at=now,
                     submitted_by=submitted_by,
+                    project_id=owning_project(),
                     labels=json.dumps(labels, sort_keys=True),
                     resources=json.dumps(resources, sort_keys=True),
                     method_version=inputs.method_version,
@@ -350,7 +364,7 @@ class Jobs:
     ) -> tuple[Any | None, Estimate]:
         """A new job from an old one's exact resolved parameters, with overrides (DeepExtension's Copy); it keeps
         the old job's validation dataset unless given another."""
-        old = await self.get(job_id)
+        old = await self._changeable(job_id, "copying a job")
         return await self.submit_job(
             model_id or old.model_id,
             dataset_id or old.dataset_id,
@@ -366,10 +380,16 @@ class Jobs:
             validation_dataset_id=validation_dataset_id or old.validation_dataset_id,
         )
 
+    async def _changeable(self, job_id: str, action: str) -> Any:
+        """The job, if the caller sees it (NOT_FOUND otherwise) and may change it (PERMISSION_DENIED)."""
+        job = await self.get(job_id)
+        auth.current().require(Role.MEMBER, action)
+        return job
+
     async def pause(self, job_id: str) -> Any:
         """Queued: paused at once. Running: the agent is asked to checkpoint and stop; the job becomes PAUSED
         when it reports so (or, if its agent is lost meanwhile, when the reaper finds the request)."""
-        job = await self.get(job_id)
+        job = await self._changeable(job_id, "pausing a job")
         if lifecycle.pause_action(JobState(job.state)) == "now":
             await self.transition(job_id, JobState.PAUSED, reason="paused by user", expect_version=job.version)
             return await self.get(job_id)
@@ -386,7 +406,7 @@ class Jobs:
         return await self.get(job_id)
 
     async def resume(self, job_id: str) -> Any:
-        job = await self.get(job_id)
+        job = await self._changeable(job_id, "resuming a job")
         lifecycle.check_resumable(JobState(job.state))
         await self.transition(
             job_id,
@@ -402,7 +422,7 @@ class Jobs:
 
     async def delete(self, job_id: str) -> None:
         """A finished job with its history, metrics, logs, checkpoints and artifacts."""
-        job = await self.get(job_id)
+        job = await self._changeable(job_id, "deleting a job")
         lifecycle.check_deletable(JobState(job.state))
         async with self.engine.begin() as conn:
             for table in (
@@ -425,9 +445,14 @@ class Jobs:
         if fs.exists(path):
             fs.rm(path, recursive=True)
 
-    async def get(self, job_id: str) -> Any:
+    async def get(self, job_id: str, scoped: bool = True) -> Any:
+        """The job if the caller's project owns it (another project's job is as absent as a missing one);
+        scoped=False for the agent protocol, whose callers act on whatever they were assigned."""
+        query = select(store.jobs).where(store.jobs.c.id == job_id)
+        if scoped:
+            query = query.where(project_scope(store.jobs.c.project_id, shared=False))
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(store.jobs).where(store.jobs.c.id == job_id))).first()
+            row = (await conn.execute(query)).first()
         if row is None:
             raise NotFound(f"job {job_id!r} not found")
         return row
@@ -444,11 +469,12 @@ class Jobs:
         after_job_id: str = "",
     ) -> list[Any]:
         """Newest first (then by id); after_job_id starts the list after that job, as a cursor of ids does."""
-        query = select(store.jobs)
+        mine = project_scope(store.jobs.c.project_id, shared=False)
+        query = select(store.jobs).where(mine)
         if after_job_id:
             async with self.engine.connect() as conn:
                 after = (
-                    await conn.execute(select(store.jobs.c.created_at).where(store.jobs.c.id == after_job_id))
+                    await conn.execute(select(store.jobs.c.created_at).where(store.jobs.c.id == after_job_id, mine))
                 ).first()
             if after is None:
                 raise InvalidArgument.for_field("after_job_id", f"no job {after_job_id!r} to list after")
@@ -473,7 +499,7 @@ class Jobs:
             return list((await conn.execute(query)).all())
 
     async def cancel(self, job_id: str) -> Any:
-        job = await self.get(job_id)
+        job = await self._changeable(job_id, "cancelling a job")
         target = lifecycle.cancel_target(JobState(job.state))
         await self.transition(job_id, target, reason="terminated by user", expect_version=job.version)
         return await self.get(job_id)
@@ -513,7 +539,7 @@ class Jobs:
 
     async def publish_checkpoint(self, job_id: str, step: int, name: str, description: str = "") -> str:
         """A kept checkpoint (or, with step 0, a succeeded job's final output) as a catalog model with lineage."""
-        job = await self.get(job_id)
+        job = await self._changeable(job_id, "publishing a checkpoint")
         if step == 0:
             if job.state != JobState.SUCCEEDED:
                 raise FailedPrecondition(f"job is {job.state}; publishing its final output needs SUCCEEDED")
@@ -608,7 +634,14 @@ class Jobs:
         errors.raise_if_any()
         max_points = min(max_points or series.DEFAULT_MAX_POINTS, series.MAX_POINTS_LIMIT)
         async with self.engine.connect() as conn:
-            found = {r.id: r for r in await conn.execute(select(store.jobs).where(store.jobs.c.id.in_(job_ids)))}
+            found = {
+                r.id: r
+                for r in await conn.execute(
+                    select(store.jobs).where(
+                        store.jobs.c.id.in_(job_ids), project_scope(store.jobs.c.project_id, shared=False)
+                    )
+                )
+            }
             missing = [job_id for job_id in job_ids if job_id not in found]
             if missing:
                 raise NotFound(f"job {', '.join(repr(m) for m in missing)} not found")
@@ -801,18 +834,73 @@ class Jobs:
 
     # -- agents ---------------------------------------------------------------
 
+    async def join_agent(self, join_token: str, name: str) -> tuple[str, str]:
+        """(credential id, credential) for a node that presents one of the operator's join tokens."""
+        if not self.join_tokens or not any(
+            auth.secret_matches(join_token, auth.hash_secret(t)) for t in self.join_tokens
+        ):
+            raise Unauthenticated("invalid join token")
+        if not name or len(name) > 255:
+            raise InvalidArgument.for_field("name", "is required, at most 255 characters")
+        credential_id, credential, secret_hash = auth.new_key(auth.AGENT_PREFIX)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                store.agent_credentials.insert().values(
+                    id=credential_id, name=name, secret_hash=secret_hash, created_at=self.clock()
+                )
+            )
+        return credential_id, credential
+
+    async def agent_principal(self, token: str) -> Principal:
+        """The agent behind a credential from join_agent; unknown or revoked ones are UNAUTHENTICATED."""
+        parsed = auth.parse_key(token)
+        if parsed is None or parsed[0] != auth.AGENT_PREFIX:
+            raise Unauthenticated("invalid agent credential")
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(store.agent_credentials).where(store.agent_credentials.c.id == parsed[1]))
+            ).first()
+        if row is None or row.revoked_at is not None or not auth.secret_matches(parsed[2], row.secret_hash):
+            raise Unauthenticated("invalid or revoked agent credential")
+        return Principal(kind="agent", key_id=row.id, name=row.name)
+
+    async def check_agent_caller(self, agent_id: str) -> None:
+        """An agent speaks only for itself: the agent id must have been registered with its credential."""
+        caller = auth.current()
+        if caller.kind in ("internal", "system"):
+            return
+        if caller.kind != "agent":
+            raise PermissionDenied("only trainer agents use the agent protocol")
+        async with self.engine.connect() as conn:
+            owner = (
+                await conn.execute(select(store.agents.c.credential_id).where(store.agents.c.id == agent_id))
+            ).scalar()
+        if owner != caller.key_id:
+            raise PermissionDenied(f"agent {agent_id!r} was not registered with this credential")
+
     async def register_agent(
         self, name: str, resources: dict[str, Any], slots: int, resume_agent_id: str = ""
     ) -> tuple[str, bool]:
         """A new lease, or the old one back when the agent reconnects before it lapsed."""
         if not name:
             raise InvalidArgument.for_field("name", "is required")
+        caller = auth.current()
+        if caller.kind not in ("agent", "internal", "system"):
+            raise PermissionDenied("only trainer agents use the agent protocol")
+        credential_id = caller.key_id if caller.kind == "agent" else None
         now = self.clock()
         async with self.engine.begin() as conn:
             if resume_agent_id:
                 resumed = await conn.execute(
                     update(store.agents)
-                    .where(store.agents.c.id == resume_agent_id, store.agents.c.status == "ACTIVE")
+                    .where(
+                        store.agents.c.id == resume_agent_id,
+                        store.agents.c.status == "ACTIVE",
+                        # Another node's id is not resumable: only the credential that registered it.
+                        store.agents.c.credential_id.is_(None)
+                        if credential_id is None
+                        else store.agents.c.credential_id == credential_id,
+                    )
                     .values(last_heartbeat_at=now, resources=json.dumps(resources), slots=max(1, slots))
                 )
                 if resumed.rowcount == 1:
@@ -827,6 +915,7 @@ class Jobs:
                     status="ACTIVE",
                     registered_at=now,
                     last_heartbeat_at=now,
+                    credential_id=credential_id,
                 )
             )
         return agent_id, False
@@ -945,7 +1034,7 @@ class Jobs:
             if claimed is None:
                 return None
         self._after_commit()
-        return dataclasses.replace(claimed, job=await self.get(claimed.job.id))
+        return dataclasses.replace(claimed, job=await self.get(claimed.job.id, scoped=False))
 
     async def _claim_first_fitting(
         self, conn: AsyncConnection, snapshot: scheduler.AgentSnapshot, agent_id: str

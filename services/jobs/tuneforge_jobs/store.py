@@ -60,6 +60,8 @@ jobs = Table(
     Column("resumed_from_step", BigInteger, nullable=False, default=0),
     # A pause asked while an agent runs the job: it checkpoints, stops, and the job becomes PAUSED.
     Column("pause_requested", Boolean, nullable=False, default=False),
+    # NULL: submitted by an internal caller acting across projects (in-process tests); users' jobs have theirs.
+    Column("project_id", String(64), nullable=True, index=True),
     Index("ix_jobs_state_priority", "state", "priority", "created_at"),
     Index("ix_jobs_agent_state", "agent_id", "state"),
 )
@@ -74,6 +76,19 @@ agents = Table(
     Column("status", String(16), nullable=False),  # ACTIVE, LOST
     Column("registered_at", UtcDateTime, nullable=False),
     Column("last_heartbeat_at", UtcDateTime, nullable=False),
+    # The credential that registered the agent; only it may speak for this agent id.
+    Column("credential_id", String(32), nullable=True),
+)
+
+# One per trainer node that joined with a join token; only the hash of its secret is kept.
+agent_credentials = Table(
+    "agent_credentials",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
 )
 
 metric_points = Table(

@@ -35,6 +35,7 @@ from pydantic import Field, field_validator
 from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
 from tuneforge_common.artifacts import ArtifactStore
+from tuneforge_common.auth import call_credentials, credentials_metadata
 from tuneforge_common.config import CommonSettings
 from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
@@ -58,6 +59,14 @@ OOM_HINT = "CUDA out of memory: lower batch_size or max_seq_length, or enable gr
 
 class AgentSettings(CommonSettings):
     jobs_address: str = Field("127.0.0.1:50052", description="host:port of the jobs service.")
+    agent_join_token: str = Field(
+        "",
+        description="One of the jobs service's agent_join_tokens: traded once for this node's own credential, "
+        "which is kept in agent_credential_file and used from then on.",
+    )
+    agent_credential_file: str = Field(
+        "", description="Where the node's credential is kept (mode 0600). Empty: credential in agent_work_dir."
+    )
     agent_name: str = Field(default_factory=socket.gethostname, description="Name shown for this agent.")
     agent_slots: int = Field(1, description="Jobs this agent runs at once.")
     agent_work_dir: str = Field(".tuneforge/agent", description="Local scratch space for running jobs.")
@@ -924,6 +933,8 @@ class Agent:
         self.tasks: set[asyncio.Task] = set()
         self.agent_id = ""
         self.free_gpus: list[int] | None = None  # the GPUs no run holds; known once the node is probed
+        self.credential_file = Path(settings.agent_credential_file or Path(settings.agent_work_dir) / "credential")
+        self.credential = ""
 
     def resources(self) -> apb.AgentResources:
         """What this node offers: GPUs (count, models, memory per GPU: the smallest one's when they differ),
@@ -943,10 +954,12 @@ class Agent:
 
     async def run_forever(self) -> None:
         backoff = 0.5
-        async with open_channel(self.settings.jobs_address, tls=self.tls) as channel:
+        credentials = call_credentials(lambda: credentials_metadata(self.credential))
+        async with open_channel(self.settings.jobs_address, tls=self.tls, interceptors=credentials) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             while True:
                 try:
+                    await self._authenticate(stub)
                     await self._session(stub)
                 except asyncio.CancelledError:
                     raise
@@ -957,6 +970,31 @@ class Agent:
                     backoff = min(backoff * 2, 15.0)
                 else:
                     backoff = 0.5
+
+    async def _authenticate(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
+        """Use the stored credential; without one (or when the service no longer knows it) join with the join
+        token. No token and no credential: go on without one (a jobs service that requires it says so)."""
+        if not self.credential and self.credential_file.exists():
+            self.credential = self.credential_file.read_text().strip()
+        if self.credential:
+            try:
+                await stub.Heartbeat(apb.HeartbeatRequest(agent_id=self.agent_id or "-"), timeout=10)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAUTHENTICATED or not self.settings.agent_join_token:
+                    return  # other answers (an unknown agent id) are for the session to handle
+                log.warning("the jobs service no longer accepts this node's credential; joining again")
+        if not self.settings.agent_join_token:
+            return
+        resp = await stub.JoinAgent(
+            apb.JoinAgentRequest(join_token=self.settings.agent_join_token, name=self.settings.agent_name), timeout=10
+        )
+        self.credential_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.credential_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(resp.credential)
+        self.credential = resp.credential
+        log.info("joined as credential %s", resp.credential_id)
 
     async def _session(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
         resp = await stub.RegisterAgent(

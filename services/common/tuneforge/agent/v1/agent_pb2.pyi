@@ -106,6 +106,52 @@ class AgentResources(_message.Message):
 Global___AgentResources: _TypeAlias = AgentResources  # noqa: Y015
 
 @_typing.final
+class JoinAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOIN_TOKEN_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    join_token: _builtins.str
+    name: _builtins.str
+    """The node's name, kept with the credential for operators."""
+    def __init__(
+        self,
+        *,
+        join_token: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["join_token", b"join_token", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinAgentRequest: _TypeAlias = JoinAgentRequest  # noqa: Y015
+
+@_typing.final
+class JoinAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    credential: _builtins.str
+    """Shown once; the agent stores it (file mode 0600) and uses it from then on."""
+    credential_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        credential: _builtins.str = ...,
+        credential_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "credential_id", b"credential_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinAgentResponse: _TypeAlias = JoinAgentResponse  # noqa: Y015
+
+@_typing.final
 class RegisterAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

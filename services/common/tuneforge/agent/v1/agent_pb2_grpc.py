@@ -36,6 +36,11 @@ class AgentServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.JoinAgent = channel.unary_unary(
+                '/tuneforge.agent.v1.AgentService/JoinAgent',
+                request_serializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.JoinAgentRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.JoinAgentResponse.FromString,
+                _registered_method=True)
         self.RegisterAgent = channel.unary_unary(
                 '/tuneforge.agent.v1.AgentService/RegisterAgent',
                 request_serializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.RegisterAgentRequest.SerializeToString,
@@ -62,6 +67,14 @@ class AgentServiceServicer:
     """The pull-based protocol between the jobs service and trainer agents on
     GPU nodes: agents dial in, so nodes behind NAT work.
     """
+
+    def JoinAgent(self, request, context):
+        """Trades a join token (from the operator) for the agent's own credential, sent as
+        `authorization: Bearer <credential>` on every other call. The only call without a credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def RegisterAgent(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -95,6 +108,11 @@ class AgentServiceServicer:
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'JoinAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinAgent,
+                    request_deserializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.JoinAgentRequest.FromString,
+                    response_serializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.JoinAgentResponse.SerializeToString,
+            ),
             'RegisterAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterAgent,
                     request_deserializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.RegisterAgentRequest.FromString,
@@ -127,6 +145,33 @@ class AgentService:
     """The pull-based protocol between the jobs service and trainer agents on
     GPU nodes: agents dial in, so nodes behind NAT work.
     """
+
+    @staticmethod
+    def JoinAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.agent.v1.AgentService/JoinAgent',
+            tuneforge_dot_agent_dot_v1_dot_agent__pb2.JoinAgentRequest.SerializeToString,
+            tuneforge_dot_agent_dot_v1_dot_agent__pb2.JoinAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def RegisterAgent(request,

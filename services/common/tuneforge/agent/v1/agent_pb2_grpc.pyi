@@ -35,6 +35,10 @@ class AgentServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
+    JoinAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.JoinAgentRequest, _agent_pb2.JoinAgentResponse]
+    """Trades a join token (from the operator) for the agent's own credential, sent as
+    `authorization: Bearer <credential>` on every other call. The only call without a credential.
+    """
     RegisterAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RegisterAgentRequest, _agent_pb2.RegisterAgentResponse]
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.HeartbeatResponse]
     """Renews the agent's lease; an agent whose lease lapses loses its jobs."""
@@ -53,6 +57,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    JoinAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.JoinAgentRequest, _agent_pb2.JoinAgentResponse]  # type: ignore[assignment]
+    """Trades a join token (from the operator) for the agent's own credential, sent as
+    `authorization: Bearer <credential>` on every other call. The only call without a credential.
+    """
     RegisterAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.RegisterAgentRequest, _agent_pb2.RegisterAgentResponse]  # type: ignore[assignment]
     Heartbeat: _aio.UnaryUnaryMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Renews the agent's lease; an agent whose lease lapses loses its jobs."""
@@ -68,6 +76,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The pull-based protocol between the jobs service and trainer agents on
     GPU nodes: agents dial in, so nodes behind NAT work.
     """
+
+    @_abc_1.abstractmethod
+    def JoinAgent(
+        self,
+        request: _agent_pb2.JoinAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.JoinAgentResponse, _abc.Awaitable[_agent_pb2.JoinAgentResponse]]:
+        """Trades a join token (from the operator) for the agent's own credential, sent as
+        `authorization: Bearer <credential>` on every other call. The only call without a credential.
+        """
 
     @_abc_1.abstractmethod
     def RegisterAgent(

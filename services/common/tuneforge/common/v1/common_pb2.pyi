@@ -229,6 +229,7 @@ class TrainingMethod(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
     DATASET_FORMATS_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id, e.g. "sft-lora"."""
     display_name: _builtins.str
@@ -241,6 +242,8 @@ class TrainingMethod(_message.Message):
     """Python module or file the trainer agent runs for this method."""
     builtin: _builtins.bool
     """Built-in methods can't be removed."""
+    project_id: _builtins.str
+    """Project that added it; empty for built-in methods, which every project sees."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]: ...
     @_builtins.property
@@ -267,10 +270,11 @@ class TrainingMethod(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         stages: _struct_pb2.Struct | None = ...,
         dataset_formats: _abc.Iterable[Global___DatasetFormat.ValueType] | None = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "stages", b"stages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "dataset_formats", b"dataset_formats", "description", b"description", "display_name", b"display_name", "entrypoint", b"entrypoint", "id", b"id", "lifecycle", b"lifecycle", "parameters", b"parameters", "stages", b"stages", "training_type", b"training_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "dataset_formats", b"dataset_formats", "description", b"description", "display_name", b"display_name", "entrypoint", b"entrypoint", "id", b"id", "lifecycle", b"lifecycle", "parameters", b"parameters", "project_id", b"project_id", "stages", b"stages", "training_type", b"training_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -331,6 +335,7 @@ class Model(_message.Message):
     LINEAGE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -347,6 +352,8 @@ class Model(_message.Message):
     kind: Global___ModelKind.ValueType
     source: _builtins.str
     """What the user registered it from: a path, a URI or "hf://<hub id>"."""
+    project_id: _builtins.str
+    """Owning project; empty for built-in models, which every project sees."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -376,10 +383,11 @@ class Model(_message.Message):
         lineage: Global___ModelLineage | None = ...,
         source: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lineage", b"lineage", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "builtin", b"builtin", "context_length", b"context_length", "create_time", b"create_time", "description", b"description", "dtype", b"dtype", "has_chat_template", b"has_chat_template", "id", b"id", "kind", b"kind", "license", b"license", "lineage", b"lineage", "name", b"name", "parameter_count", b"parameter_count", "size_bytes", b"size_bytes", "source", b"source", "tags", b"tags", "update_time", b"update_time", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "builtin", b"builtin", "context_length", b"context_length", "create_time", b"create_time", "description", b"description", "dtype", b"dtype", "has_chat_template", b"has_chat_template", "id", b"id", "kind", b"kind", "license", b"license", "lineage", b"lineage", "name", b"name", "parameter_count", b"parameter_count", "project_id", b"project_id", "size_bytes", b"size_bytes", "source", b"source", "tags", b"tags", "update_time", b"update_time", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -457,6 +465,7 @@ class Dataset(_message.Message):
     PROMPT_INPUT_COLUMN_FIELD_NUMBER: _builtins.int
     PROMPT_OUTPUT_COLUMN_FIELD_NUMBER: _builtins.int
     PARENT_DATASET_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -472,6 +481,8 @@ class Dataset(_message.Message):
     prompt_output_column: _builtins.str
     parent_dataset_id: _builtins.str
     """Set for datasets made by SplitDataset: the dataset they were split from."""
+    project_id: _builtins.str
+    """Owning project; empty for built-in sample datasets."""
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys of the first row, in order."""
@@ -498,10 +509,11 @@ class Dataset(_message.Message):
         prompt_input_column: _builtins.str = ...,
         prompt_output_column: _builtins.str = ...,
         parent_dataset_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "validation", b"validation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "create_time", b"create_time", "description", b"description", "format", b"format", "id", b"id", "name", b"name", "parent_dataset_id", b"parent_dataset_id", "prompt_input_column", b"prompt_input_column", "prompt_output_column", b"prompt_output_column", "row_count", b"row_count", "sha256", b"sha256", "size_bytes", b"size_bytes", "status", b"status", "uri", b"uri", "validation", b"validation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "create_time", b"create_time", "description", b"description", "format", b"format", "id", b"id", "name", b"name", "parent_dataset_id", b"parent_dataset_id", "project_id", b"project_id", "prompt_input_column", b"prompt_input_column", "prompt_output_column", b"prompt_output_column", "row_count", b"row_count", "sha256", b"sha256", "size_bytes", b"size_bytes", "status", b"status", "uri", b"uri", "validation", b"validation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

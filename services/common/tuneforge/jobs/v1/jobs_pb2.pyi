@@ -106,6 +106,7 @@ class Job(_message.Message):
     COPIED_FROM_JOB_ID_FIELD_NUMBER: _builtins.int
     RESUMED_FROM_STEP_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_id: _builtins.str
     dataset_id: _builtins.str
@@ -138,6 +139,8 @@ class Job(_message.Message):
     """Step of the checkpoint the current attempt started from; 0 for a fresh start."""
     validation_dataset_id: _builtins.str
     """The dataset evaluated on instead of a held-out share of dataset_id; empty when none was given."""
+    project_id: _builtins.str
+    """Owning project (the submitter's); other projects never see the job."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Resolved parameters: defaults and aliases applied."""
@@ -189,10 +192,11 @@ class Job(_message.Message):
         copied_from_job_id: _builtins.str = ...,
         resumed_from_step: _builtins.int = ...,
         validation_dataset_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "parameters", b"parameters", "resources", b"resources", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "catalog_version", b"catalog_version", "copied_from_job_id", b"copied_from_job_id", "create_time", b"create_time", "current_step", b"current_step", "dataset_id", b"dataset_id", "elapsed_seconds", b"elapsed_seconds", "end_time", b"end_time", "epoch", b"epoch", "id", b"id", "labels", b"labels", "max_attempts", b"max_attempts", "method_id", b"method_id", "method_version", b"method_version", "model_id", b"model_id", "name", b"name", "output_uri", b"output_uri", "parameters", b"parameters", "priority", b"priority", "progress_percent", b"progress_percent", "remaining_seconds", b"remaining_seconds", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submitted_by", b"submitted_by", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps", "update_time", b"update_time", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "catalog_version", b"catalog_version", "copied_from_job_id", b"copied_from_job_id", "create_time", b"create_time", "current_step", b"current_step", "dataset_id", b"dataset_id", "elapsed_seconds", b"elapsed_seconds", "end_time", b"end_time", "epoch", b"epoch", "id", b"id", "labels", b"labels", "max_attempts", b"max_attempts", "method_id", b"method_id", "method_version", b"method_version", "model_id", b"model_id", "name", b"name", "output_uri", b"output_uri", "parameters", b"parameters", "priority", b"priority", "progress_percent", b"progress_percent", "project_id", b"project_id", "remaining_seconds", b"remaining_seconds", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submitted_by", b"submitted_by", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps", "update_time", b"update_time", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
