@@ -60,7 +60,7 @@ class Jobs(Recorder, jobs_pb2_grpc.JobServiceServicer):
         await self.enter("WatchJob", request, context)
         self.watching.set()
         await self.release.wait()  # the stream stays open until the test lets it end
-        yield jpb.WatchJobResponse(cursor="c-2", job=jpb.Job(id=request.job_id, state=jpb.JOB_STATE_SUCCEEDED))
+        yield jpb.WatchJobResponse(cursor="e2.m0.l0", job=jpb.Job(id=request.job_id, state=jpb.JOB_STATE_SUCCEEDED))
 
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
         await self.enter("ListJobs", request, context)
@@ -152,7 +152,7 @@ async def test_metrics_count_the_open_event_streams(http, jobs):
     before = open_streams((await http.get("/metrics")).text)
 
     async def watch() -> str:
-        async with http.stream("GET", "/api/v1/jobs/j1/events", headers={"Last-Event-ID": "c-1"}) as resp:
+        async with http.stream("GET", "/api/v1/jobs/j1/events", headers={"Last-Event-ID": "e1.m0.l0"}) as resp:
             assert resp.status_code == 200
             return "".join([chunk async for chunk in resp.aiter_text()])
 
@@ -161,6 +161,6 @@ async def test_metrics_count_the_open_event_streams(http, jobs):
     assert open_streams((await http.get("/metrics")).text) == before + 1
     jobs.release.set()
     body = await asyncio.wait_for(task, 5)
-    assert "id: c-2" in body and "event: job" in body
-    assert jobs.last("WatchJob").after_cursor == "c-1"  # the reconnect resumes where it left off
+    assert "id: e2.m0.l0" in body and "event: job" in body
+    assert jobs.last("WatchJob").after_cursor == "e1.m0.l0"  # the reconnect resumes where it left off
     assert open_streams((await http.get("/metrics")).text) == before

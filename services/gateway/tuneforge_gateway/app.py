@@ -33,6 +33,7 @@ from tuneforge_common.tls import TlsConfig, open_channel
 
 from .errors import ApiError, api_error_handler, grpc_error_handler, validation_error_handler
 from .uploads import UPLOAD_CHUNK, UploadSpool
+from .watch_hub import Position, WatchFailed, WatchHub, WatchSettings, with_keepalive
 
 RPC_TIMEOUT_S = 30.0
 # An upload RPC carries the whole file and then waits for the catalog's validation (or its wait limit).
@@ -317,18 +318,23 @@ def create_app(
     upload_dir: str | os.PathLike[str] | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     upload_ttl_s: float = UPLOAD_TTL_S,
+    watch: WatchSettings | None = None,
     tls: TlsConfig | None = None,
 ) -> FastAPI:
     backends: Backends | None = None
+    hub: WatchHub | None = None
     spool = UploadSpool(
         Path(upload_dir or Path(tempfile.gettempdir()) / "tuneforge-uploads"), max_upload_bytes, upload_ttl_s
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal backends
+        nonlocal backends, hub
         backends = Backends(catalog_address, jobs_address, tls=tls)
+        # One WatchJob call per watched job, shared by its SSE watchers (watch_hub.py).
+        hub = WatchHub(backends.jobs.WatchJob, watch)
         yield
+        await hub.close()
         await backends.close()
 
     def be() -> Backends:
@@ -810,24 +816,35 @@ def create_app(
 
     @app.get("/api/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
-        """Server-Sent Events of state changes, metric points and log lines; resumes at Last-Event-ID."""
-        cursor = request.headers.get("last-event-id", "")
-        # Fail before the stream starts if the job does not exist, so the client gets a 404.
+        """Server-Sent Events of state changes, metric points and log lines; resumes after Last-Event-ID.
+
+        All watchers of a job share one WatchJob stream to the jobs service (watch_hub.py); each event's id is
+        the cursor to resume after it, and a `: keepalive` comment goes out after each quiet interval.
+        """
+        try:
+            start = Position.parse(request.headers.get("last-event-id", ""))
+        except ValueError:
+            raise ApiError(400, "INVALID_ARGUMENT", "Last-Event-ID is not an event id of this stream") from None
+        # Fail before the stream starts if the job does not exist, so the client gets a 404; this call, with the
+        # caller's own credentials, is also what authorises this watcher to read the shared stream.
         await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+        assert hub is not None
+        deliveries = with_keepalive(hub.watch(job_id, start), hub.settings.keepalive_s)
 
         async def stream() -> AsyncIterator[str]:
-            call = be().jobs.WatchJob(jpb.WatchJobRequest(job_id=job_id, after_cursor=cursor))
             OPEN_STREAMS.inc()
             try:
-                async for update in call:
-                    kind = update.WhichOneof("update")
-                    data = json.dumps(to_json(getattr(update, kind)))
-                    yield f"id: {update.cursor}\nevent: {kind}\ndata: {data}\n\n"
-            except grpc.aio.AioRpcError as err:
-                yield f"event: error\ndata: {json.dumps({'code': err.code().name})}\n\n"
+                async for delivery in deliveries:
+                    if delivery is None:
+                        yield ": keepalive\n\n"
+                        continue
+                    data = json.dumps(to_json(getattr(delivery.update, delivery.kind)))
+                    yield f"id: {delivery.cursor}\nevent: {delivery.kind}\ndata: {data}\n\n"
+            except WatchFailed as failed:
+                yield f"event: error\ndata: {json.dumps({'code': failed.code.name})}\n\n"
             finally:
                 OPEN_STREAMS.dec()
-                call.cancel()
+                await deliveries.aclose()
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
