@@ -1,7 +1,8 @@
 """The OpenAI-compatible /v1 API driven by the official `openai` client (unpatched, over an ASGI transport)
 against in-process fake catalog and job services: files become datasets, fine-tuning jobs become TuneForge
-jobs with the right method and parameters, lists page with OpenAI's cursor, and errors come back in
-OpenAI's shape as the client's own exception classes."""
+jobs with the right method, parameters and validation dataset, lists page with OpenAI's cursor (jobs one
+page per request), and errors come back in OpenAI's shape, with OpenAI's parameter names, as the client's
+own exception classes. The real services behind the same API: tests/e2e/test_openai_client.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_common import errors
-from tuneforge_common.grpcutil import ServiceBinding, start_server
+from tuneforge_common.grpcutil import ServiceBinding, start_server, status_for
 from tuneforge_gateway.app import create_app
 
 KNOWN_MODELS = {"m-base"}
@@ -70,13 +71,14 @@ class StatefulJobs(Recorder, jobs_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: jpb.SubmitJobRequest, context: Any) -> jpb.SubmitJobResponse:
         await self.enter("SubmitJob", request, context)
-        if request.model_id not in KNOWN_MODELS:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model_id!r} not found")
+        if request.model_id not in KNOWN_MODELS:  # worded as the jobs service words it
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model_id: model {request.model_id!r} not found")
         job_id = f"j-{len(self.jobs) + 1}"
         self.jobs[job_id] = jpb.Job(
             id=job_id,
             model_id=request.model_id,
             dataset_id=request.dataset_id,
+            validation_dataset_id=request.validation_dataset_id,
             method_id=request.method_id,
             parameters=request.parameters,
             labels=request.labels,
@@ -93,8 +95,22 @@ class StatefulJobs(Recorder, jobs_pb2_grpc.JobServiceServicer):
         return jpb.GetJobResponse(job=self.jobs[request.job_id])
 
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
+        """Newest first, from after_job_id on, page_size at a time (offset tokens), as the jobs service pages."""
         await self.enter("ListJobs", request, context)
-        return jpb.ListJobsResponse(jobs=list(self.jobs.values()))
+        newest_first = sorted(self.jobs.values(), key=lambda j: j.create_time.seconds, reverse=True)
+        if request.after_job_id:
+            ids = [j.id for j in newest_first]
+            if request.after_job_id not in ids:
+                refused = errors.InvalidArgument.for_field("after_job_id", f"no job {request.after_job_id!r}")
+                status = status_for(refused)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            newest_first = newest_first[ids.index(request.after_job_id) + 1 :]
+        start = int(request.page_token or 0)
+        size = request.page_size or 100
+        more = start + size < len(newest_first)
+        return jpb.ListJobsResponse(
+            jobs=newest_first[start : start + size], next_page_token=str(start + size) if more else ""
+        )
 
     async def PauseJob(self, request: jpb.PauseJobRequest, context: Any) -> jpb.PauseJobResponse:
         await self.enter("PauseJob", request, context)
@@ -251,7 +267,8 @@ async def test_retrieve_list_with_cursor_events_checkpoints_and_state_changes(cl
 async def test_unknown_model_job_and_file_are_404s_in_openai_shape(client, catalog):
     with pytest.raises(openai.NotFoundError) as raised:
         await client.fine_tuning.jobs.create(model="nope", training_file="ds-1")
-    assert raised.value.code == "not_found" and "nope" in raised.value.message
+    assert raised.value.code == "not_found" and raised.value.param == "model"
+    assert raised.value.body["message"] == "model: model 'nope' not found"  # the service's field, OpenAI's name
     with pytest.raises(openai.NotFoundError):
         await client.fine_tuning.jobs.retrieve("j-missing")
     catalog.failures["GetDataset"] = errors.NotFound("dataset 'ds-x' not found")
@@ -262,10 +279,50 @@ async def test_unknown_model_job_and_file_are_404s_in_openai_shape(client, catal
         await client.models.retrieve("nope")
 
 
-async def test_a_validation_file_and_a_bad_body_are_400s_naming_the_field(client, jobs):
-    with pytest.raises(openai.BadRequestError) as raised:
+async def test_a_validation_file_is_the_jobs_validation_dataset_and_reported_back(client, jobs):
+    job = await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1", validation_file="ds-2")
+    sent = jobs.last("SubmitJob")
+    assert (sent.dataset_id, sent.validation_dataset_id) == ("ds-1", "ds-2")
+    assert "validation_ratio" not in sent.parameters  # the platform default (0): nothing held out besides
+    assert (job.training_file, job.validation_file) == ("ds-1", "ds-2")
+    assert (await client.fine_tuning.jobs.retrieve(job.id)).validation_file == "ds-2"
+    plain = await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1")
+    assert jobs.last("SubmitJob").validation_dataset_id == "" and plain.validation_file is None
+
+
+async def test_a_refused_validation_file_is_an_error_naming_validation_file(client, jobs):
+    jobs.failures["SubmitJob"] = errors.FailedPrecondition(
+        "validation_dataset_id: dataset 'ds-2' is INVALID (1 problems); only READY datasets train"
+    )
+    with pytest.raises(openai.APIStatusError) as raised:
         await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1", validation_file="ds-2")
-    assert raised.value.param == "validation_file"
+    assert raised.value.status_code == 409 and raised.value.param == "validation_file"
+    assert raised.value.body["message"] == (
+        "validation_file: dataset 'ds-2' is INVALID (1 problems); only READY datasets train"
+    )
+    jobs.failures["SubmitJob"] = errors.InvalidArgument.for_field("parameters.epochs", "must be at most 100")
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1", hyperparameters={"n_epochs": 500})
+    assert raised.value.param == "hyperparameters.n_epochs"
+
+
+async def test_the_job_list_reads_one_page_from_the_jobs_service_per_request(client, jobs):
+    for _ in range(5):
+        await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1")
+    page = await client.fine_tuning.jobs.list(limit=2, after="j-4")
+    assert [j.id for j in page.data] == ["j-3", "j-2"] and page.has_more
+    sent = jobs.calls("ListJobs")
+    assert len(sent) == 1 and (sent[0].page_size, sent[0].after_job_id, sent[0].page_token) == (2, "j-4", "")
+    last = await client.fine_tuning.jobs.list(limit=2, after="j-2")
+    assert [j.id for j in last.data] == ["j-1"] and not last.has_more
+    # The client's own auto-paging follows `after` through every job, newest first.
+    assert [j.id async for j in client.fine_tuning.jobs.list(limit=2)] == ["j-5", "j-4", "j-3", "j-2", "j-1"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.fine_tuning.jobs.list(after="j-missing")
+    assert raised.value.param == "after"
+
+
+async def test_a_bad_body_is_a_400_naming_the_field(client, jobs):
     with pytest.raises(openai.BadRequestError) as raised:
         await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1", seed=-1)
     assert raised.value.param == "seed"

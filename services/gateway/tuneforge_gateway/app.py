@@ -174,6 +174,9 @@ async def every_page(call: Any, request_for: Callable[[str], Any], items: str) -
 class SubmitJobBody(BaseModel):
     model_id: str = Field(..., description="Catalog model id", min_length=1, max_length=128)
     dataset_id: str = Field(..., description="Catalog dataset id", min_length=1, max_length=128)
+    validation_dataset_id: str = Field(
+        "", description="Optional dataset to evaluate on instead of holding out validation_ratio", max_length=128
+    )
     method_id: str = Field("sft-lora", description="Training method id", min_length=1, max_length=128)
     parameters: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters by name or alias")
     priority: int = Field(0, ge=-1000, le=1000)
@@ -194,6 +197,9 @@ class CopyJobBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     parameter_overrides: dict[str, Any] = Field(default_factory=dict, description="Over the old job's parameters")
     dataset_id: str = Field("", max_length=128)
+    validation_dataset_id: str = Field(
+        "", description="Another dataset to evaluate on; empty keeps the old job's", max_length=128
+    )
     model_id: str = Field("", max_length=128)
     name: str = Field("", max_length=255)
     dry_run: bool = False
@@ -640,6 +646,7 @@ def create_app(
             jpb.SubmitJobRequest(
                 model_id=body.model_id,
                 dataset_id=body.dataset_id,
+                validation_dataset_id=body.validation_dataset_id,
                 method_id=body.method_id,
                 parameters=params,
                 priority=body.priority,
@@ -661,6 +668,7 @@ def create_app(
             job_id=job_id,
             parameter_overrides=overrides,
             dataset_id=body.dataset_id,
+            validation_dataset_id=body.validation_dataset_id,
             model_id=body.model_id,
             name=body.name,
             dry_run=body.dry_run,

@@ -4,23 +4,27 @@ Mapping onto TuneForge:
 
 * A file is a catalog dataset and its id is the dataset id (no second id space); only purpose "fine-tune"
   is accepted. File status: VALIDATING -> "uploaded", READY -> "processed", INVALID -> "error".
-* A fine-tuning job is a TuneForge job and its id is the job id. `model` is a catalog model id and
-  `training_file` a dataset id. Method "supervised" (the default) runs `sft-lora`, "dpo" runs `dpo`.
+* A fine-tuning job is a TuneForge job and its id is the job id. `model` is a catalog model id,
+  `training_file` a dataset id and `validation_file` (optional) the dataset the job evaluates on (its
+  eval_loss) instead of holding out a share of the training rows. Method "supervised" (the default) runs
+  `sft-lora`, "dpo" runs `dpo`.
   Hyperparameters: n_epochs -> epochs, batch_size -> batch_size, beta -> beta, and
   learning_rate_multiplier -> learning_rate = the method's default learning rate x the multiplier;
   "auto" (or leaving one out) keeps the platform default. `seed` -> seed, `suffix` -> the job name,
-  `metadata` -> job labels. `validation_file` is refused (400): TuneForge holds out a validation share of
-  the training dataset (the validation_ratio parameter) instead of taking a second dataset.
+  `metadata` -> job labels.
 * fine_tuned_model is the job's output URI once it has succeeded (publish it to get a catalog model id).
-* Lists take OpenAI's cursor (`after`: the last id of the previous page, `limit`), newest first.
+* Lists take OpenAI's cursor (`after`: the last id of the previous page, `limit`), newest first. Jobs are
+  read one page at a time from the jobs service (ListJobs after_job_id), never the whole list.
 * Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the gateway's own
-  gRPC -> HTTP status mapping (errors.py); code is the gRPC code's name in lower case ("not_found").
+  gRPC -> HTTP status mapping (errors.py); code is the gRPC code's name in lower case ("not_found"), and
+  param (and the message's leading field name) is the request's OpenAI name: "model", not "model_id".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal
 
@@ -62,6 +66,20 @@ JOB_STATUS = {
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
 # OpenAI hyperparameter name -> TuneForge parameter name (learning_rate_multiplier is computed, see above).
 HYPERPARAMETERS = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
+# TuneForge field names in errors (a field violation, or the message's "field: ..." prefix) -> OpenAI params.
+PARAMS = {
+    "model_id": "model",
+    "dataset_id": "training_file",
+    "validation_dataset_id": "validation_file",
+    "method_id": "method.type",
+    "name": "suffix",
+    "labels": "metadata",
+    "after_job_id": "after",
+    "parameters.seed": "seed",
+    "parameters.learning_rate": "hyperparameters.learning_rate_multiplier",
+    **{f"parameters.{name}": f"hyperparameters.{openai_name}" for openai_name, name in HYPERPARAMETERS.items()},
+}
+FIELD_PREFIX = re.compile(r"[a-z_][a-z0-9_.]*: ")
 # Labels the compat layer writes itself; metadata keys may not use the prefix.
 LABEL_PREFIX = "openai."
 
@@ -89,7 +107,23 @@ async def reshaped(request: Request, exc: Exception) -> JSONResponse:
     else:
         native = await validation_error_handler(request, exc)
     error = json.loads(bytes(native.body))["error"]
-    return openai_error(native.status_code, error["message"], error.get("field"), str(error["code"]).lower())
+    message, param = openai_param(error["message"], error.get("field"))
+    return openai_error(native.status_code, message, param, str(error["code"]).lower())
+
+
+def openai_param(message: str, field: str | None) -> tuple[str, str | None]:
+    """(message, param) in the OpenAI request's names. Services name the field in a violation or, for NOT_FOUND
+    and FAILED_PRECONDITION, as the message's prefix ("dataset_id: dataset 'x' is INVALID")."""
+    name = field
+    if name is None and FIELD_PREFIX.match(message):
+        name = message.split(": ", 1)[0]
+    if name is None:
+        return message, None
+    head, _, rest = name.partition(".")
+    param = PARAMS.get(name) or (f"{PARAMS[head]}.{rest}" if head in PARAMS and rest else name)
+    if message.startswith(f"{name}: "):
+        message = f"{param}: {message[len(name) + 2 :]}"
+    return message, param
 
 
 class OpenAIRoute(APIRoute):
@@ -205,7 +239,7 @@ def job_object(job: jpb.Job) -> dict[str, Any]:
         "organization_id": OWNER,
         "result_files": [],
         "status": status,
-        "validation_file": None,
+        "validation_file": job.validation_dataset_id or None,
         "training_file": job.dataset_id,
         "hyperparameters": hyperparameters,
         "trained_tokens": job.tokens_seen if status == "succeeded" else None,
@@ -321,13 +355,6 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
 
     @router.post("/fine_tuning/jobs")
     async def create_job(body: CreateJobBody) -> dict:
-        if body.validation_file:
-            raise OpenAIError(
-                400,
-                "validation_file is not supported: TuneForge holds out a share of training_file for validation "
-                "(the validation_ratio parameter of the TuneForge API)",
-                "validation_file",
-            )
         method_id, params = training_parameters(body)
         labels = dict(body.metadata or {})
         if bad := next((k for k in labels if k.startswith(LABEL_PREFIX)), None):
@@ -340,6 +367,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
             jpb.SubmitJobRequest(
                 model_id=body.model,
                 dataset_id=body.training_file,
+                validation_dataset_id=body.validation_file or "",
                 method_id=method_id,
                 parameters=struct,
                 name=f"{body.model}:{body.suffix}" if body.suffix else "",
@@ -351,12 +379,10 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
 
     @router.get("/fine_tuning/jobs")
     async def list_jobs(after: str = "", limit: int = Query(20, ge=1, le=1000)) -> dict:
-        jobs = await every_page(
-            be().jobs.ListJobs, lambda token: jpb.ListJobsRequest(page_size=1000, page_token=token), "jobs"
-        )
-        ordered = sorted(jobs, key=lambda j: (j.create_time.seconds, j.create_time.nanos), reverse=True)
-        data, more = page([job_object(j) for j in ordered], after, limit)
-        return listing(data, more)
+        # One page from the jobs service, which lists newest first and starts after a job id as OpenAI's cursor does.
+        request = jpb.ListJobsRequest(page_size=limit, after_job_id=after)
+        resp = await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S)
+        return listing([job_object(j) for j in resp.jobs], bool(resp.next_page_token))
 
     @router.get("/fine_tuning/jobs/{job_id}")
     async def retrieve_job(job_id: str) -> dict:
