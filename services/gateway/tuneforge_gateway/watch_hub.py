@@ -227,10 +227,6 @@ class WatchHub:
         self.settings = settings or WatchSettings()
         self._watches: dict[str, _JobWatch] = {}
 
-    def upstreams(self) -> int:
-        """Jobs with a shared upstream now."""
-        return len(self._watches)
-
     async def watch(self, job_id: str, position: Position) -> AsyncGenerator[Delivery, None]:
         """Every item of the job after `position`, each once, in order; ends when the job's stream ends.
 
