@@ -1,68 +1,21 @@
-"""The embedded default end to end: `tuneforge up` as a process, a real tiny training job through the gateway."""
+"""The embedded default end to end: `tuneforge up` as a process (tests/e2e/conftest.py's shared stack), a real
+tiny training job through the gateway."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from tests.e2e.embedded import start_stack, stop_stack_process
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "datasets" / "sample-chat.jsonl"
-
-
-class Stack:
-    def __init__(self, proc: subprocess.Popen, url: str, data_dir: Path, output: list[str]) -> None:
-        self.proc, self.url, self.data_dir, self.output = proc, url, data_dir, output
-        self.http = httpx.Client(base_url=url, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("embedded")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    env.pop("TUNEFORGE_NATS_URL", None)  # the embedded default starts its own NATS from the wheel
-    cli = Path(sys.executable).parent / "tuneforge"
-    proc = subprocess.Popen(
-        [str(cli), "up", "--data-dir", str(data_dir), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    output: list[str] = []
-    url = ""
-    deadline = time.monotonic() + 180
-    assert proc.stdout is not None
-    while time.monotonic() < deadline and not url:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        output.append(line)
-        if line.startswith("TUNEFORGE_GATEWAY_URL="):
-            url = line.strip().split("=", 1)[1]
-    if not url:
-        proc.kill()
-        logs = "".join((data_dir / "logs" / f).read_text()[-2000:] for f in os.listdir(data_dir / "logs"))
-        pytest.fail("stack did not come up:\n" + "".join(output) + logs)
-    stack = Stack(proc, url, data_dir, output)
-    yield stack
-    if proc.poll() is None:  # a test failed before the one that stops it: stop it the way a user does
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-            proc.kill()
 
 
 def error_of(resp: httpx.Response) -> dict:
@@ -73,6 +26,17 @@ def test_gateway_reports_healthy_services(stack):
     resp = stack.http.get("/healthz")
     assert resp.status_code == 200
     assert resp.json()["services"] == {"catalog": "SERVING", "jobs": "SERVING"}
+
+
+def test_the_first_start_prints_an_admin_key_once_and_every_call_but_health_needs_a_key(stack):
+    assert stack.key.startswith("tf_") and sum("TUNEFORGE_ADMIN_KEY=" in line for line in stack.output) == 1
+    assert httpx.get(f"{stack.url}/healthz", timeout=10).status_code == 200
+    anonymous = httpx.get(f"{stack.url}/api/v1/models", timeout=10)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "UNAUTHENTICATED"
+    me = stack.http.get("/api/v1/whoami").json()
+    assert me["key"]["superuser"] and me["project_id"] == "default"
+    secrets_file = stack.data_dir / "secrets.json"
+    assert oct(secrets_file.stat().st_mode & 0o777) == "0o600" and stack.key not in secrets_file.read_text()
 
 
 def test_builtin_tiny_chat_model_and_sft_lora_method_are_listed(stack):
@@ -102,6 +66,7 @@ def test_bad_uploads_are_kept_invalid_with_each_line_named_and_cannot_train(stac
 
 
 def test_bad_job_requests_get_404_and_400_naming_the_field(stack):
+    jobs_before = stack.http.get("/api/v1/jobs").json()["jobs"]
     ds = stack.http.post("/api/v1/datasets", files={"file": ("s.jsonl", SAMPLE.read_bytes())}).json()
     cases = [
         ({"model_id": "no-such-model", "dataset_id": ds["id"]}, 404, None),
@@ -124,7 +89,7 @@ def test_bad_job_requests_get_404_and_400_naming_the_field(stack):
         assert resp.status_code == status, (body, resp.text)
         if field:
             assert error_of(resp)["field"] == field
-    assert stack.http.get("/api/v1/jobs").json()["jobs"] == []
+    assert stack.http.get("/api/v1/jobs").json()["jobs"] == jobs_before  # none was made
     assert stack.http.get("/api/v1/jobs/no-such-job").status_code == 404
 
 
@@ -269,10 +234,15 @@ def test_terminating_a_running_job_stops_its_process(stack):
     assert final["state"] == "CANCELLED"
 
 
-def test_ctrl_c_stops_every_process_cleanly(stack):
-    children = psutil.Process(stack.proc.pid).children(recursive=True)
-    assert len(children) >= 5  # nats, catalog, jobs, trainer, gateway
-    stack.proc.send_signal(signal.SIGINT)
-    assert stack.proc.wait(60) == 0
-    gone, alive = psutil.wait_procs(children, timeout=10)
-    assert alive == []
+def test_ctrl_c_stops_every_process_cleanly(tmp_path):
+    own = start_stack(tmp_path / "data")  # its own: the shared stack serves the other tests to the end
+    try:
+        children = psutil.Process(own.proc.pid).children(recursive=True)
+        assert len(children) >= 5  # nats, catalog, jobs, trainer, gateway
+        own.proc.send_signal(signal.SIGINT)
+        assert own.proc.wait(60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == []
+    finally:
+        own.http.close()
+        stop_stack_process(own.proc)

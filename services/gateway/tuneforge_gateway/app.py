@@ -9,29 +9,42 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import grpc
-from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tuneforge.auth.v1 import auth_pb2 as apb
+from tuneforge.auth.v1 import auth_pb2_grpc
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_common import methods
 from tuneforge_common.grpcutil import MAX_MESSAGE_BYTES
 from tuneforge_common.tls import TlsConfig, open_channel
 
-from .errors import ApiError, api_error_handler, grpc_error_handler, validation_error_handler
+from .credentials import CallerCredentials, backend_credentials
+from .errors import (
+    ApiError,
+    api_error_handler,
+    document_errors,
+    error_responses,
+    grpc_error_handler,
+    http_error_handler,
+    validation_error_handler,
+)
 from .uploads import UPLOAD_CHUNK, UploadSpool
 from .watch_hub import Position, WatchFailed, WatchHub, WatchSettings, with_keepalive
 
@@ -62,6 +75,34 @@ LATENCY = Histogram("tuneforge_gateway_request_seconds", "HTTP request latency",
 OPEN_STREAMS = Gauge("tuneforge_gateway_open_streams", "Server-Sent Events streams open now")
 
 
+def streamed(media_type: str, description: str, item: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route that streams its 200 body as `media_type` (made of `item`s, when given)."""
+    content = {"itemSchema": item} if item else {"schema": {"type": "string"}}
+    return {200: {"description": description, "content": {media_type: content}}}
+
+
+# One Server-Sent Event of a job's stream: its kind, its JSON and the cursor to resume after it.
+_UPDATES = [f.name for f in jpb.WatchJobResponse.DESCRIPTOR.oneofs_by_name["update"].fields]
+JOB_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"enum": [*_UPDATES, "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string"},
+    },
+}
+UPLOAD_HEADERS = {
+    "Upload-Offset": {"description": "Bytes received so far", "schema": {"type": "integer"}},
+    "Upload-Length": {"description": "Total bytes, once known", "schema": {"type": "integer"}},
+}
+
+
+DRY_RUN: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A dry run: its estimate", "content": {"application/json": {"schema": {"type": "object"}}}}
+}
+
+
 def job_or_estimate(resp: Any, response: Response) -> dict[str, Any]:
     """A stored job (201) with its estimate, or for a dry run (200) only the estimate."""
     estimate = to_json(resp.estimate)
@@ -85,7 +126,15 @@ _INT64 = {
     FieldDescriptor.TYPE_FIXED64,
     FieldDescriptor.TYPE_SFIXED64,
 }
-_ENUM_PREFIXES = ("JOB_STATE_", "DATASET_FORMAT_", "PARAMETER_TYPE_", "MODEL_KIND_", "DATASET_STATUS_")
+_ENUM_PREFIXES = (
+    "ROLE_",
+    "PRINCIPAL_KIND_",
+    "JOB_STATE_",
+    "DATASET_FORMAT_",
+    "PARAMETER_TYPE_",
+    "MODEL_KIND_",
+    "DATASET_STATUS_",
+)
 
 
 def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +152,11 @@ def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
                 continue
             for prefix in _ENUM_PREFIXES:
                 value = value.removeprefix(prefix)
-            data[fd.name] = value.lower() if fd.enum_type.name in ("DatasetFormat", "ParameterType") else value
+            data[fd.name] = (
+                value.lower()
+                if fd.enum_type.name in ("DatasetFormat", "ParameterType", "Role", "PrincipalKind")
+                else value
+            )
         elif fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Struct":
             data[fd.name] = [_int_values(v) for v in value] if isinstance(value, list) else _int_values(value)
         elif fd.message_type is not None and not fd.message_type.full_name.startswith("google.protobuf"):
@@ -130,11 +183,21 @@ DATASET_FORMATS: dict[str, compb.DatasetFormat.ValueType] = _enum_names(
     compb.DatasetFormat, "DATASET_FORMAT_", lower=True
 )
 JOB_STATES: dict[str, jpb.JobState.ValueType] = _enum_names(jpb.JobState, "JOB_STATE_")
+ROLES: dict[str, apb.Role.ValueType] = _enum_names(apb.Role, "ROLE_", lower=True)
+PRINCIPAL_KINDS: dict[str, apb.PrincipalKind.ValueType] = _enum_names(apb.PrincipalKind, "PRINCIPAL_KIND_", lower=True)
 E = TypeVar("E", bound=int)
+# The largest values of the proto fields numbers land in, refused with a 400 beyond; an int64 field takes JSON's
+# safe integers only (2**53 - 1, what a JavaScript client and JSON Schema validators hold exactly).
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**53 - 1
 
 
 def choices(names: dict[str, Any]) -> str:
     return ", ".join(name for name in names if name)
+
+
+def one_of(names: dict[str, Any]) -> dict[str, Any]:
+    """json_schema_extra for a parameter that enum_value reads: its names ("" for none; any case is taken)."""
+    return {"enum": list(names)}
 
 
 def enum_value(names: dict[str, E], given: str, field: str) -> E:
@@ -171,7 +234,59 @@ async def every_page(call: Any, request_for: Callable[[str], Any], items: str) -
             return collected
 
 
+def method_definition_schema() -> dict[str, Any]:
+    """The JSON Schema of an added method's definition, built from the rules methods.validate_custom_method
+    applies; the catalog's validation stays the judge (what a lifecycle requires is beyond a schema)."""
+    stage = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"file": {"type": "string", "pattern": "[.]py$"}, "env": {"type": "string"}},
+    }
+    spellings = [*methods.STAGES, *(name.replace("_", "-") for name in methods.STAGES if "_" in name)]
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "training_type", "lifecycle", "stages"],
+        "properties": {
+            "name": {
+                "type": "string",
+                "pattern": f"^{methods.METHOD_NAME_RE.pattern}$",
+                "not": {"enum": sorted(methods.BUILTIN_IDS)},
+            },
+            "display_name": {"type": "string", "maxLength": methods.MAX_DISPLAY_NAME},
+            "description": {"type": "string", "maxLength": methods.MAX_DESCRIPTION},
+            "training_type": {"enum": list(methods.TRAINING_TYPES)},
+            "lifecycle": {"enum": list(methods.LIFECYCLES)},
+            "deployment_environment": {"enum": list(methods.DEPLOYMENT_ENVIRONMENTS)},
+            "stages": {
+                "type": "object",
+                "required": ["training"],
+                "propertyNames": {"enum": spellings},
+                "additionalProperties": stage,
+            },
+            "parameters": {"type": "array", "items": {"type": "object"}, "description": "Parameter specs"},
+        },
+    }
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer is a number without a fraction (2.0 is one); true, false and "2" are not."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
+# The body models are strict (no "1" for a number, no 1 for a string or a bool), but an integer may be 2.0.
+JsonInt = Annotated[int, Field(strict=False), BeforeValidator(_json_integer)]
+# A name the services take: not blank.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"\S")]
+# Job and agent labels, within the jobs service's limits.
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
+Labels = Annotated[dict[LabelKey, Annotated[str, StringConstraints(max_length=63)]], Field(max_length=32)]
+
+
 class SubmitJobBody(BaseModel):
+    model_config = ConfigDict(strict=True)
     model_id: str = Field(..., description="Catalog model id", min_length=1, max_length=128)
     dataset_id: str = Field(..., description="Catalog dataset id", min_length=1, max_length=128)
     validation_dataset_id: str = Field(
@@ -179,22 +294,22 @@ class SubmitJobBody(BaseModel):
     )
     method_id: str = Field("sft-lora", description="Training method id", min_length=1, max_length=128)
     parameters: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters by name or alias")
-    priority: int = Field(0, ge=-1000, le=1000)
+    priority: JsonInt = Field(0, ge=-1000, le=1000)
     name: str = Field("", max_length=255)
-    labels: dict[str, str] = Field(default_factory=dict, description="Free-form key/value labels to filter by")
+    labels: Labels = Field(default_factory=dict, description="Free-form key/value labels to filter by")
     resources: ResourceBody = Field(default_factory=lambda: ResourceBody())
     dry_run: bool = Field(False, description="Only validate and estimate; nothing is stored")
 
 
 class ResourceBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    gpu_count: int = Field(0, ge=0, le=64)
-    min_gpu_memory_bytes: int = Field(0, ge=0)
-    agent_labels: dict[str, str] = Field(default_factory=dict, description="Labels the agent must carry")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    gpu_count: JsonInt = Field(0, ge=0, le=64)
+    min_gpu_memory_bytes: JsonInt = Field(0, ge=0, le=INT64_MAX)
+    agent_labels: Labels = Field(default_factory=dict, description="Labels the agent must carry")
 
 
 class CopyJobBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     parameter_overrides: dict[str, Any] = Field(default_factory=dict, description="Over the old job's parameters")
     dataset_id: str = Field("", max_length=128)
     validation_dataset_id: str = Field(
@@ -205,50 +320,69 @@ class CopyJobBody(BaseModel):
     dry_run: bool = False
 
 
-class PublishCheckpointBody(BaseModel):
+class CreateProjectBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    step: int = Field(..., ge=0, description="A kept checkpoint's step; 0 publishes the final output")
-    name: str = Field(..., min_length=1, max_length=255)
+    name: str = Field(..., min_length=1, max_length=63, description="Letters, digits, '.', '_' or '-'")
+
+
+class CreateKeyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=255, description="Who or what holds the key")
+    kind: str = Field("user", description="user (a person) or service (a program)")
+    roles: dict[str, str] = Field(default_factory=dict, description="project id -> viewer, member or admin")
+    superuser: bool = Field(False, description="Admin of every project; only a superuser may grant it")
+
+
+class PublishCheckpointBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    step: JsonInt = Field(..., ge=0, le=INT64_MAX, description="A kept checkpoint's step; 0 publishes the final output")
+    name: Name
     description: str = ""
+
+
+# A model tag, as the catalog takes it (spaces around it are dropped).
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"\S")]
 
 
 class RegisterModelBody(BaseModel):
     """Exactly one of path, uri and hub_id says where the model comes from."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     path: str = Field("", description="A Hugging Face format directory on the catalog's machine")
     uri: str = Field("", description="An fsspec URI in the artifact store")
     hub_id: str = Field("", description="A Hugging Face Hub id, fetched into the artifact store")
-    name: str = Field("", max_length=255)
+    name: Name
     description: str = ""
-    tags: list[str] = Field(default_factory=list)
-    license: str = ""
+    tags: list[Tag] = Field(default_factory=list)
+    license: str = Field("", max_length=255)
 
 
 class UpdateModelBody(BaseModel):
-    """Only the keys present change."""
+    """Only the keys present change: at least one."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field("", max_length=255)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
+    name: Name = Field("", description="Not blank: a model keeps a name")
     description: str = ""
-    tags: list[str] = Field(default_factory=list)
-    license: str = ""
+    tags: list[Tag] = Field(default_factory=list)
+    license: str = Field("", max_length=255)
 
 
 class SplitDatasetBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    validation_ratio: float = Field(..., description="Share of rows for validation, in (0, 0.5]")
-    seed: int = Field(0, description="The same seed gives the same split")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    validation_ratio: float = Field(..., gt=0, le=0.5, description="Share of rows for validation, in (0, 0.5]")
+    seed: JsonInt = Field(0, ge=-INT64_MAX, le=INT64_MAX, description="The same seed gives the same split")
 
 
 class CreateUploadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1, max_length=255)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Name
     description: str = ""
-    format: str = Field("", description="Validate as this format (chat, prompt_completion, ...); empty detects it")
+    format: str = Field(
+        "", description="Validate as this format; empty detects it", json_schema_extra=one_of(DATASET_FORMATS)
+    )
     prompt_input_column: str = ""
     prompt_output_column: str = ""
-    size: int | None = Field(None, ge=0, description="Total bytes, when known up front")
+    size: Annotated[JsonInt, Field(ge=0, le=INT64_MAX)] | None = Field(None, description="Total bytes, if known")
 
 
 class _BodyOverLimit(Exception):
@@ -306,10 +440,14 @@ class UploadSizeLimit:
 
 
 class Backends:
-    def __init__(self, catalog_address: str, jobs_address: str, *, tls: TlsConfig | None = None) -> None:
-        self.catalog_channel = open_channel(catalog_address, tls=tls, options=CHANNEL_OPTIONS)
-        self.jobs_channel = open_channel(jobs_address, tls=tls, options=CHANNEL_OPTIONS)
+    def __init__(
+        self, catalog_address: str, jobs_address: str, *, tls: TlsConfig | None = None, service_token: str = ""
+    ) -> None:
+        credentials = backend_credentials(service_token)
+        self.catalog_channel = open_channel(catalog_address, tls=tls, options=CHANNEL_OPTIONS, interceptors=credentials)
+        self.jobs_channel = open_channel(jobs_address, tls=tls, options=CHANNEL_OPTIONS, interceptors=credentials)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self.catalog_channel)
+        self.auth = auth_pb2_grpc.AuthServiceStub(self.catalog_channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.jobs_channel)
 
     async def close(self) -> None:
@@ -326,6 +464,7 @@ def create_app(
     upload_ttl_s: float = UPLOAD_TTL_S,
     watch: WatchSettings | None = None,
     tls: TlsConfig | None = None,
+    service_token: str = "",
 ) -> FastAPI:
     backends: Backends | None = None
     hub: WatchHub | None = None
@@ -336,7 +475,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal backends, hub
-        backends = Backends(catalog_address, jobs_address, tls=tls)
+        backends = Backends(catalog_address, jobs_address, tls=tls, service_token=service_token)
         # One WatchJob call per watched job, shared by its SSE watchers (watch_hub.py).
         hub = WatchHub(backends.jobs.WatchJob, watch)
         yield
@@ -356,6 +495,8 @@ def create_app(
     app.add_exception_handler(grpc.aio.AioRpcError, grpc_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    document_errors(app)
 
     app.add_middleware(
         UploadSizeLimit, path="/api/v1/datasets", limit=max_upload_bytes + MULTIPART_OVERHEAD, shown=max_upload_bytes
@@ -363,6 +504,7 @@ def create_app(
     app.add_middleware(
         UploadSizeLimit, path="/v1/files", limit=max_upload_bytes + MULTIPART_OVERHEAD, shown=max_upload_bytes
     )
+    app.add_middleware(CallerCredentials)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:
@@ -391,7 +533,7 @@ def create_app(
 
     # -- catalog --------------------------------------------------------------
 
-    @app.post("/api/v1/models", status_code=201)
+    @app.post("/api/v1/models", responses=error_responses(400, 404, 409), status_code=201)
     async def register_model(body: RegisterModelBody) -> dict:
         sources = {k: v for k in ("path", "uri", "hub_id") if (v := getattr(body, k))}
         if len(sources) != 1:
@@ -401,11 +543,11 @@ def create_app(
         )
         return to_json((await be().catalog.RegisterModel(request, timeout=MODEL_FETCH_TIMEOUT_S)).model)
 
-    @app.get("/api/v1/models")
+    @app.get("/api/v1/models", responses=error_responses(400))
     async def list_models(
         page_size: int = Query(0, ge=0, le=500),
         page_token: str = "",
-        kind: str = Query("", description=f"One of {choices(MODEL_KINDS)}"),
+        kind: str = Query("", description="The model kind (any case)", json_schema_extra=one_of(MODEL_KINDS)),
         tag: str = "",
         name_contains: str = "",
     ) -> dict:
@@ -418,13 +560,13 @@ def create_app(
         )
         return to_json(await be().catalog.ListModels(request, timeout=RPC_TIMEOUT_S))
 
-    @app.get("/api/v1/models/{model_id}")
+    @app.get("/api/v1/models/{model_id}", responses=error_responses(404))
     async def get_model(model_id: str) -> dict:
         return to_json(
             (await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)).model
         )
 
-    @app.patch("/api/v1/models/{model_id}")
+    @app.patch("/api/v1/models/{model_id}", responses=error_responses(400, 404, 409))
     async def update_model(model_id: str, body: UpdateModelBody) -> dict:
         changes = body.model_dump(exclude_unset=True)
         if not changes:
@@ -436,12 +578,14 @@ def create_app(
         )
         return to_json((await be().catalog.UpdateModel(request, timeout=RPC_TIMEOUT_S)).model)
 
-    @app.delete("/api/v1/models/{model_id}", status_code=204, response_class=Response)
+    @app.delete(
+        "/api/v1/models/{model_id}", responses=error_responses(404, 409), status_code=204, response_class=Response
+    )
     async def delete_model(model_id: str) -> Response:
         await be().catalog.DeleteModel(cpb.DeleteModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)
         return Response(status_code=204)
 
-    @app.get("/api/v1/methods")
+    @app.get("/api/v1/methods", responses=error_responses(400))
     async def list_methods(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
         return to_json(
             await be().catalog.ListMethods(
@@ -449,15 +593,17 @@ def create_app(
             )
         )
 
-    @app.get("/api/v1/methods/{method_id}")
+    @app.get("/api/v1/methods/{method_id}", responses=error_responses(404))
     async def get_method(method_id: str) -> dict:
         return to_json(
             (await be().catalog.GetMethod(cpb.GetMethodRequest(method_id=method_id), timeout=RPC_TIMEOUT_S)).method
         )
 
-    @app.post("/api/v1/methods", status_code=201)
+    @app.post("/api/v1/methods", responses=error_responses(400, 409), status_code=201)
     async def create_method(
-        definition: dict[str, Any] = Body(..., description="The method as seed 003 gives it"),
+        definition: dict[str, Any] = Body(
+            ..., description="The method as seed 003 gives it", json_schema_extra=method_definition_schema()
+        ),
     ) -> dict:
         # Admin-only once auth lands: require the admin role here.
         struct = struct_pb2.Struct()
@@ -465,18 +611,20 @@ def create_app(
         request = cpb.CreateMethodRequest(definition=struct)
         return to_json((await be().catalog.CreateMethod(request, timeout=RPC_TIMEOUT_S)).method)
 
-    @app.delete("/api/v1/methods/{method_id}", status_code=204, response_class=Response)
+    @app.delete(
+        "/api/v1/methods/{method_id}", responses=error_responses(404, 409), status_code=204, response_class=Response
+    )
     async def delete_method(method_id: str) -> Response:
         # Admin-only once auth lands: require the admin role here.
         await be().catalog.DeleteMethod(cpb.DeleteMethodRequest(method_id=method_id), timeout=RPC_TIMEOUT_S)
         return Response(status_code=204)
 
-    @app.get("/api/v1/datasets")
+    @app.get("/api/v1/datasets", responses=error_responses(400))
     async def list_datasets(
         page_size: int = Query(0, ge=0, le=500),
         page_token: str = "",
-        status: str = Query("", description=f"One of {choices(DATASET_STATUSES)}"),
-        format: str = Query("", description=f"One of {choices(DATASET_FORMATS)}"),
+        status: str = Query("", description="Validation status (any case)", json_schema_extra=one_of(DATASET_STATUSES)),
+        format: str = Query("", description="Dataset format (any case)", json_schema_extra=one_of(DATASET_FORMATS)),
         name_contains: str = "",
     ) -> dict:
         request = cpb.ListDatasetsRequest(
@@ -488,18 +636,24 @@ def create_app(
         )
         return to_json(await be().catalog.ListDatasets(request, timeout=RPC_TIMEOUT_S))
 
-    @app.get("/api/v1/datasets/{dataset_id}")
+    @app.get("/api/v1/datasets/{dataset_id}", responses=error_responses(404))
     async def get_dataset(dataset_id: str) -> dict:
         return to_json(
             (await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=dataset_id), timeout=RPC_TIMEOUT_S)).dataset
         )
 
-    @app.delete("/api/v1/datasets/{dataset_id}", status_code=204, response_class=Response)
+    @app.delete(
+        "/api/v1/datasets/{dataset_id}", responses=error_responses(404, 409), status_code=204, response_class=Response
+    )
     async def delete_dataset(dataset_id: str) -> Response:
         await be().catalog.DeleteDataset(cpb.DeleteDatasetRequest(dataset_id=dataset_id), timeout=RPC_TIMEOUT_S)
         return Response(status_code=204)
 
-    @app.get("/api/v1/datasets/{dataset_id}/content", response_class=StreamingResponse)
+    @app.get(
+        "/api/v1/datasets/{dataset_id}/content",
+        response_class=StreamingResponse,
+        responses=streamed("application/x-ndjson", "The dataset's JSONL") | error_responses(404),
+    )
     async def download_dataset(dataset_id: str) -> StreamingResponse:
         """The stored JSONL, streamed from the catalog as it arrives."""
         dataset = (
@@ -526,31 +680,35 @@ def create_app(
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
 
-    @app.get("/api/v1/datasets/{dataset_id}/preview")
+    @app.get("/api/v1/datasets/{dataset_id}/preview", responses=error_responses(400, 404))
     async def preview_dataset(dataset_id: str, limit: int = Query(10, ge=1, le=100)) -> dict:
         request = cpb.PreviewDatasetRequest(dataset_id=dataset_id, limit=limit)
         return to_json(await be().catalog.PreviewDataset(request, timeout=RPC_TIMEOUT_S))
 
-    @app.get("/api/v1/datasets/{dataset_id}/stats")
+    @app.get("/api/v1/datasets/{dataset_id}/stats", responses=error_responses(400, 404, 409))
     async def dataset_stats(
         dataset_id: str,
         model_id: str = Query("", description="Whose tokenizer counts the tokens"),
-        max_seq_length: int = Query(0, ge=0, description="Count rows longer than this; 0 skips the count"),
+        max_seq_length: int = Query(
+            0, ge=0, le=INT32_MAX, description="Count rows longer than this; 0 skips the count"
+        ),
     ) -> dict:
         request = cpb.GetDatasetStatsRequest(dataset_id=dataset_id, model_id=model_id, max_seq_length=max_seq_length)
         return to_json(await be().catalog.GetDatasetStats(request, timeout=DATASET_PASS_TIMEOUT_S))
 
-    @app.post("/api/v1/datasets/{dataset_id}/split", status_code=201)
+    @app.post("/api/v1/datasets/{dataset_id}/split", responses=error_responses(400, 404, 409), status_code=201)
     async def split_dataset(dataset_id: str, body: SplitDatasetBody) -> dict:
         request = cpb.SplitDatasetRequest(dataset_id=dataset_id, validation_ratio=body.validation_ratio, seed=body.seed)
         return to_json(await be().catalog.SplitDataset(request, timeout=DATASET_PASS_TIMEOUT_S))
 
-    @app.post("/api/v1/datasets", status_code=201)
+    @app.post("/api/v1/datasets", responses=error_responses(400, 413), status_code=201)
     async def upload_dataset(
-        file: UploadFile = File(..., description="JSONL file"),
+        file: UploadFile = File(..., description="JSONL file, not empty", json_schema_extra={"minLength": 1}),
         name: str = Form("", max_length=255),
         description: str = Form(""),
-        format: str = Form("", description=f"One of {choices(DATASET_FORMATS)}; empty detects it"),
+        format: str = Form(
+            "", description="Validate as this format; empty detects it", json_schema_extra=one_of(DATASET_FORMATS)
+        ),
         prompt_input_column: str = Form("", description="Prompt column for the columns format"),
         prompt_output_column: str = Form("", description="Answer column for the columns format"),
     ) -> dict:
@@ -572,7 +730,13 @@ def create_app(
 
     # -- resumable uploads (protocol in uploads.py) ---------------------------
 
-    @app.post("/api/v1/uploads", status_code=201)
+    async def signed_in() -> None:
+        """The gateway keeps uploads itself, so it has the catalog check the key before it takes any bytes."""
+        await be().auth.WhoAmI(apb.WhoAmIRequest(), timeout=RPC_TIMEOUT_S)
+
+    keyed = [Depends(signed_in)]
+
+    @app.post("/api/v1/uploads", dependencies=keyed, responses=error_responses(400, 413), status_code=201)
     async def create_upload(body: CreateUploadBody, response: Response) -> dict:
         enum_value(DATASET_FORMATS, body.format, "format")
         upload = spool.create(
@@ -588,6 +752,8 @@ def create_app(
 
     @app.put(
         "/api/v1/uploads/{upload_id}",
+        dependencies=keyed,
+        responses=error_responses(400, 404, 409, 413),
         openapi_extra={
             "parameters": [
                 {
@@ -595,7 +761,7 @@ def create_app(
                     "in": "header",
                     "required": True,
                     "description": "bytes START-END/TOTAL (END inclusive; TOTAL may be *)",
-                    "schema": {"type": "string"},
+                    "schema": {"type": "string", "pattern": r"^bytes [0-9]+-[0-9]+/([0-9]+|\*)$"},
                 }
             ],
             "requestBody": {
@@ -609,16 +775,26 @@ def create_app(
         upload = await spool.append(upload_id, request.headers.get("content-range"), request.stream())
         return JSONResponse(upload.to_json(), headers=upload.headers())
 
-    @app.head("/api/v1/uploads/{upload_id}")
+    @app.head(
+        "/api/v1/uploads/{upload_id}",
+        dependencies=keyed,
+        response_class=Response,
+        responses=error_responses(404) | {200: {"description": "No body", "headers": UPLOAD_HEADERS}},
+    )
     async def upload_offset(upload_id: str) -> Response:
         return Response(headers=spool.get(upload_id).headers())
 
-    @app.get("/api/v1/uploads/{upload_id}")
+    @app.get("/api/v1/uploads/{upload_id}", dependencies=keyed, responses=error_responses(404))
     async def get_upload(upload_id: str) -> JSONResponse:
         upload = spool.get(upload_id)
         return JSONResponse(upload.to_json(), headers=upload.headers())
 
-    @app.post("/api/v1/uploads/{upload_id}/complete", status_code=201)
+    @app.post(
+        "/api/v1/uploads/{upload_id}/complete",
+        dependencies=keyed,
+        responses=error_responses(400, 404, 409, 413),
+        status_code=201,
+    )
     async def complete_upload(upload_id: str) -> dict:
         async with spool.completing(upload_id) as (upload, chunks):
             metadata = cpb.DatasetUploadMetadata(
@@ -631,14 +807,64 @@ def create_app(
             resp = await be().catalog.UploadDataset(upload_requests(metadata, chunks), timeout=UPLOAD_TIMEOUT_S)
         return to_json(resp.dataset)
 
-    @app.delete("/api/v1/uploads/{upload_id}", status_code=204, response_class=Response)
+    @app.delete(
+        "/api/v1/uploads/{upload_id}",
+        dependencies=keyed,
+        responses=error_responses(404, 409),
+        status_code=204,
+        response_class=Response,
+    )
     async def delete_upload(upload_id: str) -> Response:
         spool.delete(upload_id)
         return Response(status_code=204)
 
+    # -- who is calling: projects and API keys ----------------------------------
+
+    @app.get("/api/v1/whoami")
+    async def whoami() -> dict:
+        """The caller's key (never its secret), roles and the project this request acts in."""
+        return to_json((await be().auth.WhoAmI(apb.WhoAmIRequest(), timeout=RPC_TIMEOUT_S)).principal)
+
+    @app.get("/api/v1/projects")
+    async def list_projects(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
+        request = apb.ListProjectsRequest(page_size=page_size, page_token=page_token)
+        return to_json(await be().auth.ListProjects(request, timeout=RPC_TIMEOUT_S))
+
+    @app.post("/api/v1/projects", status_code=201)
+    async def create_project(body: CreateProjectBody) -> dict:
+        request = apb.CreateProjectRequest(name=body.name)
+        return to_json((await be().auth.CreateProject(request, timeout=RPC_TIMEOUT_S)).project)
+
+    @app.get("/api/v1/keys")
+    async def list_keys(
+        page_size: int = Query(0, ge=0, le=500), page_token: str = "", include_revoked: bool = False
+    ) -> dict:
+        request = apb.ListApiKeysRequest(page_size=page_size, page_token=page_token, include_revoked=include_revoked)
+        return to_json(await be().auth.ListApiKeys(request, timeout=RPC_TIMEOUT_S))
+
+    @app.post("/api/v1/keys", status_code=201)
+    async def create_key(body: CreateKeyBody) -> dict:
+        """The new key's `secret` is in this response only; store it now."""
+        request = apb.CreateApiKeyRequest(
+            name=body.name,
+            kind=enum_value(PRINCIPAL_KINDS, body.kind, "kind"),
+            roles=[
+                apb.ProjectRole(project_id=project, role=enum_value(ROLES, role, f"roles.{project}"))
+                for project, role in body.roles.items()
+            ],
+            superuser=body.superuser,
+        )
+        resp = await be().auth.CreateApiKey(request, timeout=RPC_TIMEOUT_S)
+        return {**to_json(resp.key), "secret": resp.secret}
+
+    @app.delete("/api/v1/keys/{key_id}")
+    async def revoke_key(key_id: str) -> dict:
+        resp = await be().auth.RevokeApiKey(apb.RevokeApiKeyRequest(key_id=key_id), timeout=RPC_TIMEOUT_S)
+        return to_json(resp.key)
+
     # -- jobs -----------------------------------------------------------------
 
-    @app.post("/api/v1/jobs", status_code=201)
+    @app.post("/api/v1/jobs", responses=DRY_RUN | error_responses(400, 404, 409), status_code=201)
     async def submit_job(body: SubmitJobBody, response: Response) -> dict:
         params = struct_pb2.Struct()
         params.update(body.parameters)
@@ -660,7 +886,7 @@ def create_app(
         )
         return job_or_estimate(resp, response)
 
-    @app.post("/api/v1/jobs/{job_id}/copy", status_code=201)
+    @app.post("/api/v1/jobs/{job_id}/copy", responses=DRY_RUN | error_responses(400, 404, 409), status_code=201)
     async def copy_job(job_id: str, body: CopyJobBody, response: Response) -> dict:
         overrides = struct_pb2.Struct()
         overrides.update(body.parameter_overrides)
@@ -675,24 +901,24 @@ def create_app(
         )
         return job_or_estimate(await be().jobs.CopyJob(request, timeout=RPC_TIMEOUT_S), response)
 
-    @app.post("/api/v1/jobs/{job_id}/pause")
+    @app.post("/api/v1/jobs/{job_id}/pause", responses=error_responses(404, 409))
     async def pause_job(job_id: str) -> dict:
         return to_json((await be().jobs.PauseJob(jpb.PauseJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @app.post("/api/v1/jobs/{job_id}/resume")
+    @app.post("/api/v1/jobs/{job_id}/resume", responses=error_responses(404, 409))
     async def resume_job(job_id: str) -> dict:
         return to_json((await be().jobs.ResumeJob(jpb.ResumeJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @app.delete("/api/v1/jobs/{job_id}", status_code=204, response_class=Response)
+    @app.delete("/api/v1/jobs/{job_id}", responses=error_responses(404, 409), status_code=204, response_class=Response)
     async def delete_job(job_id: str) -> None:
         await be().jobs.DeleteJob(jpb.DeleteJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
 
-    @app.get("/api/v1/jobs/{job_id}/checkpoints")
+    @app.get("/api/v1/jobs/{job_id}/checkpoints", responses=error_responses(404))
     async def list_checkpoints(job_id: str) -> dict:
         request = jpb.ListCheckpointsRequest(job_id=job_id)
         return to_json(await be().jobs.ListCheckpoints(request, timeout=RPC_TIMEOUT_S))
 
-    @app.post("/api/v1/jobs/{job_id}/publish", status_code=201)
+    @app.post("/api/v1/jobs/{job_id}/publish", responses=error_responses(400, 404, 409), status_code=201)
     async def publish_checkpoint(job_id: str, body: PublishCheckpointBody) -> dict:
         request = jpb.PublishCheckpointRequest(
             job_id=job_id, step=body.step, name=body.name, description=body.description
@@ -700,15 +926,23 @@ def create_app(
         resp = await be().jobs.PublishCheckpoint(request, timeout=RPC_TIMEOUT_S)
         return {"model_id": resp.model_id}
 
-    @app.get("/api/v1/jobs")
+    @app.get("/api/v1/jobs", responses=error_responses(400))
     async def list_jobs(
         page_size: int = Query(0, ge=0, le=1000),
         page_token: str = "",
-        state: list[str] = Query(default=[], description=f"Any of {choices(JOB_STATES)}; repeat for several"),
+        state: list[str] = Query(
+            default=[],
+            description="Job states (any case); repeat for several",
+            json_schema_extra={"items": one_of(JOB_STATES)},
+        ),
         model_id: str = "",
         dataset_id: str = "",
         method_id: str = "",
-        label: list[str] = Query(default=[], description="key=value; repeat for several (all must match)"),
+        label: list[str] = Query(
+            default=[],
+            description="key=value; repeat for several (all must match)",
+            json_schema_extra={"items": {"type": "string", "pattern": "^[^=]+="}},
+        ),
     ) -> dict:
         labels = {}
         for pair in label:
@@ -728,9 +962,15 @@ def create_app(
         return to_json(await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S))
 
     # Before /api/v1/jobs/{job_id}, which would otherwise take "compare" for a job id.
-    @app.get("/api/v1/jobs/compare")
+    @app.get("/api/v1/jobs/compare", responses=error_responses(400, 404))
     async def compare_jobs(
-        job_id: list[str] = Query(default=[], description="2 to 20 jobs in the order to show them; repeat it"),
+        job_id: list[Annotated[str, StringConstraints(min_length=1)]] = Query(
+            ...,
+            min_length=2,
+            max_length=20,
+            description="2 to 20 different jobs in the order to show them; repeat it",
+            json_schema_extra={"uniqueItems": True},
+        ),
         name: list[str] = Query(default=[], description="Metrics to align; repeat for several; none: those all have"),
         max_points: int = Query(0, ge=0, le=10_000, description="Buckets per series; 0: the service's default"),
     ) -> dict:
@@ -744,15 +984,15 @@ def create_app(
             ]
         return found
 
-    @app.get("/api/v1/jobs/{job_id}")
+    @app.get("/api/v1/jobs/{job_id}", responses=error_responses(404))
     async def get_job(job_id: str) -> dict:
         return to_json((await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @app.post("/api/v1/jobs/{job_id}/cancel")
+    @app.post("/api/v1/jobs/{job_id}/cancel", responses=error_responses(404, 409))
     async def cancel_job(job_id: str) -> dict:
         return to_json((await be().jobs.CancelJob(jpb.CancelJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @app.get("/api/v1/jobs/{job_id}/history")
+    @app.get("/api/v1/jobs/{job_id}/history", responses=error_responses(400, 404))
     async def job_history(job_id: str, page_size: int = Query(0, ge=0, le=1000), page_token: str = "") -> dict:
         """The job's state transitions, oldest first."""
         return to_json(
@@ -762,15 +1002,15 @@ def create_app(
             )
         )
 
-    @app.get("/api/v1/jobs/{job_id}/metrics")
+    @app.get("/api/v1/jobs/{job_id}/metrics", responses=error_responses(400, 404))
     async def job_metrics(
         job_id: str,
         name: list[str] = Query(default=[], description="Only these metrics; repeat for several; none: all"),
         max_points: int = Query(
             0, ge=0, le=10_000, description="Downsample each series to at most this many buckets; 0: every point"
         ),
-        min_step: int = Query(0, ge=0, description="Only points from this step on"),
-        max_step: int = Query(0, ge=0, description="Only points up to this step; 0: no bound"),
+        min_step: int = Query(0, ge=0, le=INT64_MAX, description="Only points from this step on"),
+        max_step: int = Query(0, ge=0, le=INT64_MAX, description="Only points up to this step; 0: no bound"),
     ) -> dict:
         """Each metric's points as [step, value] pairs under `series` (for charts), and the points themselves.
 
@@ -802,7 +1042,10 @@ def create_app(
             series.setdefault(p["name"], []).append([int(p["step"]), p["value"]])
         return {"job_id": job_id, "series": series, "points": points}
 
-    @app.get("/api/v1/jobs/{job_id}/logs")
+    @app.get(
+        "/api/v1/jobs/{job_id}/logs",
+        responses=error_responses(400, 404) | {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def job_logs(
         job_id: str,
         format: str = Query("json", pattern="^(json|text)$"),
@@ -822,7 +1065,11 @@ def create_app(
             )
         )
 
-    @app.get("/api/v1/jobs/{job_id}/events")
+    @app.get(
+        "/api/v1/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses=streamed("text/event-stream", "Server-Sent Events", JOB_EVENT) | error_responses(400, 404),
+    )
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-Sent Events of state changes, metric points and log lines; resumes after Last-Event-ID.
 

@@ -9,7 +9,7 @@ import ssl
 import uvicorn
 from pydantic import Field
 
-from tuneforge_common.config import CommonSettings
+from tuneforge_common.config import CommonSettings, require_service_token
 from tuneforge_common.logs import setup_logging
 from tuneforge_common.tls import TlsConfig, check_cert_and_key
 
@@ -52,6 +52,7 @@ def https_files(settings: GatewaySettings, tls: TlsConfig) -> tuple[str, str] | 
 
 
 async def serve(settings: GatewaySettings) -> None:
+    require_service_token(settings)
     tls = TlsConfig.from_settings(settings)
     https = https_files(settings, tls)
     app = create_app(
@@ -61,6 +62,7 @@ async def serve(settings: GatewaySettings) -> None:
         max_upload_bytes=settings.gateway_max_upload_bytes,
         upload_ttl_s=settings.gateway_upload_ttl_seconds,
         tls=tls,
+        service_token=settings.service_token,
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from .credentials import caller_fingerprint
 from .errors import ApiError
 
 UPLOAD_CHUNK = 1024 * 1024
@@ -55,13 +56,15 @@ class Upload:
     offset: int
     created_at: float
     updated_at: float
+    # Fingerprint of the creator's key and project: another caller's upload is NOT_FOUND to them.
+    owner: str = ""
 
     @property
     def complete(self) -> bool:
         return self.size is not None and self.offset == self.size
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "complete": self.complete}
+        return {**{k: v for k, v in asdict(self).items() if k != "owner"}, "complete": self.complete}
 
     def headers(self) -> dict[str, str]:
         headers = {"Upload-Offset": str(self.offset), "Cache-Control": "no-store"}
@@ -137,7 +140,17 @@ class UploadSpool:
         self.sweep()
         now = self.clock()
         upload = Upload(
-            uuid.uuid4().hex, name, description, format, prompt_input_column, prompt_output_column, size, 0, now, now
+            uuid.uuid4().hex,
+            name,
+            description,
+            format,
+            prompt_input_column,
+            prompt_output_column,
+            size,
+            0,
+            now,
+            now,
+            caller_fingerprint(),
         )
         self._paths(upload.upload_id)[1].touch()
         self._save(upload)
@@ -150,6 +163,8 @@ class UploadSpool:
             on_disk = data.stat().st_size
         except (FileNotFoundError, ValueError, TypeError):
             raise self._not_found(upload_id) from None
+        if upload.owner != caller_fingerprint():
+            raise self._not_found(upload_id)
         # After a crash the sidecar may claim bytes the data file never kept: the file is the truth then.
         upload.offset = min(upload.offset, on_disk)
         return upload
@@ -285,4 +300,5 @@ class UploadSpool:
 
     def delete(self, upload_id: str) -> None:
         with self._locked(upload_id):
+            self.get(upload_id)  # only its creator's, and a 404 for an unknown one
             self.remove(upload_id)
