@@ -325,7 +325,7 @@ async def test_delete_model_is_204_and_a_model_in_use_is_409(http, backend):
     backend.catalog.failures["DeleteModel"] = errors.FailedPrecondition("job j-1 uses model m-1")
     resp = await http.delete("/api/v1/models/m-1")
     assert resp.status_code == 409
-    assert error_of(resp) == {"code": "FAILED_PRECONDITION", "message": "job j-1 uses model m-1"}
+    assert error_of(resp) == {"code": "FAILED_PRECONDITION", "message": "job j-1 uses model m-1", "field": None}
 
 
 # -- error mapping ---------------------------------------------------------------------------------------
@@ -383,7 +383,11 @@ async def test_a_message_over_the_grpc_limit_is_a_generic_502_not_a_413_with_tra
     )
     resp = await http.get("/api/v1/datasets")
     assert resp.status_code == 502
-    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": "a backend response was too large"}
+    assert error_of(resp) == {
+        "code": "RESOURCE_EXHAUSTED",
+        "message": "a backend response was too large",
+        "field": None,
+    }
     assert "67108864" not in resp.text
 
 
@@ -391,7 +395,7 @@ async def test_a_services_own_resource_exhausted_is_still_a_413_with_its_message
     backend.catalog.failures["ListDatasets"] = errors.ResourceExhausted("too many datasets requested")
     resp = await http.get("/api/v1/datasets")
     assert resp.status_code == 413
-    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": "too many datasets requested"}
+    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": "too many datasets requested", "field": None}
 
 
 async def test_invalid_argument_carries_its_field_violations(http, backend):
@@ -562,7 +566,11 @@ async def test_multipart_upload_the_catalog_finds_too_large_is_413(http, backend
     backend.catalog.failures["UploadDataset"] = errors.ResourceExhausted("datasets are limited to 4096 bytes")
     resp = await http.post("/api/v1/datasets", files={"file": ("a.jsonl", jsonl(100))})
     assert resp.status_code == 413
-    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": "datasets are limited to 4096 bytes"}
+    assert error_of(resp) == {
+        "code": "RESOURCE_EXHAUSTED",
+        "message": "datasets are limited to 4096 bytes",
+        "field": None,
+    }
 
 
 async def test_multipart_upload_over_the_gateway_limit_is_413_before_reaching_the_catalog(backend, spool):
@@ -609,7 +617,11 @@ async def test_a_chunked_multipart_upload_over_the_limit_is_413_as_soon_as_it_pa
         assert "content-length" not in request.headers and request.headers["transfer-encoding"] == "chunked"
         resp = await http.send(request)
     assert resp.status_code == 413
-    assert error_of(resp) == {"code": "RESOURCE_EXHAUSTED", "message": f"a dataset upload is limited to {limit} bytes"}
+    assert error_of(resp) == {
+        "code": "RESOURCE_EXHAUSTED",
+        "message": f"a dataset upload is limited to {limit} bytes",
+        "field": None,
+    }
     assert backend.catalog.uploads == []
     # Reading stopped at the first chunk past the limit (plus the multipart allowance): nothing more was spooled.
     assert sum(sent[:-1]) <= limit + MULTIPART_OVERHEAD < sum(sent) and len(sent) < len(content)
