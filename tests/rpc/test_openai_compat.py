@@ -306,6 +306,32 @@ async def test_a_refused_validation_file_is_an_error_naming_validation_file(clie
     assert raised.value.param == "hyperparameters.n_epochs"
 
 
+async def test_other_hyperparameters_are_tuneforge_parameters_and_their_errors_name_them(client, jobs):
+    job = await client.fine_tuning.jobs.create(
+        model="m-base",
+        training_file="ds-1",
+        hyperparameters={"n_epochs": 2, "training_steps": 5, "save_steps": 2},
+    )
+    assert dict(jobs.last("SubmitJob").parameters) == {"epochs": 2, "training_steps": 5, "save_steps": 2}
+    assert job.hyperparameters.n_epochs == 2
+    with pytest.raises(openai.BadRequestError) as raised:  # learning_rate_multiplier says it
+        await client.fine_tuning.jobs.create(
+            model="m-base",
+            training_file="ds-1",
+            hyperparameters={"learning_rate": 0.1},
+        )
+    assert raised.value.param == "hyperparameters.learning_rate"
+    assert len(jobs.calls("SubmitJob")) == 1
+    jobs.failures["SubmitJob"] = errors.InvalidArgument.for_field("parameters.lora_rank", "must be at least 1")
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.fine_tuning.jobs.create(
+            model="m-base",
+            training_file="ds-1",
+            hyperparameters={"lora_rank": 0},
+        )
+    assert raised.value.param == "hyperparameters.lora_rank"
+
+
 async def test_the_job_list_reads_one_page_from_the_jobs_service_per_request(client, jobs):
     for _ in range(5):
         await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1")
