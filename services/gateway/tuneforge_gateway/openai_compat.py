@@ -11,9 +11,7 @@ Mapping onto TuneForge:
   Hyperparameters: n_epochs -> epochs, batch_size -> batch_size, beta -> beta, and
   learning_rate_multiplier -> learning_rate = the method's default learning rate x the multiplier;
   "auto" (or leaving one out) keeps the platform default. `seed` -> seed, `suffix` -> the job name,
-  `metadata` -> job labels. An extension for what OpenAI's API cannot say: any other key of
-  hyperparameters is a TuneForge parameter by name or alias (training_steps, save_steps, lora_rank, ...),
-  checked by the method's schema like every parameter.
+  `metadata` -> job labels.
 * fine_tuned_model is the job's output URI once it has succeeded (publish it to get a catalog model id).
 * Lists take OpenAI's cursor (`after`: the last id of the previous page, `limit`), newest first. Jobs are
   read one page at a time from the jobs service (ListJobs after_job_id), never the whole list.
@@ -28,7 +26,7 @@ import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -44,7 +42,14 @@ from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge_common.methods import builtin_method
 
 from .app import RPC_TIMEOUT_S, UPLOAD_TIMEOUT_S, Backends, every_page, upload_requests
-from .errors import ApiError, api_error_handler, grpc_error_handler, validation_error_handler
+from .errors import (
+    ApiError,
+    api_error_handler,
+    grpc_error_handler,
+    openai_error,
+    openai_error_responses,
+    validation_error_handler,
+)
 from .uploads import UPLOAD_CHUNK
 
 OWNER = "tuneforge"
@@ -65,7 +70,6 @@ JOB_STATUS = {
     jpb.JOB_STATE_CANCELLING: "cancelled",
     jpb.JOB_STATE_CANCELLED: "cancelled",
 }
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
 # OpenAI hyperparameter name -> TuneForge parameter name (learning_rate_multiplier is computed, see above).
 HYPERPARAMETERS = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "beta"}
 # TuneForge field names in errors (a field violation, or the message's "field: ..." prefix) -> OpenAI params.
@@ -77,7 +81,6 @@ PARAMS = {
     "name": "suffix",
     "labels": "metadata",
     "after_job_id": "after",
-    "parameters": "hyperparameters",  # the TuneForge parameters given as extra hyperparameters
     "parameters.seed": "seed",
     "parameters.learning_rate": "hyperparameters.learning_rate_multiplier",
     **{f"parameters.{name}": f"hyperparameters.{openai_name}" for openai_name, name in HYPERPARAMETERS.items()},
@@ -91,12 +94,6 @@ class OpenAIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"message": message, "type": kind, "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=status)
 
 
 async def reshaped(request: Request, exc: Exception) -> JSONResponse:
@@ -145,10 +142,8 @@ class OpenAIRoute(APIRoute):
 
 
 class SupervisedHyperparameters(BaseModel):
-    # OpenAI's names below; any other key is a TuneForge parameter (see the module's docstring).
-    model_config = ConfigDict(extra="allow")
     batch_size: int | Literal["auto"] | None = None
-    learning_rate_multiplier: float | Literal["auto"] | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     n_epochs: int | Literal["auto"] | None = None
 
 
@@ -165,7 +160,7 @@ class DpoMethod(BaseModel):
 
 
 class MethodBody(BaseModel):
-    type: str
+    type: Literal["supervised", "dpo"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
 
@@ -292,11 +287,7 @@ def training_parameters(body: CreateJobBody) -> tuple[str, dict[str, Any]]:
         params["learning_rate"] = default_learning_rate(method_id) * multiplier
     if body.seed is not None:
         params["seed"] = body.seed
-    extra = dict(hyper.model_extra or {}) if hyper is not None else {}
-    if taken := sorted({*HYPERPARAMETERS.values(), "learning_rate", "seed"} & set(extra)):
-        # Set through OpenAI's own fields, which would otherwise be silently overridden (or override).
-        raise OpenAIError(400, f"{taken[0]} is set through its OpenAI field here", f"hyperparameters.{taken[0]}")
-    return method_id, params | extra
+    return method_id, params
 
 
 def page(items: list[dict[str, Any]], after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
@@ -322,8 +313,11 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
 
     # -- files ----------------------------------------------------------------
 
-    @router.post("/files")
-    async def create_file(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
+    @router.post("/files", responses=openai_error_responses(400, 413))
+    async def create_file(
+        file: UploadFile = File(..., description="JSONL, not empty", json_schema_extra={"minLength": 1}),
+        purpose: str = Form(..., json_schema_extra={"enum": ["fine-tune"]}),
+    ) -> dict:
         if purpose != "fine-tune":
             raise OpenAIError(400, f"purpose {purpose!r} is not supported; only 'fine-tune'", "purpose")
         metadata = cpb.DatasetUploadMetadata(name=(file.filename or "").rsplit("/", 1)[-1] or "file.jsonl")
@@ -335,7 +329,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         resp = await be().catalog.UploadDataset(upload_requests(metadata, chunks()), timeout=UPLOAD_TIMEOUT_S)
         return file_object(resp.dataset)
 
-    @router.get("/files")
+    @router.get("/files", responses=openai_error_responses(400))
     async def list_files(
         purpose: str = "", after: str = "", limit: int = Query(10_000, ge=1, le=10_000), order: str = "desc"
     ) -> dict:
@@ -350,19 +344,19 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         data, more = page(files, after, limit)
         return listing(data, more, ids=True)
 
-    @router.get("/files/{file_id}")
+    @router.get("/files/{file_id}", responses=openai_error_responses(404))
     async def retrieve_file(file_id: str) -> dict:
         resp = await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=file_id), timeout=RPC_TIMEOUT_S)
         return file_object(resp.dataset)
 
-    @router.delete("/files/{file_id}")
+    @router.delete("/files/{file_id}", responses=openai_error_responses(404, 409))
     async def delete_file(file_id: str) -> dict:
         await be().catalog.DeleteDataset(cpb.DeleteDatasetRequest(dataset_id=file_id), timeout=RPC_TIMEOUT_S)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- fine-tuning jobs -----------------------------------------------------
 
-    @router.post("/fine_tuning/jobs")
+    @router.post("/fine_tuning/jobs", responses=openai_error_responses(400, 404, 409))
     async def create_job(body: CreateJobBody) -> dict:
         method_id, params = training_parameters(body)
         labels = dict(body.metadata or {})
@@ -386,32 +380,32 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         )
         return job_object(resp.job)
 
-    @router.get("/fine_tuning/jobs")
+    @router.get("/fine_tuning/jobs", responses=openai_error_responses(400))
     async def list_jobs(after: str = "", limit: int = Query(20, ge=1, le=1000)) -> dict:
         # One page from the jobs service, which lists newest first and starts after a job id as OpenAI's cursor does.
         request = jpb.ListJobsRequest(page_size=limit, after_job_id=after)
         resp = await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S)
         return listing([job_object(j) for j in resp.jobs], bool(resp.next_page_token))
 
-    @router.get("/fine_tuning/jobs/{job_id}")
+    @router.get("/fine_tuning/jobs/{job_id}", responses=openai_error_responses(404))
     async def retrieve_job(job_id: str) -> dict:
         return job_object((await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @router.post("/fine_tuning/jobs/{job_id}/cancel")
+    @router.post("/fine_tuning/jobs/{job_id}/cancel", responses=openai_error_responses(404, 409))
     async def cancel_job(job_id: str) -> dict:
         resp = await be().jobs.CancelJob(jpb.CancelJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
         return job_object(resp.job)
 
-    @router.post("/fine_tuning/jobs/{job_id}/pause")
+    @router.post("/fine_tuning/jobs/{job_id}/pause", responses=openai_error_responses(404, 409))
     async def pause_job(job_id: str) -> dict:
         return job_object((await be().jobs.PauseJob(jpb.PauseJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @router.post("/fine_tuning/jobs/{job_id}/resume")
+    @router.post("/fine_tuning/jobs/{job_id}/resume", responses=openai_error_responses(404, 409))
     async def resume_job(job_id: str) -> dict:
         resp = await be().jobs.ResumeJob(jpb.ResumeJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
         return job_object(resp.job)
 
-    @router.get("/fine_tuning/jobs/{job_id}/events")
+    @router.get("/fine_tuning/jobs/{job_id}/events", responses=openai_error_responses(400, 404))
     async def job_events(job_id: str, after: str = "", limit: int = Query(20, ge=1, le=10_000)) -> dict:
         """State changes as "message" events and each logged step's metrics as one "metrics" event, newest first."""
         await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
@@ -462,7 +456,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         found, more = page(ordered, after, limit)
         return listing(found, more)
 
-    @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+    @router.get("/fine_tuning/jobs/{job_id}/checkpoints", responses=openai_error_responses(400, 404))
     async def job_checkpoints(job_id: str, after: str = "", limit: int = Query(10, ge=1, le=1000)) -> dict:
         resp = await be().jobs.ListCheckpoints(jpb.ListCheckpointsRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
         checkpoints = []
@@ -489,14 +483,14 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
     def model_object(model: compb.Model) -> dict[str, Any]:
         return {"id": model.id, "object": "model", "created": seconds(model.create_time), "owned_by": OWNER}
 
-    @router.get("/models")
+    @router.get("/models", responses=openai_error_responses())
     async def list_models() -> dict:
         models = await every_page(
             be().catalog.ListModels, lambda token: cpb.ListModelsRequest(page_size=1000, page_token=token), "models"
         )
         return {"object": "list", "data": [model_object(m) for m in models]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:path}", responses=openai_error_responses(404))
     async def retrieve_model(model_id: str) -> dict:
         resp = await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)
         return model_object(resp.model)
