@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -74,9 +75,50 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(st.code, st.details, st.trailing_metadata)
 
 
+def nul_field(message: Message, path: str = "") -> str | None:
+    """The path (`labels.team`, `job_ids[1]`, `parameters.lr`) of the first string in `message`, map keys and
+    Struct values included, that holds a NUL character, which PostgreSQL's text cannot store; None if none does."""
+    kind = message.DESCRIPTOR.full_name
+    if kind == "google.protobuf.Struct":
+        return _nul_in_items(message.fields.items(), path)  # type: ignore[attr-defined]
+    if kind == "google.protobuf.ListValue":
+        return _nul_in_items(enumerate(message.values), path)  # type: ignore[attr-defined]
+    if kind == "google.protobuf.Value":
+        held = message.WhichOneof("kind")
+        return _nul_in_items([(None, getattr(message, held))], path) if held else None
+    for fd, value in message.ListFields():
+        where = f"{path}.{fd.name}" if path else fd.name
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            found = _nul_in_items(value.items(), where)
+        else:
+            found = _nul_in_items(enumerate(value) if fd.is_repeated else [(None, value)], where)
+        if found:
+            return found
+    return None
+
+
+def _nul_in_items(items: Iterable[tuple[Any, Any]], path: str) -> str | None:
+    """Items of a map (str keys), a list (int keys) or one value (key None), at `path`."""
+    for key, value in items:
+        if isinstance(key, str) and "\0" in key:
+            return path
+        where = path if key is None else f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+        if isinstance(value, str) and "\0" in value:
+            return where
+        if isinstance(value, Message) and (found := nul_field(value, where)):
+            return found
+    return None
+
+
+def _refuse_nul(request: Any) -> None:
+    # A NUL in a string would reach the database and fail there as an internal error; it is the caller's mistake.
+    if isinstance(request, Message) and (field := nul_field(request)):
+        raise errors.InvalidArgument.for_field(field, "must not contain NUL characters")
+
+
 def map_errors(fn: Callable) -> Callable:
     """Decorate a servicer method (coroutine or async generator): domain errors become status codes, and
-    every call is counted and timed for Prometheus."""
+    every call is counted and timed for Prometheus. A request with a NUL character in a string is refused."""
     method = fn.__name__
 
     def observe(started: float, code: grpc.StatusCode) -> None:
@@ -89,6 +131,7 @@ def map_errors(fn: Callable) -> Callable:
         async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
+                _refuse_nul(request)
                 async for item in fn(self, request, context):
                     yield item
             except (grpc.aio.AbortError, GeneratorExit):
@@ -109,6 +152,7 @@ def map_errors(fn: Callable) -> Callable:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
+            _refuse_nul(request)
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             code = grpc.StatusCode.ABORTED
