@@ -47,3 +47,19 @@ async def test_a_nul_in_a_request_string_is_invalid_argument_naming_the_field(
     error = decode_error(failed.value)
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.field_violations == [(field, "must not contain NUL characters")]
+
+
+async def test_an_upload_whose_metadata_holds_a_nul_is_invalid_argument(postgres_url, second_postgres_url, tmp_path):
+    async def upload():
+        yield cpb.UploadDatasetRequest(metadata=cpb.DatasetUploadMetadata(name="chats\0"))
+        yield cpb.UploadDatasetRequest(chunk=b'{"text": "hello"}\n')
+
+    async with catalog_and_jobs(postgres_url, second_postgres_url, tmp_path) as services:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await services.catalog.UploadDataset(upload(), timeout=10)
+        assert (await services.catalog.ListDatasets(cpb.ListDatasetsRequest(), timeout=10)).datasets == []
+    error = decode_error(failed.value)
+    assert (error.code, error.field_violations) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        [("metadata.name", "must not contain NUL characters")],
+    )

@@ -7,7 +7,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,13 @@ def _refuse_nul(request: Any) -> None:
         raise errors.InvalidArgument.for_field(field, "must not contain NUL characters")
 
 
+async def _each_refusing_nul(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages, each checked as a unary request is."""
+    async for request in requests:
+        _refuse_nul(request)
+        yield request
+
+
 def map_errors(fn: Callable) -> Callable:
     """Decorate a servicer method (coroutine or async generator): domain errors become status codes, and
     every call is counted and timed for Prometheus. A request with a NUL character in a string is refused."""
@@ -153,6 +160,8 @@ def map_errors(fn: Callable) -> Callable:
         started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             _refuse_nul(request)
+            if not isinstance(request, Message):  # a client stream (UploadDataset)
+                request = _each_refusing_nul(request)
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             code = grpc.StatusCode.ABORTED
