@@ -100,6 +100,9 @@ def test_upload_create_watch_events_and_checkpoints_then_cancel(client, stack, t
     assert latest.fine_tuning_job_id == job.id and latest.step_number % 5 == 0
     assert latest.metrics.step == latest.step_number and Path(latest.fine_tuned_model_checkpoint).is_dir()
 
+    log = stack.http.get(f"/api/v1/jobs/{job.id}/logs", params={"format": "text"}).text
+    assert "40 chat rows from" in log and "6 validation rows from" in log  # the file, not a held-out share
+
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
     finished = wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id), lambda j: j.finished_at, "the stop")
