@@ -115,6 +115,17 @@ def test_grpo_evaluates_on_the_validation_files_prompts(tiny_model_dir, tmp_path
     assert built.eval_dataset[0]["answer"] == "1"
 
 
+def test_grpo_refuses_to_evaluate_when_a_batch_cannot_hold_whole_groups(tiny_model_dir, tmp_path):
+    from tuneforge_trainer.methods import grpo
+
+    validation = write_rows(tmp_path / "qa.jsonl", [{"question": "1 + 1?", "answer": "2"}])
+    paths = paths_for(tiny_model_dir, DATASETS / "sample-qa.jsonl", tmp_path / "out", validation)
+    # Trains (2 x 2 completions per generation batch hold whole groups of 4) but can't evaluate 2 at a time.
+    params = GrpoParams(batch_size=2, grad_accum_steps=2, num_generations=4, max_completion_length=8, lora_rank=2)
+    with pytest.raises(SystemExit, match="--num_generations=4 must divide --batch_size=2 to evaluate"):
+        grpo.build(params, paths, str(tmp_path / "cache"), {})
+
+
 def test_the_agent_passes_the_validation_flag_only_to_jobs_that_have_one():
     from tuneforge_trainer.agent import build_command
 

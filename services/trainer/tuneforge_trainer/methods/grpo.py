@@ -140,6 +140,13 @@ def build(params: GrpoParams, paths: runner.RunPaths, cache_dir: str | None, ext
         validation = None
         if paths.validation is not None:  # every row of it: max_samples limits the training rows
             validation, _ = _prompt_rows(paths.validation, 0, params, tokenizer, cache_dir)
+            if params.batch_size % params.num_generations:
+                # The rule a job with validation_ratio > 0 is checked by when submitted: TRL evaluates whole
+                # groups of generations per batch.
+                raise SystemExit(
+                    f"error: --num_generations={params.num_generations} must divide --batch_size="
+                    f"{params.batch_size} to evaluate on the validation dataset"
+                )
             _check_regex_rows(validation, names, reward_regex(extras), paths.validation)
         dataset, eval_dataset = data.split_validation(dataset, params.validation_ratio, validation)
     except data.DatasetProblem as exc:
