@@ -21,6 +21,7 @@ import httpx
 import pytest
 from google.protobuf import json_format
 
+from tuneforge.auth.v1 import auth_pb2, auth_pb2_grpc
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2 as compb
@@ -183,11 +184,21 @@ class Backend:
     address: str
 
 
+class SignedIn(auth_pb2_grpc.AuthServiceServicer):
+    """The caller is known (the gateway asks before it keeps an upload's bytes)."""
+
+    async def WhoAmI(self, request: auth_pb2.WhoAmIRequest, context: Any) -> auth_pb2.WhoAmIResponse:
+        return auth_pb2.WhoAmIResponse(principal=auth_pb2.Principal(project_id="default"))
+
+
 @pytest.fixture
 async def backend() -> AsyncIterator[Backend]:
     catalog, jobs = FakeCatalog(), FakeJobs()
     server, port = await start_server(
         [
+            ServiceBinding(
+                auth_pb2_grpc.add_AuthServiceServicer_to_server, SignedIn(), "tuneforge.auth.v1.AuthService"
+            ),
             ServiceBinding(
                 catalog_pb2_grpc.add_CatalogServiceServicer_to_server, catalog, "tuneforge.catalog.v1.CatalogService"
             ),
@@ -249,7 +260,7 @@ async def test_register_model_needs_exactly_one_source(http, backend, sources):
 
 
 async def test_register_model_with_an_unknown_key_is_a_400_naming_it(http, backend):
-    resp = await http.post("/api/v1/models", json={"path": "/m", "weights": "big"})
+    resp = await http.post("/api/v1/models", json={"path": "/m", "name": "m", "weights": "big"})
     assert resp.status_code == 400 and error_of(resp)["field"] == "weights"
     assert backend.catalog.calls("RegisterModel") == []
 
