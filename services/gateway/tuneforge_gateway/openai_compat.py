@@ -11,7 +11,9 @@ Mapping onto TuneForge:
   Hyperparameters: n_epochs -> epochs, batch_size -> batch_size, beta -> beta, and
   learning_rate_multiplier -> learning_rate = the method's default learning rate x the multiplier;
   "auto" (or leaving one out) keeps the platform default. `seed` -> seed, `suffix` -> the job name,
-  `metadata` -> job labels.
+  `metadata` -> job labels. An extension for what OpenAI's API cannot say: any other key of
+  hyperparameters is a TuneForge parameter by name or alias (training_steps, save_steps, lora_rank, ...),
+  checked by the method's schema like every parameter.
 * fine_tuned_model is the job's output URI once it has succeeded (publish it to get a catalog model id).
 * Lists take OpenAI's cursor (`after`: the last id of the previous page, `limit`), newest first. Jobs are
   read one page at a time from the jobs service (ListJobs after_job_id), never the whole list.
@@ -81,6 +83,7 @@ PARAMS = {
     "name": "suffix",
     "labels": "metadata",
     "after_job_id": "after",
+    "parameters": "hyperparameters",  # the TuneForge parameters given as extra hyperparameters
     "parameters.seed": "seed",
     "parameters.learning_rate": "hyperparameters.learning_rate_multiplier",
     **{f"parameters.{name}": f"hyperparameters.{openai_name}" for openai_name, name in HYPERPARAMETERS.items()},
@@ -142,6 +145,8 @@ class OpenAIRoute(APIRoute):
 
 
 class SupervisedHyperparameters(BaseModel):
+    # OpenAI's names below; any other key is a TuneForge parameter (see the module's docstring).
+    model_config = ConfigDict(extra="allow")
     batch_size: int | Literal["auto"] | None = None
     learning_rate_multiplier: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     n_epochs: int | Literal["auto"] | None = None
@@ -287,7 +292,11 @@ def training_parameters(body: CreateJobBody) -> tuple[str, dict[str, Any]]:
         params["learning_rate"] = default_learning_rate(method_id) * multiplier
     if body.seed is not None:
         params["seed"] = body.seed
-    return method_id, params
+    extra = dict(hyper.model_extra or {}) if hyper is not None else {}
+    if taken := sorted({*HYPERPARAMETERS.values(), "learning_rate", "seed"} & set(extra)):
+        # Set through OpenAI's own fields, which would otherwise be silently overridden (or override).
+        raise OpenAIError(400, f"{taken[0]} is set through its OpenAI field here", f"hyperparameters.{taken[0]}")
+    return method_id, params | extra
 
 
 def page(items: list[dict[str, Any]], after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
