@@ -321,15 +321,27 @@ class CopyJobBody(BaseModel):
 
 
 class CreateProjectBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1, max_length=63, description="Letters, digits, '.', '_' or '-'")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    # As the catalog checks it (keys.PROJECT_NAME).
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    )
 
 
 class CreateKeyBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1, max_length=255, description="Who or what holds the key")
-    kind: str = Field("user", description="user (a person) or service (a program)")
-    roles: dict[str, str] = Field(default_factory=dict, description="project id -> viewer, member or admin")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Name = Field(..., description="Who or what holds the key")
+    kind: str = Field(
+        "user",
+        description="user (a person) or service (a program)",
+        json_schema_extra={"enum": [kind for kind in PRINCIPAL_KINDS if kind]},
+    )
+    roles: dict[
+        Annotated[str, StringConstraints(min_length=1)],
+        Annotated[str, Field(json_schema_extra={"enum": [role for role in ROLES if role]})],
+    ] = Field(default_factory=dict, description="project id -> viewer, member or admin")
     superuser: bool = Field(False, description="Admin of every project; only a superuser may grant it")
 
 
@@ -820,29 +832,29 @@ def create_app(
 
     # -- who is calling: projects and API keys ----------------------------------
 
-    @app.get("/api/v1/whoami")
+    @app.get("/api/v1/whoami", responses=error_responses())
     async def whoami() -> dict:
         """The caller's key (never its secret), roles and the project this request acts in."""
         return to_json((await be().auth.WhoAmI(apb.WhoAmIRequest(), timeout=RPC_TIMEOUT_S)).principal)
 
-    @app.get("/api/v1/projects")
+    @app.get("/api/v1/projects", responses=error_responses(400))
     async def list_projects(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
         request = apb.ListProjectsRequest(page_size=page_size, page_token=page_token)
         return to_json(await be().auth.ListProjects(request, timeout=RPC_TIMEOUT_S))
 
-    @app.post("/api/v1/projects", status_code=201)
+    @app.post("/api/v1/projects", responses=error_responses(400, 409), status_code=201)
     async def create_project(body: CreateProjectBody) -> dict:
         request = apb.CreateProjectRequest(name=body.name)
         return to_json((await be().auth.CreateProject(request, timeout=RPC_TIMEOUT_S)).project)
 
-    @app.get("/api/v1/keys")
+    @app.get("/api/v1/keys", responses=error_responses(400))
     async def list_keys(
         page_size: int = Query(0, ge=0, le=500), page_token: str = "", include_revoked: bool = False
     ) -> dict:
         request = apb.ListApiKeysRequest(page_size=page_size, page_token=page_token, include_revoked=include_revoked)
         return to_json(await be().auth.ListApiKeys(request, timeout=RPC_TIMEOUT_S))
 
-    @app.post("/api/v1/keys", status_code=201)
+    @app.post("/api/v1/keys", responses=error_responses(400, 404, 409), status_code=201)
     async def create_key(body: CreateKeyBody) -> dict:
         """The new key's `secret` is in this response only; store it now."""
         request = apb.CreateApiKeyRequest(
@@ -857,7 +869,7 @@ def create_app(
         resp = await be().auth.CreateApiKey(request, timeout=RPC_TIMEOUT_S)
         return {**to_json(resp.key), "secret": resp.secret}
 
-    @app.delete("/api/v1/keys/{key_id}")
+    @app.delete("/api/v1/keys/{key_id}", responses=error_responses(404, 409))
     async def revoke_key(key_id: str) -> dict:
         resp = await be().auth.RevokeApiKey(apb.RevokeApiKeyRequest(key_id=key_id), timeout=RPC_TIMEOUT_S)
         return to_json(resp.key)
