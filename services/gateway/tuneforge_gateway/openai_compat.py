@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from google.protobuf import struct_pb2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.common.v1 import common_pb2 as compb
@@ -170,16 +170,28 @@ class MethodBody(BaseModel):
     dpo: DpoMethod | None = None
 
 
+# Job labels, as OpenAI limits metadata (16 pairs) within the jobs service's label limits; the compat layer's own
+# labels take the openai. prefix.
+Metadata = Annotated[
+    dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=rf"^(?!{re.escape(LABEL_PREFIX)})")],
+        Annotated[str, StringConstraints(max_length=63)],
+    ],
+    Field(max_length=16),
+]
+
+
 class CreateJobBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", regex_engine="python-re")  # Metadata's pattern looks ahead
     model: str = Field(..., min_length=1, max_length=128)
     training_file: str = Field(..., min_length=1, max_length=128)
     validation_file: str | None = None
-    suffix: str | None = Field(None, max_length=64)
+    # Kept as a job label, whose values are at most 63 characters (OpenAI allows 64).
+    suffix: str | None = Field(None, max_length=63)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     hyperparameters: DpoHyperparameters | None = None
     method: MethodBody | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
 
 
 def seconds(ts: Any) -> int:
