@@ -209,6 +209,8 @@ def coerce(spec: ParamSpec, value: Any) -> Any:
             number = float(value)
         except ValueError:
             raise ValueError(f"expected a number, got {_shown(value)}") from None
+        except OverflowError:  # an integer beyond a double's range
+            raise ValueError("expected a finite number") from None
         if not math.isfinite(number):
             raise ValueError("expected a finite number")
         return number
