@@ -11,6 +11,7 @@ and content type; every 4xx must be the documented error shape of its API.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,12 @@ import grpc
 import pytest
 import schemathesis
 from anyio.from_thread import start_blocking_portal
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.core.failures import ServerError
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.python.asgi import shutdown_lifespans
+from starlette.testclient import TestClient
 
 from tests.helpers import chat_jsonl, write_fake_model_dir
 from tests.stack import SEED_MODEL_ID, Services, catalog_and_jobs
@@ -258,3 +261,57 @@ schema = schemathesis.pytest.from_fixture("gateway_schema")
 @schema.parametrize()
 def test_every_route_answers_generated_requests_as_its_openapi_document_says(case):
     case.call_and_validate(additional_checks=[error_bodies_have_their_apis_shape])
+
+
+# -- free-form JSON objects ----------------------------------------------------------------------------------
+# Parameters, overrides and method definitions become protobuf Structs, whose numbers are doubles. schemathesis
+# draws small numbers; these tests draw integers beyond a double's range anywhere in such an object.
+
+HUGE = st.integers(min_value=2**1024, max_value=10**400) | st.integers(min_value=-(10**400), max_value=-(2**1024))
+SMALL_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text("abc", min_size=1, max_size=3), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def object_with_a_huge_integer(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
+    """A JSON object with one integer too large for a double somewhere in it, and that integer's path."""
+    key = draw(st.sampled_from(["learning_rate", "epochs", "lora_rank"]))
+    obj = draw(st.dictionaries(st.sampled_from(["seed", "max_steps", "note"]), SMALL_JSON, max_size=2))
+    value, inner_path = draw(HUGE), ""
+    for wrap_in_list in draw(st.lists(st.booleans(), max_size=2)):  # wrapped from the inside out
+        value, inner_path = ([value], f"[0]{inner_path}") if wrap_in_list else ({"x": value}, f".x{inner_path}")
+    return obj | {key: value}, key + inner_path
+
+
+@pytest.fixture
+def gateway_alone(tmp_path) -> Iterator[TestClient]:
+    """The gateway with no services behind it: what is refused here never reaches them."""
+    app = create_app("127.0.0.1:9", "127.0.0.1:9", upload_dir=tmp_path / "spool")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/api/v1/jobs", lambda obj: {"model_id": "m", "dataset_id": "d", "parameters": obj}, "parameters"),
+        ("/api/v1/jobs/j-1/copy", lambda obj: {"parameter_overrides": obj}, "parameter_overrides"),
+        ("/v1/fine_tuning/jobs", lambda obj: {"model": "m", "training_file": "f", "hyperparameters": obj}, None),
+    ],
+)
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=object_with_a_huge_integer())
+def test_an_integer_beyond_a_double_anywhere_in_parameters_is_a_400_naming_it(gateway_alone, path, body, field, case):
+    obj, where = case
+    resp = gateway_alone.post(path, content=json.dumps(body(obj)), headers={"content-type": "application/json"})
+    assert resp.status_code == 400, (resp.status_code, resp.text)
+    error = resp.json()["error"]
+    if field is None:  # OpenAI's shape and names (TuneForge's epochs is its n_epochs)
+        assert error["param"].startswith("hyperparameters."), error
+    else:
+        assert error["field"] == f"{field}.{where}", error

@@ -222,6 +222,30 @@ def attachment_name(name: str, fallback: str) -> str:
     return stem if stem.endswith(".jsonl") else f"{stem}.jsonl"
 
 
+def to_struct(values: dict[str, Any], field: str) -> struct_pb2.Struct:
+    """A JSON object as a protobuf Struct, whose numbers are doubles: an integer beyond a double's range is a 400
+    naming where it is (it raised OverflowError, a 500)."""
+    if (path := beyond_double(values, field)) is not None:
+        raise ApiError(400, "INVALID_ARGUMENT", "a number beyond a double's range (about 1.8e308)", field=path)
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def beyond_double(value: Any, path: str) -> str | None:
+    """The path of the first integer in `value` too large for a double, or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if (found := beyond_double(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}")) is not None:
+            return found
+    return None
+
+
 async def every_page(call: Any, request_for: Callable[[str], Any], items: str) -> list[Any]:
     """Follow next_page_token to the end of a gRPC list call."""
     collected: list[Any] = []
@@ -618,9 +642,7 @@ def create_app(
         ),
     ) -> dict:
         # Admin-only once auth lands: require the admin role here.
-        struct = struct_pb2.Struct()
-        struct.update(definition)
-        request = cpb.CreateMethodRequest(definition=struct)
+        request = cpb.CreateMethodRequest(definition=to_struct(definition, "definition"))
         return to_json((await be().catalog.CreateMethod(request, timeout=RPC_TIMEOUT_S)).method)
 
     @app.delete(
@@ -878,8 +900,7 @@ def create_app(
 
     @app.post("/api/v1/jobs", responses=DRY_RUN | error_responses(400, 404, 409), status_code=201)
     async def submit_job(body: SubmitJobBody, response: Response) -> dict:
-        params = struct_pb2.Struct()
-        params.update(body.parameters)
+        params = to_struct(body.parameters, "parameters")
         resp = await be().jobs.SubmitJob(
             jpb.SubmitJobRequest(
                 model_id=body.model_id,
@@ -900,8 +921,7 @@ def create_app(
 
     @app.post("/api/v1/jobs/{job_id}/copy", responses=DRY_RUN | error_responses(400, 404, 409), status_code=201)
     async def copy_job(job_id: str, body: CopyJobBody, response: Response) -> dict:
-        overrides = struct_pb2.Struct()
-        overrides.update(body.parameter_overrides)
+        overrides = to_struct(body.parameter_overrides, "parameter_overrides")
         request = jpb.CopyJobRequest(
             job_id=job_id,
             parameter_overrides=overrides,

@@ -35,7 +35,6 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from google.protobuf import struct_pb2
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
@@ -43,7 +42,7 @@ from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge_common.methods import builtin_method
 
-from .app import RPC_TIMEOUT_S, UPLOAD_TIMEOUT_S, Backends, every_page, upload_requests
+from .app import RPC_TIMEOUT_S, UPLOAD_TIMEOUT_S, Backends, every_page, to_struct, upload_requests
 from .errors import (
     ApiError,
     api_error_handler,
@@ -385,8 +384,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
             raise OpenAIError(400, f"metadata keys may not start with {LABEL_PREFIX!r}: {bad!r}", "metadata")
         if body.suffix:
             labels[f"{LABEL_PREFIX}suffix"] = body.suffix
-        struct = struct_pb2.Struct()
-        struct.update(params)
+        struct = to_struct(params, "parameters")  # named as the jobs service would: reshaped to OpenAI params
         resp = await be().jobs.SubmitJob(
             jpb.SubmitJobRequest(
                 model_id=body.model,
