@@ -315,3 +315,22 @@ def test_an_integer_beyond_a_double_anywhere_in_parameters_is_a_400_naming_it(ga
         assert error["param"].startswith("hyperparameters."), error
     else:
         assert error["field"] == f"{field}.{where}", error
+
+
+@pytest.mark.parametrize(
+    "path,error",
+    [
+        ("/api/v1/boom", {"code": "INTERNAL", "message": "internal error", "field": None}),
+        ("/v1/boom", {"message": "internal error", "type": "server_error", "param": None, "code": "internal"}),
+    ],
+)
+def test_an_unexpected_exception_is_a_json_500_in_the_apis_error_shape(tmp_path, path, error):
+    app = create_app("127.0.0.1:9", "127.0.0.1:9", upload_dir=tmp_path / "spool")
+
+    async def boom() -> None:
+        raise RuntimeError("a bug's text that must not reach the client")
+
+    app.add_api_route(path, boom)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get(path)
+    assert (resp.status_code, resp.json()) == (500, {"error": error})

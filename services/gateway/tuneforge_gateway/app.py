@@ -43,6 +43,7 @@ from .errors import (
     error_responses,
     grpc_error_handler,
     http_error_handler,
+    internal_error_handler,
     validation_error_handler,
 )
 from .uploads import UPLOAD_CHUNK, UploadSpool
@@ -532,6 +533,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, internal_error_handler)
     document_errors(app)
 
     app.add_middleware(

@@ -226,3 +226,10 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     if request.url.path.startswith(OPENAI_PREFIX):
         return openai_error(status, message, None, code.lower(), headers)
     return ApiError(status, code, message, headers=headers).response()
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Any other exception: a 500 in the error body of the API the path belongs to, never a traceback or text."""
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return openai_error(500, "internal error", None, "internal")
+    return ApiError(500, "INTERNAL", "internal error").response()
