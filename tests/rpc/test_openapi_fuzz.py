@@ -334,3 +334,24 @@ def test_an_unexpected_exception_is_a_json_500_in_the_apis_error_shape(tmp_path,
     with TestClient(app, raise_server_exceptions=False) as client:
         resp = client.get(path)
     assert (resp.status_code, resp.json()) == (500, {"error": error})
+
+
+@pytest.mark.parametrize(
+    "method,path,field",
+    [
+        ("POST", "/api/v1/jobs", "body"),  # no body at all
+        ("GET", "/api/v1/models?page_size=many", "page_size"),  # a query parameter, without its location
+        ("GET", "/api/v1/jobs/compare?job_id=a", "job_id"),
+    ],
+)
+def test_a_request_the_document_refuses_is_a_400_naming_the_field(gateway_alone, method, path, field):
+    resp = gateway_alone.request(method, path)
+    assert resp.status_code == 400 and resp.json()["error"]["field"] == field, resp.text
+
+
+def test_a_method_a_path_lacks_is_a_405_allowing_exactly_the_paths_methods(gateway_alone):
+    resp = gateway_alone.put("/api/v1/models/m-1")
+    assert resp.status_code == 405 and resp.headers["allow"] == "DELETE, GET, PATCH"
+    assert resp.json()["error"]["code"] == "UNIMPLEMENTED"
+    # /jobs/compare is its own resource, though the template /jobs/{job_id} (GET, DELETE) matches it too.
+    assert gateway_alone.post("/api/v1/jobs/compare").headers["allow"] == "GET"
