@@ -8,13 +8,13 @@ from tuneforge.auth.v1 import auth_pb2 as pb
 from tuneforge.auth.v1 import auth_pb2_grpc
 from tuneforge_common import auth
 from tuneforge_common.auth import Role
+from tuneforge_common.auth_client import KIND_NAMES
 from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.grpcutil import ServiceBinding, map_errors
 from tuneforge_common.paging import timestamp
 
 from .keys import Keys
 
-KIND_NAMES = {pb.PRINCIPAL_KIND_USER: "user", pb.PRINCIPAL_KIND_SERVICE: "service"}
 KIND_VALUES = {v: k for k, v in KIND_NAMES.items()}
 
 

@@ -47,7 +47,7 @@ class Keys:
         _, key_id, secret = parsed
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(store.api_keys).where(store.api_keys.c.id == key_id))).first()
-            if row is None or row.revoked_at is not None or not auth.secret_matches(secret, row.secret_hash):
+            if not auth.stored_credential_valid(row, secret):
                 raise Unauthenticated("invalid or revoked API key")
             roles = await self._roles(conn, [key_id])
         return Principal(
@@ -56,7 +56,7 @@ class Keys:
 
     async def authenticate_for_service(self, token: str) -> tuple[Any, dict[str, Role]]:
         """Another TuneForge service asking who a caller is (AuthService.Authenticate)."""
-        if auth.current().kind not in ("internal", "system"):
+        if not auth.current().internal:
             raise PermissionDenied("only TuneForge services may authenticate other callers' keys")
         principal = await self.lookup(token)
         return await self.get_key_row(principal.key_id)

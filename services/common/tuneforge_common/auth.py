@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 import grpc
 
@@ -63,11 +63,16 @@ class Principal:
     project: str | None = None
 
     @property
+    def internal(self) -> bool:
+        """Another TuneForge service or in-process code: trusted with every project."""
+        return self.kind in ("internal", "system")
+
+    @property
     def unscoped(self) -> bool:
-        return self.kind in ("internal", "system") and self.project is None
+        return self.internal and self.project is None
 
     def role(self) -> Role | None:
-        if self.kind in ("internal", "system") or self.superuser:
+        if self.internal or self.superuser:
             return Role.ADMIN
         return self.roles.get(self.project or "")
 
@@ -85,7 +90,7 @@ class Principal:
     def acting_in(self, requested: str) -> Principal:
         """The principal acting in `requested` (or its first project). A project the key has no role in is
         NOT_FOUND, as if it did not exist, so keys can't probe for other teams' projects."""
-        if self.kind in ("internal", "system"):
+        if self.internal:
             return replace(self, project=requested or None)
         project = requested or (DEFAULT_PROJECT if self.superuser and not self.roles else next(iter(self.roles), ""))
         if requested and not self.superuser and requested not in self.roles:
@@ -133,6 +138,16 @@ def secret_matches(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(secret), stored_hash)
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison with a configured secret (service token, join token); never equal to ''."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def stored_credential_valid(row: Any | None, secret: str) -> TypeGuard[Any]:
+    """A stored key or agent credential row (None when unknown) that is not revoked and matches `secret`."""
+    return row is not None and row.revoked_at is None and secret_matches(secret, row.secret_hash)
+
+
 def bearer(metadata: Mapping[str, str]) -> str:
     scheme, _, token = metadata.get(AUTHORIZATION, "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -174,7 +189,7 @@ class KeyAuthenticator:
         requested = metadata.get(PROJECT, "").strip()
         if not token:
             raise Unauthenticated("missing API key: send it as 'Authorization: Bearer <key>'")
-        if self.service_token and hmac.compare_digest(token.encode(), self.service_token.encode()):
+        if same_secret(token, self.service_token):
             return Principal(kind="internal", name="tuneforge-service", superuser=True, project=requested or None)
         parsed = parse_key(token)
         if parsed is None:

@@ -183,6 +183,14 @@ class ClaimedJob:
         return getattr(self.job, name)
 
 
+def _agent_protocol_caller() -> Principal:
+    """The caller of an AgentService call: a trainer agent, or internal code acting for one."""
+    caller = auth.current()
+    if not caller.internal and caller.kind != "agent":
+        raise PermissionDenied("only trainer agents use the agent protocol")
+    return caller
+
+
 @dataclass
 class Jobs:
     engine: AsyncEngine
@@ -836,9 +844,7 @@ class Jobs:
 
     async def join_agent(self, join_token: str, name: str) -> tuple[str, str]:
         """(credential id, credential) for a node that presents one of the operator's join tokens."""
-        if not self.join_tokens or not any(
-            auth.secret_matches(join_token, auth.hash_secret(t)) for t in self.join_tokens
-        ):
+        if not any(auth.same_secret(join_token, t) for t in self.join_tokens):
             raise Unauthenticated("invalid join token")
         if not name or len(name) > 255:
             raise InvalidArgument.for_field("name", "is required, at most 255 characters")
@@ -860,17 +866,15 @@ class Jobs:
             row = (
                 await conn.execute(select(store.agent_credentials).where(store.agent_credentials.c.id == parsed[1]))
             ).first()
-        if row is None or row.revoked_at is not None or not auth.secret_matches(parsed[2], row.secret_hash):
+        if not auth.stored_credential_valid(row, parsed[2]):
             raise Unauthenticated("invalid or revoked agent credential")
         return Principal(kind="agent", key_id=row.id, name=row.name)
 
     async def check_agent_caller(self, agent_id: str) -> None:
         """An agent speaks only for itself: the agent id must have been registered with its credential."""
-        caller = auth.current()
-        if caller.kind in ("internal", "system"):
+        caller = _agent_protocol_caller()
+        if caller.internal:
             return
-        if caller.kind != "agent":
-            raise PermissionDenied("only trainer agents use the agent protocol")
         async with self.engine.connect() as conn:
             owner = (
                 await conn.execute(select(store.agents.c.credential_id).where(store.agents.c.id == agent_id))
@@ -884,10 +888,8 @@ class Jobs:
         """A new lease, or the old one back when the agent reconnects before it lapsed."""
         if not name:
             raise InvalidArgument.for_field("name", "is required")
-        caller = auth.current()
-        if caller.kind not in ("agent", "internal", "system"):
-            raise PermissionDenied("only trainer agents use the agent protocol")
-        credential_id = caller.key_id if caller.kind == "agent" else None
+        caller = _agent_protocol_caller()
+        credential_id = None if caller.internal else caller.key_id
         now = self.clock()
         async with self.engine.begin() as conn:
             if resume_agent_id:
