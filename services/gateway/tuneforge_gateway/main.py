@@ -68,6 +68,9 @@ async def serve(settings: GatewaySettings) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.gateway_host, settings.gateway_port))
     port = sock.getsockname()[1]
+    # Listen before saying READY: until uvicorn starts serving, connections wait in the backlog instead of
+    # being refused, so the READY line is true the moment it is printed.
+    sock.listen(2048)
     config = uvicorn.Config(
         app,
         log_level=settings.log_level.lower(),
