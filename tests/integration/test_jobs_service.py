@@ -119,6 +119,20 @@ async def test_resent_reports_are_stored_once(jobs):
     assert len(await jobs.logs(job.id, 0, 100)) == 1
 
 
+async def test_a_log_line_or_metric_name_holding_a_nul_is_stored_with_a_replacement_not_refused(jobs):
+    # A script's output is not the caller's input: PostgreSQL's text can't hold NUL, so one such line would
+    # otherwise fail its batch and every resend of it, stalling the job's reports.
+    await jobs.submit("m1", "d1", "sft-lora", {})
+    agent, _ = await jobs.register_agent("a", {}, 1)
+    job = await jobs.claim_next(agent)
+    assert await jobs.apply_report(agent, report(job, 1, "log", stream="std\0err", text="bad\0byte")) == 1
+    assert await jobs.apply_report(agent, report(job, 2, "metric", step=1, values={"lo\0ss": 1.0})) == 2
+    [line] = await jobs.logs(job.id, 0, 100)
+    assert (line.stream, line.text) == ("std\ufffderr", "bad\ufffdbyte")
+    [point] = await jobs.metrics(job.id, [], 0, 100)
+    assert point.name == "lo\ufffdss"
+
+
 async def test_concurrent_claims_never_hand_one_job_to_two_agents(jobs):
     for _ in range(3):
         await jobs.submit("m1", "d1", "sft-lora", {})

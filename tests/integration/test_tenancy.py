@@ -208,6 +208,35 @@ async def test_another_project_gets_not_found_on_every_route_over_the_first_ones
     assert (await t.call("GET", f"/api/v1/models/{owned.model_id}", owned.key)).json()["description"] == ""
 
 
+async def test_projects_name_their_methods_independently_and_never_learn_of_each_others(tenancy):
+    t = tenancy
+    owned = await alpha_with_objects(t)
+    beta = (await t.call("POST", "/api/v1/projects", t.admin, json={"name": "beta"})).json()["id"]
+    bob = await t.new_key("bob", {beta: "admin"})
+
+    def definition(training_file: str) -> dict[str, Any]:
+        stages = {"training": {"file": training_file, "env": "base"}}
+        return {"name": owned.method_id, "training_type": "chat", "lifecycle": "customized", "stages": stages}
+
+    # Alpha holds "alpha-sft"; beta adds its own of that name as if alpha's did not exist.
+    created = await t.call("POST", "/api/v1/methods", bob, json=definition("beta/train.py"))
+    assert created.status_code == 201, created.text
+    assert created.json()["id"] == owned.method_id and created.json()["project_id"] == beta
+    again = await t.call("POST", "/api/v1/methods", bob, json=definition("beta/other.py"))
+    assert again.status_code == 409  # its own name is taken
+    builtin = await t.call("POST", "/api/v1/methods", bob, json={**definition("x.py"), "name": "sft-lora"})
+    assert builtin.status_code == 400 and builtin.json()["error"]["field"] == "definition.name"  # built-ins' names
+    for key, entrypoint in ((owned.key, "alpha/train.py"), (bob, "beta/train.py")):
+        got = (await t.call("GET", f"/api/v1/methods/{owned.method_id}", key)).json()
+        assert got["entrypoint"] == entrypoint
+    # Deleting beta's leaves alpha's, and alpha's name stays taken for alpha only.
+    assert (await t.call("DELETE", f"/api/v1/methods/{owned.method_id}", bob)).status_code == 204
+    assert (await t.call("GET", f"/api/v1/methods/{owned.method_id}", bob)).status_code == 404
+    assert (await t.call("GET", f"/api/v1/methods/{owned.method_id}", owned.key)).status_code == 200
+    listed = (await t.call("GET", "/api/v1/methods", owned.key)).json()["methods"]
+    assert [m["id"] for m in listed if not m["builtin"]] == [owned.method_id]
+
+
 async def test_every_route_without_a_key_or_with_a_revoked_or_malformed_one_is_401(tenancy):
     t = tenancy
     owned = await alpha_with_objects(t)

@@ -125,7 +125,7 @@ def method_to_pb(row: Any) -> common_pb2.TrainingMethod:
     specs = [ParamSpec.from_json(s) for s in json.loads(row.parameters)]
     return common_pb2.TrainingMethod(
         project_id=row.project_id or "",
-        id=row.id,
+        id=row.name,
         display_name=row.display_name,
         description=row.description,
         training_type=row.training_type,
@@ -141,7 +141,7 @@ def method_to_pb(row: Any) -> common_pb2.TrainingMethod:
 
 def _builtin_formats(row: Any) -> tuple[str, ...]:
     # Built-in methods' formats follow the installed code; added methods train on any format.
-    definition = method_defs.builtin_method(row.id) if row.builtin else None
+    definition = method_defs.builtin_method(row.name) if row.builtin else None
     return definition.dataset_formats if definition else ()
 
 
@@ -281,7 +281,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             store.methods,
             request.page_size,
             request.page_token,
-            [store.methods.c.builtin.desc(), store.methods.c.id],
+            [store.methods.c.builtin.desc(), store.methods.c.name, store.methods.c.id],
             [store.methods.c.deleted_at.is_(None)],
         )
         return pb.ListMethodsResponse(methods=[method_to_pb(r) for r in rows], next_page_token=token)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -206,10 +206,10 @@ class Catalog:
                 if existing:
                     await conn.execute(store.methods.update().where(store.methods.c.id == m.id).values(**values))
                 else:
-                    await conn.execute(store.methods.insert().values(id=m.id, created_at=utcnow(), **values))
+                    await conn.execute(store.methods.insert().values(id=m.id, name=m.id, created_at=utcnow(), **values))
 
     async def get_method(self, method_id: str) -> Any:
-        row = await store.get_row(self.engine, store.methods, method_id)
+        row = await store.get_method_row(self.engine, method_id)
         if row is None or row.deleted_at is not None:
             raise NotFound(f"method {method_id!r} not found")
         return row
@@ -228,12 +228,17 @@ class Catalog:
         method_id = definition["name"].strip()
         specs = method_defs.custom_method_specs(definition)
         stages = method_defs.custom_method_stages(definition)  # saving env defaults to the training env
+        project = owning_project()
+        m = store.methods.c
+        # Only this project's names are taken (built-ins' are refused above): another project's is invisible here.
+        taken = select(m.id).where(m.name == method_id, or_(m.project_id == project, m.project_id.is_(None)))
         async with _unique(f"a method named {method_id!r} exists"), self.engine.begin() as conn:
-            if (await conn.execute(select(store.methods.c.id).where(store.methods.c.id == method_id))).first():
+            if (await conn.execute(taken)).first():
                 raise AlreadyExists(f"a method named {method_id!r} exists (names stay taken after deletion)")
             await conn.execute(
                 store.methods.insert().values(
-                    id=method_id,
+                    id=method_id if project is None else f"{project}/{method_id}",
+                    name=method_id,
                     display_name=definition.get("display_name") or method_id,
                     description=definition.get("description", ""),
                     training_type=definition["training_type"],
@@ -243,10 +248,11 @@ class Catalog:
                     builtin=False,
                     stages=json.dumps(stages),
                     created_at=utcnow(),
-                    project_id=owning_project(),
+                    project_id=project,
                 )
             )
-            await write_event(conn, store.outbox, self._subject("method", "created"), {"method_id": method_id})
+            event = {"method_id": method_id, "project_id": project or ""}
+            await write_event(conn, store.outbox, self._subject("method", "created"), event)
         self._notify()
         return await self.get_method(method_id)
 
@@ -256,8 +262,9 @@ class Catalog:
             raise FailedPrecondition(f"method {method_id!r} is built in and can't be deleted")
         _may_change(row, f"method {method_id!r}", Role.ADMIN)
         async with self.engine.begin() as conn:
-            await conn.execute(update(store.methods).where(store.methods.c.id == method_id).values(deleted_at=utcnow()))
-            await write_event(conn, store.outbox, self._subject("method", "deleted"), {"method_id": method_id})
+            await conn.execute(update(store.methods).where(store.methods.c.id == row.id).values(deleted_at=utcnow()))
+            event = {"method_id": method_id, "project_id": row.project_id or ""}
+            await write_event(conn, store.outbox, self._subject("method", "deleted"), event)
         self._notify()
 
     # -- models ---------------------------------------------------------------

@@ -90,7 +90,10 @@ dataset_contents = Table(
 methods = Table(
     "methods",
     metadata,
-    Column("id", String(64), primary_key=True),
+    # Internal key: the bare name for built-ins, "<project>/<name>" for added methods. Callers use `name`,
+    # unique per project, so two projects may each add a method of the same name.
+    Column("id", String(160), primary_key=True),
+    Column("name", String(64), nullable=False),
     Column("display_name", String(255), nullable=False),
     Column("description", Text, nullable=False),
     Column("training_type", String(32), nullable=False),
@@ -103,6 +106,7 @@ methods = Table(
     # Deleted methods leave selection but keep their id, so jobs that used them still name them.
     Column("deleted_at", UtcDateTime, nullable=True),
     Column("project_id", String(64), nullable=True, index=True),
+    Index("ux_methods_project_name", "project_id", "name", unique=True),
 )
 
 projects = Table(
@@ -171,6 +175,19 @@ async def get_row(engine: AsyncEngine, table: Table, row_id: str) -> Any | None:
     query = select(table).where(table.c.id == row_id)
     if "project_id" in table.c:
         query = query.where(project_scope(table.c.project_id, shared=True))
+    async with engine.connect() as conn:
+        return (await conn.execute(query)).first()
+
+
+async def get_method_row(engine: AsyncEngine, name: str) -> Any | None:
+    """The method the caller means by `name`: its project's, else the built-in (added methods can't take a
+    built-in's name, so a project-bound caller matches at most one)."""
+    query = (
+        select(methods)
+        .where(methods.c.name == name, project_scope(methods.c.project_id, shared=True))
+        .order_by(methods.c.project_id.is_(None), methods.c.project_id)
+        .limit(1)
+    )
     async with engine.connect() as conn:
         return (await conn.execute(query)).first()
 

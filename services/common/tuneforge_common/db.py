@@ -65,15 +65,15 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-async def migrate(engine: AsyncEngine, migrations_dir: Path, version_table: str) -> None:
-    """Upgrade the service's tables to the latest Alembic revision."""
+async def migrate(engine: AsyncEngine, migrations_dir: Path, version_table: str, revision: str = "head") -> None:
+    """Upgrade the service's tables to the latest Alembic revision (to `revision`, for migration tests)."""
 
     def _upgrade(sync_conn: Connection) -> None:
         cfg = Config()
         cfg.set_main_option("script_location", str(migrations_dir))
         cfg.attributes["connection"] = sync_conn
         cfg.attributes["version_table"] = version_table
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade)

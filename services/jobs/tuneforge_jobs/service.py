@@ -342,6 +342,8 @@ class Jobs:
             finished = await conn.execute(
                 select(j.run_seconds, j.started_at, j.ended_at, j.total_steps)
                 .where(j.model_id == model_id, j.method_id == method_id, j.state == JobState.SUCCEEDED)
+                # Method names are per project: another project's "my-sft" is another method.
+                .where(project_scope(j.project_id, shared=False))
                 .order_by(j.ended_at.desc())
                 .limit(5)
             )
@@ -1265,6 +1267,10 @@ async def _fence_reason(batch: _ReportBatch, r: Report) -> str:
     return ""
 
 
+def _printable(text: str) -> str:
+    return text.replace("\0", "\ufffd")
+
+
 class _ReportBatch:
     """Accumulates one transaction's log lines, metric points and progress; state changes apply in order."""
 
@@ -1286,12 +1292,20 @@ class _ReportBatch:
 
     async def add(self, job: Any, r: Report) -> None:
         if r.kind == "log":
-            self.logs.append(
-                dict(job_id=job.id, attempt=r.attempt, stream=r.stream or "stdout", text=r.text, recorded_at=r.time)
-            )
+            # A script may print anything, NUL included, which PostgreSQL's text refuses; one such line must not
+            # fail the whole batch (and every retry of it), so it is kept with U+FFFD in the NUL's place.
+            text, stream = _printable(r.text), _printable(r.stream or "stdout")
+            self.logs.append(dict(job_id=job.id, attempt=r.attempt, stream=stream, text=text, recorded_at=r.time))
         elif r.kind == "metric":
             self.points += [
-                dict(job_id=job.id, attempt=r.attempt, name=name, step=r.step, value=value, recorded_at=r.time)
+                dict(
+                    job_id=job.id,
+                    attempt=r.attempt,
+                    name=_printable(name),
+                    step=r.step,
+                    value=value,
+                    recorded_at=r.time,
+                )
                 for name, value in r.values.items()
             ]
             before = self.progress.get(
