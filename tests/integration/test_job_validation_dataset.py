@@ -71,7 +71,7 @@ async def assignment_for(s: Services) -> apb.JobAssignment:
         await channel.close()
 
 
-async def test_a_validation_dataset_is_stored_with_the_job_sent_to_the_agent_and_kept_by_a_copy(services):
+async def test_a_validation_dataset_is_stored_with_the_job_sent_to_the_agent_and_kept_or_cleared_by_a_copy(services):
     train = await upload(services, "train", chat_jsonl(8))
     validation = await upload(services, "validation", chat_jsonl(2))
     job = (await services.jobs.SubmitJob(submit_request(train.id, validation.id), timeout=10)).job
@@ -90,6 +90,12 @@ async def test_a_validation_dataset_is_stored_with_the_job_sent_to_the_agent_and
     other = await upload(services, "other-validation", chat_jsonl(3))
     request = jpb.CopyJobRequest(job_id=job.id, validation_dataset_id=other.id)
     assert (await services.jobs.CopyJob(request, timeout=10)).job.validation_dataset_id == other.id
+    cleared = jpb.CopyJobRequest(job_id=job.id, clear_validation_dataset=True)
+    assert (await services.jobs.CopyJob(cleared, timeout=10)).job.validation_dataset_id == ""
+    both = jpb.CopyJobRequest(job_id=job.id, clear_validation_dataset=True, validation_dataset_id=other.id)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await services.jobs.CopyJob(both, timeout=10)
+    assert decode_error(refused.value).field_violations[0][0] == "clear_validation_dataset"
     plain = (await services.jobs.SubmitJob(submit_request(train.id, ""), timeout=10)).job
     assert plain.validation_dataset_id == ""
 

@@ -340,6 +340,9 @@ class CopyJobBody(BaseModel):
     validation_dataset_id: str = Field(
         "", description="Another dataset to evaluate on; empty keeps the old job's", max_length=128
     )
+    clear_validation_dataset: bool = Field(
+        False, description="Evaluate without the old job's validation dataset (not with validation_dataset_id)"
+    )
     model_id: str = Field("", max_length=128)
     name: str = Field("", max_length=255)
     dry_run: bool = False
@@ -929,6 +932,7 @@ def create_app(
             parameter_overrides=overrides,
             dataset_id=body.dataset_id,
             validation_dataset_id=body.validation_dataset_id,
+            clear_validation_dataset=body.clear_validation_dataset,
             model_id=body.model_id,
             name=body.name,
             dry_run=body.dry_run,

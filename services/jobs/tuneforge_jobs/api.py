@@ -208,6 +208,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             name=request.name,
             dry_run=request.dry_run,
             validation_dataset_id=request.validation_dataset_id,
+            clear_validation_dataset=request.clear_validation_dataset,
         )
         return pb.CopyJobResponse(job=job_to_pb(row) if row else None, estimate=estimate_to_pb(estimate))
 

@@ -371,10 +371,16 @@ class Jobs:
         submitted_by: str = "",
         dry_run: bool = False,
         validation_dataset_id: str = "",
+        clear_validation_dataset: bool = False,
     ) -> tuple[Any | None, Estimate]:
         """A new job from an old one's exact resolved parameters, with overrides (DeepExtension's Copy); it keeps
-        the old job's validation dataset unless given another."""
+        the old job's validation dataset unless given another or told to clear it."""
+        if clear_validation_dataset and validation_dataset_id:
+            raise InvalidArgument.for_field(
+                "clear_validation_dataset", "give either validation_dataset_id or clear_validation_dataset, not both"
+            )
         old = await self._changeable(job_id, "copying a job")
+        inherited = "" if clear_validation_dataset else old.validation_dataset_id
         return await self.submit_job(
             model_id or old.model_id,
             dataset_id or old.dataset_id,
@@ -387,7 +393,7 @@ class Jobs:
             submitted_by=submitted_by or old.submitted_by,
             dry_run=dry_run,
             copied_from=old,
-            validation_dataset_id=validation_dataset_id or old.validation_dataset_id,
+            validation_dataset_id=validation_dataset_id or inherited,
         )
 
     async def _changeable(self, job_id: str, action: str) -> Any:

@@ -406,6 +406,7 @@ class CopyJobRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
+    CLEAR_VALIDATION_DATASET_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     dataset_id: _builtins.str
     """Optional: another dataset or model for the copy."""
@@ -414,6 +415,10 @@ class CopyJobRequest(_message.Message):
     dry_run: _builtins.bool
     validation_dataset_id: _builtins.str
     """Optional: another validation dataset for the copy; empty keeps the old job's (if it had one)."""
+    clear_validation_dataset: _builtins.bool
+    """The copy evaluates without the old job's validation dataset (on held-out rows if validation_ratio > 0).
+    Not together with validation_dataset_id.
+    """
     @_builtins.property
     def parameter_overrides(self) -> _struct_pb2.Struct:
         """Applied over the old job's resolved parameters."""
@@ -428,10 +433,11 @@ class CopyJobRequest(_message.Message):
         name: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
         validation_dataset_id: _builtins.str = ...,
+        clear_validation_dataset: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameter_overrides", b"parameter_overrides"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "dry_run", b"dry_run", "job_id", b"job_id", "model_id", b"model_id", "name", b"name", "parameter_overrides", b"parameter_overrides", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_validation_dataset", b"clear_validation_dataset", "dataset_id", b"dataset_id", "dry_run", b"dry_run", "job_id", b"job_id", "model_id", b"model_id", "name", b"name", "parameter_overrides", b"parameter_overrides", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
