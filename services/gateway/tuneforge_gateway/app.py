@@ -15,8 +15,7 @@ import grpc
 from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from google.protobuf import field_mask_pb2, json_format, struct_pb2
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf import field_mask_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
@@ -46,6 +45,7 @@ from .errors import (
     internal_error_handler,
     validation_error_handler,
 )
+from .schemas import to_json
 from .uploads import UPLOAD_CHUNK, UploadSpool
 from .watch_hub import Position, WatchFailed, WatchHub, WatchSettings, with_keepalive
 
@@ -111,65 +111,6 @@ def job_or_estimate(resp: Any, response: Response) -> dict[str, Any]:
         response.status_code = 200
         return {"dry_run": True, "estimate": estimate}
     return {**to_json(resp.job), "estimate": estimate}
-
-
-def to_json(message: Any) -> dict[str, Any]:
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return _tidy(message.DESCRIPTOR, data)
-
-
-_INT64 = {
-    FieldDescriptor.TYPE_INT64,
-    FieldDescriptor.TYPE_UINT64,
-    FieldDescriptor.TYPE_SINT64,
-    FieldDescriptor.TYPE_FIXED64,
-    FieldDescriptor.TYPE_SFIXED64,
-}
-_ENUM_PREFIXES = (
-    "ROLE_",
-    "PRINCIPAL_KIND_",
-    "JOB_STATE_",
-    "DATASET_FORMAT_",
-    "PARAMETER_TYPE_",
-    "MODEL_KIND_",
-    "DATASET_STATUS_",
-)
-
-
-def _tidy(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """HTTP-friendly JSON: 64-bit integers as numbers, enum names without their type prefix (null when unset),
-    and integral parameter values as integers (protobuf Struct carries every number as a double)."""
-    for fd in descriptor.fields:
-        if fd.name not in data:
-            continue
-        value = data[fd.name]
-        if fd.type in _INT64:
-            data[fd.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
-        elif fd.type == FieldDescriptor.TYPE_ENUM and isinstance(value, str):
-            if value.endswith("_UNSPECIFIED"):
-                data[fd.name] = None
-                continue
-            for prefix in _ENUM_PREFIXES:
-                value = value.removeprefix(prefix)
-            data[fd.name] = (
-                value.lower()
-                if fd.enum_type.name in ("DatasetFormat", "ParameterType", "Role", "PrincipalKind")
-                else value
-            )
-        elif fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Struct":
-            data[fd.name] = [_int_values(v) for v in value] if isinstance(value, list) else _int_values(value)
-        elif fd.message_type is not None and not fd.message_type.full_name.startswith("google.protobuf"):
-            items = value if isinstance(value, list) else [value]
-            for item in items:
-                if isinstance(item, dict):
-                    _tidy(fd.message_type, item)
-    return data
-
-
-def _int_values(struct: dict[str, Any]) -> dict[str, Any]:
-    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in struct.items()}
 
 
 def _enum_names(enum: Any, prefix: str, lower: bool = False) -> dict[str, Any]:

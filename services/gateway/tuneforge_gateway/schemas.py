@@ -1,0 +1,280 @@
+"""The JSON form of protobuf messages in the HTTP API (to_json), and the JSON Schema of exactly that form.
+
+to_json is MessageToDict (proto field names, every field without presence printed) tidied for HTTP clients:
+64-bit integers as numbers, enum names without their type prefix (null when unspecified), integral numbers at
+the top of a Struct as integers. message_schema derives from a message's descriptor the JSON Schema of what
+to_json writes for it, so the OpenAPI document declares a route's body without a schema written per message.
+
+Each message is a component of the document named by its full proto name (tuneforge.jobs.v1.Job), which the
+other messages reference with $ref, so reuse and recursion cost nothing; document_messages adds the components
+that routes reference (proto_body) to the document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI
+from google.protobuf import descriptor_pool, json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+
+COMPONENTS = "#/components/schemas/"
+
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+_ENUM_PREFIXES = (
+    "ROLE_",
+    "PRINCIPAL_KIND_",
+    "JOB_STATE_",
+    "DATASET_FORMAT_",
+    "PARAMETER_TYPE_",
+    "MODEL_KIND_",
+    "DATASET_STATUS_",
+)
+# Enums whose HTTP names are lower case (the others keep their upper case names: "RUNNING", "READY").
+_LOWER_CASE_ENUMS = ("DatasetFormat", "ParameterType", "Role", "PrincipalKind")
+
+
+# -- the JSON form ---------------------------------------------------------------------------------------------
+
+
+def to_json(message: Any) -> dict[str, Any]:
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _tidy(message.DESCRIPTOR, data)
+
+
+def enum_json_name(enum: EnumDescriptor, name: str) -> str | None:
+    """An enum value's HTTP name: without its type's prefix, null for the UNSPECIFIED value."""
+    if name.endswith("_UNSPECIFIED"):
+        return None
+    for prefix in _ENUM_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name.lower() if enum.name in _LOWER_CASE_ENUMS else name
+
+
+def _tidy(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    """HTTP-friendly JSON: 64-bit integers as numbers, enum names without their type prefix (null when unset),
+    and integral parameter values as integers (protobuf Struct carries every number as a double)."""
+    for fd in descriptor.fields:
+        if fd.name not in data:
+            continue
+        value = data[fd.name]
+        if entry := _map_entry(fd):
+            value_field = entry.fields_by_name["value"]
+            data[fd.name] = {k: _tidy_value(value_field, v) for k, v in value.items()}
+        elif fd.is_repeated:
+            data[fd.name] = [_tidy_value(fd, v) for v in value]
+        else:
+            data[fd.name] = _tidy_value(fd, value)
+    return data
+
+
+def _tidy_value(fd: FieldDescriptor, value: Any) -> Any:
+    """One value of a field (one item of a repeated field, one value of a map) as to_json writes it."""
+    if fd.type in _INT64:
+        return int(value)
+    if fd.enum_type is not None and isinstance(value, str):
+        return enum_json_name(fd.enum_type, value)
+    if fd.message_type is None or not isinstance(value, dict):
+        return value
+    if fd.message_type.full_name == "google.protobuf.Struct":
+        return _int_values(value)
+    if fd.message_type.full_name.startswith("google.protobuf."):
+        return value
+    return _tidy(fd.message_type, value)
+
+
+def _int_values(struct: dict[str, Any]) -> dict[str, Any]:
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in struct.items()}
+
+
+def _map_entry(fd: FieldDescriptor) -> Descriptor | None:
+    """A map field's entry type (its key and value fields); None for any other field."""
+    entry = fd.message_type
+    return entry if entry is not None and entry.GetOptions().map_entry else None
+
+
+# -- its JSON Schema -------------------------------------------------------------------------------------------
+
+# MessageToDict writes a double or float that is not finite as one of these strings.
+DOUBLE: dict[str, Any] = {"anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]}
+_BASE64 = {"type": "string", "contentEncoding": "base64"}
+# Well-known types as MessageToDict writes them (_tidy leaves them alone, except a Struct's top-level numbers).
+_WELL_KNOWN: dict[str, dict[str, Any]] = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?s$"},
+    "google.protobuf.FieldMask": {"type": "string"},
+    "google.protobuf.Struct": {"type": "object"},
+    "google.protobuf.Value": {},
+    "google.protobuf.ListValue": {"type": "array"},
+    "google.protobuf.Empty": {"type": "object", "maxProperties": 0},
+    "google.protobuf.Any": {"type": "object", "required": ["@type"]},
+    "google.protobuf.DoubleValue": DOUBLE,
+    "google.protobuf.FloatValue": DOUBLE,
+    "google.protobuf.Int64Value": {"type": "string", "pattern": "^-?[0-9]+$"},
+    "google.protobuf.UInt64Value": {"type": "string", "pattern": "^[0-9]+$"},
+    "google.protobuf.Int32Value": {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
+    "google.protobuf.UInt32Value": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+    "google.protobuf.BoolValue": {"type": "boolean"},
+    "google.protobuf.StringValue": {"type": "string"},
+    "google.protobuf.BytesValue": _BASE64,
+}
+_SIGNED, _UNSIGNED = {"type": "integer"}, {"type": "integer", "minimum": 0}
+_SCALARS: dict[int, dict[str, Any]] = {
+    FieldDescriptor.TYPE_DOUBLE: DOUBLE,
+    FieldDescriptor.TYPE_FLOAT: DOUBLE,
+    FieldDescriptor.TYPE_INT32: {**_SIGNED, "minimum": -(2**31), "maximum": 2**31 - 1},
+    FieldDescriptor.TYPE_SINT32: {**_SIGNED, "minimum": -(2**31), "maximum": 2**31 - 1},
+    FieldDescriptor.TYPE_SFIXED32: {**_SIGNED, "minimum": -(2**31), "maximum": 2**31 - 1},
+    FieldDescriptor.TYPE_UINT32: {**_UNSIGNED, "maximum": 2**32 - 1},
+    FieldDescriptor.TYPE_FIXED32: {**_UNSIGNED, "maximum": 2**32 - 1},
+    FieldDescriptor.TYPE_INT64: {**_SIGNED, "minimum": -(2**63), "maximum": 2**63 - 1},
+    FieldDescriptor.TYPE_SINT64: {**_SIGNED, "minimum": -(2**63), "maximum": 2**63 - 1},
+    FieldDescriptor.TYPE_SFIXED64: {**_SIGNED, "minimum": -(2**63), "maximum": 2**63 - 1},
+    FieldDescriptor.TYPE_UINT64: {**_UNSIGNED, "maximum": 2**64 - 1},
+    FieldDescriptor.TYPE_FIXED64: {**_UNSIGNED, "maximum": 2**64 - 1},
+    FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+    FieldDescriptor.TYPE_STRING: {"type": "string"},
+    FieldDescriptor.TYPE_BYTES: _BASE64,
+}
+# How MessageToDict writes a map's keys, by the key field's type (JSON object keys are strings).
+_MAP_KEYS: dict[int, dict[str, Any]] = {
+    FieldDescriptor.TYPE_BOOL: {"enum": ["true", "false"]},
+    **{t: {"pattern": "^-?[0-9]+$"} for t, schema in _SCALARS.items() if schema.get("type") == "integer"},
+}
+
+
+def message_ref(descriptor: Descriptor) -> dict[str, Any]:
+    """A reference to a message's component: its schema comes with message_schemas (or document_messages)."""
+    if descriptor.full_name in _WELL_KNOWN:
+        return dict(_WELL_KNOWN[descriptor.full_name])
+    if descriptor.full_name.startswith("google.protobuf."):
+        raise ValueError(f"no JSON Schema for {descriptor.full_name}")
+    return {"$ref": COMPONENTS + descriptor.full_name}
+
+
+def message_schema(descriptor: Descriptor, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON Schema of to_json(message) for a message of this type, with `extra` properties (always there)
+    for a body that adds keys of its own. Other messages are $refs to their components."""
+    properties = {fd.name: _field_schema(fd) for fd in descriptor.fields} | (extra or {})
+    # Fields without presence (scalars, enums, repeated fields and maps) are always printed; messages, oneof
+    # members and optional fields only when set.
+    required = [fd.name for fd in descriptor.fields if not fd.has_presence] + list(extra or {})
+    schema: dict[str, Any] = {"type": "object", "title": descriptor.name, "properties": properties}
+    if required:
+        schema["required"] = required
+    schema["additionalProperties"] = False
+    # A oneof's members: at most one is there (a proto3 `optional` field is a oneof of its own).
+    oneofs = [[fd.name for fd in oneof.fields] for oneof in descriptor.oneofs if len(oneof.fields) > 1]
+    if oneofs:
+        schema["allOf"] = [{"not": {"anyOf": [{"required": pair} for pair in _pairs(names)]}} for names in oneofs]
+    return schema
+
+
+def message_schemas(descriptor: Descriptor) -> dict[str, dict[str, Any]]:
+    """The components a message's schema needs, by name: its own and those of every message it references."""
+    found: dict[str, dict[str, Any]] = {}
+    pending = [descriptor]
+    while pending:
+        current = pending.pop()
+        if current.full_name in found or current.full_name.startswith("google.protobuf."):
+            continue
+        found[current.full_name] = message_schema(current)
+        values = [entry.fields_by_name["value"] if (entry := _map_entry(fd)) else fd for fd in current.fields]
+        pending += [fd.message_type for fd in values if fd.message_type is not None]
+    return found
+
+
+def _field_schema(fd: FieldDescriptor) -> dict[str, Any]:
+    if entry := _map_entry(fd):
+        key, value = entry.fields_by_name["key"], entry.fields_by_name["value"]
+        schema: dict[str, Any] = {"type": "object", "additionalProperties": _value_schema(value)}
+        if key.type in _MAP_KEYS:
+            schema["propertyNames"] = _MAP_KEYS[key.type]
+        return schema
+    if fd.is_repeated:
+        return {"type": "array", "items": _value_schema(fd)}
+    return _value_schema(fd)
+
+
+def _value_schema(fd: FieldDescriptor) -> dict[str, Any]:
+    """The schema of one value of the field, as _tidy_value leaves it."""
+    if (enum := fd.enum_type) is not None:
+        names = [enum_json_name(enum, value.name) for value in enum.values]
+        return {"enum": list(dict.fromkeys(names))}
+    if fd.message_type is not None:
+        return message_ref(fd.message_type)
+    return dict(_SCALARS[fd.type])
+
+
+def _pairs(names: list[str]) -> Iterator[list[str]]:
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            yield [first, second]
+
+
+# -- in the OpenAPI document -----------------------------------------------------------------------------------
+
+
+def json_body(
+    schema: dict[str, Any], status: int = 200, description: str = "Success", also: dict[str, Any] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route whose `status` body is JSON of this schema (and, `also`, other media types)."""
+    content = {"application/json": {"schema": schema}} | (also or {})
+    return {status: {"description": description, "content": content}}
+
+
+def proto_body(
+    message: Any,
+    status: int = 200,
+    *,
+    extra: dict[str, dict[str, Any]] | None = None,
+    description: str | None = None,
+    also: dict[str, Any] | None = None,
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route whose body is to_json of a message of this type (a class or its descriptor),
+    with `extra` keys of its own when given."""
+    descriptor = getattr(message, "DESCRIPTOR", message)
+    schema = message_schema(descriptor, extra) if extra else message_ref(descriptor)
+    return json_body(schema, status, description or f"A {descriptor.name}", also)
+
+
+def document_messages(app: FastAPI) -> None:
+    """Add to the app's OpenAPI document the component of every message its routes reference (proto_body)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = generate()  # FastAPI's own cache: this runs once, and is idempotent anyway
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        pool = descriptor_pool.Default()
+        for name in sorted(set(_refs(document)) - set(schemas)):
+            try:
+                descriptor = pool.FindMessageTypeByName(name)
+            except KeyError:
+                continue  # not a message: FastAPI's own component
+            for component, schema in message_schemas(descriptor).items():
+                schemas.setdefault(component, schema)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _refs(node: Any) -> Iterator[str]:
+    """The component names referenced anywhere under `node`."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(COMPONENTS):
+            yield ref.removeprefix(COMPONENTS)
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _refs(item)
