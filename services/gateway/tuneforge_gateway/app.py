@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import grpc
 from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, UploadFile
@@ -45,7 +45,17 @@ from .errors import (
     internal_error_handler,
     validation_error_handler,
 )
-from .schemas import to_json
+from .schemas import (
+    DOUBLE,
+    document_bodies,
+    json_body,
+    json_type,
+    message_body,
+    message_ref,
+    message_schema,
+    model_body,
+    to_json,
+)
 from .uploads import UPLOAD_CHUNK, UploadSpool
 from .watch_hub import Position, WatchFailed, WatchHub, WatchSettings, with_keepalive
 
@@ -99,9 +109,49 @@ UPLOAD_HEADERS = {
 }
 
 
-DRY_RUN: dict[int | str, dict[str, Any]] = {
-    200: {"description": "A dry run: its estimate", "content": {"application/json": {"schema": {"type": "object"}}}}
-}
+# job_or_estimate's bodies: a stored job (201) with its estimate, or for a dry run (200) only the estimate.
+JOB_WITH_ESTIMATE = message_body(jpb.Job, extra={"estimate": message_ref(jpb.JobEstimate)})
+DRY_RUN = json_body(
+    {
+        "type": "object",
+        "required": ["dry_run", "estimate"],
+        "properties": {"dry_run": {"const": True}, "estimate": message_ref(jpb.JobEstimate)},
+        "additionalProperties": False,
+    },
+    description="A dry run: its estimate",
+)
+# A new key, with its secret: no other answer carries it.
+NEW_KEY = message_body(apb.ApiKey, extra={"secret": {"type": "string"}})
+# GET /jobs/{job_id}/metrics: each metric's [step, value] pairs by name, and the points themselves: the raw points,
+# or with max_points the buckets of each series, with their metric's name.
+METRICS = json_type(
+    {
+        "type": "object",
+        "required": ["job_id", "series", "points"],
+        "properties": {
+            "job_id": {"type": "string"},
+            "series": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "array",
+                    # [step, value] as two numbers, not prefixItems [integer, number]: schemathesis 4.32 turns that
+                    # into Draft 4's `items: [...]` and then validates the response with a Draft 2020-12 validator.
+                    "items": {"type": "array", "items": DOUBLE, "minItems": 2, "maxItems": 2},
+                },
+            },
+            "points": {
+                "type": "array",
+                "items": {
+                    "anyOf": [
+                        message_ref(jpb.MetricPoint),
+                        message_schema(jpb.SeriesPoint, extra={"name": {"type": "string"}}),
+                    ]
+                },
+            },
+        },
+        "additionalProperties": False,
+    }
+)
 
 
 def job_or_estimate(resp: Any, response: Response) -> dict[str, Any]:
@@ -366,6 +416,34 @@ class CreateUploadBody(BaseModel):
     size: Annotated[JsonInt, Field(ge=0, le=INT64_MAX)] | None = Field(None, description="Total bytes, if known")
 
 
+class UploadState(BaseModel):
+    """A resumable upload, as the gateway keeps it (uploads.Upload)."""
+
+    model_config = ConfigDict(extra="forbid")
+    upload_id: str
+    name: str
+    description: str
+    format: str = Field(..., description="As given, in lower case; empty detects it")
+    prompt_input_column: str
+    prompt_output_column: str
+    size: int | None = Field(..., description="Total bytes, once known")
+    offset: int = Field(..., description="Bytes received so far")
+    created_at: float = Field(..., description="Unix time")
+    updated_at: float = Field(..., description="Unix time of the last chunk")
+    complete: bool = Field(..., description="Every byte is there: the upload can be completed")
+
+
+class Health(BaseModel):
+    """Whether the backends serve."""
+
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["ok", "degraded"]
+    services: dict[str, str] = Field(..., description="Each backend's health: SERVING, NOT_SERVING, UNREACHABLE...")
+
+
+HEALTH: dict[int | str, dict[str, Any]] = {503: {"description": "A backend is not serving", "model": Health}}
+
+
 class _BodyOverLimit(Exception):
     pass
 
@@ -479,6 +557,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, internal_error_handler)
     document_errors(app)
+    document_bodies(app)
 
     app.add_middleware(
         UploadSizeLimit, path="/api/v1/datasets", limit=max_upload_bytes + MULTIPART_OVERHEAD, shown=max_upload_bytes
@@ -497,7 +576,7 @@ def create_app(
         REQUESTS.labels(request.method, getattr(route, "path", "other"), response.status_code).inc()
         return response
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=model_body(Health), responses=HEALTH)
     async def healthz() -> JSONResponse:
         status = {}
         for name, channel in (("catalog", be().catalog_channel), ("jobs", be().jobs_channel)):
@@ -515,7 +594,12 @@ def create_app(
 
     # -- catalog --------------------------------------------------------------
 
-    @app.post("/api/v1/models", responses=error_responses(400, 404, 409), status_code=201)
+    @app.post(
+        "/api/v1/models",
+        response_model=message_body(compb.Model),
+        responses=error_responses(400, 404, 409),
+        status_code=201,
+    )
     async def register_model(body: RegisterModelBody) -> dict:
         sources = {k: v for k in ("path", "uri", "hub_id") if (v := getattr(body, k))}
         if len(sources) != 1:
@@ -525,7 +609,7 @@ def create_app(
         )
         return to_json((await be().catalog.RegisterModel(request, timeout=MODEL_FETCH_TIMEOUT_S)).model)
 
-    @app.get("/api/v1/models", responses=error_responses(400))
+    @app.get("/api/v1/models", response_model=message_body(cpb.ListModelsResponse), responses=error_responses(400))
     async def list_models(
         page_size: int = Query(0, ge=0, le=500),
         page_token: str = "",
@@ -542,13 +626,15 @@ def create_app(
         )
         return to_json(await be().catalog.ListModels(request, timeout=RPC_TIMEOUT_S))
 
-    @app.get("/api/v1/models/{model_id}", responses=error_responses(404))
+    @app.get("/api/v1/models/{model_id}", response_model=message_body(compb.Model), responses=error_responses(404))
     async def get_model(model_id: str) -> dict:
         return to_json(
             (await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)).model
         )
 
-    @app.patch("/api/v1/models/{model_id}", responses=error_responses(400, 404, 409))
+    @app.patch(
+        "/api/v1/models/{model_id}", response_model=message_body(compb.Model), responses=error_responses(400, 404, 409)
+    )
     async def update_model(model_id: str, body: UpdateModelBody) -> dict:
         changes = body.model_dump(exclude_unset=True)
         if not changes:
@@ -567,7 +653,7 @@ def create_app(
         await be().catalog.DeleteModel(cpb.DeleteModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)
         return Response(status_code=204)
 
-    @app.get("/api/v1/methods", responses=error_responses(400))
+    @app.get("/api/v1/methods", response_model=message_body(cpb.ListMethodsResponse), responses=error_responses(400))
     async def list_methods(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
         return to_json(
             await be().catalog.ListMethods(
@@ -575,13 +661,20 @@ def create_app(
             )
         )
 
-    @app.get("/api/v1/methods/{method_id}", responses=error_responses(404))
+    @app.get(
+        "/api/v1/methods/{method_id}", response_model=message_body(compb.TrainingMethod), responses=error_responses(404)
+    )
     async def get_method(method_id: str) -> dict:
         return to_json(
             (await be().catalog.GetMethod(cpb.GetMethodRequest(method_id=method_id), timeout=RPC_TIMEOUT_S)).method
         )
 
-    @app.post("/api/v1/methods", responses=error_responses(400, 409), status_code=201)
+    @app.post(
+        "/api/v1/methods",
+        response_model=message_body(compb.TrainingMethod),
+        responses=error_responses(400, 409),
+        status_code=201,
+    )
     async def create_method(
         definition: dict[str, Any] = Body(
             ..., description="The method as seed 003 gives it", json_schema_extra=method_definition_schema()
@@ -599,7 +692,7 @@ def create_app(
         await be().catalog.DeleteMethod(cpb.DeleteMethodRequest(method_id=method_id), timeout=RPC_TIMEOUT_S)
         return Response(status_code=204)
 
-    @app.get("/api/v1/datasets", responses=error_responses(400))
+    @app.get("/api/v1/datasets", response_model=message_body(cpb.ListDatasetsResponse), responses=error_responses(400))
     async def list_datasets(
         page_size: int = Query(0, ge=0, le=500),
         page_token: str = "",
@@ -616,7 +709,9 @@ def create_app(
         )
         return to_json(await be().catalog.ListDatasets(request, timeout=RPC_TIMEOUT_S))
 
-    @app.get("/api/v1/datasets/{dataset_id}", responses=error_responses(404))
+    @app.get(
+        "/api/v1/datasets/{dataset_id}", response_model=message_body(compb.Dataset), responses=error_responses(404)
+    )
     async def get_dataset(dataset_id: str) -> dict:
         return to_json(
             (await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=dataset_id), timeout=RPC_TIMEOUT_S)).dataset
@@ -660,12 +755,20 @@ def create_app(
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
 
-    @app.get("/api/v1/datasets/{dataset_id}/preview", responses=error_responses(400, 404))
+    @app.get(
+        "/api/v1/datasets/{dataset_id}/preview",
+        response_model=message_body(cpb.PreviewDatasetResponse),
+        responses=error_responses(400, 404),
+    )
     async def preview_dataset(dataset_id: str, limit: int = Query(10, ge=1, le=100)) -> dict:
         request = cpb.PreviewDatasetRequest(dataset_id=dataset_id, limit=limit)
         return to_json(await be().catalog.PreviewDataset(request, timeout=RPC_TIMEOUT_S))
 
-    @app.get("/api/v1/datasets/{dataset_id}/stats", responses=error_responses(400, 404, 409))
+    @app.get(
+        "/api/v1/datasets/{dataset_id}/stats",
+        response_model=message_body(cpb.GetDatasetStatsResponse),
+        responses=error_responses(400, 404, 409),
+    )
     async def dataset_stats(
         dataset_id: str,
         model_id: str = Query("", description="Whose tokenizer counts the tokens"),
@@ -676,12 +779,22 @@ def create_app(
         request = cpb.GetDatasetStatsRequest(dataset_id=dataset_id, model_id=model_id, max_seq_length=max_seq_length)
         return to_json(await be().catalog.GetDatasetStats(request, timeout=DATASET_PASS_TIMEOUT_S))
 
-    @app.post("/api/v1/datasets/{dataset_id}/split", responses=error_responses(400, 404, 409), status_code=201)
+    @app.post(
+        "/api/v1/datasets/{dataset_id}/split",
+        response_model=message_body(cpb.SplitDatasetResponse),
+        responses=error_responses(400, 404, 409),
+        status_code=201,
+    )
     async def split_dataset(dataset_id: str, body: SplitDatasetBody) -> dict:
         request = cpb.SplitDatasetRequest(dataset_id=dataset_id, validation_ratio=body.validation_ratio, seed=body.seed)
         return to_json(await be().catalog.SplitDataset(request, timeout=DATASET_PASS_TIMEOUT_S))
 
-    @app.post("/api/v1/datasets", responses=error_responses(400, 413), status_code=201)
+    @app.post(
+        "/api/v1/datasets",
+        response_model=message_body(compb.Dataset),
+        responses=error_responses(400, 413),
+        status_code=201,
+    )
     async def upload_dataset(
         file: UploadFile = File(..., description="JSONL file, not empty", json_schema_extra={"minLength": 1}),
         name: str = Form("", max_length=255),
@@ -716,7 +829,13 @@ def create_app(
 
     keyed = [Depends(signed_in)]
 
-    @app.post("/api/v1/uploads", dependencies=keyed, responses=error_responses(400, 413), status_code=201)
+    @app.post(
+        "/api/v1/uploads",
+        response_model=model_body(UploadState),
+        dependencies=keyed,
+        responses=error_responses(400, 413),
+        status_code=201,
+    )
     async def create_upload(body: CreateUploadBody, response: Response) -> dict:
         enum_value(DATASET_FORMATS, body.format, "format")
         upload = spool.create(
@@ -732,6 +851,7 @@ def create_app(
 
     @app.put(
         "/api/v1/uploads/{upload_id}",
+        response_model=model_body(UploadState),
         dependencies=keyed,
         responses=error_responses(400, 404, 409, 413),
         openapi_extra={
@@ -764,13 +884,19 @@ def create_app(
     async def upload_offset(upload_id: str) -> Response:
         return Response(headers=spool.get(upload_id).headers())
 
-    @app.get("/api/v1/uploads/{upload_id}", dependencies=keyed, responses=error_responses(404))
+    @app.get(
+        "/api/v1/uploads/{upload_id}",
+        response_model=model_body(UploadState),
+        dependencies=keyed,
+        responses=error_responses(404),
+    )
     async def get_upload(upload_id: str) -> JSONResponse:
         upload = spool.get(upload_id)
         return JSONResponse(upload.to_json(), headers=upload.headers())
 
     @app.post(
         "/api/v1/uploads/{upload_id}/complete",
+        response_model=message_body(compb.Dataset),
         dependencies=keyed,
         responses=error_responses(400, 404, 409, 413),
         status_code=201,
@@ -800,29 +926,34 @@ def create_app(
 
     # -- who is calling: projects and API keys ----------------------------------
 
-    @app.get("/api/v1/whoami", responses=error_responses())
+    @app.get("/api/v1/whoami", response_model=message_body(apb.Principal), responses=error_responses())
     async def whoami() -> dict:
         """The caller's key (never its secret), roles and the project this request acts in."""
         return to_json((await be().auth.WhoAmI(apb.WhoAmIRequest(), timeout=RPC_TIMEOUT_S)).principal)
 
-    @app.get("/api/v1/projects", responses=error_responses(400))
+    @app.get("/api/v1/projects", response_model=message_body(apb.ListProjectsResponse), responses=error_responses(400))
     async def list_projects(page_size: int = Query(0, ge=0, le=500), page_token: str = "") -> dict:
         request = apb.ListProjectsRequest(page_size=page_size, page_token=page_token)
         return to_json(await be().auth.ListProjects(request, timeout=RPC_TIMEOUT_S))
 
-    @app.post("/api/v1/projects", responses=error_responses(400, 409), status_code=201)
+    @app.post(
+        "/api/v1/projects",
+        response_model=message_body(apb.Project),
+        responses=error_responses(400, 409),
+        status_code=201,
+    )
     async def create_project(body: CreateProjectBody) -> dict:
         request = apb.CreateProjectRequest(name=body.name)
         return to_json((await be().auth.CreateProject(request, timeout=RPC_TIMEOUT_S)).project)
 
-    @app.get("/api/v1/keys", responses=error_responses(400))
+    @app.get("/api/v1/keys", response_model=message_body(apb.ListApiKeysResponse), responses=error_responses(400))
     async def list_keys(
         page_size: int = Query(0, ge=0, le=500), page_token: str = "", include_revoked: bool = False
     ) -> dict:
         request = apb.ListApiKeysRequest(page_size=page_size, page_token=page_token, include_revoked=include_revoked)
         return to_json(await be().auth.ListApiKeys(request, timeout=RPC_TIMEOUT_S))
 
-    @app.post("/api/v1/keys", responses=error_responses(400, 404, 409), status_code=201)
+    @app.post("/api/v1/keys", response_model=NEW_KEY, responses=error_responses(400, 404, 409), status_code=201)
     async def create_key(body: CreateKeyBody) -> dict:
         """The new key's `secret` is in this response only; store it now."""
         request = apb.CreateApiKeyRequest(
@@ -837,14 +968,19 @@ def create_app(
         resp = await be().auth.CreateApiKey(request, timeout=RPC_TIMEOUT_S)
         return {**to_json(resp.key), "secret": resp.secret}
 
-    @app.delete("/api/v1/keys/{key_id}", responses=error_responses(404, 409))
+    @app.delete("/api/v1/keys/{key_id}", response_model=message_body(apb.ApiKey), responses=error_responses(404, 409))
     async def revoke_key(key_id: str) -> dict:
         resp = await be().auth.RevokeApiKey(apb.RevokeApiKeyRequest(key_id=key_id), timeout=RPC_TIMEOUT_S)
         return to_json(resp.key)
 
     # -- jobs -----------------------------------------------------------------
 
-    @app.post("/api/v1/jobs", responses=DRY_RUN | error_responses(400, 404, 409), status_code=201)
+    @app.post(
+        "/api/v1/jobs",
+        response_model=JOB_WITH_ESTIMATE,
+        responses=DRY_RUN | error_responses(400, 404, 409),
+        status_code=201,
+    )
     async def submit_job(body: SubmitJobBody, response: Response) -> dict:
         params = to_struct(body.parameters, "parameters")
         resp = await be().jobs.SubmitJob(
@@ -865,7 +1001,12 @@ def create_app(
         )
         return job_or_estimate(resp, response)
 
-    @app.post("/api/v1/jobs/{job_id}/copy", responses=DRY_RUN | error_responses(400, 404, 409), status_code=201)
+    @app.post(
+        "/api/v1/jobs/{job_id}/copy",
+        response_model=JOB_WITH_ESTIMATE,
+        responses=DRY_RUN | error_responses(400, 404, 409),
+        status_code=201,
+    )
     async def copy_job(job_id: str, body: CopyJobBody, response: Response) -> dict:
         overrides = to_struct(body.parameter_overrides, "parameter_overrides")
         request = jpb.CopyJobRequest(
@@ -880,11 +1021,11 @@ def create_app(
         )
         return job_or_estimate(await be().jobs.CopyJob(request, timeout=RPC_TIMEOUT_S), response)
 
-    @app.post("/api/v1/jobs/{job_id}/pause", responses=error_responses(404, 409))
+    @app.post("/api/v1/jobs/{job_id}/pause", response_model=message_body(jpb.Job), responses=error_responses(404, 409))
     async def pause_job(job_id: str) -> dict:
         return to_json((await be().jobs.PauseJob(jpb.PauseJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @app.post("/api/v1/jobs/{job_id}/resume", responses=error_responses(404, 409))
+    @app.post("/api/v1/jobs/{job_id}/resume", response_model=message_body(jpb.Job), responses=error_responses(404, 409))
     async def resume_job(job_id: str) -> dict:
         return to_json((await be().jobs.ResumeJob(jpb.ResumeJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
@@ -892,12 +1033,21 @@ def create_app(
     async def delete_job(job_id: str) -> None:
         await be().jobs.DeleteJob(jpb.DeleteJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
 
-    @app.get("/api/v1/jobs/{job_id}/checkpoints", responses=error_responses(404))
+    @app.get(
+        "/api/v1/jobs/{job_id}/checkpoints",
+        response_model=message_body(jpb.ListCheckpointsResponse),
+        responses=error_responses(404),
+    )
     async def list_checkpoints(job_id: str) -> dict:
         request = jpb.ListCheckpointsRequest(job_id=job_id)
         return to_json(await be().jobs.ListCheckpoints(request, timeout=RPC_TIMEOUT_S))
 
-    @app.post("/api/v1/jobs/{job_id}/publish", responses=error_responses(400, 404, 409), status_code=201)
+    @app.post(
+        "/api/v1/jobs/{job_id}/publish",
+        response_model=message_body(jpb.PublishCheckpointResponse),
+        responses=error_responses(400, 404, 409),
+        status_code=201,
+    )
     async def publish_checkpoint(job_id: str, body: PublishCheckpointBody) -> dict:
         request = jpb.PublishCheckpointRequest(
             job_id=job_id, step=body.step, name=body.name, description=body.description
@@ -905,7 +1055,7 @@ def create_app(
         resp = await be().jobs.PublishCheckpoint(request, timeout=RPC_TIMEOUT_S)
         return {"model_id": resp.model_id}
 
-    @app.get("/api/v1/jobs", responses=error_responses(400))
+    @app.get("/api/v1/jobs", response_model=message_body(jpb.ListJobsResponse), responses=error_responses(400))
     async def list_jobs(
         page_size: int = Query(0, ge=0, le=1000),
         page_token: str = "",
@@ -941,7 +1091,11 @@ def create_app(
         return to_json(await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S))
 
     # Before /api/v1/jobs/{job_id}, which would otherwise take "compare" for a job id.
-    @app.get("/api/v1/jobs/compare", responses=error_responses(400, 404))
+    @app.get(
+        "/api/v1/jobs/compare",
+        response_model=message_body(jpb.CompareJobsResponse),
+        responses=error_responses(400, 404),
+    )
     async def compare_jobs(
         job_id: list[Annotated[str, StringConstraints(min_length=1)]] = Query(
             ...,
@@ -963,15 +1117,19 @@ def create_app(
             ]
         return found
 
-    @app.get("/api/v1/jobs/{job_id}", responses=error_responses(404))
+    @app.get("/api/v1/jobs/{job_id}", response_model=message_body(jpb.Job), responses=error_responses(404))
     async def get_job(job_id: str) -> dict:
         return to_json((await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @app.post("/api/v1/jobs/{job_id}/cancel", responses=error_responses(404, 409))
+    @app.post("/api/v1/jobs/{job_id}/cancel", response_model=message_body(jpb.Job), responses=error_responses(404, 409))
     async def cancel_job(job_id: str) -> dict:
         return to_json((await be().jobs.CancelJob(jpb.CancelJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @app.get("/api/v1/jobs/{job_id}/history", responses=error_responses(400, 404))
+    @app.get(
+        "/api/v1/jobs/{job_id}/history",
+        response_model=message_body(jpb.ListJobEventsResponse),
+        responses=error_responses(400, 404),
+    )
     async def job_history(job_id: str, page_size: int = Query(0, ge=0, le=1000), page_token: str = "") -> dict:
         """The job's state transitions, oldest first."""
         return to_json(
@@ -981,7 +1139,7 @@ def create_app(
             )
         )
 
-    @app.get("/api/v1/jobs/{job_id}/metrics", responses=error_responses(400, 404))
+    @app.get("/api/v1/jobs/{job_id}/metrics", response_model=METRICS, responses=error_responses(400, 404))
     async def job_metrics(
         job_id: str,
         name: list[str] = Query(default=[], description="Only these metrics; repeat for several; none: all"),
@@ -1023,6 +1181,7 @@ def create_app(
 
     @app.get(
         "/api/v1/jobs/{job_id}/logs",
+        response_model=message_body(jpb.ListJobLogsResponse),
         responses=error_responses(400, 404) | {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
     async def job_logs(

@@ -6,18 +6,19 @@ the top of a Struct as integers. message_schema derives from a message's descrip
 to_json writes for it, so the OpenAPI document declares a route's body without a schema written per message.
 
 Each message is a component of the document named by its full proto name (tuneforge.jobs.v1.Job), which the
-other messages reference with $ref, so reuse and recursion cost nothing; document_messages adds the components
-that routes reference (proto_body) to the document.
+other messages reference with $ref, so reuse and recursion cost nothing. A route declares its body with
+`response_model=message_body(jpb.Job)`; document_bodies adds the components the document references.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from pydantic import BaseModel, WithJsonSchema
 
 COMPONENTS = "#/components/schemas/"
 
@@ -152,8 +153,10 @@ _MAP_KEYS: dict[int, dict[str, Any]] = {
 }
 
 
-def message_ref(descriptor: Descriptor) -> dict[str, Any]:
-    """A reference to a message's component: its schema comes with message_schemas (or document_messages)."""
+def message_ref(message: Any) -> dict[str, Any]:
+    """A reference to the component of a message type (a class or its descriptor): the component comes with
+    message_schemas, or in the document with document_bodies. Well-known types are their schema itself."""
+    descriptor = getattr(message, "DESCRIPTOR", message)
     if descriptor.full_name in _WELL_KNOWN:
         return dict(_WELL_KNOWN[descriptor.full_name])
     if descriptor.full_name.startswith("google.protobuf."):
@@ -161,9 +164,10 @@ def message_ref(descriptor: Descriptor) -> dict[str, Any]:
     return {"$ref": COMPONENTS + descriptor.full_name}
 
 
-def message_schema(descriptor: Descriptor, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The JSON Schema of to_json(message) for a message of this type, with `extra` properties (always there)
-    for a body that adds keys of its own. Other messages are $refs to their components."""
+def message_schema(message: Any, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON Schema of to_json of a message of this type (a class or its descriptor), with `extra` properties
+    (always there) for a body that adds keys of its own. Other messages are $refs to their components."""
+    descriptor = getattr(message, "DESCRIPTOR", message)
     properties = {fd.name: _field_schema(fd) for fd in descriptor.fields} | (extra or {})
     # Fields without presence (scalars, enums, repeated fields and maps) are always printed; messages, oneof
     # members and optional fields only when set.
@@ -223,48 +227,62 @@ def _pairs(names: list[str]) -> Iterator[list[str]]:
 
 # -- in the OpenAPI document -----------------------------------------------------------------------------------
 
-
-def json_body(
-    schema: dict[str, Any], status: int = 200, description: str = "Success", also: dict[str, Any] | None = None
-) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route whose `status` body is JSON of this schema (and, `also`, other media types)."""
-    content = {"application/json": {"schema": schema}} | (also or {})
-    return {status: {"description": description, "content": content}}
+# The pydantic models that model_body declares, by component name (document_bodies adds their schemas).
+_MODELS: dict[str, type[BaseModel]] = {}
 
 
-def proto_body(
-    message: Any,
-    status: int = 200,
-    *,
-    extra: dict[str, dict[str, Any]] | None = None,
-    description: str | None = None,
-    also: dict[str, Any] | None = None,
-) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route whose body is to_json of a message of this type (a class or its descriptor),
+def json_type(schema: dict[str, Any]) -> Any:
+    """A route's `response_model=` for a JSON object of this schema: the document says so, and the route's dict
+    is answered as it is (FastAPI checks only that it is a dict)."""
+    return Annotated[dict[str, Any], WithJsonSchema(schema)]
+
+
+def message_body(message: Any, extra: dict[str, dict[str, Any]] | None = None) -> Any:
+    """`response_model=` for a route whose body is to_json of a message of this type (a class or its descriptor),
     with `extra` keys of its own when given."""
-    descriptor = getattr(message, "DESCRIPTOR", message)
-    schema = message_schema(descriptor, extra) if extra else message_ref(descriptor)
-    return json_body(schema, status, description or f"A {descriptor.name}", also)
+    return json_type(message_schema(message, extra) if extra else message_ref(message))
 
 
-def document_messages(app: FastAPI) -> None:
-    """Add to the app's OpenAPI document the component of every message its routes reference (proto_body)."""
+def model_body(model: type[BaseModel]) -> Any:
+    """`response_model=` for a route whose body (a dict it builds) has the shape of this pydantic model. Only the
+    document uses the model: the answer is not run through it, so declaring a shape never changes one."""
+    if _MODELS.setdefault(model.__name__, model) is not model:
+        raise ValueError(f"two models named {model.__name__}")
+    return json_type({"$ref": COMPONENTS + model.__name__})
+
+
+def json_body(schema: dict[str, Any], status: int = 200, description: str = "Success") -> dict[int | str, Any]:
+    """`responses=` for a JSON body of this schema at another status than the route's own."""
+    return {status: {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+
+def document_bodies(app: FastAPI) -> None:
+    """Add to the app's OpenAPI document the components its bodies reference: messages (message_ref) and the
+    models of model_body."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         document = generate()  # FastAPI's own cache: this runs once, and is idempotent anyway
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        pool = descriptor_pool.Default()
         for name in sorted(set(_refs(document)) - set(schemas)):
-            try:
-                descriptor = pool.FindMessageTypeByName(name)
-            except KeyError:
-                continue  # not a message: FastAPI's own component
-            for component, schema in message_schemas(descriptor).items():
-                schemas.setdefault(component, schema)
+            for component, schema in _components(name).items():
+                if schemas.setdefault(component, schema) != schema:
+                    raise ValueError(f"two schemas named {component}")
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _components(name: str) -> dict[str, dict[str, Any]]:
+    """The components of a message's or a model's schema (its own and those it references), by name."""
+    if name in _MODELS:
+        schema = _MODELS[name].model_json_schema(ref_template=COMPONENTS + "{model}", mode="serialization")
+        nested = schema.pop("$defs", {})
+        return {name: schema, **nested}
+    try:
+        return message_schemas(descriptor_pool.Default().FindMessageTypeByName(name))
+    except KeyError:
+        return {}  # FastAPI's own component
 
 
 def _refs(node: Any) -> Iterator[str]:
