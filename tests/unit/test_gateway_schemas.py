@@ -13,6 +13,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, st
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
+from tuneforge_gateway.app import create_app
+from tuneforge_gateway.openai_compat import file_object, job_object
 from tuneforge_gateway.schemas import message_ref, message_schemas, to_json
 
 TIME = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=5000)
@@ -50,7 +52,7 @@ def job(**fields: Any) -> jpb.Job:
 
 def dataset(**fields: Any) -> compb.Dataset:
     problems = [compb.ValidationProblem(line=3, field="messages[0].role", message="unknown role")]
-    return compb.Dataset(
+    found = compb.Dataset(
         id="ds-1",
         name="chats",
         size_bytes=2**33,
@@ -60,8 +62,9 @@ def dataset(**fields: Any) -> compb.Dataset:
         create_time=TIME,
         status=compb.DATASET_STATUS_INVALID,
         validation=compb.DatasetValidation(problems=problems, problem_count=1),
-        **fields,
     )
+    found.MergeFrom(compb.Dataset(**fields))
+    return found
 
 
 MESSAGES = {
@@ -213,3 +216,81 @@ def test_a_message_that_contains_itself_is_one_component_referencing_itself():
     assert not validator(root).is_valid(mutated(body, "children.0.counts", {"1": "2"}))
     assert not validator(root).is_valid(mutated(body, "by_name.leaf.name", 7))
     assert not validator(root).is_valid(mutated(body, "counts", {"x": 1}))
+
+
+# -- in the gateway's OpenAPI document -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def document(tmp_path_factory) -> dict[str, Any]:
+    app = create_app("127.0.0.1:9", "127.0.0.1:9", upload_dir=tmp_path_factory.mktemp("spool"))
+    return app.openapi()
+
+
+def component_validator(document: dict[str, Any], name: str) -> jsonschema_rs.Validator:
+    root = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+    return jsonschema_rs.Draft202012Validator(root, validate_formats=True)
+
+
+def test_every_json_success_declares_its_shape_and_every_reference_resolves(document):
+    untyped, refs = [], set()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if status.startswith("2") and schema is not None and not {"$ref", "properties"} & set(schema):
+                    untyped.append(f"{method.upper()} {path} {status}: {schema}")
+    assert not untyped
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.add(node["$ref"].removeprefix("#/components/schemas/"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(document)
+    assert refs - set(document["components"]["schemas"]) == set()
+    assert {"tuneforge.jobs.v1.Job", "FineTuningJob", "UploadState"} <= refs
+
+
+def openai_job(method_id: str, state: Any, **fields: Any) -> dict[str, Any]:
+    parameters = struct_pb2.Struct()
+    parameters.update({"epochs": 1.5, "batch_size": 4, "learning_rate": 4e-4, "seed": 7, "beta": 0.1})
+    labels = {"team": "nlp", "openai.suffix": "v2"}
+    message = job(method_id=method_id, state=state, parameters=parameters, labels=labels, **fields)
+    return job_object(message)
+
+
+OPENAI_JOBS = {
+    "queued": openai_job("sft-lora", jpb.JOB_STATE_QUEUED),
+    "running dpo": openai_job("dpo", jpb.JOB_STATE_RUNNING, remaining_seconds=60, update_time=TIME),
+    "failed": openai_job("sft-lora", jpb.JOB_STATE_FAILED, state_reason="out of memory", end_time=TIME),
+    "succeeded": openai_job("sft-lora", jpb.JOB_STATE_SUCCEEDED, output_uri="/out", end_time=TIME),
+    "a custom method": openai_job("my-method", jpb.JOB_STATE_CANCELLED),
+    "with nothing set": job_object(jpb.Job()),
+}
+
+
+@pytest.mark.parametrize("body", OPENAI_JOBS.values(), ids=OPENAI_JOBS.keys())
+def test_an_openai_job_is_a_fine_tuning_job_as_declared(document, body):
+    errors = [
+        f"{e.instance_path}: {e.message}" for e in component_validator(document, "FineTuningJob").iter_errors(body)
+    ]
+    assert not errors, (errors, body)
+
+
+def test_an_openai_file_is_a_file_as_declared(document):
+    files = [
+        file_object(dataset()),
+        file_object(compb.Dataset()),
+        file_object(dataset(status=compb.DATASET_STATUS_READY)),
+    ]
+    assert files[0]["status_details"] and files[0]["status"] == "error"
+    for body in files:
+        assert component_validator(document, "OpenAIFile").is_valid(body), body
+    assert not component_validator(document, "OpenAIFile").is_valid(files[0] | {"bytes": "8"})
+    assert not component_validator(document, "FineTuningJob").is_valid(OPENAI_JOBS["queued"] | {"status": "done"})

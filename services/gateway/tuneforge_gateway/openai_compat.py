@@ -51,6 +51,7 @@ from .errors import (
     openai_error_responses,
     validation_error_handler,
 )
+from .schemas import model_body
 from .uploads import UPLOAD_CHUNK
 
 OWNER = "tuneforge"
@@ -193,6 +194,164 @@ class CreateJobBody(BaseModel):
     metadata: Metadata | None = None
 
 
+# -- the answers, in OpenAI's shapes: declared in the document only (schemas.model_body); the routes build dicts --
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenAIFile(Answer):
+    """A file: a catalog dataset (file_object)."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int = Field(..., description="Unix time")
+    filename: str
+    purpose: Literal["fine-tune"]
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None = Field(..., description="Why a file's status is error: its validation problems")
+
+
+class ListFilesResponse(Answer):
+    """A page of files."""
+
+    object: Literal["list"]
+    data: list[OpenAIFile]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class DeleteFileResponse(Answer):
+    """A deleted file."""
+
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class JobHyperparameters(Answer):
+    """A job's hyperparameters by their OpenAI names: the job's resolved values, "auto" where it has none."""
+
+    batch_size: int | Literal["auto"]
+    learning_rate_multiplier: float | Literal["auto"]
+    # TuneForge's epochs, which may be fractional where OpenAI's are whole.
+    n_epochs: float | Literal["auto"]
+    beta: float | Literal["auto"] = Field("auto", description="Only for the dpo method")
+
+
+class JobError(Answer):
+    code: str
+    message: str
+    param: str | None
+
+
+class MethodHyperparameters(Answer):
+    hyperparameters: JobHyperparameters
+
+
+class SupervisedJobMethod(Answer):
+    type: Literal["supervised"]
+    supervised: MethodHyperparameters
+
+
+class DpoJobMethod(Answer):
+    type: Literal["dpo"]
+    dpo: MethodHyperparameters
+
+
+class FineTuningJob(Answer):
+    """A fine-tuning job: a TuneForge job (job_object)."""
+
+    id: str
+    object: Literal["fine_tuning.job"]
+    model: str
+    created_at: int = Field(..., description="Unix time")
+    finished_at: int | None = Field(..., description="Unix time, once the job has finished")
+    fine_tuned_model: str | None = Field(..., description="The job's output URI, once it has succeeded")
+    organization_id: str
+    result_files: list[str]
+    status: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+    validation_file: str | None
+    training_file: str
+    hyperparameters: JobHyperparameters
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int | None
+    metadata: dict[str, str] | None
+    method: SupervisedJobMethod | DpoJobMethod = Field(..., discriminator="type")
+    estimated_finish: int | None = Field(..., description="Unix time, while the job runs and an estimate exists")
+    suffix: str | None
+
+
+class ListFineTuningJobsResponse(Answer):
+    """A page of fine-tuning jobs, newest first."""
+
+    object: Literal["list"]
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningJobEvent(Answer):
+    """A state change ("message") or one logged step's metrics ("metrics")."""
+
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int = Field(..., description="Unix time")
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, float] = Field(..., description="A metrics event's step and metric values; empty otherwise")
+
+
+class ListFineTuningJobEventsResponse(Answer):
+    """A page of a job's events, newest first."""
+
+    object: Literal["list"]
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+class FineTuningJobCheckpoint(Answer):
+    """A kept checkpoint of a job."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"]
+    created_at: int = Field(..., description="Unix time")
+    fine_tuned_model_checkpoint: str = Field(..., description="The checkpoint's URI")
+    step_number: int
+    metrics: dict[str, float] = Field(..., description="The step and the metrics at that step")
+    fine_tuning_job_id: str
+
+
+class ListFineTuningJobCheckpointsResponse(Answer):
+    """A page of a job's checkpoints, latest step first."""
+
+    object: Literal["list"]
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class OpenAIModel(Answer):
+    """A catalog model."""
+
+    id: str
+    object: Literal["model"]
+    created: int = Field(..., description="Unix time")
+    owned_by: str
+
+
+class ListModelsResponse(Answer):
+    """Every model."""
+
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
 def seconds(ts: Any) -> int:
     return int(ts.seconds)
 
@@ -333,7 +492,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
 
     # -- files ----------------------------------------------------------------
 
-    @router.post("/files", responses=openai_error_responses(400, 413))
+    @router.post("/files", response_model=model_body(OpenAIFile), responses=openai_error_responses(400, 413))
     async def create_file(
         file: UploadFile = File(..., description="JSONL, not empty", json_schema_extra={"minLength": 1}),
         purpose: str = Form(..., json_schema_extra={"enum": ["fine-tune"]}),
@@ -349,7 +508,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         resp = await be().catalog.UploadDataset(upload_requests(metadata, chunks()), timeout=UPLOAD_TIMEOUT_S)
         return file_object(resp.dataset)
 
-    @router.get("/files", responses=openai_error_responses(400))
+    @router.get("/files", response_model=model_body(ListFilesResponse), responses=openai_error_responses(400))
     async def list_files(
         purpose: str = "", after: str = "", limit: int = Query(10_000, ge=1, le=10_000), order: str = "desc"
     ) -> dict:
@@ -364,19 +523,23 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         data, more = page(files, after, limit)
         return listing(data, more, ids=True)
 
-    @router.get("/files/{file_id}", responses=openai_error_responses(404))
+    @router.get("/files/{file_id}", response_model=model_body(OpenAIFile), responses=openai_error_responses(404))
     async def retrieve_file(file_id: str) -> dict:
         resp = await be().catalog.GetDataset(cpb.GetDatasetRequest(dataset_id=file_id), timeout=RPC_TIMEOUT_S)
         return file_object(resp.dataset)
 
-    @router.delete("/files/{file_id}", responses=openai_error_responses(404, 409))
+    @router.delete(
+        "/files/{file_id}", response_model=model_body(DeleteFileResponse), responses=openai_error_responses(404, 409)
+    )
     async def delete_file(file_id: str) -> dict:
         await be().catalog.DeleteDataset(cpb.DeleteDatasetRequest(dataset_id=file_id), timeout=RPC_TIMEOUT_S)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- fine-tuning jobs -----------------------------------------------------
 
-    @router.post("/fine_tuning/jobs", responses=openai_error_responses(400, 404, 409))
+    @router.post(
+        "/fine_tuning/jobs", response_model=model_body(FineTuningJob), responses=openai_error_responses(400, 404, 409)
+    )
     async def create_job(body: CreateJobBody) -> dict:
         method_id, params = training_parameters(body)
         labels = dict(body.metadata or {})
@@ -399,32 +562,54 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         )
         return job_object(resp.job)
 
-    @router.get("/fine_tuning/jobs", responses=openai_error_responses(400))
+    @router.get(
+        "/fine_tuning/jobs",
+        response_model=model_body(ListFineTuningJobsResponse),
+        responses=openai_error_responses(400),
+    )
     async def list_jobs(after: str = "", limit: int = Query(20, ge=1, le=1000)) -> dict:
         # One page from the jobs service, which lists newest first and starts after a job id as OpenAI's cursor does.
         request = jpb.ListJobsRequest(page_size=limit, after_job_id=after)
         resp = await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S)
         return listing([job_object(j) for j in resp.jobs], bool(resp.next_page_token))
 
-    @router.get("/fine_tuning/jobs/{job_id}", responses=openai_error_responses(404))
+    @router.get(
+        "/fine_tuning/jobs/{job_id}", response_model=model_body(FineTuningJob), responses=openai_error_responses(404)
+    )
     async def retrieve_job(job_id: str) -> dict:
         return job_object((await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @router.post("/fine_tuning/jobs/{job_id}/cancel", responses=openai_error_responses(404, 409))
+    @router.post(
+        "/fine_tuning/jobs/{job_id}/cancel",
+        response_model=model_body(FineTuningJob),
+        responses=openai_error_responses(404, 409),
+    )
     async def cancel_job(job_id: str) -> dict:
         resp = await be().jobs.CancelJob(jpb.CancelJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
         return job_object(resp.job)
 
-    @router.post("/fine_tuning/jobs/{job_id}/pause", responses=openai_error_responses(404, 409))
+    @router.post(
+        "/fine_tuning/jobs/{job_id}/pause",
+        response_model=model_body(FineTuningJob),
+        responses=openai_error_responses(404, 409),
+    )
     async def pause_job(job_id: str) -> dict:
         return job_object((await be().jobs.PauseJob(jpb.PauseJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job)
 
-    @router.post("/fine_tuning/jobs/{job_id}/resume", responses=openai_error_responses(404, 409))
+    @router.post(
+        "/fine_tuning/jobs/{job_id}/resume",
+        response_model=model_body(FineTuningJob),
+        responses=openai_error_responses(404, 409),
+    )
     async def resume_job(job_id: str) -> dict:
         resp = await be().jobs.ResumeJob(jpb.ResumeJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
         return job_object(resp.job)
 
-    @router.get("/fine_tuning/jobs/{job_id}/events", responses=openai_error_responses(400, 404))
+    @router.get(
+        "/fine_tuning/jobs/{job_id}/events",
+        response_model=model_body(ListFineTuningJobEventsResponse),
+        responses=openai_error_responses(400, 404),
+    )
     async def job_events(job_id: str, after: str = "", limit: int = Query(20, ge=1, le=10_000)) -> dict:
         """State changes as "message" events and each logged step's metrics as one "metrics" event, newest first."""
         await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
@@ -475,7 +660,11 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         found, more = page(ordered, after, limit)
         return listing(found, more)
 
-    @router.get("/fine_tuning/jobs/{job_id}/checkpoints", responses=openai_error_responses(400, 404))
+    @router.get(
+        "/fine_tuning/jobs/{job_id}/checkpoints",
+        response_model=model_body(ListFineTuningJobCheckpointsResponse),
+        responses=openai_error_responses(400, 404),
+    )
     async def job_checkpoints(job_id: str, after: str = "", limit: int = Query(10, ge=1, le=1000)) -> dict:
         resp = await be().jobs.ListCheckpoints(jpb.ListCheckpointsRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
         checkpoints = []
@@ -502,14 +691,16 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
     def model_object(model: compb.Model) -> dict[str, Any]:
         return {"id": model.id, "object": "model", "created": seconds(model.create_time), "owned_by": OWNER}
 
-    @router.get("/models", responses=openai_error_responses())
+    @router.get("/models", response_model=model_body(ListModelsResponse), responses=openai_error_responses())
     async def list_models() -> dict:
         models = await every_page(
             be().catalog.ListModels, lambda token: cpb.ListModelsRequest(page_size=1000, page_token=token), "models"
         )
         return {"object": "list", "data": [model_object(m) for m in models]}
 
-    @router.get("/models/{model_id:path}", responses=openai_error_responses(404))
+    @router.get(
+        "/models/{model_id:path}", response_model=model_body(OpenAIModel), responses=openai_error_responses(404)
+    )
     async def retrieve_model(model_id: str) -> dict:
         resp = await be().catalog.GetModel(cpb.GetModelRequest(model_id=model_id), timeout=RPC_TIMEOUT_S)
         return model_object(resp.model)
