@@ -194,6 +194,7 @@ BEYOND_JSON_SCHEMA = {
     "parameter_overrides": "the copied job's method's parameter table",
     "max_step": "must not be below min_step",
     "source": "exactly one of path, uri and hub_id",
+    "clear_validation_dataset": "not together with validation_dataset_id",
     "path": "a model directory on the catalog's machine",
     "uri": "a model directory in the artifact store",
     "hub_id": "a model on the Hugging Face Hub",
