@@ -172,19 +172,31 @@ def build_optimizer(model, params: Any):
     )
 
 
-def merge_into_base(adapter_dir: Path, base_path: Path, target: Path, precision: str) -> None:
+def merge_into_base(
+    adapter_dir: Path, base_path: Path, target: Path, precision: str, on_stage: Callable[[str], None] | None = None
+) -> None:
     """The adapter merged into the full-precision base (never the 4-bit copy it may have trained on), saved
-    as safetensors with the adapter's tokenizer and chat template."""
+    as safetensors with the adapter's tokenizer and chat template (the base's when the adapter saved none).
+
+    on_stage, when given, is told each stage as it starts: loading base, loading adapter, merging, saving.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneforge_trainer.hardware import torch_dtype
+    from tuneforge_trainer.lifecycle import tokenizer_dir
 
-    # fp16/bf16 bases merge in their own dtype; an fp32 run keeps fp32.
+    stage = on_stage or (lambda name: None)
+    stage("loading base")
+    # fp16/bf16 bases merge in their own dtype; an fp32 run keeps fp32. No quantization_config: unquantized.
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(precision))
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    stage("loading adapter")
+    adapted = PeftModel.from_pretrained(base, adapter_dir)
+    stage("merging")
+    merged = adapted.merge_and_unload()
+    stage("saving")
     merged.save_pretrained(target, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir(adapter_dir, base_path)).save_pretrained(target)
 
 
 def finish(trainer, result, tokenizer, paths: RunPaths, eval_dataset, *, merge: bool, precision: str) -> dict:
