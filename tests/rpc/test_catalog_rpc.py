@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import hashlib
 import json
 import os
@@ -13,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import update
 
 from tests.helpers import CHAT_ROW, chat_jsonl, write_fake_model_dir
 from tuneforge.catalog.v1 import catalog_pb2 as pb
@@ -20,7 +23,10 @@ from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2
 from tuneforge_catalog import api, store
 from tuneforge_catalog.main import CatalogSettings, build_catalog
+from tuneforge_common import auth
+from tuneforge_common.auth import Principal, Role
 from tuneforge_common.db import utcnow
+from tuneforge_common.errors import InvalidArgument
 from tuneforge_common.grpcutil import decode_error, start_server
 
 READY, INVALID = common_pb2.DATASET_STATUS_READY, common_pb2.DATASET_STATUS_INVALID
@@ -480,6 +486,74 @@ async def test_list_datasets_pages_and_filters_by_format_and_name(catalog_stub):
     ]
     code, _, _ = await rpc_error(catalog_stub.ListDatasets, pb.ListDatasetsRequest(page_token="garbage!"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def datasets_created_at(catalog_stub, created: dict[str, dt.datetime]) -> None:
+    async with catalog_stub.catalog.engine.begin() as conn:
+        for dataset_id, when in created.items():
+            await conn.execute(update(store.datasets).where(store.datasets.c.id == dataset_id).values(created_at=when))
+
+
+async def every_dataset(catalog_stub, page_size: int, **request) -> list[str]:
+    ids, token = [], ""
+    while True:
+        resp = await catalog_stub.ListDatasets(
+            pb.ListDatasetsRequest(page_size=page_size, page_token=token, **request), timeout=5
+        )
+        assert len(resp.datasets) == page_size if resp.next_page_token else len(resp.datasets) <= page_size
+        ids += [d.id for d in resp.datasets]
+        token = resp.next_page_token
+        if not token:
+            return ids
+
+
+async def test_list_datasets_newest_first_and_after_a_dataset_in_either_order(catalog_stub):
+    ids = [(await upload(catalog_stub, f"d{i}", chat_jsonl(1 + i))).id for i in range(6)]
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    # Two pairs share their created_at exactly: id breaks the tie, ascending in both orders (as the jobs list does).
+    created = dict(zip(ids, [t0, t0 + dt.timedelta(seconds=5), t0 + dt.timedelta(seconds=1), t0, t0, t0], strict=True))
+    created[ids[3]] = created[ids[4]] = t0 + dt.timedelta(seconds=3)
+    await datasets_created_at(catalog_stub, created)
+    tie = sorted([ids[3], ids[4]])
+    oldest_first = sorted([ids[0], ids[5]]) + [ids[2], *tie, ids[1]]
+    newest_first = [ids[1], *tie, ids[2], *sorted([ids[0], ids[5]])]
+
+    for page_size in (1, 2, 4, 100):
+        assert await every_dataset(catalog_stub, page_size) == oldest_first
+        assert await every_dataset(catalog_stub, page_size, newest_first=True) == newest_first
+    for i, dataset_id in enumerate(oldest_first):
+        assert await every_dataset(catalog_stub, 2, after_dataset_id=dataset_id) == oldest_first[i + 1 :]
+    for i, dataset_id in enumerate(newest_first):
+        got = await every_dataset(catalog_stub, 2, newest_first=True, after_dataset_id=dataset_id)
+        assert got == newest_first[i + 1 :], dataset_id
+    # The cursor combines with the filters.
+    named = await catalog_stub.ListDatasets(
+        pb.ListDatasetsRequest(newest_first=True, after_dataset_id=ids[1], name_contains="d2"), timeout=5
+    )
+    assert [d.id for d in named.datasets] == [ids[2]]
+
+    code, _, violations = await rpc_error(catalog_stub.ListDatasets, pb.ListDatasetsRequest(after_dataset_id="ds-nope"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and [f for f, _ in violations] == ["after_dataset_id"]
+
+
+async def test_after_another_projects_dataset_is_refused_as_a_missing_one(catalog_stub):
+    mine, theirs = [(await upload(catalog_stub, name, chat_jsonl(n))).id for n, name in ((1, "mine"), (2, "theirs"))]
+    async with catalog_stub.catalog.engine.begin() as conn:
+        for dataset_id, project in ((mine, "alpha"), (theirs, "beta")):
+            d = store.datasets.c
+            await conn.execute(update(store.datasets).where(d.id == dataset_id).values(project_id=project))
+
+    async def list_as_alpha(after: str) -> list[str]:
+        auth.act_as(Principal(kind="user", roles={"alpha": Role.VIEWER}, project="alpha"))
+        rows, _ = await catalog_stub.catalog.list_datasets(0, "", "", "", "", newest_first=True, after_dataset_id=after)
+        return [r.id for r in rows]
+
+    shared = (await upload(catalog_stub, "shared", chat_jsonl(3))).id  # no project: every project sees it
+    assert await asyncio.create_task(list_as_alpha(shared)) == [mine]
+    with pytest.raises(InvalidArgument) as refused:
+        await asyncio.create_task(list_as_alpha(theirs))
+    assert refused.value.violations[0].field == "after_dataset_id"
+    assert refused.value.violations[0].description == f"no dataset {theirs!r} to list after"  # nothing of beta's
 
 
 async def test_preview_and_download_return_the_stored_rows_and_bytes(catalog_stub):

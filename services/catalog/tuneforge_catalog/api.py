@@ -200,7 +200,13 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Any) -> pb.ListDatasetsResponse:
         status = common_pb2.DatasetStatus.Name(request.status).removeprefix("DATASET_STATUS_") if request.status else ""
         rows, token = await self.catalog.list_datasets(
-            request.page_size, request.page_token, status, format_name(request.format), request.name_contains
+            request.page_size,
+            request.page_token,
+            status,
+            format_name(request.format),
+            request.name_contains,
+            newest_first=request.newest_first,
+            after_dataset_id=request.after_dataset_id,
         )
         datasets = [dataset_to_pb(r, with_problems=False) for r in rows]
         return pb.ListDatasetsResponse(datasets=datasets, next_page_token=token)

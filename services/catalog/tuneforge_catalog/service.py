@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -566,23 +566,33 @@ class Catalog:
         return row
 
     async def list_datasets(
-        self, page_size: int, page_token: str, status: str, fmt: str, name_contains: str
+        self,
+        page_size: int,
+        page_token: str,
+        status: str,
+        fmt: str,
+        name_contains: str,
+        newest_first: bool = False,
+        after_dataset_id: str = "",
     ) -> tuple[list[Any], str]:
+        """Oldest first (newest first with newest_first), then by id; after_dataset_id starts the list after
+        that dataset, as a cursor of ids does (one the caller cannot see is refused like a missing one)."""
+        d = store.datasets.c
         conditions = []
+        if after_dataset_id:
+            after = await store.get_row(self.engine, store.datasets, after_dataset_id)
+            if after is None:
+                raise InvalidArgument.for_field("after_dataset_id", f"no dataset {after_dataset_id!r} to list after")
+            beyond = d.created_at < after.created_at if newest_first else d.created_at > after.created_at
+            conditions.append(or_(beyond, and_(d.created_at == after.created_at, d.id > after_dataset_id)))
         if status:
-            conditions.append(store.datasets.c.status == status)
+            conditions.append(d.status == status)
         if fmt:
-            conditions.append(store.datasets.c.format == fmt)
+            conditions.append(d.format == fmt)
         if name_contains:
-            conditions.append(func.lower(store.datasets.c.name).contains(name_contains.lower(), autoescape=True))
-        return await store.list_page(
-            self.engine,
-            store.datasets,
-            page_size,
-            page_token,
-            [store.datasets.c.created_at, store.datasets.c.id],
-            conditions,
-        )
+            conditions.append(func.lower(d.name).contains(name_contains.lower(), autoescape=True))
+        order = [d.created_at.desc() if newest_first else d.created_at, d.id]
+        return await store.list_page(self.engine, store.datasets, page_size, page_token, order, conditions)
 
     async def upload_dataset(
         self,

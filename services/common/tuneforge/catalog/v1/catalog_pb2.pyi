@@ -323,11 +323,20 @@ class ListDatasetsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     NAME_CONTAINS_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    AFTER_DATASET_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
     status: _common_pb2.DatasetStatus.ValueType
     format: _common_pb2.DatasetFormat.ValueType
     name_contains: _builtins.str
+    newest_first: _builtins.bool
+    """Newest first (created_at descending, then by id) instead of oldest first (created_at, then id)."""
+    after_dataset_id: _builtins.str
+    """Start after this dataset in the list's order: for APIs whose cursor is the last id seen (OpenAI's
+    `after`). A dataset the caller cannot see (missing, or another project's) is INVALID_ARGUMENT. Keep it,
+    like the filters and the order, on the requests that follow with page_token.
+    """
     def __init__(
         self,
         *,
@@ -336,10 +345,12 @@ class ListDatasetsRequest(_message.Message):
         status: _common_pb2.DatasetStatus.ValueType = ...,
         format: _common_pb2.DatasetFormat.ValueType = ...,
         name_contains: _builtins.str = ...,
+        newest_first: _builtins.bool = ...,
+        after_dataset_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name_contains", b"name_contains", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_dataset_id", b"after_dataset_id", "format", b"format", "name_contains", b"name_contains", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
