@@ -39,10 +39,30 @@ def test_merged_model_is_base_plus_adapter(tiny_model_dir, child_env, tmp_path):
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     out = tmp_path / "models" / "complete"
-    result = run_merge(child_env, f"--model_path={tiny_model_dir}", f"--adapter_path={adapter}", f"--output_dir={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge_trainer.merge"]
+        + [f"--model_path={tiny_model_dir}", f"--adapter_path={adapter}", f"--output_dir={out}"],
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    # While it runs: base and base + adapter (PeftModel) logits on a few inputs.
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    inputs = [
+        tokenizer("The garden in spring")["input_ids"],
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello?"}], add_generation_prompt=True)["input_ids"],
+        tokenizer("Water the basil when the soil is dry.")["input_ids"],
+    ]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    base_logits = logits(base, inputs)
+    expected = logits(PeftModel.from_pretrained(base, adapter).eval(), inputs)
+    assert (expected - base_logits).abs().max() > 1e-2, "the adapter should change the outputs"
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr[-3000:]
 
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    lines = [line for line in stdout.splitlines() if line.strip()]
     payloads = [parse_log_data(line) for line in lines]
     assert all(p is not None for p in payloads), "stdout carries only [log_data] lines"
     stages = [p["details"]["stage"] for p in payloads if "stage" in p["details"]]
@@ -55,22 +75,12 @@ def test_merged_model_is_base_plus_adapter(tiny_model_dir, child_env, tmp_path):
 
     # A complete model in safetensors, with the adapter's tokenizer and chat template; nothing left beside it.
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.chat_template and tokenizer.chat_template == AutoTokenizer.from_pretrained(adapter).chat_template
+    assert AutoTokenizer.from_pretrained(out).chat_template == tokenizer.chat_template and tokenizer.chat_template
     assert sorted(p.name for p in out.parent.iterdir()) == ["complete"]
 
-    inputs = [
-        tokenizer("The garden in spring")["input_ids"],
-        tokenizer.apply_chat_template([{"role": "user", "content": "Hello?"}], add_generation_prompt=True)["input_ids"],
-    ]
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert next(merged.parameters()).dtype == torch.float32  # auto keeps the base's own dtype
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    base_logits = logits(base, inputs)
-    adapted = PeftModel.from_pretrained(base, adapter).eval()
-    expected = logits(adapted, inputs)
     torch.testing.assert_close(logits(merged, inputs), expected, atol=1e-4, rtol=0)
-    assert (expected - base_logits).abs().max() > 1e-2, "the adapter should change the outputs"
 
 
 def test_merge_into_bf16_in_process(tiny_model_dir, tmp_path, capsys):
@@ -129,3 +139,21 @@ def test_bad_command_lines_are_named(tiny_model_dir, tmp_path, capsys, flags, me
         tiny=tiny_model_dir, tmp=tmp_path / "nothing"
     )
     assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_merge_stopped_halfway_leaves_nothing_at_out(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from tuneforge_trainer import lifecycle, merge, runner
+
+    def stopped_while_saving(adapter, base, target, precision, on_stage=None):
+        (target / "model.safetensors").write_bytes(b"half a model")
+        raise lifecycle.Stopped  # what SIGTERM raises in the program
+
+    monkeypatch.setattr(runner, "merge_into_base", stopped_while_saving)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    out = tmp_path / "models" / "complete"
+    code = merge.main([f"--model_path={tiny_model_dir}", f"--adapter_path={adapter}", f"--output_dir={out}"])
+    assert code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: merge: stopped by SIGTERM"
+    assert list(out.parent.iterdir()) == []  # neither OUT nor the partial directory next to it
