@@ -769,7 +769,8 @@ def serve_vllm(params: ServeParams, model_path: Path, adapter: Path | None, name
         process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
-    url = f"http://{_local(params.host)}:{port}/health".replace("::1:", "[::1]:")
+    local = _local(params.host)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/health"
     while not stopping:
         if process.poll() is not None:
             raise Failure(f"vLLM exited with code {process.returncode} before it was ready (its log is above)")
