@@ -53,19 +53,34 @@ def status_for(exc: BaseException) -> grpc.Status:
         message = exc.message
     else:
         code, message = grpc.StatusCode.INTERNAL, "internal error"
-    status = status_pb2.Status(code=code.value[0], message=message)
-    if isinstance(exc, errors.InvalidArgument) and exc.violations:
+    violations = list(exc.violations) if isinstance(exc, errors.InvalidArgument) else []
+    shown = violations[:MAX_VIOLATIONS]
+    if len(violations) > len(shown):
+        message = f"{_clip(message, MAX_MESSAGE)} (and {len(violations) - len(shown)} more problems)"
+    # The status travels in trailing metadata, which clients refuse past 8 KiB: a request with a thousand bad
+    # fields must still get its INVALID_ARGUMENT, so the message and the violations shown are bounded.
+    status = status_pb2.Status(code=code.value[0], message=_clip(message, MAX_MESSAGE + 40))
+    if shown:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in exc.violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=_clip(v.field, MAX_FIELD), description=_clip(v.description, MAX_DESCRIPTION)
+                    )
+                    for v in shown
                 ]
             )
         )
         status.details.append(detail)
     return rpc_status.to_status(status)
+
+
+MAX_VIOLATIONS, MAX_MESSAGE, MAX_FIELD, MAX_DESCRIPTION = 8, 600, 160, 300
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
