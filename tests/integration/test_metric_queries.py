@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tests.integration.test_jobs_service import StaticCatalog
 from tuneforge.jobs.v1 import jobs_pb2 as pb
@@ -436,3 +436,299 @@ async def test_gateway_metrics_route_downsamples_with_max_points(jobs, http):
 
     bad = await http.get(f"/api/v1/jobs/{job_id}/metrics", params={"max_points": -1})
     assert bad.status_code == 400
+
+
+# -- the job's activity newest first: ListJobEvents / ListJobMetrics newest_first, the OpenAI events' pages -----
+
+
+def at(offset_s: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=offset_s)
+
+
+async def transition(jobs: Jobs, job_id: str, frm: str | None, to: str, offset_s: float, attempt: int = 1) -> None:
+    async with jobs.engine.begin() as conn:
+        await conn.execute(
+            store.job_events.insert().values(
+                job_id=job_id, from_state=frm, to_state=to, attempt=attempt, reason=f"to {to}", recorded_at=at(offset_s)
+            )
+        )
+
+
+async def report(jobs: Jobs, job_id: str, step: int, offset_s: float, attempt: int = 1, **values: float) -> None:
+    """One agent report of a step's metrics: every point of it at one time, as the report batch stores them."""
+    async with jobs.engine.begin() as conn:
+        await conn.execute(
+            store.metric_points.insert(),
+            [
+                dict(job_id=job_id, attempt=attempt, name=n, step=step, value=v, recorded_at=at(offset_s))
+                for n, v in values.items()
+            ],
+        )
+
+
+async def resumed_job(jobs: Jobs) -> str:
+    """A job with state changes and steps sharing seconds (several steps a second, a step whose eval lands in a
+    later second than its training loss), whose agent was lost at step 12 and which resumed from the checkpoint
+    at step 8 in attempt 2, reporting step 8 again, and succeeded in the second of its last step."""
+    job_id = await make_job(jobs)
+    async with jobs.engine.begin() as conn:  # the submit's QUEUED transition, at T0 + 0.2s
+        await conn.execute(
+            update(store.job_events).where(store.job_events.c.job_id == job_id).values(recorded_at=at(0.2))
+        )
+    await transition(jobs, job_id, "QUEUED", "STARTING", 1.5)
+    await transition(jobs, job_id, "STARTING", "RUNNING", 1.7)
+    for step in range(1, 13):
+        await report(jobs, job_id, step, 2 + 0.3 * step, loss=3.0 - step / 10, learning_rate=1e-4)
+        if step % 5 == 0:
+            await report(jobs, job_id, step, 2.5 + 0.3 * step, eval_loss=2.0 - step / 10)
+    await transition(jobs, job_id, "RUNNING", "QUEUED", 5.8)
+    await transition(jobs, job_id, "QUEUED", "STARTING", 6.0, attempt=2)
+    async with jobs.engine.begin() as conn:  # as claiming attempt 2 does
+        mp = store.metric_points.c
+        await conn.execute(store.metric_points.delete().where(mp.job_id == job_id, mp.attempt < 2, mp.step > 8))
+        await conn.execute(update(store.jobs).where(store.jobs.c.id == job_id).values(attempt=2, resumed_from_step=8))
+    await transition(jobs, job_id, "STARTING", "RUNNING", 6.1, attempt=2)
+    await report(jobs, job_id, 8, 6.3, attempt=2, loss=-8.0)
+    for step in range(9, 31):
+        await report(jobs, job_id, step, 6.3 + 0.25 * (step - 8), attempt=2, loss=2.0 - step / 100, learning_rate=1e-5)
+        if step % 5 == 0:
+            await report(jobs, job_id, step, 6.4 + 0.25 * (step - 8), attempt=2, eval_loss=1.0 - step / 100)
+    await transition(jobs, job_id, "RUNNING", "SUCCEEDED", 11.9, attempt=2)
+    return job_id
+
+
+async def events_as_the_gateway_built_them(jobs: Jobs, job_id: str) -> list[dict[str, Any]]:
+    """The reference: the gateway's events as it made them when it read every transition and point (that code,
+    unchanged), newest first by its stable sort."""
+    from tuneforge_gateway.openai_compat import JOB_STATUS, seconds
+
+    async with jobs.engine.connect() as conn:
+        je, mp = store.job_events.c, store.metric_points.c
+        transitions = [
+            api.event_to_pb(r)
+            for r in await conn.execute(select(store.job_events).where(je.job_id == job_id).order_by(je.id))
+        ]
+        points = [
+            api.metric_to_pb(r)
+            for r in await conn.execute(select(store.metric_points).where(mp.job_id == job_id).order_by(mp.id))
+        ]
+    events: list[tuple[tuple[int, int], dict[str, Any]]] = []
+    for e in transitions:
+        old, new = JOB_STATUS.get(e.from_state), JOB_STATUS.get(e.to_state, "queued")
+        text = f"Job changed from {old} to {new}" if old else f"Job is {new}"
+        text += f": {e.reason}" if e.reason else ""
+        event = {
+            "id": f"ftevent-{job_id}-state-{e.seq}",
+            "object": "fine_tuning.job.event",
+            "created_at": seconds(e.time),
+            "level": "error" if new == "failed" else "info",
+            "message": text,
+            "type": "message",
+            "data": {},
+        }
+        events.append(((seconds(e.time), 0), event))
+    by_step: dict[int, dict[str, Any]] = {}
+    created: dict[int, int] = {}
+    for p in points:
+        by_step.setdefault(p.step, {"step": p.step})[p.name] = p.value
+        created[p.step] = max(created.get(p.step, 0), seconds(p.time))
+    for step, data in by_step.items():
+        if "loss" in data and "train_loss" not in data:
+            data["train_loss"] = data["loss"]
+        event = {
+            "id": f"ftevent-{job_id}-step-{step}",
+            "object": "fine_tuning.job.event",
+            "created_at": created[step],
+            "level": "info",
+            "message": f"Step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in data.items() if k != "step"),
+            "type": "metrics",
+            "data": data,
+        }
+        events.append(((created[step], 1), event))
+    return [event for _, event in sorted(events, key=lambda pair: pair[0], reverse=True)]
+
+
+async def pages_of_events(http: httpx.AsyncClient, job_id: str, limit: int) -> list[list[dict[str, Any]]]:
+    """Every page of the OpenAI events list, each after the last id of the one before, as the client pages."""
+    pages: list[list[dict[str, Any]]] = []
+    params: dict[str, Any] = {"limit": limit}
+    while True:
+        resp = await http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        pages.append(body["data"])
+        assert len(body["data"]) <= limit
+        if not body["has_more"]:
+            return pages
+        assert len(body["data"]) == limit
+        params["after"] = body["data"][-1]["id"]
+
+
+async def test_openai_events_page_after_any_event_as_one_big_page_and_as_the_gateway_built_them(jobs, http):
+    job_id = await resumed_job(jobs)
+    expected = await events_as_the_gateway_built_them(jobs, job_id)
+    assert len(expected) == 7 + 30  # every state change, and steps 1..30 once each (step 8: attempt 2's value)
+    assert {e["created_at"] for e in expected if e["type"] == "message"} & {
+        e["created_at"] for e in expected if e["type"] == "metrics"
+    }, "state changes share seconds with steps"
+    (everything,) = await pages_of_events(http, job_id, 10_000)
+    assert everything == expected
+    step_8 = next(e for e in everything if e["id"] == f"ftevent-{job_id}-step-8")
+    assert step_8["data"] == {"step": 8, "loss": -8.0, "learning_rate": 1e-4, "train_loss": -8.0}
+
+    for limit in (1, 2, 3, 4, 7, 36, 37):
+        pages = await pages_of_events(http, job_id, limit)
+        assert [e for page in pages for e in page] == expected, limit
+        assert len(pages) == -(-len(expected) // limit)
+
+    # After any event: exactly the rest of the list.
+    for i, event in enumerate(expected):
+        resp = await http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": event["id"], "limit": 5})
+        assert resp.json()["data"] == expected[i + 1 : i + 6], event["id"]
+        assert resp.json()["has_more"] == (i + 6 < len(expected))
+
+
+async def test_openai_events_refuse_an_event_the_job_does_not_have_as_an_invalid_cursor(jobs, http):
+    job_id = await resumed_job(jobs)
+    other = await make_job(jobs)
+    for after in (
+        f"ftevent-{job_id}-step-31",  # no such step
+        f"ftevent-{job_id}-state-99",
+        f"ftevent-{job_id}-state-{1 + 7}",  # the other job's first transition
+        f"ftevent-{other}-state-1",
+        f"ftevent-{job_id}-step-08",
+        f"ftevent-{job_id}-step-{2**63}",
+        f"ftevent-{job_id}-steps-1",
+        "nope",
+    ):
+        resp = await http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": after})
+        assert resp.status_code == 400, (after, resp.text)
+        error = resp.json()["error"]
+        assert (error["param"], error["code"]) == ("after", "invalid_cursor"), after
+        assert error["message"] == f"no item with id {after!r} in this list"
+    missing = await http.get("/v1/fine_tuning/jobs/job-nope/events", params={"after": "nope"})
+    assert missing.status_code == 404
+
+
+async def test_list_job_events_newest_first_pages_and_starts_after_an_item_of_either_kind(jobs, stub):
+    job_id = await resumed_job(jobs)
+    expected = await events_as_the_gateway_built_them(jobs, job_id)
+    seqs = [int(e["id"].rsplit("-", 1)[1]) for e in expected if e["type"] == "message"]
+    assert seqs == [7, 5, 6, 4, 2, 3, 1]  # the latest second first; within one second by seq
+    got, token = [], ""
+    while True:
+        request = pb.ListJobEventsRequest(job_id=job_id, newest_first=True, page_size=2, page_token=token)
+        resp = await stub.ListJobEvents(request, timeout=10)
+        got += [e.seq for e in resp.events]
+        token = resp.next_page_token
+        if not token:
+            break
+    assert got == seqs
+    # After an item of the activity: the transitions that follow it there, whichever kind it is.
+    for i, event in enumerate(expected):
+        kind, key = event["id"].rsplit("-", 2)[1:]
+        after = pb.ActivityCursor(seq=int(key)) if kind == "state" else pb.ActivityCursor(step=int(key))
+        resp = await stub.ListJobEvents(pb.ListJobEventsRequest(job_id=job_id, newest_first=True, after=after))
+        rest = [int(e["id"].rsplit("-", 1)[1]) for e in expected[i + 1 :] if e["type"] == "message"]
+        assert [e.seq for e in resp.events] == rest, event["id"]
+    # The stored order stays the default.
+    plain = await stub.ListJobEvents(pb.ListJobEventsRequest(job_id=job_id), timeout=10)
+    assert [e.seq for e in plain.events] == sorted(seqs)
+
+
+async def test_list_job_metrics_newest_first_gives_whole_steps_after_an_item_of_either_kind(jobs, stub):
+    job_id = await resumed_job(jobs)
+    expected = await events_as_the_gateway_built_them(jobs, job_id)
+    steps = [e["data"]["step"] for e in expected if e["type"] == "metrics"]
+    got: list[list[pb.MetricPoint]] = []
+    token = ""
+    while True:
+        request = pb.ListJobMetricsRequest(job_id=job_id, newest_first=True, page_size=3, page_token=token)
+        resp = await stub.ListJobMetrics(request, timeout=10)
+        page_steps = list(dict.fromkeys(p.step for p in resp.points))
+        assert len(page_steps) == (3 if resp.next_page_token else len(page_steps))
+        for step in page_steps:
+            got.append([p for p in resp.points if p.step == step])
+        token = resp.next_page_token
+        if not token:
+            break
+    assert [points[0].step for points in got] == steps
+    step_8 = next(points for points in got if points[0].step == 8)
+    assert [(p.attempt, p.name, p.value) for p in step_8] == [
+        (1, "loss", 3.0 - 0.8),
+        (1, "learning_rate", 1e-4),
+        (2, "loss", -8.0),
+    ]
+    for i, event in enumerate(expected):
+        kind, key = event["id"].rsplit("-", 2)[1:]
+        after = pb.ActivityCursor(seq=int(key)) if kind == "state" else pb.ActivityCursor(step=int(key))
+        resp = await stub.ListJobMetrics(pb.ListJobMetricsRequest(job_id=job_id, newest_first=True, after=after))
+        rest = [e["data"]["step"] for e in expected[i + 1 :] if e["type"] == "metrics"]
+        assert list(dict.fromkeys(p.step for p in resp.points)) == rest, event["id"]
+    # Names and a step range select the points; a step's time is then its selected points' latest.
+    evals = await stub.ListJobMetrics(
+        pb.ListJobMetricsRequest(job_id=job_id, newest_first=True, names=["eval_loss"], min_step=6, max_step=25)
+    )
+    assert [(p.step, p.name) for p in evals.points] == [(s, "eval_loss") for s in (25, 20, 15, 10)]
+
+
+async def test_newest_first_leaves_out_points_a_resumed_attempt_superseded(jobs, stub):
+    job_id = await make_job(jobs)
+    for step in range(1, 11):
+        await report(jobs, job_id, step, step, attempt=1, loss=float(step))
+    await resumed(jobs, job_id, attempt=2, from_step=4)  # attempt 1's steps 5..10 stand no more (not deleted here)
+    for step in range(4, 7):
+        await report(jobs, job_id, step, 20 + step, attempt=2, loss=-float(step))
+    resp = await stub.ListJobMetrics(pb.ListJobMetricsRequest(job_id=job_id, newest_first=True), timeout=10)
+    assert [(p.step, p.attempt, p.value) for p in resp.points] == [
+        (6, 2, -6.0),
+        (5, 2, -5.0),
+        (4, 1, 4.0),  # both attempts hold step 4 (the checkpoint's), by attempt: the last one stands
+        (4, 2, -4.0),
+        (3, 1, 3.0),
+        (2, 1, 2.0),
+        (1, 1, 1.0),
+    ]
+    # Attempt 1's step 7 is not the job's any more: no place to list after.
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.ListJobMetrics(
+            pb.ListJobMetricsRequest(job_id=job_id, newest_first=True, after=pb.ActivityCursor(step=7)), timeout=10
+        )
+    assert decode_error(exc.value).field_violations[0][0] == "after"
+
+
+async def test_newest_first_requests_are_checked(jobs, stub):
+    job_id = await resumed_job(jobs)
+    cases = [
+        (stub.ListJobEvents, pb.ListJobEventsRequest(job_id=job_id, after=pb.ActivityCursor(seq=1)), "after"),
+        (stub.ListJobEvents, pb.ListJobEventsRequest(job_id=job_id, newest_first=True, page_token="x"), "page_token"),
+        (
+            stub.ListJobEvents,
+            pb.ListJobEventsRequest(job_id=job_id, newest_first=True, after=pb.ActivityCursor(seq=99)),
+            "after",
+        ),
+        (stub.ListJobMetrics, pb.ListJobMetricsRequest(job_id=job_id, after=pb.ActivityCursor(step=1)), "after"),
+        (stub.ListJobMetrics, pb.ListJobMetricsRequest(job_id=job_id, newest_first=True, max_points=5), "newest_first"),
+        (stub.ListJobMetrics, pb.ListJobMetricsRequest(job_id=job_id, newest_first=True, min_step=-1), "min_step"),
+        (
+            stub.ListJobMetrics,
+            pb.ListJobMetricsRequest(job_id=job_id, newest_first=True, after=pb.ActivityCursor(step=31)),
+            "after",
+        ),
+    ]
+    for call, request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call(request, timeout=10)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert decode_error(exc.value).field_violations[0][0] == field, request
+    for call, request in (
+        (stub.ListJobEvents, pb.ListJobEventsRequest(job_id="job-nope", newest_first=True)),
+        (stub.ListJobMetrics, pb.ListJobMetricsRequest(job_id="job-nope", newest_first=True)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call(request, timeout=10)
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    # A job without points: no steps, and no step to list after.
+    empty = await make_job(jobs)
+    resp = await stub.ListJobMetrics(pb.ListJobMetricsRequest(job_id=empty, newest_first=True), timeout=10)
+    assert not resp.points and not resp.next_page_token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import functools
 import json
@@ -21,6 +22,7 @@ from tuneforge_common.grpcutil import ServiceBinding, map_errors
 from tuneforge_common.paging import decode_token, encode_token, page_size, struct, timestamp
 
 from . import estimates, scheduler
+from .activity import Item, Place
 from .estimates import Estimate
 from .lifecycle import ON_AGENT, TERMINAL, JobState
 from .notify import Notifier
@@ -160,6 +162,34 @@ async def _page_after(read: Any, job_id: str, requested_size: int, page_token: s
     return rows[:size], encode_token(rows[size - 1].id) if len(rows) > size else ""
 
 
+def _activity_after(request: pb.ListJobEventsRequest | pb.ListJobMetricsRequest) -> tuple[str, int] | None:
+    """The request's `after` item of the job's activity, ("seq" or "step", key); None when it names none."""
+    kind = request.after.WhichOneof("item") if request.HasField("after") else None
+    return (kind, getattr(request.after, kind)) if kind else None
+
+
+def _activity_place(page_token: str) -> Place | None:
+    """Where a newest-first list goes on after the page that gave this token: its last item's place."""
+    if not page_token:
+        return None
+    try:
+        kind, second, key = base64.urlsafe_b64decode(page_token.encode()).decode().split(":")
+        if kind != "a":
+            raise ValueError
+        return int(second), int(key)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.for_field("page_token", "invalid page token") from None
+
+
+def _activity_token(last: Item) -> str:
+    return base64.urlsafe_b64encode(f"a:{last.second}:{last.key}".encode()).decode()
+
+
+def _refuse_after_without_newest_first(request: pb.ListJobEventsRequest | pb.ListJobMetricsRequest) -> None:
+    if request.HasField("after"):
+        raise InvalidArgument.for_field("after", "applies to newest_first lists only")
+
+
 def _cursor(event_id: int, metric_id: int, log_id: int) -> str:
     return f"e{event_id}.m{metric_id}.l{log_id}"
 
@@ -264,15 +294,28 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @map_errors
     async def ListJobMetrics(self, request: pb.ListJobMetricsRequest, context: Any) -> pb.ListJobMetricsResponse:
-        """Raw points page by page; with max_points, one page of series downsampled in the database."""
+        """Raw points page by page (as stored, or step by step newest first); with max_points, one page of series
+        downsampled in the database."""
         if request.max_points < 0:
             raise InvalidArgument.for_field("max_points", "must not be negative")
+        if request.max_points and request.newest_first:
+            raise InvalidArgument.for_field("newest_first", "lists raw points: not with max_points")
         names = list(request.names)
         if request.max_points:
             found = await self.jobs.metric_series(
                 request.job_id, names, request.max_points, request.min_step, request.max_step
             )
             return pb.ListJobMetricsResponse(series=[self._series_pb(s) for s in found])
+        if request.newest_first:
+            size, after = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), _activity_after(request)
+            place = _activity_place(request.page_token)
+            steps = await self.jobs.steps_newest_first(
+                request.job_id, names, after, size + 1, request.min_step, request.max_step, place
+            )
+            token = _activity_token(steps[size - 1]) if len(steps) > size else ""
+            points = [metric_to_pb(r) for step in steps[:size] for r in step.row]
+            return pb.ListJobMetricsResponse(points=points, next_page_token=token)
+        _refuse_after_without_newest_first(request)
         read = functools.partial(self.jobs.metrics, names=names, min_step=request.min_step, max_step=request.max_step)
         rows, token = await _page_after(read, request.job_id, request.page_size, request.page_token)
         return pb.ListJobMetricsResponse(points=[metric_to_pb(r) for r in rows], next_page_token=token)
@@ -308,6 +351,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @map_errors
     async def ListJobEvents(self, request: pb.ListJobEventsRequest, context: Any) -> pb.ListJobEventsResponse:
+        if request.newest_first:
+            size, after = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), _activity_after(request)
+            place = _activity_place(request.page_token)
+            found = await self.jobs.events_newest_first(request.job_id, after, size + 1, place)
+            token = _activity_token(found[size - 1]) if len(found) > size else ""
+            return pb.ListJobEventsResponse(events=[event_to_pb(i.row) for i in found[:size]], next_page_token=token)
+        _refuse_after_without_newest_first(request)
         rows, token = await _page_after(self.jobs.events, request.job_id, request.page_size, request.page_token)
         return pb.ListJobEventsResponse(events=[event_to_pb(r) for r in rows], next_page_token=token)
 

@@ -29,13 +29,15 @@ from tuneforge_common.errors import (
 from tuneforge_common.events import write_event
 from tuneforge_common.methods import greater_is_better
 
-from . import estimates, lifecycle, scheduler, series, store
+from . import activity, estimates, lifecycle, scheduler, series, store
 from .estimates import Estimate
 from .lifecycle import JobState
 
 log = logging.getLogger(__name__)
 MAX_NAME = 255
 QUEUE_PAGE = 500  # queued jobs read per page while looking for one that fits an agent
+MAX_WALK_CHUNK = 10_000  # metric points read per query while walking a job's steps newest first
+STEPS_PER_QUERY = 500  # steps whose points one query reads (bound parameters stay well under the engines' limits)
 
 
 @dataclass(frozen=True)
@@ -777,6 +779,159 @@ class Jobs:
 
     async def events(self, job_id: str, after_id: int, limit: int) -> list[Any]:
         return await self._rows_after(store.job_events, job_id, after_id, limit)
+
+    # -- the job's activity, newest first (activity.py) -------------------------------------------------------
+
+    async def events_newest_first(
+        self, job_id: str, after: tuple[str, int] | None, limit: int, place: activity.Place | None = None
+    ) -> list[activity.Item]:
+        """At most `limit` transitions after an item of the job's activity (("seq" or "step", key)), or after a
+        place in their list (a page token's), else from the latest; newest first, each item's row the transition."""
+        job = await self.get(job_id)
+        je = store.job_events.c
+        async with self.engine.connect() as conn:
+            if after is not None and place is None:
+                second, kind = await self._activity_second(conn, job, after, [])
+                # Within a second the steps come before the transitions: after a step, all of its second's remain.
+                place = (second, after[1] if kind == "seq" else activity.FIRST_KEY)
+
+            async def in_second(second: int, above: int, n: int) -> list[activity.Item]:
+                query = (
+                    select(store.job_events)
+                    .where(
+                        je.job_id == job.id,
+                        je.recorded_at >= activity.start_of(second),
+                        je.recorded_at < activity.start_of(second + 1),
+                        je.id > above,
+                    )
+                    .order_by(je.id)
+                    .limit(n)
+                )
+                return [activity.Item(second, r.id, r) for r in await conn.execute(query)]
+
+            async def before(bound: int | None, n: int) -> list[activity.Item]:
+                query = select(store.job_events).where(je.job_id == job.id)
+                if bound is not None:
+                    query = query.where(je.recorded_at < activity.start_of(bound))
+                query = query.order_by(je.recorded_at.desc(), je.id.desc()).limit(n)
+                return [activity.Item(activity.second_of(r.recorded_at), r.id, r) for r in await conn.execute(query)]
+
+            return await activity.collect(in_second, before, place, limit)
+
+    async def steps_newest_first(
+        self,
+        job_id: str,
+        names: list[str],
+        after: tuple[str, int] | None,
+        limit: int,
+        min_step: int = 0,
+        max_step: int = 0,
+        place: activity.Place | None = None,
+    ) -> list[activity.Item]:
+        """At most `limit` steps after an item of the job's activity (("seq" or "step", key)), or after a place
+        in their list (a page token's), else from the latest; newest first, each item's row the list of its points
+        (by attempt, then as stored).
+
+        A step's time is its latest point's (of the names asked; all when none is). The points are walked from
+        the latest down the (job_id, recorded_at) index, a step kept where its latest point is (its points read by
+        the (job_id, name, step) index), so a page reads about its own steps' points and those of the seconds it
+        starts and ends in, never the job's every point.
+        """
+        series.check_step_range(min_step, max_step)
+        job = await self.get(job_id)
+        mp = store.metric_points
+        async with self.engine.connect() as conn:
+            names = list(dict.fromkeys(names)) or await self._metric_names(conn, job.id)
+            if after is not None and place is None:
+                second, kind = await self._activity_second(conn, job, after, names)
+                # Within a second the steps come before the transitions: after a transition, none of its second's.
+                place = (second, after[1] if kind == "step" else activity.LAST_KEY)
+            if not names:
+                return []
+            selected = [*self._current_points(job), mp.c.name.in_(names)]
+            selected += [mp.c.step >= min_step] if min_step else []
+            selected += [mp.c.step <= max_step] if max_step else []
+
+            async def latest_points(steps: set[int]) -> dict[int, tuple[dt.datetime, int]]:
+                """Each step's latest point, (recorded_at, id): the steps' few points by (job_id, name, step), not a
+                correlated subquery, which SQLite without statistics would answer walking the time index."""
+                latest: dict[int, tuple[dt.datetime, int]] = {}
+                ordered = sorted(steps)
+                for start in range(0, len(ordered), STEPS_PER_QUERY):
+                    batch = ordered[start : start + STEPS_PER_QUERY]
+                    query = select(mp.c.step, mp.c.recorded_at, mp.c.id).where(*selected, mp.c.step.in_(batch))
+                    for r in await conn.execute(query):
+                        if r.step not in latest or (r.recorded_at, r.id) > latest[r.step]:
+                            latest[r.step] = (r.recorded_at, r.id)
+                return latest
+
+            async def in_second(second: int, above: int, n: int) -> list[activity.Item]:
+                query = select(mp.c.step, mp.c.recorded_at, mp.c.id).where(
+                    *selected,
+                    mp.c.recorded_at >= activity.start_of(second),
+                    mp.c.recorded_at < activity.start_of(second + 1),
+                    mp.c.step > above,
+                )
+                rows = (await conn.execute(query)).all()
+                latest = await latest_points({r.step for r in rows})
+                steps = {r.step for r in rows if latest[r.step] == (r.recorded_at, r.id)}
+                return [activity.Item(second, step) for step in sorted(steps)[:n]]
+
+            async def before(bound: int | None, n: int) -> list[activity.Item]:
+                """Walk the points from the latest down (by the time index), in chunks, keeping each step where its
+                latest point is."""
+                found: list[activity.Item] = []
+                last: tuple[dt.datetime, int] | None = None  # the last point walked, (recorded_at, id)
+                chunk = min(n * len(names), MAX_WALK_CHUNK)  # about n steps' points when every step logs every name
+                while len(found) < n:
+                    where = list(selected)
+                    if bound is not None:
+                        where.append(mp.c.recorded_at < activity.start_of(bound))
+                    if last is not None:
+                        where += [mp.c.recorded_at <= last[0], or_(mp.c.recorded_at < last[0], mp.c.id < last[1])]
+                    query = select(mp.c.step, mp.c.recorded_at, mp.c.id).where(*where)
+                    query = query.order_by(mp.c.recorded_at.desc(), mp.c.id.desc()).limit(chunk)
+                    rows = (await conn.execute(query)).all()
+                    latest = await latest_points({r.step for r in rows})
+                    found += [
+                        activity.Item(activity.second_of(r.recorded_at), r.step)
+                        for r in rows
+                        if latest[r.step] == (r.recorded_at, r.id)
+                    ]
+                    if len(rows) < chunk:
+                        break
+                    last = (rows[-1].recorded_at, rows[-1].id)
+                    chunk = min(chunk * 2, MAX_WALK_CHUNK)  # names logged rarely: read on in larger chunks
+                return found[:n]
+
+            steps = await activity.collect(in_second, before, place, limit)
+            if not steps:
+                return []
+            points: dict[int, list[Any]] = {}
+            query = select(mp).where(*selected, mp.c.step.in_([s.key for s in steps]))
+            for r in await conn.execute(query.order_by(mp.c.step, mp.c.attempt, mp.c.id)):
+                points.setdefault(r.step, []).append(r)
+        return [activity.Item(s.second, s.key, points.get(s.key, [])) for s in steps]
+
+    async def _activity_second(
+        self, conn: AsyncConnection, job: Any, item: tuple[str, int], names: list[str]
+    ) -> tuple[int, str]:
+        """The second of an item of the job's activity, ("seq" or "step", key), and its kind; a step's is its
+        latest point's among `names` (all when empty). One the job lacks is InvalidArgument naming `after`."""
+        kind, key = item
+        if kind == "seq":
+            je = store.job_events.c
+            query = select(je.recorded_at).where(je.job_id == job.id, je.id == key)
+        else:
+            mp = store.metric_points.c
+            where = [*self._current_points(job), mp.step == key]
+            names = names or await self._metric_names(conn, job.id)
+            # The step's few points, their latest taken here: SQLite would find max() walking the time index.
+            query = select(mp.recorded_at).where(*where, mp.name.in_(names))
+        time = max((await conn.execute(query)).scalars(), default=None)
+        if time is None:
+            raise InvalidArgument.for_field("after", f"job {job.id!r} has no {kind} {key} to list after")
+        return activity.second_of(time), kind
 
     async def logs(self, job_id: str, after_id: int, limit: int) -> list[Any]:
         return await self._rows_after(store.log_lines, job_id, after_id, limit)

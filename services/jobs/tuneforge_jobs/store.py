@@ -102,6 +102,8 @@ metric_points = Table(
     Column("value", Float, nullable=False),
     Column("recorded_at", UtcDateTime, nullable=False),
     Index("ix_metric_points_job_name_step", "job_id", "name", "step"),
+    # A job's steps newest first (Jobs.steps_newest_first) walk its points by time.
+    Index("ix_metric_points_job_recorded_at", "job_id", "recorded_at"),
 )
 
 log_lines = Table(

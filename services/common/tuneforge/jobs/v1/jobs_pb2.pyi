@@ -1168,25 +1168,71 @@ class JobEvent(_message.Message):
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
 
 @_typing.final
+class ActivityCursor(_message.Message):
+    """One item of a job's activity, to list after. The activity is the job's state transitions and its steps (a step:
+    all its metric points) merged newest first: by the whole second of each item's time (a step's is the latest of
+    its points'), the latest second first; within one second the steps first, by ascending step, then the
+    transitions, by ascending seq. It is the order of the OpenAI-compatible API's fine-tuning job events, whose
+    `after` (an event id) names such an item. ListJobEvents and ListJobMetrics, with newest_first, each list their
+    part of it after an item of either kind. An item the job does not have is INVALID_ARGUMENT naming `after`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """A transition's seq (JobEvent.seq)."""
+    step: _builtins.int
+    """A step the job has metric points for."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "seq", b"seq", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "seq", b"seq", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["seq", "step"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___ActivityCursor: _TypeAlias = ActivityCursor  # noqa: Y015
+
+@_typing.final
 class ListJobEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
+    newest_first: _builtins.bool
+    """Latest first, in ActivityCursor's order, instead of the order they were stored in."""
+    @_builtins.property
+    def after(self) -> Global___ActivityCursor:
+        """With newest_first: only the transitions after this item of the job's activity (unset: from the latest).
+        Keep it on the requests that follow with page_token.
+        """
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        newest_first: _builtins.bool = ...,
+        after: Global___ActivityCursor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "job_id", b"job_id", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1226,6 +1272,8 @@ class ListJobMetricsRequest(_message.Message):
     MAX_POINTS_FIELD_NUMBER: _builtins.int
     MIN_STEP_FIELD_NUMBER: _builtins.int
     MAX_STEP_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
@@ -1235,9 +1283,21 @@ class ListJobMetricsRequest(_message.Message):
     """
     min_step: _builtins.int
     max_step: _builtins.int
+    newest_first: _builtins.bool
+    """Raw points step by step, the latest step first in ActivityCursor's order (a step's time is the latest of
+    its selected points'), each step with all its points (by attempt, then as stored) on one page: page_size
+    counts steps. Names and the step range still select the points; not with max_points. Points of earlier
+    attempts that a resumed attempt superseded are left out, as in the downsampled series.
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these metric names; empty means all."""
+
+    @_builtins.property
+    def after(self) -> Global___ActivityCursor:
+        """With newest_first: only the steps after this item of the job's activity (unset: from the latest). Keep it
+        on the requests that follow with page_token.
+        """
 
     def __init__(
         self,
@@ -1249,10 +1309,12 @@ class ListJobMetricsRequest(_message.Message):
         max_points: _builtins.int = ...,
         min_step: _builtins.int = ...,
         max_step: _builtins.int = ...,
+        newest_first: _builtins.bool = ...,
+        after: Global___ActivityCursor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "max_points", b"max_points", "max_step", b"max_step", "min_step", b"min_step", "names", b"names", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "job_id", b"job_id", "max_points", b"max_points", "max_step", b"max_step", "min_step", b"min_step", "names", b"names", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
