@@ -30,29 +30,23 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge_common.methods import param
+from tuneforge_common.operations import EvaluateParams as EvaluateSettings
 from tuneforge_trainer import lifecycle
-from tuneforge_trainer.lifecycle import PRECISIONS, Failure, UsageError, log, required
+from tuneforge_trainer.lifecycle import Failure, UsageError, log, required
 from tuneforge_trainer.sdk import log_data
 
 LOSS_SHARE = 80.0  # percent of the progress for scoring; the rest for generating
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    """Evaluate a model on a dataset: loss, perplexity and sample generations."""
+@dataclass(frozen=True, kw_only=True)
+class EvaluateParams(EvaluateSettings):
+    """Evaluate a model on a dataset: loss, perplexity and sample generations (the settings a user gives are
+    tuneforge_common.operations.EvaluateParams; the agent adds the paths)."""
 
     model_path: str = required("The model directory (a base or a merged model).")
     dataset_path: str = required("The JSON-lines dataset to evaluate on (the supervised methods' formats).")
     output_dir: str = required("Where metrics.json and generations.jsonl are written.")
     adapter_path: str = param("", "A LoRA adapter directory to apply to the model; empty for none.")
-    max_samples: int = param(200, "Rows evaluated, from the start of the file; 0 for all.", minimum=0)
-    max_seq_length: int = param(512, "Tokens scored per row at most (longer rows are cut at the end).", minimum=2)
-    batch_size: int = param(4, "Rows scored together.", minimum=1)
-    num_generations: int = param(5, "Rows, from the first, whose prompt gets a greedy answer.", minimum=0)
-    max_new_tokens: int = param(64, "Tokens generated per answer at most.", minimum=1)
-    prompt_input_column: str = param("", "The prompt column of question/answer rows (default: detected).")
-    prompt_output_column: str = param("", "The answer column of question/answer rows (default: detected).")
-    precision: str = param("auto", "Weights dtype: auto is bf16 on a GPU that has it, else fp32.", choices=PRECISIONS)
 
 
 @dataclass

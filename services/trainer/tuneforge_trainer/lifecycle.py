@@ -23,7 +23,6 @@ from typing import Any
 
 from tuneforge_trainer.sdk import parse_flags
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 USAGE_EXIT_CODE = 2
 STOPPED_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports it
 

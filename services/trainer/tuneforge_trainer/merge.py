@@ -24,29 +24,20 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge_common.methods import param
+from tuneforge_common.operations import MergeParams as MergeSettings
 from tuneforge_trainer import lifecycle
-from tuneforge_trainer.lifecycle import PRECISIONS, Failure, UsageError, log, required
+from tuneforge_trainer.lifecycle import Failure, UsageError, log, required
 from tuneforge_trainer.sdk import log_data
 
-QUANTIZE_CHOICES = ("none", "8bit", "4bit")
 
-
-@dataclass(frozen=True)
-class MergeParams:
-    """Merge a LoRA adapter into its full-precision base model and save the complete model."""
+@dataclass(frozen=True, kw_only=True)
+class MergeParams(MergeSettings):
+    """Merge a LoRA adapter into its full-precision base model and save the complete model (the settings a user
+    gives are tuneforge_common.operations.MergeParams; the agent adds the paths)."""
 
     model_path: str = required("The base model directory the adapter was trained on (loaded unquantized).")
     adapter_path: str = required("The LoRA adapter directory (adapter_config.json, adapter weights, tokenizer).")
     output_dir: str = required("Where the complete model is saved; must not exist yet, or be empty.")
-    precision: str = param(
-        "auto", "dtype of the merged weights: auto keeps the base model's own (its config.json).", choices=PRECISIONS
-    )
-    quantize: str = param(
-        "none",
-        "Also save a bitsandbytes copy (8bit: LLM.int8, 4bit: NF4) under OUT/quantized-<bits>; needs a CUDA GPU.",
-        choices=QUANTIZE_CHOICES,
-    )
 
 
 def check_quantize(quantize: str) -> None:

@@ -41,20 +41,21 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge_common.methods import param
+from tuneforge_common.operations import ServeParams as ServeSettings
 from tuneforge_trainer import lifecycle
-from tuneforge_trainer.lifecycle import PRECISIONS, Failure, UsageError, log, required
+from tuneforge_trainer.lifecycle import Failure, UsageError, log, required
 from tuneforge_trainer.sdk import log_data
 
 READY_PREFIX = "[serve_ready]: "
-ENGINES = ("auto", "transformers", "vllm")
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 GRACEFUL_SHUTDOWN_S = 5
 
 
-@dataclass(frozen=True)
-class ServeParams:
-    """Serve a model over an OpenAI-compatible HTTP API."""
+@dataclass(frozen=True, kw_only=True)
+class ServeParams(ServeSettings):
+    """Serve a model over an OpenAI-compatible HTTP API (the settings a user gives are
+    tuneforge_common.operations.ServeParams; the agent adds the paths and the name)."""
 
     model_path: str = required("The model directory (a base or a merged model).")
     adapter_path: str = param("", "A LoRA adapter directory to apply to the model; empty for none.")
@@ -63,14 +64,7 @@ class ServeParams:
     served_model_name: str = param(
         "", "The model name requests give and responses carry; default: the adapter's or the model's directory name."
     )
-    max_model_len: int = param(
-        0, "Context length (prompt + completion tokens); 0: the model's max_position_embeddings.", minimum=0
-    )
-    precision: str = param("auto", "Weights dtype: auto is bf16 (or fp16) on a GPU, fp32 on a CPU.", choices=PRECISIONS)
     output_dir: str = param("", "Unused: the agent passes one to every operation on a model.")
-    engine: str = param(
-        "auto", "auto: vLLM when it is installed and CUDA is available, else transformers.", choices=ENGINES
-    )
 
 
 def parse_ready_line(line: str) -> dict[str, Any] | None:
