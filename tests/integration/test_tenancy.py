@@ -322,6 +322,32 @@ async def test_the_openai_client_sees_only_its_projects_objects(tenancy):
         await openai.AsyncOpenAI(api_key="tf_x_y", base_url="http://gw/v1", http_client=t.http).models.list()
 
 
+async def test_openai_files_page_through_the_projects_own_and_never_after_anothers(tenancy):
+    openai = pytest.importorskip("openai")
+    t = tenancy
+    owned = await alpha_with_objects(t)
+    beta = (await t.call("POST", "/api/v1/projects", t.admin, json={"name": "beta"})).json()["id"]
+    bob = openai.AsyncOpenAI(
+        api_key=await t.new_key("bob", {beta: "member"}), base_url="http://gw/v1", http_client=t.http
+    )
+    uploaded = [
+        (await bob.files.create(file=(f"b{i}.jsonl", chat_jsonl(2 + i)), purpose="fine-tune")).id for i in range(3)
+    ]
+    newest_first = [f.id for f in (await bob.files.list()).data]
+    assert sorted(newest_first) == sorted(uploaded) and owned.dataset_id not in newest_first
+    assert [f.id async for f in bob.files.list(limit=1)] == newest_first  # after each last id, one at a time
+    assert [f.id async for f in bob.files.list(limit=2, order="asc")] == newest_first[::-1]
+    page = await bob.files.list(after=newest_first[0], limit=1)
+    assert [f.id for f in page.data] == [newest_first[1]] and page.has_more
+    # Alpha's file is no cursor for beta: as unknown as a made-up id, and nothing of it is told.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await bob.files.list(after=owned.dataset_id)
+    assert (refused.value.param, refused.value.code) == ("after", "invalid_cursor")
+    assert refused.value.body["message"] == f"no item with id {owned.dataset_id!r} in this list"
+    alice = openai.AsyncOpenAI(api_key=owned.key, base_url="http://gw/v1", http_client=t.http)
+    assert [f.id for f in (await alice.files.list(after=owned.dataset_id)).data] == []
+
+
 def agent_stub(t: Tenancy, credential: str) -> tuple[grpc.aio.Channel, agent_pb2_grpc.AgentServiceStub]:
     creds = call_credentials(lambda: credentials_metadata(credential))
     channel = grpc.aio.insecure_channel(t.services.jobs_address, interceptors=creds)

@@ -15,7 +15,7 @@ import openai
 import pytest
 from google.protobuf import timestamp_pb2
 
-from tests.rpc.test_gateway_catalog import FakeCatalog, Recorder
+from tests.rpc.test_gateway_catalog import FakeCatalog, Recorder, dataset
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2 as compb
@@ -33,9 +33,32 @@ def ts(seconds: int) -> timestamp_pb2.Timestamp:
 
 
 class Catalog(FakeCatalog):
+    PAGE_MAX = 3  # the catalog's page size limit, small: the gateway must follow its pages
+
     async def ListModels(self, request: cpb.ListModelsRequest, context: Any) -> cpb.ListModelsResponse:
         await self.enter("ListModels", request, context)
         return cpb.ListModelsResponse(models=[compb.Model(id="m-1"), compb.Model(id="m-2")])
+
+    async def ListDatasets(self, request: cpb.ListDatasetsRequest, context: Any) -> cpb.ListDatasetsResponse:
+        """By created_at (newest first with newest_first), then id; after_dataset_id and offset tokens, as the
+        catalog pages."""
+        await self.enter("ListDatasets", request, context)
+        sign = -1 if request.newest_first else 1
+        ordered = sorted(self.listed, key=lambda d: (sign * d.create_time.seconds, d.id))
+        if request.after_dataset_id:
+            ids = [d.id for d in ordered]
+            if request.after_dataset_id not in ids:
+                refused = errors.InvalidArgument.for_field(
+                    "after_dataset_id", f"no dataset {request.after_dataset_id!r}"
+                )
+                status = status_for(refused)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            ordered = ordered[ids.index(request.after_dataset_id) + 1 :]
+        start, size = int(request.page_token or 0), min(request.page_size or 50, self.PAGE_MAX)
+        more = start + size < len(ordered)
+        return cpb.ListDatasetsResponse(
+            datasets=ordered[start : start + size], next_page_token=str(start + size) if more else ""
+        )
 
 
 class StatefulJobs(Recorder, jobs_pb2_grpc.JobServiceServicer):
@@ -125,6 +148,8 @@ class StatefulJobs(Recorder, jobs_pb2_grpc.JobServiceServicer):
         return jpb.CancelJobResponse(job=self.move(request.job_id, jpb.JOB_STATE_CANCELLED, "cancelled by user"))
 
     async def ListJobEvents(self, request: jpb.ListJobEventsRequest, context: Any) -> jpb.ListJobEventsResponse:
+        """Every transition, in any order: these tests read lists from their start (the real service's order and
+        cursor are tested in tests/integration/test_metric_queries.py)."""
         await self.enter("ListJobEvents", request, context)
         return jpb.ListJobEventsResponse(events=self.events.get(request.job_id, []))
 
@@ -190,6 +215,59 @@ async def test_an_uploaded_file_is_a_catalog_dataset_with_the_same_id(client, ca
     assert [f.id for f in listed.data] == ["ds-1"]
     deleted = await client.files.delete("ds-1")
     assert deleted.deleted and catalog.last("DeleteDataset").dataset_id == "ds-1"
+
+
+async def test_files_page_newest_or_oldest_first_after_a_file_reading_only_the_page(client, catalog):
+    catalog.listed = [dataset(f"ds-{i}", create_time=ts(1_700_000_000 + i % 5)) for i in range(8)]  # ties by 5s
+    oldest_first = [d.id for d in sorted(catalog.listed, key=lambda d: (d.create_time.seconds, d.id))]
+    newest_first = [d.id for d in sorted(catalog.listed, key=lambda d: (-d.create_time.seconds, d.id))]
+
+    everything = await client.files.list()
+    assert [f.id for f in everything.data] == newest_first and not everything.has_more
+    for limit in (1, 2, 3, 4, 7, 8):
+        for order, expected in (("desc", newest_first), ("asc", oldest_first)):
+            catalog.received.clear()
+            first = await client.files.list(limit=limit, order=order)
+            assert [f.id for f in first.data] == expected[:limit] and first.has_more == (limit < 8)
+            # Pages of at most the catalog's size, only as many as the limit needs.
+            sent = catalog.calls("ListDatasets")
+            assert len(sent) == -(-limit // Catalog.PAGE_MAX)
+            assert all(r.newest_first == (order == "desc") and r.after_dataset_id == "" for r in sent)
+            assert sent[0].page_size == limit
+            # The client's auto-paging follows `after` through every file.
+            assert [f.id async for f in client.files.list(limit=limit, order=order)] == expected
+    after = await client.files.list(after=newest_first[2], limit=2)
+    assert [f.id for f in after.data] == newest_first[3:5] and after.has_more
+    assert catalog.last("ListDatasets").after_dataset_id == newest_first[2]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.files.list(after="ds-missing")
+    assert (raised.value.param, raised.value.code) == ("after", "invalid_cursor")
+    assert raised.value.body["message"] == "no item with id 'ds-missing' in this list"
+
+
+async def test_job_events_ask_the_jobs_service_for_limit_plus_one_after_the_cursor(client, jobs):
+    job = await client.fine_tuning.jobs.create(model="m-base", training_file="ds-1")
+    jobs.report(job.id, step=10, loss=0.5)
+    await client.fine_tuning.jobs.list_events(job.id, limit=7)
+    for method in ("ListJobEvents", "ListJobMetrics"):
+        sent = jobs.last(method)
+        assert (sent.newest_first, sent.page_size, sent.HasField("after")) == (True, 8, False)
+    await client.fine_tuning.jobs.list_events(job.id, after=f"ftevent-{job.id}-step-10", limit=2)
+    assert jobs.last("ListJobEvents").after == jpb.ActivityCursor(step=10)
+    assert jobs.last("ListJobMetrics").after == jpb.ActivityCursor(step=10)
+    await client.fine_tuning.jobs.list_events(job.id, after=f"ftevent-{job.id}-state-1")
+    assert jobs.last("ListJobEvents").after == jpb.ActivityCursor(seq=1)
+    calls = len(jobs.calls("ListJobEvents"))
+    for after in (f"ftevent-{job.id}-step-x", f"ftevent-{job.id}-step-01", "ftevent-j-9-state-1", f"{job.id}-state-1"):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.fine_tuning.jobs.list_events(job.id, after=after)
+        assert (raised.value.param, raised.value.code) == ("after", "invalid_cursor"), after
+    assert len(jobs.calls("ListJobEvents")) == calls  # not the jobs service's to answer
+    jobs.failures["ListJobEvents"] = errors.InvalidArgument.for_field("after", "no step 11 to list after")
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.fine_tuning.jobs.list_events(job.id, after=f"ftevent-{job.id}-step-11")
+    assert (raised.value.param, raised.value.code) == ("after", "invalid_cursor")
+    assert raised.value.body["message"] == f"no item with id 'ftevent-{job.id}-step-11' in this list"
 
 
 async def test_a_purpose_other_than_fine_tune_is_a_400_naming_purpose(client, catalog):

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.common.v1 import common_pb2 as compb
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
+from tuneforge_common.grpcutil import decode_error
 from tuneforge_common.methods import builtin_method
 
 from .app import RPC_TIMEOUT_S, UPLOAD_TIMEOUT_S, Backends, every_page, to_struct, upload_requests
@@ -487,6 +488,74 @@ def listing(data: list[dict[str, Any]], has_more: bool, ids: bool = False) -> di
     return result
 
 
+def _invalid_cursor(after: str) -> OpenAIError:
+    return OpenAIError(400, f"no item with id {after!r} in this list", "after", "invalid_cursor")
+
+
+def _refused_cursor(exc: grpc.aio.AioRpcError, field: str) -> bool:
+    """Whether a list call refused its cursor field (an item the caller can't list after)."""
+    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        return False
+    return any(name == field for name, _ in decode_error(exc).field_violations)
+
+
+async def _files_after(backends: Backends, after: str, limit: int, newest_first: bool) -> tuple[list[Any], bool]:
+    """The first `limit` datasets after the one with id `after` (by created_at, then id), and whether more follow:
+    the catalog's pages (at most its page size each) until `limit`, the last page's token saying if there is more."""
+    datasets: list[Any] = []
+    token = ""
+    while True:
+        request = cpb.ListDatasetsRequest(
+            page_size=limit - len(datasets), page_token=token, newest_first=newest_first, after_dataset_id=after
+        )
+        try:
+            resp = await backends.catalog.ListDatasets(request, timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if _refused_cursor(exc, "after_dataset_id"):
+                raise _invalid_cursor(after) from None
+            raise
+        datasets += resp.datasets
+        token = resp.next_page_token
+        if not token or len(datasets) >= limit:
+            return datasets[:limit], bool(token) or len(datasets) > limit
+
+
+_EVENT_KEY = re.compile(r"(state|step)-(0|-?[1-9][0-9]*)")
+
+
+def _activity_cursor(job_id: str, after: str) -> jpb.ActivityCursor | None:
+    """The job's activity item an event id names: ftevent-<job>-state-<seq> a state change, ftevent-<job>-step-<step>
+    a step's metrics. Whether the job has it, the jobs service says."""
+    if not after:
+        return None
+    prefix = f"ftevent-{job_id}-"
+    found = _EVENT_KEY.fullmatch(after[len(prefix) :]) if after.startswith(prefix) else None
+    if found is None or not -(2**63) <= int(found[2]) < 2**63:
+        raise _invalid_cursor(after)
+    key = int(found[2])
+    return jpb.ActivityCursor(seq=key) if found[1] == "state" else jpb.ActivityCursor(step=key)
+
+
+async def _newest_first(
+    call: Any, request_for: Callable[[str], Any], items: str, enough: Callable[[list[Any]], bool], after: str
+) -> list[Any]:
+    """Pages of a jobs service list read newest first until `enough` of it or its end; a refused `after` is
+    OpenAI's invalid cursor."""
+    collected: list[Any] = []
+    token = ""
+    while True:
+        try:
+            resp = await call(request_for(token), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if _refused_cursor(exc, "after"):
+                raise _invalid_cursor(after) from None
+            raise
+        collected += getattr(resp, items)
+        token = resp.next_page_token
+        if not token or enough(collected):
+            return collected
+
+
 def openai_router(be: Callable[[], Backends]) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
@@ -514,14 +583,9 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
     ) -> dict:
         if purpose and purpose != "fine-tune":
             return listing([], False, ids=True)
-        datasets = await every_page(
-            be().catalog.ListDatasets,
-            lambda token: cpb.ListDatasetsRequest(page_size=1000, page_token=token),
-            "datasets",
-        )
-        files = sorted((file_object(d) for d in datasets), key=lambda f: f["created_at"], reverse=order != "asc")
-        data, more = page(files, after, limit)
-        return listing(data, more, ids=True)
+        # The catalog sorts and starts after the cursor; only `limit` datasets are read, a page at a time.
+        datasets, more = await _files_after(be(), after, limit, newest_first=order != "asc")
+        return listing([file_object(d) for d in datasets], more, ids=True)
 
     @router.get("/files/{file_id}", response_model=model_body(OpenAIFile), responses=openai_error_responses(404))
     async def retrieve_file(file_id: str) -> dict:
@@ -611,19 +675,33 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
         responses=openai_error_responses(400, 404),
     )
     async def job_events(job_id: str, after: str = "", limit: int = Query(20, ge=1, le=10_000)) -> dict:
-        """State changes as "message" events and each logged step's metrics as one "metrics" event, newest first."""
+        """State changes as "message" events and each logged step's metrics as one "metrics" event, newest first:
+        by created_at, and within one second the steps first, by step, then the state changes, by seq.
+
+        The jobs service lists each part of the job's activity in that order after the `after` event (the
+        job's ActivityCursor); only the first limit + 1 of each are read, and merged here."""
         await be().jobs.GetJob(jpb.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
-        transitions = await every_page(
+        cursor = _activity_cursor(job_id, after)
+        transitions = await _newest_first(
             be().jobs.ListJobEvents,
-            lambda token: jpb.ListJobEventsRequest(job_id=job_id, page_size=1000, page_token=token),
+            lambda token: jpb.ListJobEventsRequest(
+                job_id=job_id, newest_first=True, after=cursor, page_size=limit + 1, page_token=token
+            ),
             "events",
+            lambda found: len(found) > limit,
+            after,
         )
-        points = await every_page(
+        points = await _newest_first(
             be().jobs.ListJobMetrics,
-            lambda token: jpb.ListJobMetricsRequest(job_id=job_id, page_size=1000, page_token=token),
+            lambda token: jpb.ListJobMetricsRequest(
+                job_id=job_id, newest_first=True, after=cursor, page_size=limit + 1, page_token=token
+            ),
             "points",
+            lambda found: len({p.step for p in found}) > limit,  # a page holds whole steps
+            after,
         )
-        events: list[tuple[tuple[int, int], dict[str, Any]]] = []
+        # (-created_at, 0 for a step or 1 for a state change, step or seq): the list's order.
+        events: list[tuple[tuple[int, int, int], dict[str, Any]]] = []
         for e in transitions:
             old, new = JOB_STATUS.get(e.from_state), JOB_STATUS.get(e.to_state, "queued")
             text = f"Job changed from {old} to {new}" if old else f"Job is {new}"
@@ -637,7 +715,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
                 "type": "message",
                 "data": {},
             }
-            events.append(((seconds(e.time), 0), event))
+            events.append(((-seconds(e.time), 1, e.seq), event))
         by_step: dict[int, dict[str, Any]] = {}
         created: dict[int, int] = {}
         for p in points:
@@ -655,10 +733,9 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
                 "type": "metrics",
                 "data": data,
             }
-            events.append(((created[step], 1), event))
-        ordered = [event for _, event in sorted(events, key=lambda pair: pair[0], reverse=True)]
-        found, more = page(ordered, after, limit)
-        return listing(found, more)
+            events.append(((-created[step], 0, step), event))
+        ordered = [event for _, event in sorted(events, key=lambda pair: pair[0])]
+        return listing(ordered[:limit], len(ordered) > limit)
 
     @router.get(
         "/fine_tuning/jobs/{job_id}/checkpoints",
