@@ -130,8 +130,8 @@ def test_a_job_runs_to_succeeded_with_its_fine_tuned_model_and_lists_newest_firs
     assert any(e.type == "metrics" and e.data["train_loss"] > 0 for e in events if "train_loss" in e.data)
     # Page by page after each last id (the client's auto-paging), small pages give the one big page's events.
     everything = client.fine_tuning.jobs.list_events(job.id, limit=10_000)
-    assert not everything.has_more and len(everything.data) > 5
-    for limit in (1, 3):
+    assert not everything.has_more and len(everything.data) >= 4  # queued, running, a step or more, succeeded
+    for limit in (1, 2):
         assert [e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=limit)] == [
             e.id for e in everything.data
         ]
