@@ -24,6 +24,7 @@ from tuneforge_common.paging import decode_token, encode_token, page_size, struc
 from . import estimates, scheduler
 from .activity import Item, Place
 from .estimates import Estimate
+from .inference import InferenceRouter
 from .lifecycle import ON_AGENT, TERMINAL, JobState
 from .notify import Notifier
 from .series import Series
@@ -78,6 +79,8 @@ def job_to_pb(row: Any, now: dt.datetime | None = None) -> pb.Job:
         copied_from_job_id=row.copied_from_job_id or "",
         resumed_from_step=row.resumed_from_step,
         validation_dataset_id=row.validation_dataset_id,
+        kind=pb.JobKind.Value(f"JOB_KIND_{row.kind.upper()}"),
+        result_model_id=row.result_model_id,
     )
 
 
@@ -284,6 +287,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             request.method_id,
             dict(request.labels),
             after_job_id=request.after_job_id,
+            kinds=[pb.JobKind.Name(k).removeprefix("JOB_KIND_").lower() for k in request.kinds if k],
         )
         token = encode_token(offset + size) if len(rows) > size else ""
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in rows[:size]], next_page_token=token)
@@ -391,9 +395,19 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, jobs: Jobs, changes: Notifier) -> None:
+    def __init__(self, jobs: Jobs, changes: Notifier, router: InferenceRouter) -> None:
         self.jobs = jobs
         self.changes = changes
+        self.router = router
+
+    @map_errors
+    async def ServeInference(
+        self, request_iterator: AsyncIterator[apb.ServeInferenceRequest], context: Any
+    ) -> AsyncIterator[apb.ServeInferenceResponse]:
+        from .lifecycle_api import serve_inference  # it imports this module's encoders
+
+        async for call in serve_inference(self.jobs, self.router, request_iterator):
+            yield call
 
     @map_errors
     async def JoinAgent(self, request: apb.JoinAgentRequest, context: Any) -> apb.JoinAgentResponse:
@@ -448,6 +462,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         saving_entrypoint=job.saving_entrypoint,
                         saving_python_env=job.saving_python_env,
                         validation_dataset_uri=job.validation_dataset_uri,
+                        kind=job.kind,
+                        adapter_uri=job.adapter_uri,
                         gpu_count=scheduler.ResourceRequest.from_json(job.resources).gpu_count,
                     )
                 )
@@ -531,7 +547,13 @@ def decode_report(req: apb.ReportJobRequest) -> Report:
     raise InvalidArgument.for_field("report", "one of state, metric, log or checkpoint is required")
 
 
-def bindings(jobs: Jobs, changes: Notifier) -> list[ServiceBinding]:
+def bindings(jobs: Jobs, changes: Notifier, router: InferenceRouter | None = None) -> list[ServiceBinding]:
+    """JobService, AgentService, ModelLifecycleService and InferenceService; `router` holds the agents' inference
+    streams (a local one, without NATS, when not given: enough for one replica)."""
+    from . import lifecycle_api  # it imports this module's encoders
+    from .model_lifecycle import ModelLifecycle
+
+    router = router or InferenceRouter()
     return [
         ServiceBinding(
             jobs_pb2_grpc.add_JobServiceServicer_to_server,
@@ -540,7 +562,8 @@ def bindings(jobs: Jobs, changes: Notifier) -> list[ServiceBinding]:
         ),
         ServiceBinding(
             agent_pb2_grpc.add_AgentServiceServicer_to_server,
-            AgentServicer(jobs, changes),
+            AgentServicer(jobs, changes, router),
             apb.DESCRIPTOR.services_by_name["AgentService"].full_name,
         ),
+        *lifecycle_api.bindings(ModelLifecycle(jobs, router), router),
     ]

@@ -16,6 +16,7 @@ from tuneforge_common.errors import FailedPrecondition, FieldViolation, InvalidA
 from tuneforge_common.grpcutil import decode_error
 from tuneforge_common.tls import TlsConfig, open_channel
 
+from .operations import ModelInputs
 from .service import CatalogInputs
 
 TIMEOUT_S = 10.0
@@ -107,13 +108,59 @@ class GrpcCatalog:
             return 0, 0  # an estimate without a token count is still an estimate
         return stats.total_tokens, stats.rows_truncated
 
+    async def model_inputs(self, model_id: str) -> ModelInputs:
+        """A model as a merge, evaluation or deployment needs it: its files, its base's for an adapter, and the
+        stages of the added method that trained it (its own saving and inference files)."""
+        model = (await self._call(self.stub.GetModel, pb.GetModelRequest(model_id=model_id), "model_id")).model
+        kind = common_pb2.ModelKind.Name(model.kind).removeprefix("MODEL_KIND_")
+        base_id = model.lineage.base_model_id
+        base_uri = ""
+        if kind == "CUSTOMIZED" and base_id:
+            try:
+                base_uri = (await self.stub.GetModel(pb.GetModelRequest(model_id=base_id), timeout=TIMEOUT_S)).model.uri
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise Unavailable("catalog service unavailable") from None
+        stages: dict[str, Any] = {}
+        lifecycle = training_env = ""
+        if model.lineage.method_id:
+            try:
+                method = (
+                    await self.stub.GetMethod(pb.GetMethodRequest(method_id=model.lineage.method_id), timeout=TIMEOUT_S)
+                ).method
+            except grpc.aio.AioRpcError as err:  # a deleted method: the built-in programs do the step
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise Unavailable("catalog service unavailable") from None
+            else:
+                stages = json_format.MessageToDict(method.stages)
+                lifecycle, training_env = method.lifecycle, _training_env(method)
+        return ModelInputs(
+            model_id=model.id,
+            name=model.name,
+            kind=kind,
+            uri=model.uri,
+            base_model_id=base_id,
+            base_uri=base_uri,
+            lineage=json_format.MessageToDict(model.lineage, preserving_proto_field_name=True),
+            stages=stages,
+            lifecycle=lifecycle,
+            training_env=training_env,
+        )
+
+    async def evaluation_dataset(self, dataset_id: str) -> str:
+        """The URI of a READY dataset to evaluate on."""
+        field = "dataset_id"
+        dataset = (await self._call(self.stub.GetDataset, pb.GetDatasetRequest(dataset_id=dataset_id), field)).dataset
+        _check_ready(dataset, field)
+        return str(dataset.uri)
+
     async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str:
         request = pb.PublishModelRequest(
             name=name,
             description=description,
             uri=uri,
             kind=common_pb2.ModelKind.Value(f"MODEL_KIND_{kind}") if kind else common_pb2.MODEL_KIND_UNSPECIFIED,
-            lineage=common_pb2.ModelLineage(**lineage),
+            lineage=json_format.ParseDict(lineage, common_pb2.ModelLineage()),
         )
         return (await self._call(self.stub.PublishModel, request, "name")).model.id
 

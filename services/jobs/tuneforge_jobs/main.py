@@ -1,4 +1,5 @@
-"""Jobs service process: migrate, serve JobService and AgentService, reap lost agents, publish events."""
+"""Jobs service process: migrate, serve JobService, AgentService, ModelLifecycleService and InferenceService,
+reap lost agents, publish merged models and events."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from tuneforge_common.tls import TlsConfig
 
 from . import api, store
 from .catalog_client import GrpcCatalog
+from .inference import InferenceRouter
+from .model_lifecycle import ModelLifecycle
 from .notify import Notifier
 from .service import Jobs
 
@@ -83,10 +86,14 @@ async def serve() -> None:
         agent_lookup=jobs.agent_principal,
         cache_seconds=settings.auth_cache_seconds,
     )
+    router = InferenceRouter(settings.nats_url)
+    await router.start()
     publisher.start()
     reaper_task = asyncio.create_task(reaper(jobs, max(1.0, settings.jobs_lease_ttl_seconds / 5)))
+    # A merge's complete model is published once it succeeds, and after a restart for any not published yet.
+    merges_task = asyncio.create_task(ModelLifecycle(jobs, router).run_publisher(changes))
     server, port = await start_server(
-        api.bindings(jobs, changes),
+        api.bindings(jobs, changes, router),
         settings.grpc_host,
         settings.jobs_grpc_port,
         interceptors=[ServerAuthInterceptor(authenticate)],
@@ -98,6 +105,8 @@ async def serve() -> None:
     await wait_for_shutdown_signal()
     await server.stop(grace=5)
     reaper_task.cancel()
+    merges_task.cancel()
+    await router.close()
     await publisher.stop()
     await catalog.close()
     await engine.dispose()

@@ -29,7 +29,7 @@ from tuneforge_common.errors import (
 from tuneforge_common.events import write_event
 from tuneforge_common.methods import greater_is_better
 
-from . import activity, estimates, lifecycle, scheduler, series, store
+from . import activity, estimates, lifecycle, operations, scheduler, series, store
 from .estimates import Estimate
 from .lifecycle import JobState
 
@@ -76,6 +76,14 @@ class CatalogPort(Protocol):
     async def dataset_tokens(self, dataset_id: str, model_id: str, max_seq_length: int) -> tuple[int, int]: ...
 
     async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str: ...
+
+    async def model_inputs(self, model_id: str) -> operations.ModelInputs:
+        """A model as a merge, evaluation or deployment needs it (NOT_FOUND naming model_id)."""
+        ...
+
+    async def evaluation_dataset(self, dataset_id: str) -> str:
+        """The URI of a READY dataset to evaluate on."""
+        ...
 
 
 LABEL_KEY_MAX = LABEL_VALUE_MAX = 63
@@ -183,6 +191,14 @@ class ClaimedJob:
         if name == "job":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.job, name)
+
+
+def _training(job: Any, action: str) -> Any:
+    """The job, if it is a training: merges, evaluations and deployments are not copied, paused or published."""
+    if job.kind != operations.TRAIN:
+        what = {"merge": "a merge", "evaluate": "an evaluation", "serve": "a deployment"}.get(job.kind, job.kind)
+        raise FailedPrecondition(f"job {job.id!r} is {what}; only trainings are {action}")
+    return job
 
 
 def _agent_protocol_caller() -> Principal:
@@ -319,6 +335,72 @@ class Jobs:
         self._after_commit()
         return await self.get(job_id), estimate
 
+    async def submit_operation(
+        self,
+        plan: operations.OperationPlan,
+        *,
+        model_id: str,
+        name: str,
+        parameters: dict[str, Any],
+        resources: dict[str, Any],
+        operation: dict[str, Any],
+        dataset_id: str = "",
+        dataset_uri: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> Any:
+        """Store a merge, evaluation or deployment QUEUED: a job like a training, scheduled the same way. The
+        caller (model_lifecycle) has checked the model and the parameters; merges and evaluations write their
+        output where a training would."""
+        caller = auth.current()
+        errors = ViolationCollector()
+        _check_resources(errors, resources)
+        errors.raise_if_any()
+        job_id, now = new_id("job"), self.clock()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                store.jobs.insert().values(
+                    id=job_id,
+                    kind=plan.kind,
+                    name=name[:MAX_NAME],
+                    model_id=model_id,
+                    dataset_id=dataset_id,
+                    method_id="",
+                    model_uri=plan.model_uri,
+                    adapter_uri=plan.adapter_uri,
+                    dataset_uri=dataset_uri,
+                    entrypoint=plan.entrypoint,
+                    python_env=plan.python_env,
+                    parameters=json.dumps(parameters),
+                    operation=json.dumps(operation),
+                    state=JobState.QUEUED,
+                    state_reason="",
+                    attempt=0,
+                    max_attempts=self.max_attempts,
+                    priority=0,
+                    output_uri="",
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                    submitted_by=caller.name[:MAX_NAME],
+                    project_id=owning_project(),
+                    labels=json.dumps(labels or {}, sort_keys=True),
+                    resources=json.dumps(resources, sort_keys=True),
+                )
+            )
+            await self._state_event(conn, job_id, None, JobState.QUEUED, 0, f"{plan.kind} submitted")
+        self._after_commit()
+        return await self.get(job_id)
+
+    async def append_log(self, job_id: str, attempt: int, text: str, stream: str = "service") -> None:
+        """A line of the service's own in a job's log (what happened after its agent was done with it)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                store.log_lines.insert().values(
+                    job_id=job_id, attempt=attempt, stream=stream, text=_printable(text), recorded_at=self.clock()
+                )
+            )
+        self._after_commit()
+
     async def _validation_uri(self, dataset_id: str, method_id: str, parameters: dict[str, Any]) -> str:
         """The validation dataset's URI ("" without one); with one, no share of the training rows is held out."""
         if not dataset_id:
@@ -381,7 +463,7 @@ class Jobs:
             raise InvalidArgument.for_field(
                 "clear_validation_dataset", "give either validation_dataset_id or clear_validation_dataset, not both"
             )
-        old = await self._changeable(job_id, "copying a job")
+        old = _training(await self._changeable(job_id, "copying a job"), "copied")
         inherited = "" if clear_validation_dataset else old.validation_dataset_id
         return await self.submit_job(
             model_id or old.model_id,
@@ -407,7 +489,7 @@ class Jobs:
     async def pause(self, job_id: str) -> Any:
         """Queued: paused at once. Running: the agent is asked to checkpoint and stop; the job becomes PAUSED
         when it reports so (or, if its agent is lost meanwhile, when the reaper finds the request)."""
-        job = await self._changeable(job_id, "pausing a job")
+        job = _training(await self._changeable(job_id, "pausing a job"), "paused")
         if lifecycle.pause_action(JobState(job.state)) == "now":
             await self.transition(job_id, JobState.PAUSED, reason="paused by user", expect_version=job.version)
             return await self.get(job_id)
@@ -485,10 +567,12 @@ class Jobs:
         method_id: str = "",
         labels: dict[str, str] | None = None,
         after_job_id: str = "",
+        kinds: list[str] | None = None,
     ) -> list[Any]:
-        """Newest first (then by id); after_job_id starts the list after that job, as a cursor of ids does."""
+        """Newest first (then by id); after_job_id starts the list after that job, as a cursor of ids does.
+        Trainings only unless `kinds` names others (merge, evaluate, serve)."""
         mine = project_scope(store.jobs.c.project_id, shared=False)
-        query = select(store.jobs).where(mine)
+        query = select(store.jobs).where(mine, store.jobs.c.kind.in_(kinds or [operations.TRAIN]))
         if after_job_id:
             async with self.engine.connect() as conn:
                 after = (
@@ -556,12 +640,12 @@ class Jobs:
             self._dropped_checkpoint_uris.extend(d.uri for d in dropped)
 
     async def publish_checkpoint(self, job_id: str, step: int, name: str, description: str = "") -> str:
-        """A kept checkpoint (or, with step 0, a succeeded job's final output) as a catalog model with lineage."""
-        job = await self._changeable(job_id, "publishing a checkpoint")
+        """A kept checkpoint as a catalog model with lineage; with step 0, the best of the kept checkpoints and a
+        succeeded job's final output (by eval_loss when they have it, else loss; the final output on a tie).
+        Returns the model id; the step published is in the event and the model's lineage."""
+        job = _training(await self._changeable(job_id, "publishing a checkpoint"), "published")
         if step == 0:
-            if job.state != JobState.SUCCEEDED:
-                raise FailedPrecondition(f"job is {job.state}; publishing its final output needs SUCCEEDED")
-            uri, step = job.output_uri, job.current_step
+            uri, step = await self._best_output(job)
         else:
             async with self.engine.connect() as conn:
                 c = store.checkpoints.c
@@ -588,6 +672,35 @@ class Jobs:
             )
         self._after_commit()
         return model_id
+
+    async def _best_output(self, job: Any) -> tuple[str, int]:
+        """(uri, step) of the best kept checkpoint or the final output (see publish_checkpoint)."""
+        async with self.engine.connect() as conn:
+            c = store.checkpoints.c
+            kept = (await conn.execute(select(c.step, c.uri, c.metrics).where(c.job_id == job.id))).all()
+            scores = [(r.step, r.uri, json.loads(r.metrics or "{}")) for r in kept]
+            metric = "eval_loss" if any("eval_loss" in m for _, _, m in scores) else "loss"
+            if job.state == JobState.SUCCEEDED:
+                p = store.metric_points.c
+                last = (
+                    await conn.execute(
+                        select(p.value)
+                        .where(p.job_id == job.id, p.name == metric)
+                        .order_by(p.step.desc(), p.attempt.desc())
+                        .limit(1)
+                    )
+                ).scalar()
+                # Listed first, so a checkpoint must be strictly better to win.
+                scores.insert(0, (job.current_step, job.output_uri, {metric: last} if last is not None else {}))
+        if not scores:
+            raise FailedPrecondition(f"job is {job.state} and kept no checkpoint: there is nothing to publish yet")
+        scored = [s for s in scores if isinstance(s[2].get(metric), (int, float))]
+        if not scored:  # no metric to choose by: the final output, else the latest checkpoint
+            step, uri, _ = scores[0] if job.state == JobState.SUCCEEDED else max(scores, key=lambda s: s[0])
+            return uri, step
+        sign = -1 if greater_is_better(metric) else 1
+        step, uri, _ = min(scored, key=lambda s: sign * s[2][metric])
+        return uri, step
 
     async def metrics(
         self, job_id: str, names: list[str], after_id: int, limit: int, min_step: int = 0, max_step: int = 0

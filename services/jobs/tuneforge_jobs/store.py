@@ -62,7 +62,18 @@ jobs = Table(
     Column("pause_requested", Boolean, nullable=False, default=False),
     # NULL: submitted by an internal caller acting across projects (in-process tests); users' jobs have theirs.
     Column("project_id", String(64), nullable=True, index=True),
+    # train, or a lifecycle step on a published model: merge, evaluate, serve (a deployment).
+    Column("kind", String(16), nullable=False, default="train"),
+    # A customized model's adapter, applied over model_uri (its base), for merge, evaluate and serve.
+    Column("adapter_uri", Text, nullable=False, default=""),
+    # A lifecycle step's own facts, JSON: a merge's result name and lineage, an evaluation's training job.
+    Column("operation", Text, nullable=False, default="{}"),
+    Column("result_model_id", String(64), nullable=False, default=""),  # a merge's published complete model
+    # A deployment's answered and failed chat completions.
+    Column("request_count", BigInteger, nullable=False, default=0),
+    Column("error_count", BigInteger, nullable=False, default=0),
     Index("ix_jobs_state_priority", "state", "priority", "created_at"),
+    Index("ix_jobs_kind_model_state", "kind", "model_id", "state"),
     Index("ix_jobs_agent_state", "agent_id", "state"),
 )
 

@@ -43,6 +43,7 @@ from tuneforge_common.params import protected_env_problem, to_env
 from tuneforge_common.runtime import wait_for_shutdown_signal
 from tuneforge_common.tls import TlsConfig, open_channel
 
+from .relay import InferenceRelay
 from .sdk import PAUSED_EXIT_CODE, parse_checkpoint, parse_log_data
 
 log = logging.getLogger("tuneforge.agent")
@@ -54,6 +55,7 @@ MAX_REASON_LINE = 500
 ERROR_LINE = re.compile(r"(?:^|[\s:.\]])(?:[A-Za-z_.]*Error|error|ERROR):\s*\S")
 NOT_THE_REASON = ("ChildFailedError",)
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
+SERVE_READY = "[serve_ready]:"
 OOM_HINT = "CUDA out of memory: lower batch_size or max_seq_length, or enable gradient_checkpointing / load_in_4bit"
 
 
@@ -405,14 +407,12 @@ def build_command(
         "output_dir": output_dir,
         "resume_from_checkpoint": resume_from,
     }
-    target = [entrypoint] if entrypoint.endswith(".py") else ["-m", entrypoint]
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
         if nproc_per_node > 1
         else []
     )
-    flags = [f"--{k}={'true' if v is True else 'false' if v is False else v}" for k, v in values.items()]
-    return [python, *launcher, *target, *flags]
+    return [python, *launcher, *_target(entrypoint), *_flags(values)]
 
 
 def build_saving_command(
@@ -421,15 +421,40 @@ def build_saving_command(
     """An added method's saving stage, run after its training: the job's parameters as flags (as the training
     got them), then --model_path (the base model), --adapter_path (what the training saved) and --output_dir
     (where the complete model goes). One process: saving is no distributed run."""
+    paths = {"model_path": model_path, "adapter_path": adapter_path}
+    return build_operation_command(python, entrypoint, params, paths, output_dir)
+
+
+def build_operation_command(
+    python: str, entrypoint: str, params: dict[str, Any], paths: dict[str, str], output_dir: str
+) -> list[str]:
+    """A merge, evaluate or serve process: the job's parameters as flags, then the paths it has (model_path,
+    adapter_path, dataset_path: the empty ones left out) and --output_dir."""
     values = {
         **{k: _flag_value(v) for k, v in params.items()},
-        "model_path": model_path,
-        "adapter_path": adapter_path,
+        **{k: v for k, v in paths.items() if v},
         "output_dir": output_dir,
     }
-    target = [entrypoint] if entrypoint.endswith(".py") else ["-m", entrypoint]
-    flags = [f"--{k}={'true' if v is True else 'false' if v is False else v}" for k, v in values.items()]
-    return [python, *target, *flags]
+    return [python, *_target(entrypoint), *_flags(values)]
+
+
+def _target(entrypoint: str) -> list[str]:
+    return [entrypoint] if entrypoint.endswith(".py") else ["-m", entrypoint]
+
+
+def _flags(values: dict[str, Any]) -> list[str]:
+    return [f"--{k}={'true' if v is True else 'false' if v is False else v}" for k, v in values.items()]
+
+
+def parse_serve_ready(line: str) -> dict[str, Any] | None:
+    """An inference worker's `[serve_ready]: {"host": ..., "port": ...}` line, or None."""
+    if not line.startswith(SERVE_READY):
+        return None
+    try:
+        ready = json.loads(line[len(SERVE_READY) :])
+    except ValueError:
+        return None
+    return ready if isinstance(ready, dict) and isinstance(ready.get("port"), int) and ready["port"] > 0 else None
 
 
 def visible_devices(indices: list[int], agent_visible: str | None) -> str:
@@ -512,7 +537,10 @@ class JobRun:
         self.gpus: list[int] = []  # the agent's GPUs this run holds (as the agent numbers them)
         self.distributed = False  # started under torchrun, one worker process per GPU
         self.out_of_memory = False  # CUDA said so on stderr
-        self.stage = "training"  # then "saving", for an added method with a saving stage
+        self.kind = assignment.kind or "train"  # train, or an operation on a model: merge, evaluate, serve
+        # "training", then "saving" for an added method with a saving stage; an operation's stage is its kind.
+        self.stage = "training" if self.kind == "train" else self.kind
+        self.serve_port = 0  # a serve job's worker, once it said it listens
         self.workdir = (
             Path(agent.settings.agent_work_dir).resolve() / assignment.job_id / f"attempt-{assignment.attempt}"
         )
@@ -523,18 +551,25 @@ class JobRun:
     def log_line(self, stream: str, text: str) -> None:
         self.report(log=apb.LogReport(stream=stream, text=text))
 
+    def _stage_dir(self, uri: str, name: str) -> str:
+        """A model directory's local path: copied next to the run from a remote store, else used where it is."""
+        if "://" not in uri or uri.startswith("file://"):
+            return uri
+        local = self.workdir / name
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+        return str(local)
+
     def _stage_inputs(self) -> tuple[str, str, str]:
-        """Local paths of the model, the dataset and the validation dataset ("" when the job has none)."""
+        """Local paths of the model, the dataset and the validation dataset ("" when the job has none; an
+        operation may have no dataset either)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        model_path = self.a.model_uri
-        if "://" in model_path and not model_path.startswith("file://"):
-            local = self.workdir / "model"
-            fs, path = fsspec.core.url_to_fs(model_path)
-            fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
-            model_path = str(local)
-        dataset_path = str(self.workdir / "dataset.jsonl")
-        fs, path = fsspec.core.url_to_fs(self.a.dataset_uri)
-        fs.get_file(path, dataset_path)
+        model_path = self._stage_dir(self.a.model_uri, "model")
+        dataset_path = ""
+        if self.a.dataset_uri:
+            dataset_path = str(self.workdir / "dataset.jsonl")
+            fs, path = fsspec.core.url_to_fs(self.a.dataset_uri)
+            fs.get_file(path, dataset_path)
         validation_path = ""
         if self.a.validation_dataset_uri:
             validation_path = str(self.workdir / "validation.jsonl")
@@ -546,6 +581,9 @@ class JobRun:
         settings = self.agent.settings
         try:
             self.log_line("agent", f"attempt {self.a.attempt} starting on agent {settings.agent_name}")
+            if self.kind != "train":
+                await self._run_operation()
+                return
             # Before anything is staged or started: a job this node can't run fails at once, saying why (its
             # saving stage too: no training is wasted on a job whose output could not then be saved).
             launch = await asyncio.to_thread(resolve_launch, settings, self.a.entrypoint, self.a.python_env)
@@ -625,6 +663,47 @@ class JobRun:
         finally:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.workdir / "model", ignore_errors=True)
+                shutil.rmtree(self.workdir / "adapter", ignore_errors=True)
+
+    async def _run_operation(self) -> None:
+        """Merge, evaluate or serve: one process over a model (and its adapter), without checkpoints. Merge and
+        evaluate store their output and succeed; a serve job's worker runs until the job is stopped."""
+        launch = await asyncio.to_thread(resolve_launch, self.agent.settings, self.a.entrypoint, self.a.python_env)
+        model_path, dataset_path, _ = await asyncio.to_thread(self._stage_inputs)
+        adapter_path = (
+            await asyncio.to_thread(self._stage_dir, self.a.adapter_uri, "adapter") if self.a.adapter_uri else ""
+        )
+        if self.cancelled:
+            if not (self.shutting_down or self.fenced):
+                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
+            return
+        output_dir = self.workdir / "output"
+        params = json_format.MessageToDict(self.a.parameters)
+        paths = {"model_path": model_path, "adapter_path": adapter_path, "dataset_path": dataset_path}
+        cmd = build_operation_command(launch.python, launch.target, params, paths, str(output_dir))
+        own = {name.upper(): value for name, value in paths.items() if value} | {"OUTPUT_DIR": str(output_dir)}
+        env = self._stage_env(launch, params, own)
+        self.log_line(
+            "agent", f"{self.kind}: " + self._describe(launch, self.a.python_env, 1, env.get("CUDA_VISIBLE_DEVICES"))
+        )
+        code, stderr_tail = await self._run_stage(cmd, env)
+        if self._stopped(code):
+            return
+        if self.kind == "serve":  # a worker ends only when stopped: on its own, it failed
+            reason = failure_reason(code, stderr_tail, self.out_of_memory) if code else "the inference worker exited"
+            self._failed(code, stderr_tail, reason)
+            return
+        if code != 0:
+            self._failed(code, stderr_tail, failure_reason(code, stderr_tail, self.out_of_memory))
+            return
+        if self.a.output_uri:
+            await asyncio.to_thread(
+                ArtifactStore(self.agent.settings.artifact_root).put_dir, str(output_dir), self.a.output_uri
+            )
+            self.log_line("agent", f"output stored at {self.a.output_uri}")
+        self.report(
+            state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED, reason="completed", output_uri=self.a.output_uri)
+        )
 
     def _resolve_saving(self) -> Launch | None:
         """The saving stage's interpreter and file, found exactly as the training's are; None without one."""
@@ -675,7 +754,7 @@ class JobRun:
             start_new_session=True,
             limit=LINE_LIMIT,
         )
-        if self.stage == "training":
+        if self.stage in ("training", "merge", "evaluate"):  # a serve job runs once its worker listens
             self.report(state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason=f"pid {self.proc.pid}"))
         if self.cancelled or (self.pausing and self.stage == "saving"):
             await self._stop_process()  # stopped while it was starting
@@ -797,6 +876,12 @@ class JobRun:
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             if name == "stderr" and any(marker in text for marker in OOM_MARKERS):
                 self.out_of_memory = True
+            ready = parse_serve_ready(text) if name == "stdout" and self.kind == "serve" else None
+            if ready is not None and not self.serve_port:
+                self.serve_port = int(ready["port"])
+                self.log_line("agent", f"inference worker listening on port {self.serve_port}")
+                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason="serving"))
+                continue
             saved = parse_checkpoint(text) if name == "stdout" else None
             if saved is not None:
                 self.uploads.append(asyncio.create_task(self._store_checkpoint(saved)))
@@ -935,6 +1020,11 @@ class Agent:
         self.free_gpus: list[int] | None = None  # the GPUs no run holds; known once the node is probed
         self.credential_file = Path(settings.agent_credential_file or Path(settings.agent_work_dir) / "credential")
         self.credential = ""
+        self.relay = InferenceRelay(self._worker_port)
+
+    def _worker_port(self, job_id: str) -> int:
+        run = self.runs.get(job_id)
+        return run.serve_port if run is not None and run.kind == "serve" and not run.cancelled else 0
 
     def resources(self) -> apb.AgentResources:
         """What this node offers: GPUs (count, models, memory per GPU: the smallest one's when they differ),
@@ -1015,6 +1105,7 @@ class Agent:
             self._heartbeats(stub, resp.heartbeat_interval_seconds or 3),
             self._assignments(stub),
             self.reporter.run_stream(stub),
+            self.relay.run_forever(stub, self.agent_id),
         )
 
     async def _heartbeats(self, stub: agent_pb2_grpc.AgentServiceStub, interval: float) -> None:

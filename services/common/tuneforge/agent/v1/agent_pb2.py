@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/agent/v1/agent.proto\x12\x12tuneforge.agent.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xf8\x01\n\x0e\x41gentResources\x12\x11\n\tgpu_count\x18\x01 \x01(\x05\x12\x12\n\ngpu_models\x18\x02 \x03(\t\x12\x18\n\x10gpu_memory_bytes\x18\x03 \x01(\x03\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12>\n\x06labels\x18\x06 \x03(\x0b\x32..tuneforge.agent.v1.AgentResources.LabelsEntry\x12\r\n\x05slots\x18\x07 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x10JoinAgentRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\">\n\x11JoinAgentResponse\x12\x12\n\ncredential\x18\x01 \x01(\t\x12\x15\n\rcredential_id\x18\x02 \x01(\t\"t\n\x14RegisterAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\tresources\x18\x02 \x01(\x0b\x32\".tuneforge.agent.v1.AgentResources\x12\x17\n\x0fresume_agent_id\x18\x03 \x01(\t\"y\n\x15RegisterAgentResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x05\x12\x19\n\x11lease_ttl_seconds\x18\x03 \x01(\x05\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"=\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0frunning_job_ids\x18\x02 \x03(\t\"+\n\x11HeartbeatResponse\x12\x16\n\x0e\x63\x61ncel_job_ids\x18\x01 \x03(\t\",\n\x18StreamAssignmentsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x88\x03\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\tmethod_id\x18\x03 \x01(\t\x12\x12\n\nentrypoint\x18\x04 \x01(\t\x12\x11\n\tmodel_uri\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x61taset_uri\x18\x06 \x01(\t\x12+\n\nparameters\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\noutput_uri\x18\x08 \x01(\t\x12\x17\n\x0fresume_from_uri\x18\t \x01(\t\x12\x18\n\x10resume_from_step\x18\n \x01(\x03\x12\x16\n\x0e\x63heckpoint_uri\x18\x0b \x01(\t\x12\x12\n\npython_env\x18\x0c \x01(\t\x12\x11\n\tgpu_count\x18\r \x01(\x05\x12\x19\n\x11saving_entrypoint\x18\x0e \x01(\t\x12\x19\n\x11saving_python_env\x18\x0f \x01(\t\x12\x1e\n\x16validation_dataset_uri\x18\x10 \x01(\t\";\n\x0fJobCancellation\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10\x63heckpoint_first\x18\x02 \x01(\x08\"\x99\x01\n\x19StreamAssignmentsResponse\x12\x37\n\nassignment\x18\x01 \x01(\x0b\x32!.tuneforge.agent.v1.JobAssignmentH\x00\x12;\n\x0c\x63\x61ncellation\x18\x02 \x01(\x0b\x32#.tuneforge.agent.v1.JobCancellationH\x00\x42\x06\n\x04work\"c\n\x0bStateReport\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.tuneforge.agent.v1.ReportedState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\noutput_uri\x18\x03 \x01(\t\"\xb8\x01\n\x0cMetricReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12<\n\x06values\x18\x02 \x03(\x0b\x32,.tuneforge.agent.v1.MetricReport.ValuesEntry\x12\x18\n\x10progress_percent\x18\x03 \x01(\x01\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x01\n\x10\x43heckpointReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x42\n\x07metrics\x18\x03 \x03(\x0b\x32\x31.tuneforge.agent.v1.CheckpointReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\")\n\tLogReport\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xbf\x02\n\x10ReportJobRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12\x30\n\x05state\x18\x05 \x01(\x0b\x32\x1f.tuneforge.agent.v1.StateReportH\x00\x12\x32\n\x06metric\x18\x06 \x01(\x0b\x32 .tuneforge.agent.v1.MetricReportH\x00\x12,\n\x03log\x18\x07 \x01(\x0b\x32\x1d.tuneforge.agent.v1.LogReportH\x00\x12:\n\ncheckpoint\x18\t \x01(\x0b\x32$.tuneforge.agent.v1.CheckpointReportH\x00\x12\x11\n\ttime_unix\x18\x08 \x01(\x01\x42\x08\n\x06report\"e\n\x11ReportJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\tacked_seq\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t*\xbd\x01\n\rReportedState\x12\x1e\n\x1aREPORTED_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPORTED_STATE_RUNNING\x10\x01\x12\x1c\n\x18REPORTED_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15REPORTED_STATE_FAILED\x10\x03\x12\x1c\n\x18REPORTED_STATE_CANCELLED\x10\x04\x12\x19\n\x15REPORTED_STATE_PAUSED\x10\x05\x32\xfa\x03\n\x0c\x41gentService\x12X\n\tJoinAgent\x12$.tuneforge.agent.v1.JoinAgentRequest\x1a%.tuneforge.agent.v1.JoinAgentResponse\x12\x64\n\rRegisterAgent\x12(.tuneforge.agent.v1.RegisterAgentRequest\x1a).tuneforge.agent.v1.RegisterAgentResponse\x12X\n\tHeartbeat\x12$.tuneforge.agent.v1.HeartbeatRequest\x1a%.tuneforge.agent.v1.HeartbeatResponse\x12r\n\x11StreamAssignments\x12,.tuneforge.agent.v1.StreamAssignmentsRequest\x1a-.tuneforge.agent.v1.StreamAssignmentsResponse0\x01\x12\\\n\tReportJob\x12$.tuneforge.agent.v1.ReportJobRequest\x1a%.tuneforge.agent.v1.ReportJobResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/agent/v1/agent.proto\x12\x12tuneforge.agent.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xf8\x01\n\x0e\x41gentResources\x12\x11\n\tgpu_count\x18\x01 \x01(\x05\x12\x12\n\ngpu_models\x18\x02 \x03(\t\x12\x18\n\x10gpu_memory_bytes\x18\x03 \x01(\x03\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12>\n\x06labels\x18\x06 \x03(\x0b\x32..tuneforge.agent.v1.AgentResources.LabelsEntry\x12\r\n\x05slots\x18\x07 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x10JoinAgentRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\">\n\x11JoinAgentResponse\x12\x12\n\ncredential\x18\x01 \x01(\t\x12\x15\n\rcredential_id\x18\x02 \x01(\t\"t\n\x14RegisterAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\tresources\x18\x02 \x01(\x0b\x32\".tuneforge.agent.v1.AgentResources\x12\x17\n\x0fresume_agent_id\x18\x03 \x01(\t\"y\n\x15RegisterAgentResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x05\x12\x19\n\x11lease_ttl_seconds\x18\x03 \x01(\x05\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"=\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0frunning_job_ids\x18\x02 \x03(\t\"+\n\x11HeartbeatResponse\x12\x16\n\x0e\x63\x61ncel_job_ids\x18\x01 \x03(\t\",\n\x18StreamAssignmentsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xab\x03\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\tmethod_id\x18\x03 \x01(\t\x12\x12\n\nentrypoint\x18\x04 \x01(\t\x12\x11\n\tmodel_uri\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x61taset_uri\x18\x06 \x01(\t\x12+\n\nparameters\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\noutput_uri\x18\x08 \x01(\t\x12\x17\n\x0fresume_from_uri\x18\t \x01(\t\x12\x18\n\x10resume_from_step\x18\n \x01(\x03\x12\x16\n\x0e\x63heckpoint_uri\x18\x0b \x01(\t\x12\x12\n\npython_env\x18\x0c \x01(\t\x12\x11\n\tgpu_count\x18\r \x01(\x05\x12\x19\n\x11saving_entrypoint\x18\x0e \x01(\t\x12\x19\n\x11saving_python_env\x18\x0f \x01(\t\x12\x1e\n\x16validation_dataset_uri\x18\x10 \x01(\t\x12\x0c\n\x04kind\x18\x11 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_uri\x18\x12 \x01(\t\";\n\x0fJobCancellation\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10\x63heckpoint_first\x18\x02 \x01(\x08\"\x99\x01\n\x19StreamAssignmentsResponse\x12\x37\n\nassignment\x18\x01 \x01(\x0b\x32!.tuneforge.agent.v1.JobAssignmentH\x00\x12;\n\x0c\x63\x61ncellation\x18\x02 \x01(\x0b\x32#.tuneforge.agent.v1.JobCancellationH\x00\x42\x06\n\x04work\"c\n\x0bStateReport\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.tuneforge.agent.v1.ReportedState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\noutput_uri\x18\x03 \x01(\t\"\xb8\x01\n\x0cMetricReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12<\n\x06values\x18\x02 \x03(\x0b\x32,.tuneforge.agent.v1.MetricReport.ValuesEntry\x12\x18\n\x10progress_percent\x18\x03 \x01(\x01\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x01\n\x10\x43heckpointReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x42\n\x07metrics\x18\x03 \x03(\x0b\x32\x31.tuneforge.agent.v1.CheckpointReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\")\n\tLogReport\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xbf\x02\n\x10ReportJobRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12\x30\n\x05state\x18\x05 \x01(\x0b\x32\x1f.tuneforge.agent.v1.StateReportH\x00\x12\x32\n\x06metric\x18\x06 \x01(\x0b\x32 .tuneforge.agent.v1.MetricReportH\x00\x12,\n\x03log\x18\x07 \x01(\x0b\x32\x1d.tuneforge.agent.v1.LogReportH\x00\x12:\n\ncheckpoint\x18\t \x01(\x0b\x32$.tuneforge.agent.v1.CheckpointReportH\x00\x12\x11\n\ttime_unix\x18\x08 \x01(\x01\x42\x08\n\x06report\"e\n\x11ReportJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\tacked_seq\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\"\n\x0eInferenceHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"R\n\x0eInferenceChunk\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"\x8c\x01\n\x15ServeInferenceRequest\x12\x33\n\x05hello\x18\x01 \x01(\x0b\x32\".tuneforge.agent.v1.InferenceHelloH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".tuneforge.agent.v1.InferenceChunkH\x00\x42\t\n\x07message\"e\n\x16ServeInferenceResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x01(\x08\x12\x0c\n\x04path\x18\x05 \x01(\t*\xbd\x01\n\rReportedState\x12\x1e\n\x1aREPORTED_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPORTED_STATE_RUNNING\x10\x01\x12\x1c\n\x18REPORTED_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15REPORTED_STATE_FAILED\x10\x03\x12\x1c\n\x18REPORTED_STATE_CANCELLED\x10\x04\x12\x19\n\x15REPORTED_STATE_PAUSED\x10\x05\x32\xe7\x04\n\x0c\x41gentService\x12X\n\tJoinAgent\x12$.tuneforge.agent.v1.JoinAgentRequest\x1a%.tuneforge.agent.v1.JoinAgentResponse\x12\x64\n\rRegisterAgent\x12(.tuneforge.agent.v1.RegisterAgentRequest\x1a).tuneforge.agent.v1.RegisterAgentResponse\x12X\n\tHeartbeat\x12$.tuneforge.agent.v1.HeartbeatRequest\x1a%.tuneforge.agent.v1.HeartbeatResponse\x12r\n\x11StreamAssignments\x12,.tuneforge.agent.v1.StreamAssignmentsRequest\x1a-.tuneforge.agent.v1.StreamAssignmentsResponse0\x01\x12\\\n\tReportJob\x12$.tuneforge.agent.v1.ReportJobRequest\x1a%.tuneforge.agent.v1.ReportJobResponse(\x01\x30\x01\x12k\n\x0eServeInference\x12).tuneforge.agent.v1.ServeInferenceRequest\x1a*.tuneforge.agent.v1.ServeInferenceResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICREPORT_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_CHECKPOINTREPORT_METRICSENTRY']._loaded_options = None
   _globals['_CHECKPOINTREPORT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_REPORTEDSTATE']._serialized_start=2381
-  _globals['_REPORTEDSTATE']._serialized_end=2570
+  _globals['_REPORTEDSTATE']._serialized_start=2782
+  _globals['_REPORTEDSTATE']._serialized_end=2971
   _globals['_AGENTRESOURCES']._serialized_start=85
   _globals['_AGENTRESOURCES']._serialized_end=333
   _globals['_AGENTRESOURCES_LABELSENTRY']._serialized_start=288
@@ -59,27 +59,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMASSIGNMENTSREQUEST']._serialized_start=802
   _globals['_STREAMASSIGNMENTSREQUEST']._serialized_end=846
   _globals['_JOBASSIGNMENT']._serialized_start=849
-  _globals['_JOBASSIGNMENT']._serialized_end=1241
-  _globals['_JOBCANCELLATION']._serialized_start=1243
-  _globals['_JOBCANCELLATION']._serialized_end=1302
-  _globals['_STREAMASSIGNMENTSRESPONSE']._serialized_start=1305
-  _globals['_STREAMASSIGNMENTSRESPONSE']._serialized_end=1458
-  _globals['_STATEREPORT']._serialized_start=1460
-  _globals['_STATEREPORT']._serialized_end=1559
-  _globals['_METRICREPORT']._serialized_start=1562
-  _globals['_METRICREPORT']._serialized_end=1746
-  _globals['_METRICREPORT_VALUESENTRY']._serialized_start=1701
-  _globals['_METRICREPORT_VALUESENTRY']._serialized_end=1746
-  _globals['_CHECKPOINTREPORT']._serialized_start=1749
-  _globals['_CHECKPOINTREPORT']._serialized_end=1910
-  _globals['_CHECKPOINTREPORT_METRICSENTRY']._serialized_start=1864
-  _globals['_CHECKPOINTREPORT_METRICSENTRY']._serialized_end=1910
-  _globals['_LOGREPORT']._serialized_start=1912
-  _globals['_LOGREPORT']._serialized_end=1953
-  _globals['_REPORTJOBREQUEST']._serialized_start=1956
-  _globals['_REPORTJOBREQUEST']._serialized_end=2275
-  _globals['_REPORTJOBRESPONSE']._serialized_start=2277
-  _globals['_REPORTJOBRESPONSE']._serialized_end=2378
-  _globals['_AGENTSERVICE']._serialized_start=2573
-  _globals['_AGENTSERVICE']._serialized_end=3079
+  _globals['_JOBASSIGNMENT']._serialized_end=1276
+  _globals['_JOBCANCELLATION']._serialized_start=1278
+  _globals['_JOBCANCELLATION']._serialized_end=1337
+  _globals['_STREAMASSIGNMENTSRESPONSE']._serialized_start=1340
+  _globals['_STREAMASSIGNMENTSRESPONSE']._serialized_end=1493
+  _globals['_STATEREPORT']._serialized_start=1495
+  _globals['_STATEREPORT']._serialized_end=1594
+  _globals['_METRICREPORT']._serialized_start=1597
+  _globals['_METRICREPORT']._serialized_end=1781
+  _globals['_METRICREPORT_VALUESENTRY']._serialized_start=1736
+  _globals['_METRICREPORT_VALUESENTRY']._serialized_end=1781
+  _globals['_CHECKPOINTREPORT']._serialized_start=1784
+  _globals['_CHECKPOINTREPORT']._serialized_end=1945
+  _globals['_CHECKPOINTREPORT_METRICSENTRY']._serialized_start=1899
+  _globals['_CHECKPOINTREPORT_METRICSENTRY']._serialized_end=1945
+  _globals['_LOGREPORT']._serialized_start=1947
+  _globals['_LOGREPORT']._serialized_end=1988
+  _globals['_REPORTJOBREQUEST']._serialized_start=1991
+  _globals['_REPORTJOBREQUEST']._serialized_end=2310
+  _globals['_REPORTJOBRESPONSE']._serialized_start=2312
+  _globals['_REPORTJOBRESPONSE']._serialized_end=2413
+  _globals['_INFERENCEHELLO']._serialized_start=2415
+  _globals['_INFERENCEHELLO']._serialized_end=2449
+  _globals['_INFERENCECHUNK']._serialized_start=2451
+  _globals['_INFERENCECHUNK']._serialized_end=2533
+  _globals['_SERVEINFERENCEREQUEST']._serialized_start=2536
+  _globals['_SERVEINFERENCEREQUEST']._serialized_end=2676
+  _globals['_SERVEINFERENCERESPONSE']._serialized_start=2678
+  _globals['_SERVEINFERENCERESPONSE']._serialized_end=2779
+  _globals['_AGENTSERVICE']._serialized_start=2974
+  _globals['_AGENTSERVICE']._serialized_end=3589
 # @@protoc_insertion_point(module_scope)

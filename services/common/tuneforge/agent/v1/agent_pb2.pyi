@@ -294,6 +294,8 @@ class JobAssignment(_message.Message):
     SAVING_ENTRYPOINT_FIELD_NUMBER: _builtins.int
     SAVING_PYTHON_ENV_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_URI_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ADAPTER_URI_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     method_id: _builtins.str
@@ -327,6 +329,16 @@ class JobAssignment(_message.Message):
     """The job's validation dataset (fsspec URI), evaluated on instead of a held-out share of the training rows;
     the runner gets it as --validation_dataset_path (env VALIDATION_DATASET_PATH). Empty when it has none.
     """
+    kind: _builtins.str
+    """What the job does: "train" (also when empty), "merge" (a customized model's adapter into its base:
+    the complete model), "evaluate" (a model over dataset_uri) or "serve" (an inference worker, until
+    cancelled). Merge, evaluate and serve get --model_path, --adapter_path when adapter_uri is set,
+    --dataset_path when dataset_uri is set, and --output_dir; no resume, no checkpoints.
+    """
+    adapter_uri: _builtins.str
+    """A customized model's adapter (fsspec URI), applied over model_uri (its base); empty for a complete or
+    base model.
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -348,10 +360,12 @@ class JobAssignment(_message.Message):
         saving_entrypoint: _builtins.str = ...,
         saving_python_env: _builtins.str = ...,
         validation_dataset_uri: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        adapter_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "gpu_count", b"gpu_count", "job_id", b"job_id", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "python_env", b"python_env", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri", "saving_entrypoint", b"saving_entrypoint", "saving_python_env", b"saving_python_env", "validation_dataset_uri", b"validation_dataset_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_uri", b"adapter_uri", "attempt", b"attempt", "checkpoint_uri", b"checkpoint_uri", "dataset_uri", b"dataset_uri", "entrypoint", b"entrypoint", "gpu_count", b"gpu_count", "job_id", b"job_id", "kind", b"kind", "method_id", b"method_id", "model_uri", b"model_uri", "output_uri", b"output_uri", "parameters", b"parameters", "python_env", b"python_env", "resume_from_step", b"resume_from_step", "resume_from_uri", b"resume_from_uri", "saving_entrypoint", b"saving_entrypoint", "saving_python_env", b"saving_python_env", "validation_dataset_uri", b"validation_dataset_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -637,3 +651,116 @@ class ReportJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportJobResponse: _TypeAlias = ReportJobResponse  # noqa: Y015
+
+@_typing.final
+class InferenceHello(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceHello: _TypeAlias = InferenceHello  # noqa: Y015
+
+@_typing.final
+class InferenceChunk(_message.Message):
+    """One piece of a call's answer: the worker's HTTP status and body bytes as they came (for a streamed
+    call, Server-Sent Events lines), the last one with done set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    http_status: _builtins.int
+    data: _builtins.bytes
+    done: _builtins.bool
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "data", b"data", "done", b"done", "http_status", b"http_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceChunk: _TypeAlias = InferenceChunk  # noqa: Y015
+
+@_typing.final
+class ServeInferenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELLO_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hello(self) -> Global___InferenceHello: ...
+    @_builtins.property
+    def chunk(self) -> Global___InferenceChunk: ...
+    def __init__(
+        self,
+        *,
+        hello: Global___InferenceHello | None = ...,
+        chunk: Global___InferenceChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "hello", b"hello", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "hello", b"hello", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___ServeInferenceRequest: _TypeAlias = ServeInferenceRequest  # noqa: Y015
+
+@_typing.final
+class ServeInferenceResponse(_message.Message):
+    """A call for the worker of serve job job_id: an OpenAI chat completion request body (JSON). With cancel
+    set, the caller went away: stop the call_id's generation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    job_id: _builtins.str
+    body: _builtins.bytes
+    cancel: _builtins.bool
+    path: _builtins.str
+    """The request path on the worker, e.g. "/v1/chat/completions"."""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        body: _builtins.bytes = ...,
+        cancel: _builtins.bool = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "call_id", b"call_id", "cancel", b"cancel", "job_id", b"job_id", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServeInferenceResponse: _TypeAlias = ServeInferenceResponse  # noqa: Y015

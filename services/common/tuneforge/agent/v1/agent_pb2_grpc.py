@@ -61,6 +61,11 @@ class AgentServiceStub:
                 request_serializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ReportJobRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ReportJobResponse.FromString,
                 _registered_method=True)
+        self.ServeInference = channel.stream_stream(
+                '/tuneforge.agent.v1.AgentService/ServeInference',
+                request_serializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ServeInferenceRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ServeInferenceResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -105,6 +110,15 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ServeInference(self, request_iterator, context):
+        """Bidi stream carrying inference for the deployments (serve jobs) this agent runs: the agent opens it
+        once per session and sends a hello; the service sends calls, the agent answers each with chunks
+        relayed from the job's inference worker, the last one marked done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +146,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ReportJob,
                     request_deserializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ReportJobRequest.FromString,
                     response_serializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ReportJobResponse.SerializeToString,
+            ),
+            'ServeInference': grpc.stream_stream_rpc_method_handler(
+                    servicer.ServeInference,
+                    request_deserializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ServeInferenceRequest.FromString,
+                    response_serializer=tuneforge_dot_agent_dot_v1_dot_agent__pb2.ServeInferenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +290,33 @@ class AgentService:
             '/tuneforge.agent.v1.AgentService/ReportJob',
             tuneforge_dot_agent_dot_v1_dot_agent__pb2.ReportJobRequest.SerializeToString,
             tuneforge_dot_agent_dot_v1_dot_agent__pb2.ReportJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServeInference(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tuneforge.agent.v1.AgentService/ServeInference',
+            tuneforge_dot_agent_dot_v1_dot_agent__pb2.ServeInferenceRequest.SerializeToString,
+            tuneforge_dot_agent_dot_v1_dot_agent__pb2.ServeInferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,11 @@ class AgentServiceStub:
     the highest sequence number it has stored, so a reconnect resends only
     what was not acknowledged and nothing is stored twice.
     """
+    ServeInference: _grpc.StreamStreamMultiCallable[_agent_pb2.ServeInferenceRequest, _agent_pb2.ServeInferenceResponse]
+    """Bidi stream carrying inference for the deployments (serve jobs) this agent runs: the agent opens it
+    once per session and sends a hello; the service sends calls, the agent answers each with chunks
+    relayed from the job's inference worker, the last one marked done.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -70,6 +75,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Bidi stream: the agent sends numbered reports, the service answers with
     the highest sequence number it has stored, so a reconnect resends only
     what was not acknowledged and nothing is stored twice.
+    """
+    ServeInference: _aio.StreamStreamMultiCallable[_agent_pb2.ServeInferenceRequest, _agent_pb2.ServeInferenceResponse]  # type: ignore[assignment]
+    """Bidi stream carrying inference for the deployments (serve jobs) this agent runs: the agent opens it
+    once per session and sends a hello; the service sends calls, the agent answers each with chunks
+    relayed from the job's inference worker, the last one marked done.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -119,6 +129,17 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Bidi stream: the agent sends numbered reports, the service answers with
         the highest sequence number it has stored, so a reconnect resends only
         what was not acknowledged and nothing is stored twice.
+        """
+
+    @_abc_1.abstractmethod
+    def ServeInference(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ServeInferenceRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ServeInferenceResponse], _abc.AsyncIterator[_agent_pb2.ServeInferenceResponse]]:
+        """Bidi stream carrying inference for the deployments (serve jobs) this agent runs: the agent opens it
+        once per session and sends a hello; the service sends calls, the agent answers each with chunks
+        relayed from the job's inference worker, the last one marked done.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -291,11 +291,16 @@ class ModelLineage(_message.Message):
     CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
     METHOD_ID_FIELD_NUMBER: _builtins.int
     DATASET_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_MODEL_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_JOB_ID_FIELD_NUMBER: _builtins.int
     base_model_id: _builtins.str
     job_id: _builtins.str
     checkpoint_step: _builtins.int
     method_id: _builtins.str
     dataset_id: _builtins.str
+    source_model_id: _builtins.str
+    """For a merged (complete) model: the customized model it was merged from, and the merge job."""
+    operation_job_id: _builtins.str
     def __init__(
         self,
         *,
@@ -304,10 +309,12 @@ class ModelLineage(_message.Message):
         checkpoint_step: _builtins.int = ...,
         method_id: _builtins.str = ...,
         dataset_id: _builtins.str = ...,
+        source_model_id: _builtins.str = ...,
+        operation_job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "checkpoint_step", b"checkpoint_step", "dataset_id", b"dataset_id", "job_id", b"job_id", "method_id", b"method_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "checkpoint_step", b"checkpoint_step", "dataset_id", b"dataset_id", "job_id", b"job_id", "method_id", b"method_id", "operation_job_id", b"operation_job_id", "source_model_id", b"source_model_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

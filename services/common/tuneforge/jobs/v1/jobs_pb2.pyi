@@ -50,6 +50,27 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 7
 JOB_STATE_PAUSED: JobState.ValueType  # 8
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _JobKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_KIND_UNSPECIFIED: _JobKind.ValueType  # 0
+    JOB_KIND_TRAIN: _JobKind.ValueType  # 1
+    JOB_KIND_MERGE: _JobKind.ValueType  # 2
+    JOB_KIND_EVALUATE: _JobKind.ValueType  # 3
+    JOB_KIND_SERVE: _JobKind.ValueType  # 4
+
+class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper): ...
+
+JOB_KIND_UNSPECIFIED: JobKind.ValueType  # 0
+JOB_KIND_TRAIN: JobKind.ValueType  # 1
+JOB_KIND_MERGE: JobKind.ValueType  # 2
+JOB_KIND_EVALUATE: JobKind.ValueType  # 3
+JOB_KIND_SERVE: JobKind.ValueType  # 4
+Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
+
 @_typing.final
 class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -107,6 +128,8 @@ class Job(_message.Message):
     RESUMED_FROM_STEP_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RESULT_MODEL_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_id: _builtins.str
     dataset_id: _builtins.str
@@ -141,6 +164,14 @@ class Job(_message.Message):
     """The dataset evaluated on instead of a held-out share of dataset_id; empty when none was given."""
     project_id: _builtins.str
     """Owning project (the submitter's); other projects never see the job."""
+    kind: Global___JobKind.ValueType
+    """A training, or a step of the lifecycle after it on a published model (ModelLifecycleService): a merge,
+    an evaluation or a deployment (serve). method_id is empty for those.
+    """
+    result_model_id: _builtins.str
+    """A merge's complete model, published to the catalog when it succeeded ("-" when publishing failed; the
+    reason is in the job's log).
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Resolved parameters: defaults and aliases applied."""
@@ -193,10 +224,12 @@ class Job(_message.Message):
         resumed_from_step: _builtins.int = ...,
         validation_dataset_id: _builtins.str = ...,
         project_id: _builtins.str = ...,
+        kind: Global___JobKind.ValueType = ...,
+        result_model_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "parameters", b"parameters", "resources", b"resources", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "catalog_version", b"catalog_version", "copied_from_job_id", b"copied_from_job_id", "create_time", b"create_time", "current_step", b"current_step", "dataset_id", b"dataset_id", "elapsed_seconds", b"elapsed_seconds", "end_time", b"end_time", "epoch", b"epoch", "id", b"id", "labels", b"labels", "max_attempts", b"max_attempts", "method_id", b"method_id", "method_version", b"method_version", "model_id", b"model_id", "name", b"name", "output_uri", b"output_uri", "parameters", b"parameters", "priority", b"priority", "progress_percent", b"progress_percent", "project_id", b"project_id", "remaining_seconds", b"remaining_seconds", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submitted_by", b"submitted_by", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps", "update_time", b"update_time", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "catalog_version", b"catalog_version", "copied_from_job_id", b"copied_from_job_id", "create_time", b"create_time", "current_step", b"current_step", "dataset_id", b"dataset_id", "elapsed_seconds", b"elapsed_seconds", "end_time", b"end_time", "epoch", b"epoch", "id", b"id", "kind", b"kind", "labels", b"labels", "max_attempts", b"max_attempts", "method_id", b"method_id", "method_version", b"method_version", "model_id", b"model_id", "name", b"name", "output_uri", b"output_uri", "parameters", b"parameters", "priority", b"priority", "progress_percent", b"progress_percent", "project_id", b"project_id", "remaining_seconds", b"remaining_seconds", "resources", b"resources", "result_model_id", b"result_model_id", "resumed_from_step", b"resumed_from_step", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submitted_by", b"submitted_by", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps", "update_time", b"update_time", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -963,6 +996,7 @@ class ListJobsRequest(_message.Message):
     METHOD_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     AFTER_JOB_ID_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
     model_id: _builtins.str
@@ -981,6 +1015,10 @@ class ListJobsRequest(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Jobs carrying every one of these labels."""
 
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___JobKind.ValueType]:
+        """Kinds to list; empty lists trainings only (merges, evaluations and deployments on request)."""
+
     def __init__(
         self,
         *,
@@ -992,10 +1030,11 @@ class ListJobsRequest(_message.Message):
         method_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         after_job_id: _builtins.str = ...,
+        kinds: _abc.Iterable[Global___JobKind.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_job_id", b"after_job_id", "dataset_id", b"dataset_id", "labels", b"labels", "method_id", b"method_id", "model_id", b"model_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_job_id", b"after_job_id", "dataset_id", b"dataset_id", "kinds", b"kinds", "labels", b"labels", "method_id", b"method_id", "model_id", b"model_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
