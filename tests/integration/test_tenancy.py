@@ -85,6 +85,7 @@ class Owned:
     upload_id: str
     method_id: str
     key_id: str
+    deployment_id: str
 
 
 async def alpha_with_objects(t: Tenancy) -> Owned:
@@ -117,6 +118,8 @@ async def alpha_with_objects(t: Tenancy) -> Owned:
     )
     assert method.status_code == 201, method.text
     whoami = (await t.call("GET", "/api/v1/whoami", key)).json()
+    deployment = await t.call("POST", f"/api/v1/models/{model.json()['id']}/deploy", key, json={})
+    assert deployment.status_code == 201, deployment.text
     return Owned(
         key,
         project,
@@ -126,6 +129,7 @@ async def alpha_with_objects(t: Tenancy) -> Owned:
         upload.json()["upload_id"],
         "alpha-sft",
         whoami["key"]["id"],
+        deployment.json()["id"],
     )
 
 
@@ -138,6 +142,7 @@ def fill(path: str, owned: Owned) -> str:
         "method_id": owned.method_id,
         "file_id": owned.dataset_id,
         "key_id": owned.key_id,
+        "deployment_id": owned.deployment_id,
     }
     for name, value in ids.items():
         path = path.replace(f"{{{name}}}", value).replace(f"{{{name}:path}}", value)
@@ -150,6 +155,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/datasets/{dataset_id}/split"): {"json": {"validation_ratio": 0.25}},
     ("POST", "/api/v1/jobs/{job_id}/copy"): {"json": {}},
     ("POST", "/api/v1/jobs/{job_id}/publish"): {"json": {"step": 0, "name": "stolen"}},
+    ("POST", "/api/v1/models/{model_id}/evaluate"): {"json": {"dataset_id": "any"}},
     ("PUT", "/api/v1/uploads/{upload_id}"): {"content": b"0123456789", "headers": {"Content-Range": "bytes 0-9/10"}},
 }
 
@@ -190,6 +196,7 @@ async def test_another_project_gets_not_found_on_every_route_over_the_first_ones
         ("/api/v1/methods", "methods"),
         ("/api/v1/keys", "keys"),
         ("/api/v1/projects", "projects"),
+        ("/api/v1/deployments", "deployments"),
         ("/v1/files", "data"),
         ("/v1/fine_tuning/jobs", "data"),
         ("/v1/models", "data"),
@@ -315,6 +322,9 @@ async def test_the_openai_client_sees_only_its_projects_objects(tenancy):
         await client.fine_tuning.jobs.retrieve(owned.job_id)
     with pytest.raises(openai.NotFoundError):
         await client.files.retrieve(owned.dataset_id)
+    with pytest.raises(openai.NotFoundError) as chat:  # alpha's deployed model is no model at all to bob
+        await client.chat.completions.create(model=owned.model_id, messages=[{"role": "user", "content": "hi"}])
+    assert chat.value.code == "model_not_found"
     assert [j.id for j in (await client.fine_tuning.jobs.list()).data] == []
     alice = openai.AsyncOpenAI(api_key=owned.key, base_url="http://gw/v1", http_client=t.http)
     assert (await alice.fine_tuning.jobs.retrieve(owned.job_id)).id == owned.job_id

@@ -28,8 +28,8 @@ from tuneforge.auth.v1 import auth_pb2_grpc
 from tuneforge.catalog.v1 import catalog_pb2 as cpb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2 as compb
+from tuneforge.jobs.v1 import inference_pb2_grpc, jobs_pb2_grpc, lifecycle_pb2_grpc
 from tuneforge.jobs.v1 import jobs_pb2 as jpb
-from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_common import methods
 from tuneforge_common.grpcutil import MAX_MESSAGE_BYTES
 from tuneforge_common.tls import TlsConfig, open_channel
@@ -366,7 +366,13 @@ class CreateKeyBody(BaseModel):
 
 class PublishCheckpointBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    step: JsonInt = Field(..., ge=0, le=INT64_MAX, description="A kept checkpoint's step; 0 publishes the final output")
+    step: JsonInt = Field(
+        0,
+        ge=0,
+        le=INT64_MAX,
+        description="A kept checkpoint's step; 0 or absent: the best of the kept checkpoints and the final output "
+        "(by eval_loss, else loss)",
+    )
     name: Name
     description: str = ""
 
@@ -508,6 +514,8 @@ class Backends:
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self.catalog_channel)
         self.auth = auth_pb2_grpc.AuthServiceStub(self.catalog_channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.jobs_channel)
+        self.lifecycle = lifecycle_pb2_grpc.ModelLifecycleServiceStub(self.jobs_channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self.jobs_channel)
 
     async def close(self) -> None:
         await self.catalog_channel.close()
@@ -1243,7 +1251,10 @@ def create_app(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
+    from .lifecycle_routes import chat_router, lifecycle_router  # import this module's helpers, as openai_compat
     from .openai_compat import openai_router  # imports this module's helpers, so not at the top
 
+    app.include_router(lifecycle_router(be))
     app.include_router(openai_router(be))
+    app.include_router(chat_router(be))
     return app

@@ -12,6 +12,7 @@ other messages reference with $ref, so reuse and recursion cost nothing. A route
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -29,15 +30,6 @@ _INT64 = {
     FieldDescriptor.TYPE_FIXED64,
     FieldDescriptor.TYPE_SFIXED64,
 }
-_ENUM_PREFIXES = (
-    "ROLE_",
-    "PRINCIPAL_KIND_",
-    "JOB_STATE_",
-    "DATASET_FORMAT_",
-    "PARAMETER_TYPE_",
-    "MODEL_KIND_",
-    "DATASET_STATUS_",
-)
 # Enums whose HTTP names are lower case (the others keep their upper case names: "RUNNING", "READY").
 _LOWER_CASE_ENUMS = ("DatasetFormat", "ParameterType", "Role", "PrincipalKind")
 
@@ -56,8 +48,8 @@ def enum_json_name(enum: EnumDescriptor, name: str) -> str | None:
     """An enum value's HTTP name: without its type's prefix, null for the UNSPECIFIED value."""
     if name.endswith("_UNSPECIFIED"):
         return None
-    for prefix in _ENUM_PREFIXES:
-        name = name.removeprefix(prefix)
+    # Buf style: each value starts with its enum's name in upper snake case (JobKind: JOB_KIND_MERGE).
+    name = name.removeprefix(re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_")
     return name.lower() if enum.name in _LOWER_CASE_ENUMS else name
 
 
