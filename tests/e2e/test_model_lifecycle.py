@@ -162,3 +162,28 @@ def test_a_deployed_model_chats_through_the_openai_client_and_undeploy_frees_the
     assert gone.value.code == "model_not_live"
     # The agent is free again: a training runs.
     assert stack.http.get("/api/v1/deployments").json()["deployments"] == []
+
+
+def test_an_evaluation_records_loss_perplexity_and_generations_next_to_its_training(stack, customized):
+    training_job = customized["lineage"]["job_id"]
+    dataset_id = stack.http.get(f"/api/v1/jobs/{training_job}").json()["dataset_id"]
+    bad = stack.http.post(
+        f"/api/v1/models/{customized['id']}/evaluate",
+        json={"dataset_id": dataset_id, "parameters": {"num_generations": -1}},
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "parameters.num_generations"
+    started = stack.http.post(
+        f"/api/v1/models/{customized['id']}/evaluate",
+        json={"dataset_id": dataset_id, "parameters": {"max_samples": 8, "num_generations": 2, "max_new_tokens": 8}},
+    )
+    assert started.status_code == 201, started.text
+    assert started.json()["kind"] == "EVALUATE"
+    finished_job(stack, started.json()["id"])
+    [evaluation] = stack.http.get(f"/api/v1/jobs/{training_job}/evaluations").json()["evaluations"]
+    assert evaluation["job"]["id"] == started.json()["id"]
+    metrics = evaluation["metrics"]
+    assert metrics["eval_loss"] > 0 and metrics["perplexity"] > 1 and metrics["eval_samples"] == 8
+    assert len(evaluation["generations"]) == 2 and all(g["prompt"] for g in evaluation["generations"])
+    # Its progress reached the job's metrics too, as a training's does.
+    points = stack.http.get(f"/api/v1/jobs/{started.json()['id']}/metrics").json()
+    assert "eval_loss" in str(points)

@@ -96,6 +96,16 @@ def lifecycle_router(be: Callable[[], Backends]) -> APIRouter:
         )
         return to_json((await be().lifecycle.EvaluateModel(request, timeout=RPC_TIMEOUT_S)).job)
 
+    @router.get(
+        "/jobs/{job_id}/evaluations",
+        response_model=message_body(lpb.ListEvaluationsResponse),
+        responses=error_responses(400, 404),
+    )
+    async def list_evaluations(job_id: str, page_size: int = Query(0, ge=0, le=1000), page_token: str = "") -> dict:
+        """The training's evaluations, newest first, with their metrics and sample generations."""
+        request = lpb.ListEvaluationsRequest(job_id=job_id, page_size=page_size, page_token=page_token)
+        return to_json(await be().lifecycle.ListEvaluations(request, timeout=RPC_TIMEOUT_S))
+
     @router.post(
         "/models/{model_id}/deploy",
         status_code=201,

@@ -74,6 +74,17 @@ class ModelLifecycleServicer(lifecycle_pb2_grpc.ModelLifecycleServiceServicer):
         return lpb.EvaluateModelResponse(job=self._job(row))
 
     @map_errors
+    async def ListEvaluations(self, request: lpb.ListEvaluationsRequest, context: Any) -> lpb.ListEvaluationsResponse:
+        size, offset = page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE), decode_token(request.page_token)
+        found = await self.lifecycle.evaluations(request.job_id, offset, size + 1)
+        token = encode_token(offset + size) if len(found) > size else ""
+        evaluations = [
+            lpb.Evaluation(job=job_to_pb(row), metrics=metrics, generations=[lpb.Generation(**g) for g in generations])
+            for row, metrics, generations in found[:size]
+        ]
+        return lpb.ListEvaluationsResponse(evaluations=evaluations, next_page_token=token)
+
+    @map_errors
     async def DeployModel(self, request: lpb.DeployModelRequest, context: Any) -> lpb.DeployModelResponse:
         row = await self.lifecycle.deploy(
             request.model_id, json_format.MessageToDict(request.parameters), resources_from_pb(request.resources)

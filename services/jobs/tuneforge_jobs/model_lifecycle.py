@@ -4,6 +4,7 @@ and scheduled by Jobs like any training."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -27,6 +28,33 @@ from .service import Jobs
 
 log = logging.getLogger("tuneforge.jobs.lifecycle")
 EVALUATES_LABEL = "tuneforge.evaluates-job"  # an evaluation's training job, so ListJobs finds its evaluations
+
+
+MAX_GENERATIONS = 100
+
+
+def read_evaluation(output_uri: str) -> tuple[dict[str, float], list[dict]]:
+    """metrics.json's numbers and the first generations.jsonl lines of an evaluation's output (empty when the
+    files are gone: an evaluation's record outlives its artifacts)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output_uri)
+    metrics: dict[str, float] = {}
+    generations: list[dict] = []
+    try:
+        with fs.open(f"{root.rstrip('/')}/metrics.json", "r") as fh:
+            loaded = json.load(fh)
+        metrics = {k: float(v) for k, v in loaded.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        with fs.open(f"{root.rstrip('/')}/generations.jsonl", "r") as fh:
+            for line in fh:
+                if len(generations) >= MAX_GENERATIONS:
+                    break
+                row = json.loads(line) if line.strip() else None
+                if isinstance(row, dict):
+                    generations.append({k: str(row.get(k, "")) for k in ("prompt", "reference", "generated")})
+    except (OSError, ValueError):
+        log.warning("evaluation output at %s is incomplete", output_uri)
+    return metrics, generations
 
 
 @contextlib.contextmanager
@@ -159,6 +187,20 @@ class ModelLifecycle:
             labels={EVALUATES_LABEL: trained_by} if trained_by else {},
             operation={"evaluates_job_id": trained_by},
         )
+
+    async def evaluations(self, job_id: str, offset: int, limit: int) -> list[tuple[Any, dict[str, float], list[dict]]]:
+        """The evaluations of a training job, newest first: (evaluation job, metrics, generations); metrics and
+        generations are read from a succeeded evaluation's output."""
+        await self.jobs.get(job_id)  # NOT_FOUND unless the caller sees the training
+        rows = await self.jobs.list_jobs(limit, offset, labels={EVALUATES_LABEL: job_id}, kinds=[ops.EVALUATE])
+        found = []
+        for row in rows:
+            metrics: dict[str, float] = {}
+            generations: list[dict] = []
+            if row.state == JobState.SUCCEEDED and row.output_uri:
+                metrics, generations = await asyncio.to_thread(read_evaluation, row.output_uri)
+            found.append((row, metrics, generations))
+        return found
 
     # -- deploy --------------------------------------------------------------------------------------------
 

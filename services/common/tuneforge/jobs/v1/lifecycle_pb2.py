@@ -27,17 +27,19 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tuneforge.jobs.v1 import jobs_pb2 as tuneforge_dot_jobs_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tuneforge/jobs/v1/lifecycle.proto\x12\x11tuneforge.jobs.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctuneforge/jobs/v1/jobs.proto\"\xb6\x01\n\x11MergeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x35\n\x0cquantization\x18\x04 \x01(\x0e\x32\x1f.tuneforge.jobs.v1.Quantization\x12\x35\n\tresources\x18\x05 \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\"9\n\x12MergeModelResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"\xb0\x01\n\x14\x45valuateModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\tresources\x18\x04 \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\x12\x0e\n\x06job_id\x18\x05 \x01(\t\"<\n\x15\x45valuateModelResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"\x83\x03\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".tuneforge.jobs.v1.DeploymentState\x12\x14\n\x0cstate_reason\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x15\n\rrequest_count\x18\x06 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nproject_id\x18\n \x01(\t\x12\x35\n\tresources\x18\x0b \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\x12\x12\n\nentrypoint\x18\x0c \x01(\t\x12\x0f\n\x07\x61ttempt\x18\r \x01(\x05\"\x8a\x01\n\x12\x44\x65ployModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x35\n\tresources\x18\x02 \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"H\n\x13\x44\x65ployModelResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment\"-\n\x14GetDeploymentRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"J\n\x15GetDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment\"h\n\x16ListDeploymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x15\n\rinclude_ended\x18\x04 \x01(\x08\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x14UndeployModelRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"J\n\x15UndeployModelResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment*p\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANTIZATION_NONE\x10\x01\x12\x15\n\x11QUANTIZATION_INT8\x10\x02\x12\x14\n\x10QUANTIZATION_NF4\x10\x03*\xc6\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_PENDING\x10\x01\x12\x19\n\x15\x44\x45PLOYMENT_STATE_LIVE\x10\x02\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_STOPPING\x10\x03\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_STOPPED\x10\x04\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x05\x32\xe6\x04\n\x15ModelLifecycleService\x12Y\n\nMergeModel\x12$.tuneforge.jobs.v1.MergeModelRequest\x1a%.tuneforge.jobs.v1.MergeModelResponse\x12\x62\n\rEvaluateModel\x12\'.tuneforge.jobs.v1.EvaluateModelRequest\x1a(.tuneforge.jobs.v1.EvaluateModelResponse\x12\\\n\x0b\x44\x65ployModel\x12%.tuneforge.jobs.v1.DeployModelRequest\x1a&.tuneforge.jobs.v1.DeployModelResponse\x12\x62\n\rGetDeployment\x12\'.tuneforge.jobs.v1.GetDeploymentRequest\x1a(.tuneforge.jobs.v1.GetDeploymentResponse\x12h\n\x0fListDeployments\x12).tuneforge.jobs.v1.ListDeploymentsRequest\x1a*.tuneforge.jobs.v1.ListDeploymentsResponse\x12\x62\n\rUndeployModel\x12\'.tuneforge.jobs.v1.UndeployModelRequest\x1a(.tuneforge.jobs.v1.UndeployModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tuneforge/jobs/v1/lifecycle.proto\x12\x11tuneforge.jobs.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctuneforge/jobs/v1/jobs.proto\"\xb6\x01\n\x11MergeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x35\n\x0cquantization\x18\x04 \x01(\x0e\x32\x1f.tuneforge.jobs.v1.Quantization\x12\x35\n\tresources\x18\x05 \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\"9\n\x12MergeModelResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"\xb0\x01\n\x14\x45valuateModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\tresources\x18\x04 \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\x12\x0e\n\x06job_id\x18\x05 \x01(\t\"<\n\x15\x45valuateModelResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\"O\n\x16ListEvaluationsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"B\n\nGeneration\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x11\n\tgenerated\x18\x03 \x01(\t\"\xd2\x01\n\nEvaluation\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.tuneforge.jobs.v1.Job\x12;\n\x07metrics\x18\x02 \x03(\x0b\x32*.tuneforge.jobs.v1.Evaluation.MetricsEntry\x12\x32\n\x0bgenerations\x18\x03 \x03(\x0b\x32\x1d.tuneforge.jobs.v1.Generation\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"f\n\x17ListEvaluationsResponse\x12\x32\n\x0b\x65valuations\x18\x01 \x03(\x0b\x32\x1d.tuneforge.jobs.v1.Evaluation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x03\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".tuneforge.jobs.v1.DeploymentState\x12\x14\n\x0cstate_reason\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x15\n\rrequest_count\x18\x06 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nproject_id\x18\n \x01(\t\x12\x35\n\tresources\x18\x0b \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\x12\x12\n\nentrypoint\x18\x0c \x01(\t\x12\x0f\n\x07\x61ttempt\x18\r \x01(\x05\"\x8a\x01\n\x12\x44\x65ployModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x35\n\tresources\x18\x02 \x01(\x0b\x32\".tuneforge.jobs.v1.ResourceRequest\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"H\n\x13\x44\x65ployModelResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment\"-\n\x14GetDeploymentRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"J\n\x15GetDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment\"h\n\x16ListDeploymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x15\n\rinclude_ended\x18\x04 \x01(\x08\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x14UndeployModelRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"J\n\x15UndeployModelResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.tuneforge.jobs.v1.Deployment*p\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANTIZATION_NONE\x10\x01\x12\x15\n\x11QUANTIZATION_INT8\x10\x02\x12\x14\n\x10QUANTIZATION_NF4\x10\x03*\xc6\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_PENDING\x10\x01\x12\x19\n\x15\x44\x45PLOYMENT_STATE_LIVE\x10\x02\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_STOPPING\x10\x03\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_STOPPED\x10\x04\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x05\x32\xd0\x05\n\x15ModelLifecycleService\x12Y\n\nMergeModel\x12$.tuneforge.jobs.v1.MergeModelRequest\x1a%.tuneforge.jobs.v1.MergeModelResponse\x12\x62\n\rEvaluateModel\x12\'.tuneforge.jobs.v1.EvaluateModelRequest\x1a(.tuneforge.jobs.v1.EvaluateModelResponse\x12h\n\x0fListEvaluations\x12).tuneforge.jobs.v1.ListEvaluationsRequest\x1a*.tuneforge.jobs.v1.ListEvaluationsResponse\x12\\\n\x0b\x44\x65ployModel\x12%.tuneforge.jobs.v1.DeployModelRequest\x1a&.tuneforge.jobs.v1.DeployModelResponse\x12\x62\n\rGetDeployment\x12\'.tuneforge.jobs.v1.GetDeploymentRequest\x1a(.tuneforge.jobs.v1.GetDeploymentResponse\x12h\n\x0fListDeployments\x12).tuneforge.jobs.v1.ListDeploymentsRequest\x1a*.tuneforge.jobs.v1.ListDeploymentsResponse\x12\x62\n\rUndeployModel\x12\'.tuneforge.jobs.v1.UndeployModelRequest\x1a(.tuneforge.jobs.v1.UndeployModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneforge.jobs.v1.lifecycle_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUANTIZATION']._serialized_start=1695
-  _globals['_QUANTIZATION']._serialized_end=1807
-  _globals['_DEPLOYMENTSTATE']._serialized_start=1810
-  _globals['_DEPLOYMENTSTATE']._serialized_end=2008
+  _globals['_EVALUATION_METRICSENTRY']._loaded_options = None
+  _globals['_EVALUATION_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_QUANTIZATION']._serialized_start=2161
+  _globals['_QUANTIZATION']._serialized_end=2273
+  _globals['_DEPLOYMENTSTATE']._serialized_start=2276
+  _globals['_DEPLOYMENTSTATE']._serialized_end=2474
   _globals['_MERGEMODELREQUEST']._serialized_start=150
   _globals['_MERGEMODELREQUEST']._serialized_end=332
   _globals['_MERGEMODELRESPONSE']._serialized_start=334
@@ -46,24 +48,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATEMODELREQUEST']._serialized_end=570
   _globals['_EVALUATEMODELRESPONSE']._serialized_start=572
   _globals['_EVALUATEMODELRESPONSE']._serialized_end=632
-  _globals['_DEPLOYMENT']._serialized_start=635
-  _globals['_DEPLOYMENT']._serialized_end=1022
-  _globals['_DEPLOYMODELREQUEST']._serialized_start=1025
-  _globals['_DEPLOYMODELREQUEST']._serialized_end=1163
-  _globals['_DEPLOYMODELRESPONSE']._serialized_start=1165
-  _globals['_DEPLOYMODELRESPONSE']._serialized_end=1237
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1239
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1284
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1286
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1360
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1362
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1466
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1468
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1570
-  _globals['_UNDEPLOYMODELREQUEST']._serialized_start=1572
-  _globals['_UNDEPLOYMODELREQUEST']._serialized_end=1617
-  _globals['_UNDEPLOYMODELRESPONSE']._serialized_start=1619
-  _globals['_UNDEPLOYMODELRESPONSE']._serialized_end=1693
-  _globals['_MODELLIFECYCLESERVICE']._serialized_start=2011
-  _globals['_MODELLIFECYCLESERVICE']._serialized_end=2625
+  _globals['_LISTEVALUATIONSREQUEST']._serialized_start=634
+  _globals['_LISTEVALUATIONSREQUEST']._serialized_end=713
+  _globals['_GENERATION']._serialized_start=715
+  _globals['_GENERATION']._serialized_end=781
+  _globals['_EVALUATION']._serialized_start=784
+  _globals['_EVALUATION']._serialized_end=994
+  _globals['_EVALUATION_METRICSENTRY']._serialized_start=948
+  _globals['_EVALUATION_METRICSENTRY']._serialized_end=994
+  _globals['_LISTEVALUATIONSRESPONSE']._serialized_start=996
+  _globals['_LISTEVALUATIONSRESPONSE']._serialized_end=1098
+  _globals['_DEPLOYMENT']._serialized_start=1101
+  _globals['_DEPLOYMENT']._serialized_end=1488
+  _globals['_DEPLOYMODELREQUEST']._serialized_start=1491
+  _globals['_DEPLOYMODELREQUEST']._serialized_end=1629
+  _globals['_DEPLOYMODELRESPONSE']._serialized_start=1631
+  _globals['_DEPLOYMODELRESPONSE']._serialized_end=1703
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1705
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1750
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1752
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1826
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1828
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1932
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1934
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=2036
+  _globals['_UNDEPLOYMODELREQUEST']._serialized_start=2038
+  _globals['_UNDEPLOYMODELREQUEST']._serialized_end=2083
+  _globals['_UNDEPLOYMODELRESPONSE']._serialized_start=2085
+  _globals['_UNDEPLOYMODELRESPONSE']._serialized_end=2159
+  _globals['_MODELLIFECYCLESERVICE']._serialized_start=2477
+  _globals['_MODELLIFECYCLESERVICE']._serialized_end=3197
 # @@protoc_insertion_point(module_scope)

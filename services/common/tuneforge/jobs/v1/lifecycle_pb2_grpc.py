@@ -48,6 +48,11 @@ class ModelLifecycleServiceStub:
                 request_serializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.EvaluateModelRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.EvaluateModelResponse.FromString,
                 _registered_method=True)
+        self.ListEvaluations = channel.unary_unary(
+                '/tuneforge.jobs.v1.ModelLifecycleService/ListEvaluations',
+                request_serializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.ListEvaluationsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.ListEvaluationsResponse.FromString,
+                _registered_method=True)
         self.DeployModel = channel.unary_unary(
                 '/tuneforge.jobs.v1.ModelLifecycleService/DeployModel',
                 request_serializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.DeployModelRequest.SerializeToString,
@@ -92,6 +97,14 @@ class ModelLifecycleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvaluations(self, request, context):
+        """A training job's evaluations (of the models published from it), newest first, each with its metrics and
+        sample generations once it succeeded: two trainings compared on their outputs, not only their curves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeployModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -129,6 +142,11 @@ def add_ModelLifecycleServiceServicer_to_server(servicer, server):
                     servicer.EvaluateModel,
                     request_deserializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.EvaluateModelRequest.FromString,
                     response_serializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.EvaluateModelResponse.SerializeToString,
+            ),
+            'ListEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvaluations,
+                    request_deserializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.ListEvaluationsRequest.FromString,
+                    response_serializer=tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.ListEvaluationsResponse.SerializeToString,
             ),
             'DeployModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeployModel,
@@ -209,6 +227,33 @@ class ModelLifecycleService:
             '/tuneforge.jobs.v1.ModelLifecycleService/EvaluateModel',
             tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.EvaluateModelRequest.SerializeToString,
             tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.EvaluateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.jobs.v1.ModelLifecycleService/ListEvaluations',
+            tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.ListEvaluationsRequest.SerializeToString,
+            tuneforge_dot_jobs_dot_v1_dot_lifecycle__pb2.ListEvaluationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

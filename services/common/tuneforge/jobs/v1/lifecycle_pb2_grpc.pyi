@@ -43,6 +43,10 @@ class ModelLifecycleServiceStub:
     """An evaluation job: loss, perplexity and sample generations of a model over a dataset, as its metrics
     and as evaluation.json / generations.jsonl in its output.
     """
+    ListEvaluations: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ListEvaluationsRequest, _lifecycle_pb2.ListEvaluationsResponse]
+    """A training job's evaluations (of the models published from it), newest first, each with its metrics and
+    sample generations once it succeeded: two trainings compared on their outputs, not only their curves.
+    """
     DeployModel: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.DeployModelRequest, _lifecycle_pb2.DeployModelResponse]
     GetDeployment: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.GetDeploymentRequest, _lifecycle_pb2.GetDeploymentResponse]
     ListDeployments: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ListDeploymentsRequest, _lifecycle_pb2.ListDeploymentsResponse]
@@ -63,6 +67,10 @@ class ModelLifecycleServiceAsyncStub(ModelLifecycleServiceStub):
     EvaluateModel: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.EvaluateModelRequest, _lifecycle_pb2.EvaluateModelResponse]  # type: ignore[assignment]
     """An evaluation job: loss, perplexity and sample generations of a model over a dataset, as its metrics
     and as evaluation.json / generations.jsonl in its output.
+    """
+    ListEvaluations: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ListEvaluationsRequest, _lifecycle_pb2.ListEvaluationsResponse]  # type: ignore[assignment]
+    """A training job's evaluations (of the models published from it), newest first, each with its metrics and
+    sample generations once it succeeded: two trainings compared on their outputs, not only their curves.
     """
     DeployModel: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.DeployModelRequest, _lifecycle_pb2.DeployModelResponse]  # type: ignore[assignment]
     GetDeployment: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.GetDeploymentRequest, _lifecycle_pb2.GetDeploymentResponse]  # type: ignore[assignment]
@@ -93,6 +101,16 @@ class ModelLifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lifecycle_pb2.EvaluateModelResponse, _abc.Awaitable[_lifecycle_pb2.EvaluateModelResponse]]:
         """An evaluation job: loss, perplexity and sample generations of a model over a dataset, as its metrics
         and as evaluation.json / generations.jsonl in its output.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvaluations(
+        self,
+        request: _lifecycle_pb2.ListEvaluationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lifecycle_pb2.ListEvaluationsResponse, _abc.Awaitable[_lifecycle_pb2.ListEvaluationsResponse]]:
+        """A training job's evaluations (of the models published from it), newest first, each with its metrics and
+        sample generations once it succeeded: two trainings compared on their outputs, not only their curves.
         """
 
     @_abc_1.abstractmethod
