@@ -164,8 +164,9 @@ class InferenceRouter:
                 ack = await asyncio.wait_for(answers.get(), self.ack_timeout_s)
             except TimeoutError:
                 raise Unavailable("the deployment's agent is not connected; try again shortly") from None
-            if apb.InferenceChunk.FromString(ack.data).http_status != ACK_STATUS:
-                raise Unavailable("unexpected answer from the replica holding the deployment's agent")
+            # No replica subscribed: the server answers at once with a "no responders" status and no data.
+            if apb.InferenceChunk.FromString(ack.data).call_id != call.call_id:
+                raise Unavailable("the deployment's agent is not connected; try again shortly")
             while not finished:
                 chunk = apb.InferenceChunk.FromString((await answers.get()).data)
                 finished = chunk.done
