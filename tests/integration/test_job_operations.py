@@ -183,8 +183,24 @@ async def test_publishing_a_checkpoint_sends_its_lineage_to_the_catalog(jobs, tm
     }
     with pytest.raises(NotFound, match="no kept checkpoint at step 30"):
         await jobs.publish_checkpoint(job.id, 30, "x")
-    with pytest.raises(FailedPrecondition, match="needs SUCCEEDED"):
-        await jobs.publish_checkpoint(job.id, 0, "x")
+    fresh, _ = await running(jobs)
+    with pytest.raises(FailedPrecondition, match="kept no checkpoint"):
+        await jobs.publish_checkpoint(fresh.id, 0, "x")  # "the best" of nothing
+
+
+async def test_publishing_without_a_step_takes_the_best_checkpoint_or_the_final_output_on_a_tie(jobs, tmp_path):
+    job, agent = await running(jobs)
+    for seq, (step, eval_loss) in enumerate(((10, 1.5), (20, 0.9), (30, 1.2)), start=2):
+        values = {"loss": 2.0, "eval_loss": eval_loss}
+        await jobs.apply_report(
+            agent, report(job, seq, "checkpoint", step=step, output_uri=f"{tmp_path}/c{step}", values=values)
+        )
+    await jobs.publish_checkpoint(job.id, 0, "best-so-far")  # running: the best kept checkpoint
+    assert jobs.catalog.published[1] == f"{tmp_path}/c20" and jobs.catalog.published[3]["checkpoint_step"] == 20
+    await jobs.apply_report(agent, report(job, 5, "metric", step=40, values={"eval_loss": 0.9}, total_steps=40))
+    await jobs.apply_report(agent, report(job, 6, "state", state=JobState.SUCCEEDED, output_uri=f"{tmp_path}/final"))
+    await jobs.publish_checkpoint(job.id, 0, "final")  # as good as step 20: the final output wins the tie
+    assert jobs.catalog.published[1] == f"{tmp_path}/final" and jobs.catalog.published[3]["checkpoint_step"] == 40
 
 
 async def test_progress_carries_epoch_tokens_and_time(jobs):
