@@ -99,6 +99,8 @@ def test_a_merge_publishes_a_complete_model_whose_logits_equal_base_plus_adapter
     assert "merge:" in log  # the merge has a log of its own
     # A merge is not a training: it is listed only on request, and can't be copied or paused.
     assert merge.json()["id"] not in {j["id"] for j in stack.http.get("/api/v1/jobs").json()["jobs"]}
+    merges = stack.http.get("/api/v1/jobs", params={"kind": ["merge", "evaluate"]}).json()["jobs"]
+    assert merge.json()["id"] in {j["id"] for j in merges} and {j["kind"] for j in merges} <= {"MERGE", "EVALUATE"}
     assert stack.http.post(f"/api/v1/jobs/{merge.json()['id']}/pause").status_code == 409
     again = stack.http.post(f"/api/v1/models/{complete['id']}/merge", json={})
     assert again.status_code == 409 and "CUSTOMIZED" in again.json()["error"]["message"]

@@ -175,6 +175,7 @@ DATASET_FORMATS: dict[str, compb.DatasetFormat.ValueType] = _enum_names(
     compb.DatasetFormat, "DATASET_FORMAT_", lower=True
 )
 JOB_STATES: dict[str, jpb.JobState.ValueType] = _enum_names(jpb.JobState, "JOB_STATE_")
+JOB_KINDS: dict[str, jpb.JobKind.ValueType] = _enum_names(jpb.JobKind, "JOB_KIND_")
 ROLES: dict[str, apb.Role.ValueType] = _enum_names(apb.Role, "ROLE_", lower=True)
 PRINCIPAL_KINDS: dict[str, apb.PrincipalKind.ValueType] = _enum_names(apb.PrincipalKind, "PRINCIPAL_KIND_", lower=True)
 E = TypeVar("E", bound=int)
@@ -1080,6 +1081,11 @@ def create_app(
             description="key=value; repeat for several (all must match)",
             json_schema_extra={"items": {"type": "string", "pattern": "^[^=]+="}},
         ),
+        kind: list[str] = Query(
+            default=[],
+            description="train (the default), merge, evaluate, serve (any case); repeat for several",
+            json_schema_extra={"items": one_of(JOB_KINDS)},
+        ),
     ) -> dict:
         labels = {}
         for pair in label:
@@ -1095,6 +1101,7 @@ def create_app(
             dataset_id=dataset_id,
             method_id=method_id,
             labels=labels,
+            kinds=[enum_value(JOB_KINDS, k, "kind") for k in kind if k],
         )
         return to_json(await be().jobs.ListJobs(request, timeout=RPC_TIMEOUT_S))
 
