@@ -216,7 +216,8 @@ def test_serve_base_model_and_adapter(tiny_model_dir, child_env, tmp_path):
         stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=900, stream=True)
         assert next(iter(stream)).choices[0].delta.role == "assistant"
         assert base.stop() == 0
-        with pytest.raises(openai.APIError, match="shut down"):
+        # "shut down during this completion" once it was generating, "shutting down" if it had not begun yet.
+        with pytest.raises(openai.APIError, match="shut(ting)? down"):
             list(stream)
     for name in ("base.log", "adapter.log"):
         log = (tmp_path / name).read_text()
