@@ -58,6 +58,7 @@ from .schemas import (
 )
 from .uploads import UPLOAD_CHUNK, UploadSpool
 from .watch_hub import Position, WatchFailed, WatchHub, WatchSettings, with_keepalive
+from .web import mount_dashboard
 
 RPC_TIMEOUT_S = 30.0
 # An upload RPC carries the whole file and then waits for the catalog's validation (or its wait limit).
@@ -533,6 +534,7 @@ def create_app(
     watch: WatchSettings | None = None,
     tls: TlsConfig | None = None,
     service_token: str = "",
+    web_dir: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
     backends: Backends | None = None
     hub: WatchHub | None = None
@@ -1264,4 +1266,5 @@ def create_app(
     app.include_router(lifecycle_router(be))
     app.include_router(openai_router(be))
     app.include_router(chat_router(be))
+    mount_dashboard(app, web_dir)  # last: the dashboard's `/` and `/ui/assets/` come after every API route
     return app
