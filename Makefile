@@ -11,9 +11,19 @@ GEN_DIR := services/common
 STAMP := $(VENV)/.tuneforge-installed
 PACKAGES := services/common services/catalog services/jobs services/gateway services/trainer services/cli
 
-.PHONY: install up test protos check-protos lint clean
+# The web dashboard (dashboard/, Vite + TypeScript) builds into the gateway package, which serves it at /.
+WEB_BUILD := services/gateway/tuneforge_gateway/web/index.html
+DASHBOARD_SRC := $(shell find dashboard/src -type f) $(addprefix dashboard/,index.html package.json package-lock.json tsconfig.json vite.config.ts)
 
-install: $(STAMP)
+.PHONY: install dashboard up test protos check-protos lint clean
+
+install: $(STAMP) $(WEB_BUILD)
+
+dashboard: $(WEB_BUILD)
+
+# Rebuilt only when its sources changed; npm ci installs exactly the committed package-lock.json.
+$(WEB_BUILD): $(DASHBOARD_SRC)
+	cd dashboard && npm ci --no-audit --no-fund && npm run build
 
 # torch first, pinned to the CPU build on disk; the trainer's own requirement is a range that admits it.
 $(STAMP): requirements-dev.txt $(addsuffix /pyproject.toml,$(PACKAGES))

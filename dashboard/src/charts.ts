@@ -1,0 +1,138 @@
+// Charts: uPlot for the metric series (built for large time series), a small SVG sparkline for the job list.
+
+import uPlot from "uplot";
+
+const SVG = "http://www.w3.org/2000/svg";
+
+export function sparkline(values: number[], width = 110, height = 28): SVGSVGElement {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("width", String(width));
+  svg.setAttribute("height", String(height));
+  svg.setAttribute("class", "sparkline");
+  svg.setAttribute("data-points", String(values.length));
+  const finite = values.filter(Number.isFinite);
+  if (finite.length < 2) return svg;
+  const min = Math.min(...finite);
+  const max = Math.max(...finite);
+  const span = max - min || 1;
+  const step = (width - 2) / (values.length - 1);
+  const points = values
+    .map((v, i) => (Number.isFinite(v) ? `${(1 + i * step).toFixed(1)},${(1 + (height - 2) * (1 - (v - min) / span)).toFixed(1)}` : ""))
+    .filter(Boolean)
+    .join(" ");
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", points);
+  svg.append(line);
+  return svg;
+}
+
+/** One metric's chart: points by step, kept sorted and de-duplicated (a replayed stream rewrites a step). */
+export class MetricChart {
+  readonly el: HTMLElement;
+  private readonly points = new Map<number, number>();
+  private plot: uPlot | null = null;
+  private logScale = false;
+  private readonly plotBox: HTMLElement;
+  private readonly lastLabel: HTMLElement;
+
+  constructor(
+    readonly name: string,
+    private readonly syncKey: string,
+  ) {
+    this.el = document.createElement("section");
+    this.el.className = "chart";
+    this.el.dataset.metric = name;
+    this.el.dataset.testid = `chart-${name}`;
+    const title = document.createElement("h3");
+    title.textContent = name;
+    this.lastLabel = document.createElement("span");
+    this.lastLabel.className = "muted last";
+    title.append(" ", this.lastLabel);
+    this.plotBox = document.createElement("div");
+    this.el.append(title, this.plotBox);
+  }
+
+  add(step: number, value: number): void {
+    this.points.set(step, value);
+  }
+
+  get size(): number {
+    return this.points.size;
+  }
+
+  setLogScale(on: boolean): void {
+    if (on === this.logScale) return;
+    this.logScale = on;
+    this.plot?.destroy();
+    this.plot = null;
+    this.draw();
+  }
+
+  private data(): uPlot.AlignedData {
+    const steps = [...this.points.keys()].sort((a, b) => a - b);
+    // A log scale can't show zero or below: leave those points out rather than break the axis.
+    const values = steps.map((s) => {
+      const v = this.points.get(s)!;
+      return this.logScale && v <= 0 ? null : v;
+    });
+    return [steps, values];
+  }
+
+  draw(): void {
+    const data = this.data();
+    this.el.dataset.points = String(data[0].length);
+    const last = data[1][data[1].length - 1];
+    this.lastLabel.textContent = last === undefined || last === null ? "" : `last ${formatTick(last)}`;
+    const width = Math.max(240, this.plotBox.clientWidth || this.el.clientWidth - 24);
+    if (this.plot) {
+      // Keep the user's zoom: only redraw the data while zoomed.
+      this.plot.setData(data, !this.zoomed);
+      if (Math.abs(this.plot.width - width) > 4) this.plot.setSize({ width, height: 220 });
+      return;
+    }
+    this.plot = new uPlot(
+      {
+        width,
+        height: 220,
+        cursor: { sync: { key: this.syncKey }, drag: { x: true, y: false } },
+        legend: { show: false },
+        scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
+        axes: [
+          { label: "step", stroke: "#667" , grid: { stroke: "#eceef2" } },
+          { stroke: "#667", size: 60, values: (_u, ticks) => ticks.map(formatTick), grid: { stroke: "#eceef2" } },
+        ],
+        series: [{}, { label: this.name, stroke: "#3b6fd8", width: 1.5, spanGaps: true, points: { show: false } }],
+        hooks: {
+          setSelect: [() => (this.zoomed = true)],
+          ready: [
+            (u) =>
+              u.over.addEventListener("dblclick", () => {
+                this.zoomed = false;
+              }),
+          ],
+        },
+      },
+      data,
+      this.plotBox,
+    );
+  }
+
+  private zoomed = false;
+
+  resize(): void {
+    if (!this.plot) return;
+    const width = Math.max(240, this.plotBox.clientWidth);
+    this.plot.setSize({ width, height: 220 });
+  }
+
+  destroy(): void {
+    this.plot?.destroy();
+  }
+}
+
+function formatTick(v: number | null): string {
+  if (v === null) return "";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(1);
+  return String(Number(v.toPrecision(4)));
+}
