@@ -99,3 +99,18 @@ async def js_cleanup(nats_url: str, event_names: tuple[str, str]) -> AsyncIterat
     except Exception:
         pass
     await nc.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The embedded default stack (`tuneforge up` as a process), one for the whole session, shared by the
+    end-to-end and browser tests (starting one takes seconds). On its first start `tuneforge up` prints
+    TUNEFORGE_ADMIN_KEY=<key> once: the stack's http client sends it as a Bearer token and `api_key` is what an
+    OpenAI client should send ("unused" for a stack that prints none, i.e. without API keys). A test that stops
+    a stack starts its own with tests.e2e.embedded.start_stack."""
+    from tests.e2e.embedded import start_stack, stop_stack_process
+
+    started = start_stack(tmp_path_factory.mktemp("embedded"))
+    yield started
+    started.http.close()
+    stop_stack_process(started.proc)

@@ -1,0 +1,64 @@
+"""Browser tests: the dashboard in headless Chromium (Debian's `chromium`, driven by Playwright through its
+executable path; never `playwright install`), against the session's embedded stack (tests/conftest.py).
+
+Without chromium the tests skip with the reason, except under CI=true where that is a failure: a green CI run
+must mean the dashboard was exercised. Screenshots go to tests/output/screenshots/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "output" / "screenshots"
+SIZES = {"1280x800": (1280, 800), "1920x1080": (1920, 1080)}
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator:
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI containers run as root, where Chromium's sandbox can't start.
+        launched = playwright.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser, stack) -> Iterator:
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=stack.url)
+    opened = context.new_page()
+    opened.set_default_timeout(20_000)
+    yield opened
+    context.close()
+
+
+@pytest.fixture
+def screenshot(page):
+    """screenshot(name): the page at each size, as tests/output/screenshots/<name>-<size>.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    def take(name: str) -> None:
+        for size, (width, height) in SIZES.items():
+            page.set_viewport_size({"width": width, "height": height})
+            page.wait_for_timeout(150)  # the charts resize on the window's resize event
+            page.screenshot(path=SCREENSHOTS / f"{name}-{size}.png")
+        page.set_viewport_size({"width": 1280, "height": 800})
+
+    return take
