@@ -3,6 +3,8 @@
 import uPlot from "uplot";
 
 const SVG = "http://www.w3.org/2000/svg";
+// Steps are whole numbers: the x axis ticks at 1, 2, 5, 10, 20, 50, ... never between steps.
+const STEP_INCREMENTS = Array.from({ length: 24 }, (_, i) => [1, 2, 5][i % 3] * 10 ** Math.floor(i / 3));
 
 export function sparkline(values: number[], width = 110, height = 28): SVGSVGElement {
   const svg = document.createElementNS(SVG, "svg");
@@ -34,6 +36,7 @@ export class MetricChart {
   private logScale = false;
   private readonly plotBox: HTMLElement;
   private readonly lastLabel: HTMLElement;
+  private readonly note: HTMLElement;
 
   constructor(
     readonly name: string,
@@ -49,7 +52,9 @@ export class MetricChart {
     this.lastLabel.className = "muted last";
     title.append(" ", this.lastLabel);
     this.plotBox = document.createElement("div");
-    this.el.append(title, this.plotBox);
+    this.note = document.createElement("p");
+    this.note.className = "muted chart-note";
+    this.el.append(title, this.note, this.plotBox);
   }
 
   add(step: number, value: number): void {
@@ -81,8 +86,14 @@ export class MetricChart {
   draw(): void {
     const data = this.data();
     this.el.dataset.points = String(data[0].length);
-    const last = data[1][data[1].length - 1];
-    this.lastLabel.textContent = last === undefined || last === null ? "" : `last ${formatTick(last)}`;
+    const raw = [...this.points.values()];
+    this.lastLabel.textContent = raw.length ? `last ${formatTick(this.points.get(data[0][data[0].length - 1])!)}` : "";
+    this.note.textContent =
+      this.logScale && raw.some((v) => v <= 0)
+        ? raw.every((v) => v <= 0)
+          ? "No positive value to show on a log scale."
+          : "Values at or below zero are left out on a log scale."
+        : "";
     const width = Math.max(240, this.plotBox.clientWidth || this.el.clientWidth - 24);
     if (this.plot) {
       // Keep the user's zoom: only redraw the data while zoomed.
@@ -98,7 +109,7 @@ export class MetricChart {
         legend: { show: false },
         scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
         axes: [
-          { label: "step", stroke: "#667" , grid: { stroke: "#eceef2" } },
+          { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
           { stroke: "#667", size: 60, values: (_u, ticks) => ticks.map(formatTick), grid: { stroke: "#eceef2" } },
         ],
         series: [{}, { label: this.name, stroke: "#3b6fd8", width: 1.5, spanGaps: true, points: { show: false } }],

@@ -4,7 +4,7 @@
 import "uplot/dist/uPlot.min.css";
 import "./style.css";
 
-import { describeError, session, whoami, type Principal } from "./api";
+import { describeError, getJson, session, whoami, type Principal } from "./api";
 import { clear, errorBox, h } from "./dom";
 import { jobDetailsPage } from "./pages/details";
 import { jobsPage } from "./pages/jobs";
@@ -39,7 +39,7 @@ function signInPage(message = ""): void {
         try {
           const who = await whoami(key);
           session.signIn(key, who.project_id);
-          principal = who;
+          principal = null; // route() asks again, with the key now stored, and lists the projects
           route();
         } catch (err) {
           clear(status, errorBox(describeError(err)));
@@ -59,10 +59,24 @@ function signInPage(message = ""): void {
   input.focus();
 }
 
+// The projects the key has a role in (whoami); a superuser's also lists every project.
+let projectNames = new Map<string, string>();
+
 function projectChoices(who: Principal): string[] {
-  const ids = new Set(who.key.roles.map((r) => r.project_id));
+  const ids = new Set([...who.key.roles.map((r) => r.project_id), ...projectNames.keys()]);
   ids.add(who.project_id);
   return [...ids].filter(Boolean).sort();
+}
+
+async function loadAllProjects(who: Principal): Promise<string | null> {
+  if (!who.key.superuser) return null;
+  try {
+    const found = await getJson<{ projects: { id: string; name: string }[] }>("/api/v1/projects?page_size=500");
+    projectNames = new Map((found.projects ?? []).map((p) => [p.id, p.name || p.id]));
+    return null;
+  } catch (err) {
+    return `Could not list every project (only those with a role are offered): ${describeError(err)}`;
+  }
 }
 
 function topBar(who: Principal): HTMLElement {
@@ -72,14 +86,26 @@ function topBar(who: Principal): HTMLElement {
     {
       "data-testid": "project",
       title: "Project",
-      onchange: (e: Event) => {
-        session.setProject((e.target as HTMLSelectElement).value);
-        principal = null; // the role may differ per project: ask again
-        route();
+      onchange: async (e: Event) => {
+        const chosen = (e.target as HTMLSelectElement).value;
+        const previous = session.project;
+        session.setProject(chosen);
+        try {
+          principal = await whoami(); // the key's standing in the chosen project
+          route();
+        } catch (err) {
+          session.setProject(previous);
+          (e.target as HTMLSelectElement).value = previous;
+          document.querySelector("main")?.prepend(errorBox(`Could not switch to ${chosen}: ${describeError(err)}`));
+        }
       },
     },
     ...projectChoices(who).map((p) =>
-      h("option", { value: p, selected: p === who.project_id }, `${p}${roles.get(p) ? ` (${roles.get(p)})` : ""}`),
+      h(
+        "option",
+        { value: p, selected: p === who.project_id },
+        `${projectNames.get(p) ?? p}${roles.get(p) ? ` (${roles.get(p)})` : ""}`,
+      ),
     ),
   );
   return h(
@@ -114,6 +140,7 @@ async function route(): Promise<void> {
   cleanup?.();
   cleanup = null;
   if (!session.key) return signInPage();
+  let problem: string | null = null;
   if (!principal) {
     try {
       principal = await whoami();
@@ -121,9 +148,11 @@ async function route(): Promise<void> {
       session.signOut();
       return signInPage(`Signed out: ${describeError(err)}`);
     }
+    problem = await loadAllProjects(principal);
   }
   const main = h("main", { class: "page" });
   clear(root, topBar(principal), main);
+  if (problem) root.insertBefore(errorBox(problem), main);
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   try {
     if (parts[0] === "jobs" && parts[1]) cleanup = jobDetailsPage(main, parts[1], parts[2] ?? "overview");

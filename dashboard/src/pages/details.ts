@@ -31,6 +31,8 @@ type Tab = (typeof TABS)[number][0];
 const FIRST_METRICS = ["loss", "eval_loss", "learning_rate", "grad_norm", "reward", "reward_std", "kl"];
 const MAX_LOG_LINES = 5000;
 const INITIAL_POINTS = 5000;
+// The stream carries the job's snapshot on state changes; elapsed, remaining and tokens are re-read this often.
+const JOB_REFRESH_MS = 5000;
 
 export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: string): () => void {
   let tab: Tab = (TABS.find(([t]) => t === initialTab)?.[0] ?? "overview") as Tab;
@@ -63,7 +65,10 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
     ...Object.values(panes),
   );
 
-  const showError = (message: string) => errors.append(errorBox(message));
+  // Each distinct failure once (a poll that keeps failing doesn't stack boxes); newest last.
+  const showError = (message: string) => {
+    if (![...errors.children].some((e) => e.textContent === message)) errors.append(errorBox(message));
+  };
 
   // -- tabs ------------------------------------------------------------------------------------------
   function showTab(next: Tab): void {
@@ -367,8 +372,14 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
     switch (m.event) {
       case "metric": {
         const p = data as MetricPoint;
-        chartFor(p.name).add(Number(p.step), p.value);
+        const step = Number(p.step);
+        chartFor(p.name).add(step, p.value);
         scheduleDraw();
+        if (job && step > job.current_step && !TERMINAL_STATES.has(job.state)) {
+          job.current_step = step; // progress moves with the points, between snapshots
+          if (job.total_steps) job.progress_percent = Math.min(100, (100 * step) / job.total_steps);
+          renderHead();
+        }
         break;
       }
       case "log":
@@ -429,6 +440,17 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
       shouldReconnect: () => !job || !TERMINAL_STATES.has(job.state),
     });
     disposers.push(stop);
+    const poll = window.setInterval(async () => {
+      if (!job || TERMINAL_STATES.has(job.state)) return;
+      try {
+        job = await getJob(jobId);
+        renderHead();
+        if (tab === "overview") renderOverview();
+      } catch (err) {
+        showError(`Could not refresh the job: ${describeError(err)}`);
+      }
+    }, JOB_REFRESH_MS);
+    disposers.push(() => window.clearInterval(poll));
   }
 
   showTab(tab);
