@@ -28,7 +28,9 @@ def _chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+# Module-scoped, not session-scoped: while Playwright's sync API is started its event loop counts as running in
+# this thread, so the async tests that follow in the same session (pytest-asyncio) could not start theirs.
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
     executable = _chromium()
     from playwright.sync_api import sync_playwright

@@ -66,11 +66,24 @@ def test_a_wrong_key_shows_the_api_error_and_the_admin_key_signs_in_and_out(page
     assert error.inner_text() == f"UNAUTHENTICATED: {refused.json()['error']['message']} (HTTP 401)"
     screenshot("sign-in-error")
 
+    created = stack.http.post("/api/v1/projects", json={"name": "browser-empty"})
+    assert created.status_code == 201, created.text
+    project = created.json()["id"]
+
     sign_in(page, stack.key)
     page.get_by_test_id("jobs").wait_for()
     assert page.get_by_test_id("who").inner_text().startswith("admin")
-    assert page.get_by_test_id("project").input_value() == "default"  # from whoami's roles
     assert page.evaluate("sessionStorage.getItem('tuneforge.apiKey')") == stack.key
+    switcher = page.get_by_test_id("project")
+    assert switcher.input_value() == "default"  # whoami's project, with the key's role there
+    assert "default (admin)" in switcher.inner_text()
+    # A superuser is offered every project; switching lists that project's jobs (none in a new one).
+    switcher.select_option(project)
+    page.get_by_text("No jobs.").wait_for()
+    assert page.evaluate("sessionStorage.getItem('tuneforge.project')") == project
+    assert page.get_by_test_id("project").input_value() == project
+    page.get_by_test_id("project").select_option("default")
+    page.wait_for_function("sessionStorage.getItem('tuneforge.project') === 'default'")
 
     page.get_by_test_id("sign-out").click()
     page.get_by_test_id("api-key").wait_for()
