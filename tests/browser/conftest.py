@@ -44,6 +44,10 @@ def browser() -> Iterator:
 
 @pytest.fixture
 def page(browser, stack) -> Iterator:
+    from tuneforge_gateway.web import WEB_DIR
+
+    if not (WEB_DIR / "index.html").is_file():
+        pytest.fail(f"the dashboard is not built in {WEB_DIR}: run `make install` (or `make dashboard`)")
     context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=stack.url)
     opened = context.new_page()
     opened.set_default_timeout(20_000)
