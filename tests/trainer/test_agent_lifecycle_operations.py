@@ -1,7 +1,8 @@
 """The lifecycle's less common paths with real processes: an added method's own inference, deployment and saving
 files (seed 003) are what its published models' deployments and merges run, on a real agent process in the
-method's own Python environment; a deployment whose agent is lost goes back to pending and comes back live on
-another agent. The real catalog and jobs services on PostgreSQL over gRPC, short leases, a reaper as main() runs.
+method's own Python environment; a deployment whose agent process dies takes its worker with it, goes back to
+pending and comes back live on another agent. The real catalog and jobs services on PostgreSQL over gRPC, short
+leases, a reaper as main() runs.
 
 The added methods' files are this test's own and need only the standard library: the training copies a real PEFT
 adapter (made once here on the tiny model) into its output, as a training saves one; the inference workers answer
@@ -498,12 +499,16 @@ async def test_a_deployment_whose_agent_is_lost_goes_back_to_pending_and_comes_b
         before = answered_by(answer)
         assert status == 200 and before["file"] == "deploy.py" and before["flags"]["adapter_path"] == model.uri
 
-        await asyncio.to_thread(kill_with_children, world.agent)
+        # The agent process dies (SIGKILL: no shutdown of its runs); its worker must not outlive it, unowned.
+        world.agent.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(world.agent.wait, 10)
+        await wait_for(lambda: asyncio.to_thread(gone, before["pid"]), bool, "the dead agent's worker to exit", 10)
         pending = await deployed(
             world, deployment.id, lpb.DEPLOYMENT_STATE_PENDING, "the lost agent's deployment to be requeued"
         )
         assert pending.agent_id == "" and "agent lost during attempt 1" in pending.state_reason
-        assert gone(before["pid"])
+        listed = await world.lifecycle.ListDeployments(lpb.ListDeploymentsRequest(model_id=model.id), timeout=10)
+        assert [d.id for d in listed.deployments] == [deployment.id]  # still active: waiting for an agent
         with pytest.raises(grpc.aio.AioRpcError) as starting:
             await chat(world, model.id, "anyone?")
         assert starting.value.code() == grpc.StatusCode.UNAVAILABLE  # retry shortly: it is starting again

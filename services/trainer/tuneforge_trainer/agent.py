@@ -457,6 +457,30 @@ def parse_serve_ready(line: str) -> dict[str, Any] | None:
     return ready if isinstance(ready, dict) and isinstance(ready.get("port"), int) and ready["port"] > 0 else None
 
 
+# Run before a command (execs it, same pid): the kernel sends SIGTERM to it when the agent dies. Not a
+# preexec_fn: a child forked with one runs the parent's at-fork handlers, and gRPC's crash it at times.
+STOP_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(143)  # the agent died before the prctl: nothing will stop the command\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def stop_with_agent(cmd: list[str]) -> list[str]:
+    """`cmd` such that it is stopped (SIGTERM) when the agent dies, on Linux; as it is elsewhere.
+
+    An inference worker runs until it is stopped: when its agent dies without stopping it (killed, out of
+    memory), nothing else ever would. It would hold its GPU, unowned, while its deployment is requeued."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-I", "-S", "-c", STOP_WITH_PARENT, str(os.getpid()), *cmd]
+
+
 def visible_devices(indices: list[int], agent_visible: str | None) -> str:
     """CUDA_VISIBLE_DEVICES for a runner given GPUs as the agent numbers them. When the agent itself is
     limited to some GPUs (its own CUDA_VISIBLE_DEVICES, e.g. "2,3" or GPU UUIDs), its GPU i is the i-th listed."""
@@ -745,6 +769,8 @@ class JobRun:
         """Run one stage's process in the attempt's directory to its end: its exit code and last stderr lines.
         Its [log_data] lines become metrics, its checkpoints are stored, the rest goes to the job's log."""
         self.out_of_memory = False
+        if self.kind == "serve":  # a worker ends only when stopped (trainings end on their own)
+            cmd = stop_with_agent(cmd)
         self.proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdout=asyncio.subprocess.PIPE,
