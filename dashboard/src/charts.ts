@@ -68,6 +68,7 @@ export class MetricChart {
   setLogScale(on: boolean): void {
     if (on === this.logScale) return;
     this.logScale = on;
+    this.zoomed = false; // a new plot starts showing every step
     this.plot?.destroy();
     this.plot = null;
     this.draw();
@@ -114,12 +115,16 @@ export class MetricChart {
         ],
         series: [{}, { label: this.name, stroke: "#3b6fd8", width: 1.5, spanGaps: true, points: { show: false } }],
         hooks: {
-          setSelect: [() => (this.zoomed = true)],
-          ready: [
-            (u) =>
-              u.over.addEventListener("dblclick", () => {
-                this.zoomed = false;
-              }),
+          // Zoomed while the x scale shows less than every step (a drag zooms in, a double-click zooms out).
+          setScale: [
+            (u, key) => {
+              if (key !== "x") return;
+              const xs = u.data[0];
+              const { min = 0, max = 0 } = u.scales.x;
+              const zoomed = xs.length > 1 && (min > xs[0] || max < xs[xs.length - 1]);
+              this.zoomed = zoomed;
+              this.el.dataset.zoomed = String(zoomed);
+            },
           ],
         },
       },

@@ -133,6 +133,18 @@ def test_job_list_and_details_follow_a_running_job_live(page, stack, submit, scr
     assert page.locator("[data-testid=chart-loss] canvas").count() == 1
     page.get_by_test_id("log-scale").check()
     page.get_by_test_id("chart-loss").locator("canvas").wait_for()
+    # Dragging across the chart zooms in on those steps; a double-click shows every step again.
+    area = page.get_by_test_id("chart-loss").locator(".u-over")
+    box = area.bounding_box()
+    assert box is not None
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.3, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, y, steps=5)
+    page.mouse.up()
+    page.wait_for_function("document.querySelector('[data-testid=chart-loss]').dataset.zoomed === 'true'")
+    area.dblclick()
+    page.wait_for_function("document.querySelector('[data-testid=chart-loss]').dataset.zoomed === 'false'")
     screenshot("details-evaluation-data")
 
     page.get_by_test_id("tab-logs").click()
