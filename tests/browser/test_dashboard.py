@@ -145,6 +145,7 @@ def test_job_list_and_details_follow_a_running_job_live(page, stack, submit, scr
     page.wait_for_function("document.querySelector('[data-testid=chart-loss]').dataset.zoomed === 'true'")
     area.dblclick()
     page.wait_for_function("document.querySelector('[data-testid=chart-loss]').dataset.zoomed === 'false'")
+    page.mouse.move(0, 0)  # no cursor crosshair in the screenshot
     screenshot("details-evaluation-data")
 
     page.get_by_test_id("tab-logs").click()

@@ -112,7 +112,9 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
           {},
           `${fmt.percent(job.progress_percent)} · step ${job.current_step}/${job.total_steps || "?"} · ` +
             `${fmt.duration(job.elapsed_seconds)} elapsed` +
-            (TERMINAL_STATES.has(job.state) ? "" : ` · ${fmt.duration(job.remaining_seconds)} left`),
+            (TERMINAL_STATES.has(job.state) || !job.remaining_seconds
+              ? ""
+              : ` · ${fmt.duration(job.remaining_seconds)} left`),
         ),
       ),
       h("span", { class: "spacer" }),
