@@ -127,18 +127,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except ValueError:
             raise InvalidArgument.for_field("body", "is not JSON") from None
         deployment = await self.lifecycle.live_deployment(request.model)
-        status, sent = 0, False
+        status, sent, counted = 0, False, False
         try:
             async for chunk in self.router.call(deployment.agent_id, deployment.id, request.body):
                 if chunk.http_status == ACK_STATUS:
                     continue
                 status = chunk.http_status
+                if chunk.done:  # counted before the last bytes go out, so a caller that has them sees the count
+                    counted = True
+                    await self.lifecycle.count_call(deployment.id, failed=status >= 400)
                 if chunk.data or (chunk.done and not sent):
                     sent = True
                     yield ipb.CreateChatCompletionResponse(http_status=status, data=chunk.data)
         finally:
-            if status:
-                await self.lifecycle.count_call(deployment.id, failed=status >= 400)
+            if status and not counted:  # the caller or the agent went away mid-answer
+                await self.lifecycle.count_call(deployment.id, failed=True)
 
 
 async def serve_inference(
