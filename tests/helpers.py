@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
 
 
 def write_word_tokenizer(path: Path) -> Path:
@@ -46,3 +53,15 @@ CHAT_ROW = {
 
 def chat_jsonl(rows: int = 3) -> bytes:
     return b"".join(json.dumps(CHAT_ROW).encode() + b"\n" for _ in range(rows))
+
+
+def wait_for(read: Callable[[], T], done: Callable[[T], bool], what: str, timeout_s: float = 180) -> T:
+    """Poll `read` until `done` holds for its value; fail naming `what` and the last value after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}; last seen: {value!r}")
+        time.sleep(0.2)

@@ -4,30 +4,17 @@ through the official `openai` client, streaming and not, then undeployed; bad ch
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import openai
 import pytest
 
 from tests.e2e.embedded import Stack
+from tests.helpers import wait_for
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "datasets" / "sample-chat.jsonl"
-T = TypeVar("T")
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-def wait_for(read: Callable[[], T], done: Callable[[T], bool], what: str, timeout_s: float = 180) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}; last seen: {value!r}")
-        time.sleep(0.3)
 
 
 def finished_job(stack: Stack, job_id: str) -> dict[str, Any]:

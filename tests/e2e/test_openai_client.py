@@ -4,35 +4,22 @@ checkpoints while it runs, cancel; a second job runs to succeeded; errors are th
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import openai
 import pytest
 
 from tests.e2e.embedded import Stack
+from tests.helpers import wait_for
 
 DATASETS = Path(__file__).resolve().parents[2] / "examples" / "datasets"
 SAMPLE = DATASETS / "sample-chat.jsonl"
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.api_key, max_retries=0, timeout=60)
-
-
-def wait_for(read: Callable[[], T], done: Callable[[T], bool], what: str, timeout_s: float = 120) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}; last seen: {value!r}")
-        time.sleep(0.2)
 
 
 def upload(client: openai.OpenAI, path: Path, name: str | None = None) -> Any:
