@@ -925,6 +925,8 @@ class JobRun:
     async def terminate(self) -> None:
         """SIGTERM to the process group, SIGKILL after the grace period; the run ends CANCELLED."""
         self.cancelled = True
+        if not (self.shutting_down or self.fenced) and self.proc is not None and self.proc.returncode is None:
+            self.log_line("agent", f"terminating the {self.stage} process (SIGTERM to its process group)")
         await self._stop_process()
 
     async def _stop_process(self) -> None:
