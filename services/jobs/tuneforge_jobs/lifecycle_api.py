@@ -51,16 +51,13 @@ class ModelLifecycleServicer(lifecycle_pb2_grpc.ModelLifecycleServiceServicer):
     def __init__(self, lifecycle: ModelLifecycle) -> None:
         self.lifecycle = lifecycle
 
-    def _job(self, row: Any) -> pb.Job:
-        return job_to_pb(row)
-
     @map_errors
     async def MergeModel(self, request: lpb.MergeModelRequest, context: Any) -> lpb.MergeModelResponse:
         quantize = ops.QUANTIZE_FLAGS[lpb.Quantization.Name(request.quantization)]
         row = await self.lifecycle.merge(
             request.model_id, request.name, request.description, quantize, resources_from_pb(request.resources)
         )
-        return lpb.MergeModelResponse(job=self._job(row))
+        return lpb.MergeModelResponse(job=job_to_pb(row))
 
     @map_errors
     async def EvaluateModel(self, request: lpb.EvaluateModelRequest, context: Any) -> lpb.EvaluateModelResponse:
@@ -71,7 +68,7 @@ class ModelLifecycleServicer(lifecycle_pb2_grpc.ModelLifecycleServiceServicer):
             resources_from_pb(request.resources),
             request.job_id,
         )
-        return lpb.EvaluateModelResponse(job=self._job(row))
+        return lpb.EvaluateModelResponse(job=job_to_pb(row))
 
     @map_errors
     async def ListEvaluations(self, request: lpb.ListEvaluationsRequest, context: Any) -> lpb.ListEvaluationsResponse:

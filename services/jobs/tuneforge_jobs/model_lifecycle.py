@@ -15,7 +15,6 @@ from sqlalchemy import select, update
 
 from tuneforge_common import auth
 from tuneforge_common.auth import Principal, Role
-from tuneforge_common.db import project_scope
 from tuneforge_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tuneforge_common.operations import EvaluateParams, MergeParams, ServeParams, resolve_operation_parameters
 
@@ -231,15 +230,8 @@ class ModelLifecycle:
         return await self.jobs.cancel(deployment_id)
 
     async def deployments(self, model_id: str, include_ended: bool, offset: int, limit: int) -> list[Any]:
-        j = store.jobs.c
-        query = select(store.jobs).where(j.kind == ops.SERVE, project_scope(j.project_id, shared=False))
-        if model_id:
-            query = query.where(j.model_id == model_id)
-        if not include_ended:
-            query = query.where(j.state.in_([s.value for s in ops.ACTIVE_STATES]))
-        query = query.order_by(j.created_at.desc(), j.id).offset(offset).limit(limit)
-        async with self.jobs.engine.connect() as conn:
-            return list((await conn.execute(query)).all())
+        states = None if include_ended else [s.value for s in ops.ACTIVE_STATES]
+        return await self.jobs.list_jobs(limit, offset, states, model_id, kinds=[ops.SERVE])
 
     # -- chat ----------------------------------------------------------------------------------------------
 

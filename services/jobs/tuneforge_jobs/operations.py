@@ -18,14 +18,18 @@ from tuneforge_common.errors import FailedPrecondition
 from .lifecycle import JobState
 
 TRAIN, MERGE, EVALUATE, SERVE = "train", "merge", "evaluate", "serve"
-KINDS = (TRAIN, MERGE, EVALUATE, SERVE)
 BUILTIN_ENTRYPOINTS = {
     MERGE: "tuneforge_trainer.merge",
     EVALUATE: "tuneforge_trainer.evaluate",
     SERVE: "tuneforge_trainer.serve",
 }
-QUANTIZE_FLAGS = {"QUANTIZATION_UNSPECIFIED": "none", "QUANTIZATION_NONE": "none", "QUANTIZATION_INT8": "8bit"}
-QUANTIZE_FLAGS["QUANTIZATION_NF4"] = "4bit"
+# Quantization enum name -> the merge program's --quantize.
+QUANTIZE_FLAGS = {
+    "QUANTIZATION_UNSPECIFIED": "none",
+    "QUANTIZATION_NONE": "none",
+    "QUANTIZATION_INT8": "8bit",
+    "QUANTIZATION_NF4": "4bit",
+}
 
 
 @dataclass(frozen=True)

@@ -614,9 +614,7 @@ class JobRun:
             saving = await asyncio.to_thread(self._resolve_saving)
             model_path, dataset_path, validation_path = await asyncio.to_thread(self._stage_inputs)
             resume_from = await asyncio.to_thread(self._stage_checkpoint)
-            if self.cancelled:  # stopped while its inputs were being staged: never start the process
-                if not (self.shutting_down or self.fenced):
-                    self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
+            if self._cancelled_before_start():
                 return
             output_dir = self.workdir / "output"
             params = json_format.MessageToDict(self.a.parameters)
@@ -669,14 +667,7 @@ class JobRun:
                     self._failed(code, stderr_tail, saving_failure_reason(code, stderr_tail, self.out_of_memory))
                     return
                 self.log_line("agent", f"saving stage done: the complete model is in {complete_dir}")
-            store = ArtifactStore(self.agent.settings.artifact_root)
-            await asyncio.to_thread(store.put_dir, str(output_dir), self.a.output_uri)
-            self.log_line("agent", f"output stored at {self.a.output_uri}")
-            self.report(
-                state=apb.StateReport(
-                    state=apb.REPORTED_STATE_SUCCEEDED, reason="completed", output_uri=self.a.output_uri
-                )
-            )
+            await self._store_output_and_succeed(output_dir)
         except LaunchError as exc:  # the user's to fix (environment, file): the reason says it, no traceback
             log.warning("job %s attempt %d can't start: %s", *self._id, exc)
             self.log_line("agent", str(exc))
@@ -697,9 +688,7 @@ class JobRun:
         adapter_path = (
             await asyncio.to_thread(self._stage_dir, self.a.adapter_uri, "adapter") if self.a.adapter_uri else ""
         )
-        if self.cancelled:
-            if not (self.shutting_down or self.fenced):
-                self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
+        if self._cancelled_before_start():
             return
         output_dir = self.workdir / "output"
         params = json_format.MessageToDict(self.a.parameters)
@@ -720,11 +709,19 @@ class JobRun:
         if code != 0:
             self._failed(code, stderr_tail, failure_reason(code, stderr_tail, self.out_of_memory))
             return
-        if self.a.output_uri:
-            await asyncio.to_thread(
-                ArtifactStore(self.agent.settings.artifact_root).put_dir, str(output_dir), self.a.output_uri
-            )
-            self.log_line("agent", f"output stored at {self.a.output_uri}")
+        await self._store_output_and_succeed(output_dir)
+
+    def _cancelled_before_start(self) -> bool:
+        """Stopped while its inputs were being staged: the process is never started (CANCELLED is reported
+        unless the agent is stopping or the service took the job from this attempt)."""
+        if self.cancelled and not (self.shutting_down or self.fenced):
+            self.report(state=apb.StateReport(state=apb.REPORTED_STATE_CANCELLED, reason="terminated"))
+        return self.cancelled
+
+    async def _store_output_and_succeed(self, output_dir: Path) -> None:
+        store = ArtifactStore(self.agent.settings.artifact_root)
+        await asyncio.to_thread(store.put_dir, str(output_dir), self.a.output_uri)
+        self.log_line("agent", f"output stored at {self.a.output_uri}")
         self.report(
             state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED, reason="completed", output_uri=self.a.output_uri)
         )
