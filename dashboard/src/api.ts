@@ -189,3 +189,99 @@ export const jobCheckpoints = (id: string) =>
 export async function jobLogText(id: string): Promise<string> {
   return (await request(`/api/v1/jobs/${encodeURIComponent(id)}/logs?format=text`)).text();
 }
+
+/** POST (or another method) with a JSON body; the answer's JSON, or null for an empty answer (204). */
+export async function sendJson<T>(path: string, body: unknown, method = "POST"): Promise<T> {
+  const resp = await request(path, {
+    method,
+    headers: { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await resp.text();
+  return (text ? JSON.parse(text) : null) as T;
+}
+
+// -- the catalog, as the pickers and the catalog pages read it (enum prefixes are stripped by the gateway) --
+
+export interface ParameterSpec {
+  name: string;
+  type: string; // INT, FLOAT, BOOL, STRING
+  help: string;
+  default_value?: unknown;
+  minimum?: number;
+  maximum?: number;
+  choices: string[];
+  env_name: string;
+  aliases: string[];
+  group: string; // basic, advanced
+  required: boolean;
+  applies_to: string[];
+}
+
+export interface Method {
+  id: string;
+  display_name: string;
+  description: string;
+  training_type: string;
+  lifecycle: string;
+  parameters: ParameterSpec[];
+  entrypoint: string;
+  builtin: boolean;
+  stages?: Record<string, unknown>;
+  dataset_formats: string[];
+  project_id: string;
+  create_time?: string;
+}
+
+export interface ModelLineage {
+  base_model_id?: string;
+  job_id?: string;
+  checkpoint_step?: number;
+  method_id?: string;
+  dataset_id?: string;
+  source_model_id?: string;
+  operation_job_id?: string;
+}
+
+export interface Model {
+  id: string;
+  name: string;
+  description: string;
+  uri: string;
+  architecture: string;
+  parameter_count: number;
+  context_length: number;
+  dtype: string;
+  has_chat_template: boolean;
+  builtin: boolean;
+  create_time?: string;
+  tags: string[];
+  license: string;
+  size_bytes: number;
+  kind: string; // BASE, CUSTOMIZED
+  lineage?: ModelLineage;
+  source: string;
+  project_id: string;
+}
+
+export interface Dataset {
+  id: string;
+  name: string;
+  description: string;
+  uri: string;
+  sha256: string;
+  size_bytes: number;
+  row_count: number;
+  format: string;
+  columns: string[];
+  create_time?: string;
+  status: string;
+  validation?: Record<string, unknown>;
+  parent_dataset_id: string;
+  project_id: string;
+  [field: string]: unknown;
+}
+
+export const listMethods = () => getJson<{ methods: Method[] }>("/api/v1/methods?page_size=500");
+export const listModels = () => getJson<{ models: Model[] }>("/api/v1/models?page_size=500");
+export const listDatasets = () => getJson<{ datasets: Dataset[] }>("/api/v1/datasets?page_size=500");

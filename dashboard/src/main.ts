@@ -11,6 +11,23 @@ import { jobsPage } from "./pages/jobs";
 
 export type Cleanup = () => void;
 
+/** A page renders into main from the route's arguments (#/<route>/<args…>) and returns its cleanup, if any. */
+export type Page = (main: HTMLElement, args: string[], who: Principal) => Cleanup | void;
+
+// Each page's module adds one line here; the nav below lists the top-level ones.
+const ROUTES: Record<string, Page> = {
+  jobs: (main, args) => (args[0] ? jobDetailsPage(main, args[0], args[1] ?? "overview") : jobsPage(main)),
+};
+
+const NAV: [route: string, label: string][] = [
+  ["jobs", "Model Training"],
+  ["new", "Start a New Train"],
+  ["models", "Models"],
+  ["datasets", "Datasets"],
+  ["methods", "Methods"],
+  ["keys", "API Keys"],
+];
+
 const root = document.getElementById("app")!;
 let cleanup: Cleanup | null = null;
 let principal: Principal | null = null;
@@ -112,7 +129,13 @@ function topBar(who: Principal): HTMLElement {
     "header",
     { class: "topbar" },
     h("a", { class: "brand", href: "#/jobs" }, "TuneForge"),
-    h("nav", {}, h("a", { href: "#/jobs", class: "active" }, "Model Training")),
+    h(
+      "nav",
+      {},
+      ...NAV.map(([route, label]) =>
+        h("a", { href: `#/${route}`, class: route === currentRoute() ? "active" : undefined, "data-testid": `nav-${route}` }, label),
+      ),
+    ),
     h("span", { class: "spacer" }),
     h("label", { class: "project" }, "Project ", select),
     h(
@@ -136,6 +159,16 @@ function topBar(who: Principal): HTMLElement {
   );
 }
 
+function routeParts(): string[] {
+  return location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decodeURIComponent);
+}
+
+function currentRoute(): string {
+  const name = routeParts()[0];
+  // a page reached from another (Compare from the list, say) keeps that one's tab lit
+  return name === "compare" || !name ? "jobs" : name;
+}
+
 async function route(): Promise<void> {
   cleanup?.();
   cleanup = null;
@@ -153,10 +186,11 @@ async function route(): Promise<void> {
   const main = h("main", { class: "page" });
   clear(root, topBar(principal), main);
   if (problem) root.insertBefore(errorBox(problem), main);
-  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const [name, ...args] = routeParts();
+  const page = ROUTES[name || "jobs"];
   try {
-    if (parts[0] === "jobs" && parts[1]) cleanup = jobDetailsPage(main, parts[1], parts[2] ?? "overview");
-    else cleanup = jobsPage(main);
+    if (page) cleanup = page(main, args.filter(Boolean), principal) ?? null;
+    else clear(main, errorBox(`There is no page #/${name}.`), h("a", { href: "#/jobs" }, "Back to Model Training"));
   } catch (err) {
     clear(main, errorBox(describeError(err)));
   }
