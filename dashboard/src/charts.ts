@@ -34,6 +34,7 @@ export class MetricChart {
   private readonly points = new Map<number, number>();
   private plot: uPlot | null = null;
   private logScale = false;
+  private smoothing = 0;
   private readonly plotBox: HTMLElement;
   private readonly lastLabel: HTMLElement;
   private readonly note: HTMLElement;
@@ -74,14 +75,19 @@ export class MetricChart {
     this.draw();
   }
 
+  /** EMA weight 0..0.99 for the drawn line; the raw points stay as a faint line under it. */
+  setSmoothing(weight: number): void {
+    this.smoothing = Math.min(0.99, Math.max(0, weight));
+    this.el.dataset.smoothing = String(this.smoothing);
+    if (this.plot) this.plot.setData(this.data(), !this.zoomed);
+  }
+
   private data(): uPlot.AlignedData {
     const steps = [...this.points.keys()].sort((a, b) => a - b);
+    const raw = steps.map((s) => this.points.get(s)!);
     // A log scale can't show zero or below: leave those points out rather than break the axis.
-    const values = steps.map((s) => {
-      const v = this.points.get(s)!;
-      return this.logScale && v <= 0 ? null : v;
-    });
-    return [steps, values];
+    const shown = (v: number | null) => (v === null || (this.logScale && v <= 0) ? null : v);
+    return [steps, raw.map(shown), ema(raw, this.smoothing).map(shown)];
   }
 
   draw(): void {
@@ -113,7 +119,11 @@ export class MetricChart {
           { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
           { stroke: "#667", size: 60, values: (_u, ticks) => ticks.map(formatTick), grid: { stroke: "#eceef2" } },
         ],
-        series: [{}, { label: this.name, stroke: "#3b6fd8", width: 1.5, spanGaps: true, points: { show: false } }],
+        series: [
+          {},
+          { label: `${this.name} (raw)`, stroke: "rgba(59,111,216,0.28)", width: 1, spanGaps: true, points: { show: false } },
+          { label: this.name, stroke: "#3b6fd8", width: 1.5, spanGaps: true, points: { show: false } },
+        ],
         hooks: {
           // Zoomed while the x scale shows less than every step (a drag zooms in, a double-click zooms out).
           setScale: [
@@ -139,6 +149,149 @@ export class MetricChart {
     if (!this.plot) return;
     const width = Math.max(240, this.plotBox.clientWidth);
     this.plot.setSize({ width, height: 220 });
+  }
+
+  destroy(): void {
+    this.plot?.destroy();
+  }
+}
+
+/** Exponential moving average, debiased as TensorBoard's smoothing is (the first points aren't pulled to 0). */
+export function ema(values: number[], weight: number): (number | null)[] {
+  if (weight <= 0) return values.slice();
+  let last = 0;
+  let n = 0;
+  return values.map((v) => {
+    if (!Number.isFinite(v)) return null;
+    n += 1;
+    last = last * weight + (1 - weight) * v;
+    return last / (1 - weight ** n);
+  });
+}
+
+/** Distinct colours for runs drawn together (one per job on the Compare page). */
+export const RUN_COLORS = ["#3b6fd8", "#d8623b", "#2e9e5b", "#9b4fd0", "#c9a227", "#1aa3b8", "#d03f8a", "#6b7385"];
+
+export interface Run {
+  label: string;
+  points: [number, number][];
+}
+
+/** One metric with several runs overlaid (one line and legend entry each, over the union of their steps). */
+export class OverlayChart {
+  readonly el: HTMLElement;
+  private plot: uPlot | null = null;
+  private runs: Run[] = [];
+  private logScale = false;
+  private readonly plotBox: HTMLElement;
+  private readonly note: HTMLElement;
+
+  constructor(
+    readonly name: string,
+    private readonly syncKey: string,
+  ) {
+    this.el = document.createElement("section");
+    this.el.className = "chart";
+    this.el.dataset.metric = name;
+    this.el.dataset.testid = `compare-chart-${name}`;
+    const title = document.createElement("h3");
+    title.textContent = name;
+    this.note = document.createElement("p");
+    this.note.className = "muted chart-note";
+    this.plotBox = document.createElement("div");
+    this.el.append(title, this.note, this.plotBox);
+  }
+
+  set(runs: Run[]): void {
+    const sameRuns = runs.length === this.runs.length && runs.every((r, i) => r.label === this.runs[i].label);
+    this.runs = runs;
+    this.el.dataset.series = String(runs.length);
+    this.el.dataset.points = runs.map((r) => r.points.length).join(",");
+    if (!sameRuns) this.rebuild();
+    else this.draw();
+  }
+
+  setLogScale(on: boolean): void {
+    if (on === this.logScale) return;
+    this.logScale = on;
+    this.rebuild();
+  }
+
+  private data(): uPlot.AlignedData {
+    const steps = [...new Set(this.runs.flatMap((r) => r.points.map((p) => p[0])))].sort((a, b) => a - b);
+    const columns = this.runs.map((r) => {
+      const byStep = new Map(r.points);
+      return steps.map((s) => {
+        const v = byStep.get(s);
+        return v === undefined || (this.logScale && v <= 0) ? null : v;
+      });
+    });
+    return [steps, ...columns];
+  }
+
+  private zoomed = false;
+
+  private rebuild(): void {
+    this.zoomed = false;
+    this.plot?.destroy();
+    this.plot = null;
+    this.draw();
+  }
+
+  draw(): void {
+    const data = this.data();
+    this.note.textContent =
+      this.logScale && this.runs.some((r) => r.points.some((p) => p[1] <= 0))
+        ? "Values at or below zero are left out on a log scale."
+        : "";
+    const width = Math.max(240, this.plotBox.clientWidth || this.el.clientWidth - 24);
+    if (this.plot) {
+      this.plot.setData(data, !this.zoomed); // new points keep the user's zoom
+      if (Math.abs(this.plot.width - width) > 4) this.plot.setSize({ width, height: 240 });
+      return;
+    }
+    this.plot = new uPlot(
+      {
+        width,
+        height: 240,
+        cursor: { sync: { key: this.syncKey }, drag: { x: true, y: false } },
+        legend: { show: true, live: true },
+        scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
+        axes: [
+          { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
+          { stroke: "#667", size: 60, values: (_u, ticks) => ticks.map(formatTick), grid: { stroke: "#eceef2" } },
+        ],
+        series: [
+          { label: "step" },
+          ...this.runs.map((r, i) => ({
+            label: r.label,
+            stroke: RUN_COLORS[i % RUN_COLORS.length],
+            width: 1.5,
+            spanGaps: true,
+            points: { show: false },
+            value: (_u: uPlot, v: number | null) => formatTick(v),
+          })),
+        ],
+        hooks: {
+          setScale: [
+            (u, key) => {
+              if (key !== "x") return;
+              const xs = u.data[0];
+              const { min = 0, max = 0 } = u.scales.x;
+              this.zoomed = xs.length > 1 && (min > xs[0] || max < xs[xs.length - 1]);
+              this.el.dataset.zoomed = String(this.zoomed);
+            },
+          ],
+        },
+      },
+      data,
+      this.plotBox,
+    );
+  }
+
+  resize(): void {
+    if (!this.plot) return;
+    this.plot.setSize({ width: Math.max(240, this.plotBox.clientWidth), height: 240 });
   }
 
   destroy(): void {

@@ -6,6 +6,7 @@ import "./style.css";
 
 import { describeError, getJson, session, whoami, type Principal } from "./api";
 import { clear, errorBox, h } from "./dom";
+import { comparePage } from "./pages/compare";
 import { jobDetailsPage } from "./pages/details";
 import { jobsPage } from "./pages/jobs";
 
@@ -17,6 +18,7 @@ export type Page = (main: HTMLElement, args: string[], who: Principal) => Cleanu
 // Each page's module adds one line here; the nav below lists the top-level ones.
 const ROUTES: Record<string, Page> = {
   jobs: (main, args) => (args[0] ? jobDetailsPage(main, args[0], args[1] ?? "overview") : jobsPage(main)),
+  compare: (main, args) => comparePage(main, args[0] ?? ""),
 };
 
 const NAV: [route: string, label: string][] = [

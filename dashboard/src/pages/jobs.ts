@@ -1,13 +1,25 @@
 // The Model Training page: every training job of the project, filtered by state and a search, refreshed
-// every few seconds, each with its progress and a loss sparkline.
+// every few seconds, each with its progress, a loss sparkline and its actions (src/actions.ts); jobs picked
+// with the row checkboxes open side by side on the Compare page.
 
-import { describeError, jobMetrics, listJobs, TERMINAL_STATES, type Job } from "../api";
+import { actionMenu, type ActionHooks } from "../actions";
+import { describeError, getJson, jobMetrics, TERMINAL_STATES, type Job } from "../api";
 import { sparkline } from "../charts";
 import { clear, errorBox, h } from "../dom";
 import * as fmt from "../format";
 
 const REFRESH_MS = 3000;
 const SPARK_POINTS = 60;
+const PAGE_SIZE = 200;
+const MAX_COMPARED = 20; // the compare API's limit
+
+/** One page of the list; the API's next_page_token (empty on the last page) asks for the next. */
+function listJobsPage(states: string[], pageToken: string): Promise<{ jobs?: Job[]; next_page_token?: string }> {
+  const query = new URLSearchParams({ page_size: String(PAGE_SIZE) });
+  for (const s of states) query.append("state", s);
+  if (pageToken) query.set("page_token", pageToken);
+  return getJson(`/api/v1/jobs?${query}`);
+}
 
 const FILTERS: Record<string, string[]> = {
   all: [],
@@ -26,11 +38,49 @@ export function jobsPage(main: HTMLElement): () => void {
   let jobs: Job[] = [];
   let timer = 0;
   let stopped = false;
+  let pages = 1; // pages shown: "Load more" adds one, and each refresh reads that many again
+  let nextToken = "";
+  let openMenu = ""; // the job whose action menu is open
+  const selected = new Set<string>(); // ids ticked for Compare, in the order ticked
   // Loss series per job; a finished job's is fetched once, a running job's on every refresh.
   const losses = new Map<string, { points: [number, number][]; final: boolean }>();
 
   const status = h("div", { class: "status", "data-testid": "list-status" });
   const errors = h("div", {});
+  // An action's failure stays until the next action (a refresh clears only its own errors).
+  const actionErrors = h("div", { "data-testid": "action-errors" });
+  const more = h("button", {
+    "data-testid": "load-more",
+    hidden: true,
+    onclick: () => {
+      pages += 1;
+      void refresh();
+    },
+  });
+  const compare = h("button", {
+    class: "primary",
+    "data-testid": "compare",
+    onclick: () => {
+      location.hash = `#/compare/${[...selected].map(encodeURIComponent).join(",")}`;
+    },
+  });
+  const hooks: ActionHooks = {
+    done: () => {
+      clear(actionErrors);
+      void refresh();
+    },
+    failed: (message) => {
+      clear(actionErrors, errorBox(message));
+      void refresh();
+    },
+  };
+  const closeMenu = () => {
+    if (!openMenu) return;
+    openMenu = "";
+    render();
+  };
+  document.addEventListener("click", closeMenu);
+  main.addEventListener("scroll", closeMenu, true);
   const body = h("tbody", {});
   const select = h(
     "select",
@@ -65,8 +115,10 @@ export function jobsPage(main: HTMLElement): () => void {
       h("span", { class: "spacer" }),
       h("label", {}, "State ", select),
       searchBox,
+      compare,
     ),
     errors,
+    actionErrors,
     h(
       "div",
       { class: "table-wrap" },
@@ -79,6 +131,7 @@ export function jobsPage(main: HTMLElement): () => void {
           h(
             "tr",
             {},
+            h("th", { class: "pick", title: "Pick jobs to compare" }, ""),
             ...[
               "Name / ID",
               "Status",
@@ -97,7 +150,7 @@ export function jobsPage(main: HTMLElement): () => void {
         body,
       ),
     ),
-    status,
+    h("div", { class: "list-foot" }, status, more),
   );
 
   function matches(job: Job): boolean {
@@ -111,9 +164,27 @@ export function jobsPage(main: HTMLElement): () => void {
     const link = `#/jobs/${encodeURIComponent(job.id)}`;
     const loss = losses.get(job.id)?.points ?? [];
     const last = loss.length ? loss[loss.length - 1][1] : undefined;
+    const ticked = selected.has(job.id);
     return h(
       "tr",
-      { "data-job-id": job.id },
+      { "data-job-id": job.id, class: ticked ? "picked" : undefined },
+      h(
+        "td",
+        { class: "pick" },
+        h("input", {
+          type: "checkbox",
+          checked: ticked,
+          "data-testid": "pick",
+          "aria-label": `Compare ${job.name || job.id}`,
+          disabled: !ticked && selected.size >= MAX_COMPARED,
+          title: !ticked && selected.size >= MAX_COMPARED ? `at most ${MAX_COMPARED} jobs can be compared` : undefined,
+          onchange: (e: Event) => {
+            if ((e.target as HTMLInputElement).checked) selected.add(job.id);
+            else selected.delete(job.id);
+            render();
+          },
+        }),
+      ),
       h(
         "td",
         {},
@@ -145,7 +216,16 @@ export function jobsPage(main: HTMLElement): () => void {
         sparkline(loss.map((p) => p[1])),
         h("span", { class: "muted" }, last === undefined ? "" : fmt.value(last)),
       ),
-      h("td", {}, h("a", { href: link, class: "button" }, "View Details")),
+      h(
+        "td",
+        { class: "row-actions" },
+        h("a", { href: link, class: "button" }, "View Details"),
+        " ",
+        actionMenu(job, hooks, openMenu === job.id, (open) => {
+          openMenu = open ? job.id : "";
+          render();
+        }),
+      ),
     );
   }
 
@@ -155,9 +235,18 @@ export function jobsPage(main: HTMLElement): () => void {
       body,
       ...(shown.length
         ? shown.map(row)
-        : [h("tr", {}, h("td", { colspan: 11, class: "empty" }, jobs.length ? "No job matches the search." : "No jobs."))]),
+        : [h("tr", {}, h("td", { colspan: 12, class: "empty" }, jobs.length ? "No job matches the search." : "No jobs."))]),
     );
-    clear(status, `${shown.length} of ${jobs.length} jobs · refreshed ${new Date().toLocaleTimeString()}`);
+    clear(
+      status,
+      `${shown.length} of ${jobs.length}${nextToken ? "+" : ""} jobs · refreshed ${new Date().toLocaleTimeString()}`,
+    );
+    compare.textContent = `Compare (${selected.size})`;
+    compare.disabled = selected.size < 2;
+    compare.title = selected.size < 2 ? "Tick two or more jobs to compare them" : "";
+    compare.dataset.count = String(selected.size);
+    more.hidden = !nextToken;
+    more.textContent = `Load ${PAGE_SIZE} more`;
   }
 
   async function refreshLosses(): Promise<void> {
@@ -175,7 +264,16 @@ export function jobsPage(main: HTMLElement): () => void {
   async function refresh(): Promise<void> {
     window.clearTimeout(timer);
     try {
-      jobs = (await listJobs(FILTERS[filter] ?? [])).jobs ?? [];
+      const found: Job[] = [];
+      let token = "";
+      for (let page = 0; page < pages; page++) {
+        const next = await listJobsPage(FILTERS[filter] ?? [], token);
+        found.push(...(next.jobs ?? []));
+        token = next.next_page_token ?? "";
+        if (!token) break;
+      }
+      jobs = found;
+      nextToken = token;
       render();
       await refreshLosses();
       render();
@@ -190,5 +288,6 @@ export function jobsPage(main: HTMLElement): () => void {
   return () => {
     stopped = true;
     window.clearTimeout(timer);
+    document.removeEventListener("click", closeMenu);
   };
 }
