@@ -7,8 +7,10 @@ import "./style.css";
 import { describeError, getJson, session, whoami, type Principal } from "./api";
 import { clear, errorBox, h } from "./dom";
 import { comparePage } from "./pages/compare";
+import { datasetDetailsPage, datasetsPage } from "./pages/datasets";
 import { jobDetailsPage } from "./pages/details";
 import { jobsPage } from "./pages/jobs";
+import { keysPage } from "./pages/keys";
 
 export type Cleanup = () => void;
 
@@ -19,6 +21,8 @@ export type Page = (main: HTMLElement, args: string[], who: Principal) => Cleanu
 const ROUTES: Record<string, Page> = {
   jobs: (main, args) => (args[0] ? jobDetailsPage(main, args[0], args[1] ?? "overview") : jobsPage(main)),
   compare: (main, args) => comparePage(main, args[0] ?? ""),
+  datasets: (main, args) => (args[0] ? datasetDetailsPage(main, args[0]) : datasetsPage(main)),
+  keys: (main, _args, who) => keysPage(main, who),
 };
 
 const NAV: [route: string, label: string][] = [
