@@ -285,3 +285,75 @@ export interface Dataset {
 export const listMethods = () => getJson<{ methods: Method[] }>("/api/v1/methods?page_size=500");
 export const listModels = () => getJson<{ models: Model[] }>("/api/v1/models?page_size=500");
 export const listDatasets = () => getJson<{ datasets: Dataset[] }>("/api/v1/datasets?page_size=500");
+
+// -- submitting a training (the Start a New Train page) ---------------------------------------------------
+
+/** One field the API refused, as the gateway's error body names it ("parameters.lora_rank", "dataset_id"). */
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
+/** An ApiError that keeps the error body's field violations, so a form can show each under its field. */
+export class FieldsError extends ApiError {
+  constructor(
+    status: number,
+    code: string,
+    message: string,
+    readonly violations: FieldViolation[],
+  ) {
+    super(status, code, message);
+  }
+}
+
+/** POST a form's JSON body; a refusal is a FieldsError with the violations the error body lists. */
+export async function sendForm<T>(path: string, body: unknown): Promise<T> {
+  const sent: Record<string, string> = { "Content-Type": "application/json" };
+  if (session.key) sent["Authorization"] = `Bearer ${session.key}`;
+  if (session.project) sent["X-TuneForge-Project"] = session.project;
+  let resp: Response;
+  try {
+    resp = await fetch(path, { method: "POST", headers: sent, body: JSON.stringify(body) });
+  } catch (err) {
+    throw new ApiError(0, "UNAVAILABLE", `the gateway could not be reached (${describeError(err)})`);
+  }
+  const text = await resp.text().catch(() => "");
+  let parsed: unknown = null;
+  try {
+    parsed = text ? JSON.parse(text) : null;
+  } catch {
+    // not JSON (a proxy's page, say): its text is the message below
+  }
+  if (resp.ok) return parsed as T;
+  const error = (parsed as { error?: { code?: string; message?: string; field?: string | null; field_violations?: FieldViolation[] | null } } | null)?.error;
+  if (!error) throw new ApiError(resp.status, resp.statusText || "ERROR", text.slice(0, 300) || "no response body");
+  const violations = error.field_violations ?? (error.field ? [{ field: error.field, description: error.message ?? "" }] : []);
+  throw new FieldsError(resp.status, error.code ?? "ERROR", error.message ?? text, violations);
+}
+
+/** A dry run's (and a submitted job's) estimate: the resolved parameters and what the run will take. */
+export interface JobEstimate {
+  parameters: Record<string, unknown>;
+  dataset_rows?: number | string;
+  dataset_tokens?: number | string;
+  epochs?: number;
+  total_steps?: number | string;
+  estimated_seconds?: number;
+}
+
+/** GET /datasets/{id}/stats: token counts by the model's tokenizer. */
+export interface DatasetStats {
+  row_count?: number | string;
+  min_tokens?: number | string;
+  mean_tokens?: number;
+  p50_tokens?: number | string;
+  p95_tokens?: number | string;
+  max_tokens?: number | string;
+  total_tokens?: number | string;
+  rows_truncated?: number | string;
+}
+
+export function datasetStats(id: string, modelId: string, maxSeqLength: number): Promise<DatasetStats> {
+  const query = new URLSearchParams({ model_id: modelId, max_seq_length: String(maxSeqLength) });
+  return getJson(`/api/v1/datasets/${encodeURIComponent(id)}/stats?${query}`);
+}

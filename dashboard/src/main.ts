@@ -10,6 +10,7 @@ import { comparePage } from "./pages/compare";
 import { datasetDetailsPage, datasetsPage } from "./pages/datasets";
 import { jobDetailsPage } from "./pages/details";
 import { jobsPage } from "./pages/jobs";
+import { newTrainPage } from "./pages/newtrain";
 import { keysPage } from "./pages/keys";
 
 export type Cleanup = () => void;
@@ -20,6 +21,7 @@ export type Page = (main: HTMLElement, args: string[], who: Principal) => Cleanu
 // Each page's module adds one line here; the nav below lists the top-level ones.
 const ROUTES: Record<string, Page> = {
   jobs: (main, args) => (args[0] ? jobDetailsPage(main, args[0], args[1] ?? "overview") : jobsPage(main)),
+  new: (main, args) => newTrainPage(main, args),
   compare: (main, args) => comparePage(main, args[0] ?? ""),
   datasets: (main, args) => (args[0] ? datasetDetailsPage(main, args[0]) : datasetsPage(main)),
   keys: (main, _args, who) => keysPage(main, who),
