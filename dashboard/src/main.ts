@@ -10,6 +10,8 @@ import { comparePage } from "./pages/compare";
 import { datasetDetailsPage, datasetsPage } from "./pages/datasets";
 import { jobDetailsPage } from "./pages/details";
 import { jobsPage } from "./pages/jobs";
+import { methodsPage } from "./pages/methods";
+import { modelsPage } from "./pages/models";
 import { newTrainPage } from "./pages/newtrain";
 import { keysPage } from "./pages/keys";
 
@@ -21,6 +23,8 @@ export type Page = (main: HTMLElement, args: string[], who: Principal) => Cleanu
 // Each page's module adds one line here; the nav below lists the top-level ones.
 const ROUTES: Record<string, Page> = {
   jobs: (main, args) => (args[0] ? jobDetailsPage(main, args[0], args[1] ?? "overview") : jobsPage(main)),
+  models: modelsPage,
+  methods: methodsPage,
   new: (main, args) => newTrainPage(main, args),
   compare: (main, args) => comparePage(main, args[0] ?? ""),
   datasets: (main, args) => (args[0] ? datasetDetailsPage(main, args[0]) : datasetsPage(main)),
