@@ -64,8 +64,8 @@ export function bytes(n: number | string | undefined): string {
 const modelUrl = (id: string) => `#/models/${encodeURIComponent(id)}`;
 const jobUrl = (id: string) => `#/jobs/${encodeURIComponent(id)}`;
 
-function kindBadge(kind: string): HTMLElement {
-  return h("span", { class: `state kind-${kind.toLowerCase()}`, "data-testid": "model-kind" }, kind || "–");
+function kindBadge(kind: string, testid: string | null = "model-kind"): HTMLElement {
+  return h("span", { class: `state kind-${kind.toLowerCase()}`, "data-testid": testid }, kind || "–");
 }
 
 function kv(rows: [string, unknown][], testid?: string): HTMLElement {
@@ -486,7 +486,7 @@ async function renderLineage(model: Model, into: HTMLElement): Promise<void> {
   const node = (label: string, ...content: (Node | string | null)[]) =>
     h("li", { class: "lineage-node" }, h("div", { class: "lineage-label" }, label), h("div", {}, ...content));
 
-  nodes.push(node("This model", h("strong", {}, model.name || model.id), " ", kindBadge(model.kind)));
+  nodes.push(node("This model", h("strong", {}, model.name || model.id), " ", kindBadge(model.kind, null)));
   let current = model;
   const seen = new Set([model.id]);
   for (let depth = 0; ; depth++) {
@@ -505,7 +505,7 @@ async function renderLineage(model: Model, into: HTMLElement): Promise<void> {
     const sourceId = lin.source_model_id;
     try {
       current = await getJson<Model>(`/api/v1/models/${encodeURIComponent(sourceId)}`);
-      nodes.push(node("Source model", modelLink(sourceId, `lineage-source${sfx}`), " ", kindBadge(current.kind)));
+      nodes.push(node("Source model", modelLink(sourceId, `lineage-source${sfx}`), " ", kindBadge(current.kind, null)));
     } catch (err) {
       nodes.push(
         node("Source model", modelLink(sourceId, `lineage-source${sfx}`), errorBox(`Could not read it: ${describeError(err)}`)),
