@@ -203,6 +203,8 @@ export class ParameterForm {
     const read = () => {
       const raw = input instanceof HTMLInputElement && input.type === "checkbox" ? input.checked : input.value;
       const parsed = parseInput(spec, raw);
+      // "change" follows "input" when the field loses focus: the same value again is no change
+      if (sameValue(parsed.value, f.value) && parsed.error === f.clientError && !f.serverError) return;
       f.value = parsed.value;
       f.clientError = parsed.error;
       f.serverError = null; // the server's word was about the old value
