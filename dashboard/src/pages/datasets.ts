@@ -626,11 +626,11 @@ function text(value: unknown): string {
 function chat(messages: ChatMessage[]): HTMLElement {
   return h(
     "div",
-    { class: "chat" },
+    { class: "ds-chat" },
     ...messages.map((m) =>
       h(
         "div",
-        { class: `msg msg-${String(m.role).replace(/[^a-z_-]/gi, "")}`, "data-role": String(m.role) },
+        { class: `ds-msg ds-msg-${String(m.role).replace(/[^a-z_-]/gi, "")}`, "data-role": String(m.role) },
         h("div", { class: "role" }, String(m.role)),
         h("div", { class: "content" }, text(m.content)),
       ),
@@ -663,27 +663,36 @@ function kv(rows: [string, Node | string][]): HTMLElement {
   return h("table", { class: "kv" }, h("tbody", {}, ...rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))));
 }
 
-/** Where min, median, p95, mean and max fall on one axis from 0 to the longest row (and the limit, if set). */
+/** The spread of row lengths on one axis: min to max, the p50–p95 band, the median and the limit if set. */
 function distribution(s: TokenStats, limit: number): HTMLElement {
-  const top = Math.max(s.max_tokens, limit, 1);
-  const at = (n: number) => `${Math.min(100, (n / top) * 100).toFixed(2)}%`;
-  const mark = (n: number, label: string, cls: string) =>
-    h("div", { class: `mark ${cls}`, style: `left:${at(n)}`, title: `${label}: ${integer(n)} tokens` }, h("span", {}, label));
+  const values = [s.min_tokens, s.max_tokens, ...(limit ? [limit] : [])];
+  // The axis spans the rows (and the limit), with a margin: from 0 every short-row dataset would crowd at the right.
+  const span = Math.max(1, Math.max(...values) - Math.min(...values));
+  const lo = Math.max(0, Math.floor(Math.min(...values) - span * 0.05));
+  const hi = Math.ceil(Math.max(...values) + span * 0.05);
+  const at = (n: number) => `${(((n - lo) / Math.max(1, hi - lo)) * 100).toFixed(2)}%`;
+  const band = (from: number, to: number, cls: string, title: string) =>
+    h("div", { class: cls, style: `left:${at(from)};width:calc(${at(to)} - ${at(from)})`, title });
   return h(
     "div",
     { class: "dist", "data-testid": "token-distribution" },
     h(
       "div",
       { class: "dist-track" },
-      h("div", { class: "dist-range", style: `left:${at(s.min_tokens)};width:calc(${at(s.max_tokens)} - ${at(s.min_tokens)})` }),
-      h("div", { class: "dist-core", style: `left:${at(s.p50_tokens)};width:calc(${at(s.p95_tokens)} - ${at(s.p50_tokens)})` }),
-      mark(s.min_tokens, "min", "low"),
-      mark(s.p50_tokens, "p50", "mid"),
-      mark(s.p95_tokens, "p95", "mid"),
-      mark(s.max_tokens, "max", "high"),
-      limit ? mark(limit, "limit", "limit") : null,
+      band(s.min_tokens, s.max_tokens, "dist-range", `min ${integer(s.min_tokens)} – max ${integer(s.max_tokens)} tokens`),
+      band(s.p50_tokens, s.p95_tokens, "dist-core", `p50 ${integer(s.p50_tokens)} – p95 ${integer(s.p95_tokens)} tokens`),
+      h("div", { class: "mark mid", style: `left:${at(s.p50_tokens)}`, title: `median ${integer(s.p50_tokens)} tokens` }),
+      limit ? h("div", { class: "mark limit", style: `left:${at(limit)}`, title: `limit ${integer(limit)} tokens` }) : null,
     ),
-    h("div", { class: "dist-axis muted" }, h("span", {}, "0"), h("span", {}, `${integer(top)} tokens`)),
+    h("div", { class: "dist-axis muted" }, h("span", {}, `${integer(lo)} tokens`), h("span", {}, `${integer(hi)} tokens`)),
+    h(
+      "div",
+      { class: "dist-legend muted" },
+      h("span", { class: "key range" }), "min – max ",
+      h("span", { class: "key core" }), "p50 – p95 ",
+      h("span", { class: "key median" }), "median ",
+      limit ? h("span", { class: "key limit" }) : null, limit ? `max sequence length ${integer(limit)}` : null,
+    ),
   );
 }
 
@@ -704,7 +713,8 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
     h("a", { href: "#/datasets", class: "back" }, "← Datasets"),
     head,
     errors,
-    h("div", { class: "overview" }, overview, report, stats, split),
+    // Three columns at 1280 px and up: the dataset and its split, the validation report, the token stats.
+    h("div", { class: "ds-detail-grid" }, h("div", { class: "ds-col" }, overview, split), report, stats),
     preview,
   );
   clear(head, h("h1", {}, datasetId), h("span", { class: "muted" }, "Loading…"));
@@ -715,8 +725,8 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
 
   // -- header: name, status, download, delete -------------------------------------------------------------
   function renderHead(d: Dataset): void {
-    const del = h("button", { class: "danger", "data-testid": "dataset-delete" }, "Delete");
-    const confirmBox = h("span", { class: "confirm", hidden: true });
+    const del = h("button", { class: "ds-danger", "data-testid": "dataset-delete" }, "Delete");
+    const confirmBox = h("span", { class: "ds-confirm", hidden: true });
     del.addEventListener("click", () => {
       del.hidden = true;
       confirmBox.hidden = false;
@@ -726,7 +736,7 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
         h(
           "button",
           {
-            class: "danger",
+            class: "ds-danger",
             "data-testid": "dataset-delete-confirm",
             onclick: async (e: Event) => {
               (e.target as HTMLButtonElement).disabled = true;
@@ -798,9 +808,9 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
     const total = v.problem_count ?? problems.length;
     let body: Node;
     if (d.status === "VALIDATING") {
-      body = h("p", { class: "loading", "data-testid": "validation-state" }, "Validating every line…");
+      body = h("p", { class: "ds-loading", "data-testid": "validation-state" }, "Validating every line…");
     } else if (!total) {
-      body = h("p", { class: "ok", "data-testid": "validation-state" }, `No problems: all ${integer(d.row_count)} rows are valid ${d.format} rows.`);
+      body = h("p", { class: "ds-ok", "data-testid": "validation-state" }, `No problems: all ${integer(d.row_count)} rows are valid ${d.format} rows.`);
     } else {
       body = h(
         "div",
@@ -850,7 +860,7 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
       },
       ...PREVIEW_LIMITS.map((n) => h("option", { value: n, selected: n === previewLimit }, `first ${n} rows`)),
     );
-    const rows = h("div", { class: "preview-rows", "data-testid": "preview-rows" }, h("p", { class: "loading" }, "Loading the first rows…"));
+    const rows = h("div", { class: "preview-rows", "data-testid": "preview-rows" }, h("p", { class: "ds-loading" }, "Loading the first rows…"));
     clear(preview, h("div", { class: "toolbar" }, h("h2", {}, "Preview"), select), rows);
     try {
       const found = await getJson<{ rows: Record<string, unknown>[] }>(`${datasetPath(datasetId)}/preview?limit=${previewLimit}`);
@@ -914,7 +924,7 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
     if (!compute) return;
     if (!statsModel) return clear(out, errorBox("There is no model whose tokenizer could count the tokens."));
     go.disabled = true;
-    clear(out, h("p", { class: "loading", "data-testid": "stats-loading" }, `Counting the tokens of every row with ${statsModel}'s tokenizer…`));
+    clear(out, h("p", { class: "ds-loading", "data-testid": "stats-loading" }, `Counting the tokens of every row with ${statsModel}'s tokenizer…`));
     try {
       const query = new URLSearchParams({ model_id: statsModel, max_seq_length: String(statsLimit) });
       const s = await getJson<TokenStats>(`${datasetPath(d.id)}/stats?${query}`);
@@ -952,7 +962,7 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
     const out = h("div", { "data-testid": "split-result" });
     go.addEventListener("click", async () => {
       go.disabled = true;
-      clear(out, h("p", { class: "loading" }, "Splitting…"));
+      clear(out, h("p", { class: "ds-loading" }, "Splitting…"));
       try {
         const made = await sendJson<{ train: Dataset; validation: Dataset }>(`${datasetPath(d.id)}/split`, {
           validation_ratio: Number(ratio.value),

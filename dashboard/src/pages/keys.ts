@@ -66,7 +66,7 @@ export function keysPage(main: HTMLElement, who: Principal): () => void {
       h("div", { class: "page-head" }, h("h1", {}, "API Keys")),
       h(
         "div",
-        { class: "notice", "data-testid": "keys-forbidden" },
+        { class: "ds-notice", "data-testid": "keys-forbidden" },
         h("p", {}, `Managing API keys needs the admin role in project ${who.project_id} (or a superuser key).`),
         h(
           "p",
@@ -212,12 +212,12 @@ export function keysPage(main: HTMLElement, who: Principal): () => void {
         cell,
         h(
           "span",
-          { class: "confirm" },
+          { class: "ds-confirm" },
           k.id === who.key.id ? "This is the key you are signed in with. Revoke it? " : `Revoke ${k.name}? `,
           h(
             "button",
             {
-              class: "danger",
+              class: "ds-danger",
               "data-testid": "key-revoke-confirm",
               onclick: async (e: Event) => {
                 (e.target as HTMLButtonElement).disabled = true;
@@ -235,7 +235,7 @@ export function keysPage(main: HTMLElement, who: Principal): () => void {
           h("button", { "data-testid": "key-revoke-cancel", onclick: () => idle() }, "Cancel"),
         ),
       );
-    const idle = () => clear(cell, h("button", { class: "danger", "data-testid": "key-revoke", onclick: ask }, "Revoke"));
+    const idle = () => clear(cell, h("button", { class: "ds-danger", "data-testid": "key-revoke", onclick: ask }, "Revoke"));
     idle();
     return cell;
   }
