@@ -130,11 +130,16 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
     const modelSelect = h("select", { id: "train-model", "data-testid": "model", onchange: () => changed("model_id") });
     const modelInfo = h("div", { class: "muted", "data-testid": "model-info" });
     const modelNote = h("div", { class: "muted", "data-testid": "model-note" });
-    const datasetSelect = h("select", { id: "train-dataset", "data-testid": "dataset", onchange: () => changed("dataset_id") });
+    // A note about a dropped choice (fillDatasets) is old news once the user chooses.
+    const datasetSelect = h("select", {
+      id: "train-dataset",
+      "data-testid": "dataset",
+      onchange: () => (clear(datasetNote), changed("dataset_id")),
+    });
     const validationSelect = h("select", {
       id: "train-validation",
       "data-testid": "validation-dataset",
-      onchange: () => changed("validation_dataset_id"),
+      onchange: () => (clear(datasetNote), changed("validation_dataset_id")),
     });
     const datasetStatsBox = h("div", { class: "stats", "data-testid": "dataset-stats", hidden: true });
     const validationStatsBox = h("div", { class: "stats", "data-testid": "validation-stats", hidden: true });
@@ -150,7 +155,7 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       "details",
       { class: "resolved", "data-testid": "estimate-params" },
       h("summary", {}, "Resolved parameters"),
-      h("table", { class: "kv" }, resolvedBody),
+      h("div", { class: "resolved-body" }, h("table", { class: "kv" }, resolvedBody)),
     );
     const estimateCard = h(
       "section",
@@ -578,7 +583,9 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
     fillDatasets();
     if (source) {
       const m = methods.find((x) => x.id === source.method_id);
-      if (m) chooseMethod(m);
+      if (source.kind && source.kind !== "TRAIN") {
+        clear(methodGrid, errorBox(`Only a training can be copied: ${source.id} is a ${source.kind.toLowerCase()} job.`));
+      } else if (m) chooseMethod(m);
       else clear(methodGrid, errorBox(`The copied job's method ${source.method_id} is no longer in the catalog.`));
     }
     changed("model_id");
