@@ -1,10 +1,15 @@
-// A job's Details page with the seed's three tabs: Train Overview (parameters, state, attempts, agent,
-// checkpoints, history), Evaluation Data (live uPlot charts of every metric) and Train Log (live tail).
-// One SSE stream (/api/v1/jobs/{id}/events) feeds all three while the page is open.
+// A job's Details page with the seed's three tabs: Train Overview (parameters, attempts, agent, artifacts,
+// checkpoints, evaluations, "Copy the Train"), Evaluation Data (live uPlot charts of every metric the job
+// reports, smoothed on demand) and Train Log (live tail). One SSE stream (/api/v1/jobs/{id}/events) feeds all
+// three while the page is open. The header carries the job's actions (src/actions.ts).
 
+import "./details.css";
+
+import { actionBar, publishDialog, type ActionHooks } from "../actions";
 import {
   describeError,
   getJob,
+  getJson,
   jobCheckpoints,
   jobLogText,
   jobMetrics,
@@ -34,11 +39,22 @@ const INITIAL_POINTS = 5000;
 // The stream carries the job's snapshot on state changes; elapsed, remaining and tokens are re-read this often.
 const JOB_REFRESH_MS = 5000;
 
+// GET /api/v1/jobs/{id}/evaluations: the evaluation jobs run on models published from this training.
+interface Evaluation {
+  job: Job;
+  metrics: Record<string, number>;
+  generations: { prompt: string; reference: string; generated: string }[];
+}
+const jobEvaluations = (id: string) =>
+  getJson<{ evaluations?: Evaluation[] }>(`/api/v1/jobs/${encodeURIComponent(id)}/evaluations?page_size=100`);
+
 export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: string): () => void {
   let tab: Tab = (TABS.find(([t]) => t === initialTab)?.[0] ?? "overview") as Tab;
   let job: Job | null = null;
   const history: JobEvent[] = [];
-  let checkpoints: Checkpoint[] = [];
+  let checkpoints: Checkpoint[] | undefined; // undefined until loaded (the actions then judge by the job alone)
+  let evaluations: Evaluation[] | undefined;
+  let smoothing = 0;
   const charts = new Map<string, MetricChart>();
   const logs: LogLine[] = [];
   let logFilter = "";
@@ -48,6 +64,7 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
   const disposers: (() => void)[] = [];
 
   const head = h("div", { class: "page-head" });
+  const actions = h("div", { class: "details-actions" });
   const streamState = h("span", { class: "stream", "data-testid": "stream-state" }, "connecting…");
   const errors = h("div", {});
   const tabBar = h("nav", { class: "tabs", role: "tablist" });
@@ -60,6 +77,7 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
     main,
     h("a", { href: "#/jobs", class: "back" }, "← Model Training"),
     head,
+    actions,
     errors,
     tabBar,
     ...Object.values(panes),
@@ -97,8 +115,39 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
   }
 
   // -- header and overview ---------------------------------------------------------------------------
+  const hooks: ActionHooks = {
+    ctx: () => ({ checkpoints }),
+    done: (action, changed) => {
+      if (!changed) {
+        location.hash = "#/jobs"; // deleted
+        return;
+      }
+      if (action === "publish") return;
+      job = changed;
+      renderHead();
+      renderOverview();
+    },
+    failed: (message) => {
+      showError(message);
+      void getJob(jobId).then(
+        (fresh) => {
+          job = fresh; // it may have moved on, which is likely why the action was refused
+          renderHead();
+          renderOverview();
+        },
+        () => undefined, // the action's own error box says enough
+      );
+    },
+  };
+
   function renderHead(): void {
     if (!job) return;
+    // Rebuilt when what the actions depend on changes, not on every point (a button mid-click would go).
+    const actionsKey = `${job.state}/${job.current_step > 0}/${checkpoints?.length}`;
+    if (actions.dataset.key !== actionsKey) {
+      actions.dataset.key = actionsKey;
+      clear(actions, actionBar(job, hooks));
+    }
     clear(
       head,
       h("h1", {}, job.name || job.id),
@@ -133,6 +182,7 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
   function renderOverview(): void {
     if (!job) return;
     const params = Object.entries(job.parameters ?? {}).sort(([a], [b]) => a.localeCompare(b));
+    const kept = checkpoints ?? [];
     clear(
       panes.overview,
       h(
@@ -161,7 +211,6 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
             ["Created", fmt.time(job.create_time)],
             ["Started", fmt.time(job.start_time)],
             ["Ended", fmt.time(job.end_time)],
-            ["Output", job.output_uri],
             ["Copied from", job.copied_from_job_id],
             ["Labels", Object.keys(job.labels ?? {}).length ? job.labels : ""],
           ]),
@@ -176,45 +225,82 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
             h("tbody", {}, ...params.map(([k, v]) => h("tr", {}, h("th", { class: "mono" }, k), h("td", { class: "mono" }, fmt.value(v))))),
           ),
         ),
+        attemptsCard(),
         h(
           "section",
-          { class: "card" },
-          h("h2", {}, `Checkpoints (${checkpoints.length})`),
-          checkpoints.length
+          { class: "card", "data-testid": "artifacts" },
+          h("h2", {}, "Artifacts"),
+          kv([["Output", job.output_uri || (TERMINAL_STATES.has(job.state) ? "none" : "when the job succeeds")]]),
+          h("h2", {}, `Checkpoints (${checkpoints ? kept.length : "…"})`),
+          kept.length
             ? h(
                 "table",
-                { class: "list" },
-                h("thead", {}, h("tr", {}, h("th", {}, "Step"), h("th", {}, "Metrics"), h("th", {}, "Created"))),
+                { class: "list", "data-testid": "checkpoints" },
+                h("thead", {}, h("tr", {}, h("th", {}, "Step"), h("th", {}, "Metrics"), h("th", {}, "Created"), h("th", {}, ""))),
                 h(
                   "tbody",
                   {},
-                  ...checkpoints.map((c) =>
+                  ...kept.map((c) =>
                     h(
                       "tr",
-                      {},
+                      { "data-step": c.step },
                       h("td", { class: "num" }, c.step),
-                      h("td", { class: "mono" }, c.metrics ? fmt.value(c.metrics) : "–"),
+                      h("td", { class: "mono", title: c.uri ?? "" }, c.metrics ? fmt.value(c.metrics) : "–"),
                       h("td", {}, fmt.time(c.create_time as string | undefined)),
+                      h(
+                        "td",
+                        {},
+                        h(
+                          "button",
+                          {
+                            "data-testid": `publish-step-${c.step}`,
+                            onclick: () => job && publishDialog(job, () => undefined, c.step),
+                          },
+                          "Publish",
+                        ),
+                      ),
                     ),
                   ),
                 ),
               )
-            : h("p", { class: "muted" }, "No checkpoint kept yet."),
-          h("h2", {}, "History"),
-          h(
-            "table",
-            { class: "list", "data-testid": "history" },
-            h(
-              "tbody",
-              {},
-              ...history.map((e) =>
-                h(
-                  "tr",
-                  {},
-                  h("td", {}, fmt.time(e.time)),
-                  h("td", {}, `${e.from_state ?? "–"} → `, h("span", { class: fmt.stateClass(e.to_state) }, e.to_state)),
-                  h("td", { class: "muted" }, e.reason),
-                ),
+            : h("p", { class: "muted" }, checkpoints ? "No checkpoint kept yet." : "Loading the checkpoints…"),
+        ),
+        evaluationsCard(),
+      ),
+      h(
+        "div",
+        { class: "copy-train" },
+        h("a", { href: `#/new/copy/${encodeURIComponent(job.id)}`, class: "button primary", "data-testid": "copy-train" }, "Copy the Train"),
+        h("span", { class: "muted" }, "A new job with this one's configuration, to change a little (a dataset, a learning rate) and run."),
+      ),
+    );
+  }
+
+  /** Each attempt with its transitions and their reasons (a retry after a lost agent starts a new attempt). */
+  function attemptsCard(): HTMLElement {
+    const byAttempt = new Map<number, JobEvent[]>();
+    for (const e of history) byAttempt.set(e.attempt, [...(byAttempt.get(e.attempt) ?? []), e]);
+    return h(
+      "section",
+      { class: "card" },
+      h("h2", {}, `Attempts (${job?.attempt ?? 0} of ${job?.max_attempts ?? 0})`),
+      kv([["Agent", job?.agent_id || "none yet"]]),
+      h(
+        "table",
+        { class: "list", "data-testid": "history" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Attempt"), h("th", {}, "Time"), h("th", {}, "State"), h("th", {}, "Reason"))),
+        h(
+          "tbody",
+          {},
+          ...[...byAttempt.entries()].flatMap(([attempt, events]) =>
+            events.map((e, i) =>
+              h(
+                "tr",
+                { class: i === 0 ? "attempt-start" : undefined },
+                h("td", { class: "num" }, i === 0 ? String(attempt || "–") : ""),
+                h("td", { class: "nowrap", title: fmt.time(e.time) }, e.time ? new Date(e.time).toLocaleTimeString() : "–"),
+                h("td", {}, `${e.from_state ?? "–"} → `, h("span", { class: fmt.stateClass(e.to_state) }, e.to_state)),
+                h("td", { class: "muted" }, e.reason),
               ),
             ),
           ),
@@ -223,9 +309,69 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
     );
   }
 
+  function evaluationsCard(): HTMLElement {
+    const list = evaluations ?? [];
+    return h(
+      "section",
+      { class: "card", "data-testid": "evaluations" },
+      h(
+        "h2",
+        {},
+        `Evaluations (${evaluations ? list.length : "…"}) `,
+        h("button", { class: "small", onclick: () => void loadEvaluations(), "data-testid": "evaluations-refresh" }, "Refresh"),
+      ),
+      list.length
+        ? h(
+            "table",
+            { class: "list" },
+            h("thead", {}, h("tr", {}, h("th", {}, "Evaluation"), h("th", {}, "Model"), h("th", {}, "Dataset"), h("th", {}, "State"), h("th", {}, "Metrics"))),
+            h(
+              "tbody",
+              {},
+              ...list.map((e) =>
+                h(
+                  "tr",
+                  {},
+                  h("td", { class: "mono" }, h("a", { href: `#/jobs/${encodeURIComponent(e.job.id)}` }, e.job.name || e.job.id)),
+                  h("td", { class: "mono" }, h("a", { href: `#/models/${encodeURIComponent(e.job.model_id)}` }, e.job.model_id)),
+                  h("td", { class: "mono" }, e.job.dataset_id),
+                  h("td", {}, h("span", { class: fmt.stateClass(e.job.state), title: e.job.state_reason }, e.job.state)),
+                  h(
+                    "td",
+                    { class: "mono" },
+                    Object.keys(e.metrics ?? {}).length ? fmt.value(e.metrics) : "–",
+                    e.generations?.length
+                      ? h(
+                          "details",
+                          {},
+                          h("summary", {}, `${e.generations.length} sample generations`),
+                          ...e.generations.map((g) =>
+                            h("div", { class: "generation" }, h("div", {}, h("b", {}, "Prompt "), g.prompt), h("div", {}, h("b", {}, "Generated "), g.generated), g.reference ? h("div", { class: "muted" }, h("b", {}, "Reference "), g.reference) : null),
+                          ),
+                        )
+                      : null,
+                  ),
+                ),
+              ),
+            ),
+          )
+        : h("p", { class: "muted" }, evaluations ? "No evaluation of a model published from this job." : "Loading…"),
+    );
+  }
+
+  async function loadEvaluations(): Promise<void> {
+    try {
+      evaluations = (await jobEvaluations(jobId)).evaluations ?? [];
+      renderOverview();
+    } catch (err) {
+      showError(`Could not load the evaluations: ${describeError(err)}`);
+    }
+  }
+
   async function loadCheckpoints(): Promise<void> {
     try {
       checkpoints = (await jobCheckpoints(jobId)).checkpoints ?? [];
+      renderHead(); // Publish depends on what is kept
       renderOverview();
     } catch (err) {
       showError(`Could not load the checkpoints: ${describeError(err)}`);
@@ -234,6 +380,20 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
 
   // -- evaluation data -------------------------------------------------------------------------------
   const chartGrid = h("div", { class: "charts", "data-testid": "charts" });
+  const smoothingLabel = h("span", { class: "mono", "data-testid": "smoothing-value" }, "0.00");
+  const smoothingInput = h("input", {
+    type: "range",
+    min: "0",
+    max: "0.99",
+    step: "0.01",
+    value: "0",
+    "data-testid": "smoothing",
+    oninput: () => {
+      smoothing = Number(smoothingInput.value);
+      smoothingLabel.textContent = smoothing.toFixed(2);
+      for (const c of charts.values()) c.setSmoothing(smoothing);
+    },
+  });
   const noMetrics = h("p", { class: "muted" }, "No metric reported yet; the charts appear with the first point.");
   clear(
     panes.metrics,
@@ -253,6 +413,14 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
         }),
         " Log scale",
       ),
+      h(
+        "label",
+        { title: "Exponential moving average of the plotted line; the raw points stay as a faint line" },
+        "Smoothing ",
+        smoothingInput,
+        " ",
+        smoothingLabel,
+      ),
       h("span", { class: "muted" }, "Drag across a chart to zoom in on steps; double-click to zoom out."),
     ),
     noMetrics,
@@ -264,6 +432,7 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
     if (!chart) {
       chart = new MetricChart(name, `job-${jobId}`);
       chart.setLogScale(logScale);
+      chart.setSmoothing(smoothing);
       charts.set(name, chart);
       const rank = (n: string) => {
         const i = FIRST_METRICS.indexOf(n);
@@ -396,7 +565,10 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
         job = data as Job;
         renderHead();
         renderOverview();
-        if (before && before !== job.state) void loadCheckpoints();
+        if (before && before !== job.state) {
+          void loadCheckpoints();
+          void loadEvaluations();
+        }
         break;
       }
       case "checkpoint":
@@ -420,6 +592,7 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
     renderOverview();
     showTab(tab);
     void loadCheckpoints();
+    void loadEvaluations();
     try {
       // The stored points first (downsampled when there are many) so the charts draw at once; the stream's
       // replay then fills and extends them, a step at a time.

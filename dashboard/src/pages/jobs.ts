@@ -80,7 +80,18 @@ export function jobsPage(main: HTMLElement): () => void {
     render();
   };
   document.addEventListener("click", closeMenu);
-  main.addEventListener("scroll", closeMenu, true);
+  // An open menu follows its button when a scroll (the table's, the page's) or the window's size moves it.
+  let placing = false;
+  const onResize = () => {
+    if (!openMenu || placing) return;
+    placing = true;
+    requestAnimationFrame(() => {
+      placing = false;
+      render();
+    });
+  };
+  window.addEventListener("resize", onResize);
+  document.addEventListener("scroll", onResize, true);
   const body = h("tbody", {});
   const select = h(
     "select",
@@ -229,6 +240,13 @@ export function jobsPage(main: HTMLElement): () => void {
     );
   }
 
+  function renderCompare(): void {
+    compare.textContent = `Compare (${selected.size})`;
+    compare.disabled = selected.size < 2;
+    compare.title = selected.size < 2 ? "Tick two or more jobs to compare them" : "";
+    compare.dataset.count = String(selected.size);
+  }
+
   function render(): void {
     const shown = jobs.filter(matches);
     clear(
@@ -241,10 +259,7 @@ export function jobsPage(main: HTMLElement): () => void {
       status,
       `${shown.length} of ${jobs.length}${nextToken ? "+" : ""} jobs · refreshed ${new Date().toLocaleTimeString()}`,
     );
-    compare.textContent = `Compare (${selected.size})`;
-    compare.disabled = selected.size < 2;
-    compare.title = selected.size < 2 ? "Tick two or more jobs to compare them" : "";
-    compare.dataset.count = String(selected.size);
+    renderCompare();
     more.hidden = !nextToken;
     more.textContent = `Load ${PAGE_SIZE} more`;
   }
@@ -284,10 +299,13 @@ export function jobsPage(main: HTMLElement): () => void {
     if (!stopped) timer = window.setTimeout(() => void refresh(), REFRESH_MS);
   }
 
+  renderCompare();
   void refresh();
   return () => {
     stopped = true;
     window.clearTimeout(timer);
     document.removeEventListener("click", closeMenu);
+    window.removeEventListener("resize", onResize);
+    document.removeEventListener("scroll", onResize, true);
   };
 }
