@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -39,13 +40,16 @@ def sign_in(page, key: str) -> None:
     page.get_by_test_id("who").wait_for()
 
 
-def upload(page, path: Path, name: str) -> str:
-    """Uploads `path` through the Datasets page; waits for its validation to end and returns the dataset's id."""
+def upload(page, path: Path, name: str, options: Callable[[], None] | None = None) -> str:
+    """Uploads `path` through the Datasets page (after `options` fills more of the form); waits for its validation
+    to end and returns the dataset's id."""
     page.goto("/#/datasets")
     page.get_by_test_id("datasets").wait_for()
     page.get_by_test_id("upload-toggle").click()
     page.get_by_test_id("upload-file").set_input_files(str(path))
     page.get_by_test_id("upload-name").fill(name)
+    if options:
+        options()
     page.evaluate(RECORD_PERCENTS)
     page.get_by_test_id("upload-submit").click()
     status = page.get_by_test_id("upload-dataset-status")
@@ -73,6 +77,7 @@ def test_upload_shows_progress_then_ready_and_the_details_match_the_api(page, st
     assert progress.get_attribute("data-percent") == "100"
     assert percents(page)[-1] == 100
     assert page.get_by_test_id("upload-dataset-status").inner_text() == "READY"
+    assert not page.get_by_test_id("upload-cancel").is_visible()  # only while bytes are on their way
     screenshot("dataset-upload")
 
     api = stack.http.get(f"/api/v1/datasets/{dataset_id}").json()
@@ -118,6 +123,12 @@ def test_upload_shows_progress_then_ready_and_the_details_match_the_api(page, st
         assert page.locator(f"[data-stat={key}]").inner_text() == f"{int(stats[key]):,}", key
     assert page.locator("[data-stat=mean_tokens]").inner_text() == f"{stats['mean_tokens']:.1f}"
     assert stats["row_count"] == 40 and stats["total_tokens"] > 0
+
+    # Download: the stored bytes, as uploaded.
+    with page.expect_download() as downloaded:
+        page.get_by_test_id("dataset-download").click()
+    assert downloaded.value.suggested_filename == f"{name}.jsonl"
+    assert Path(downloaded.value.path()).read_bytes() == SAMPLE.read_bytes()
 
     # A limit counts the rows over it; the page shows the loading state while the catalog counts.
     limit = int(stats["p50_tokens"])
@@ -196,6 +207,42 @@ def test_a_broken_file_is_invalid_with_its_problems_by_line(page, stack, tmp_pat
     assert page.get_by_test_id("split-submit").is_disabled()
     # Its rows can still be read, to find what to fix.
     page.get_by_test_id("preview-row").first.wait_for()
+
+
+def test_the_form_options_reach_the_api_and_a_refusal_shows_its_message(page, stack, tmp_path) -> None:
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(5)))
+
+    def columns() -> None:
+        page.get_by_test_id("upload-description").fill("questions and answers")
+        page.get_by_test_id("upload-format").select_option("columns")
+        page.get_by_test_id("upload-input-column").fill("question")
+        page.get_by_test_id("upload-output-column").fill("answer")
+
+    sign_in(page, stack.key)
+    dataset_id = upload(page, qa, "browser-columns", columns)
+    api = stack.http.get(f"/api/v1/datasets/{dataset_id}").json()
+    assert (api["status"], api["format"], api["description"]) == ("READY", "columns", "questions and answers")
+    assert (api["prompt_input_column"], api["prompt_output_column"]) == ("question", "answer")
+    page.get_by_test_id("upload-open-dataset").click()
+    first = page.get_by_test_id("preview-row").first
+    first.wait_for()
+    assert first.locator('[data-field="question"]').inner_text() == "question\nq0"
+    assert first.locator('[data-field="answer"]').inner_text() == "answer\na0"
+
+    # An empty file: the API refuses it, and the page says so in the API's words.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    page.goto("/#/datasets")
+    page.get_by_test_id("upload-toggle").click()
+    page.get_by_test_id("upload-file").set_input_files(str(empty))
+    page.get_by_test_id("upload-submit").click()
+    error = page.get_by_test_id("upload-panel").get_by_test_id("error")
+    error.wait_for()
+    refused = stack.http.post("/api/v1/datasets", files={"file": ("empty.jsonl", b"")}, data={"name": "empty"})
+    assert refused.status_code == 400
+    body = refused.json()["error"]
+    assert error.inner_text() == f"Upload of empty.jsonl failed: {body['code']}: {body['message']} (HTTP 400)"
 
 
 def write_large(path: Path, rows: int) -> Path:

@@ -472,6 +472,7 @@ function uploadPanel(onUploaded: () => void): { el: HTMLElement; dispose: () => 
 // -- the list ---------------------------------------------------------------------------------------------
 
 export function datasetsPage(main: HTMLElement): () => void {
+  main.classList.add("ds-page");
   let datasets: Dataset[] = [];
   let search = "";
   let statusFilter = "";
@@ -697,6 +698,7 @@ function distribution(s: TokenStats, limit: number): HTMLElement {
 }
 
 export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => void {
+  main.classList.add("ds-page");
   let dataset: Dataset | null = null;
   let stopped = false;
   let previewLimit = 10;

@@ -59,6 +59,7 @@ async function copy(input: HTMLInputElement): Promise<void> {
 }
 
 export function keysPage(main: HTMLElement, who: Principal): () => void {
+  main.classList.add("ds-page");
   if (!canManageKeys(who)) {
     const role = roleIn(who, who.project_id);
     clear(
