@@ -325,7 +325,8 @@ export async function sendForm<T>(path: string, body: unknown): Promise<T> {
     // not JSON (a proxy's page, say): its text is the message below
   }
   if (resp.ok) return parsed as T;
-  const error = (parsed as { error?: { code?: string; message?: string; field?: string | null; field_violations?: FieldViolation[] | null } } | null)?.error;
+  type Body = { error?: { code?: string; message?: string; field?: string | null; field_violations?: FieldViolation[] | null } };
+  const error = (parsed as Body | null)?.error;
   if (!error) throw new ApiError(resp.status, resp.statusText || "ERROR", text.slice(0, 300) || "no response body");
   const violations = error.field_violations ?? (error.field ? [{ field: error.field, description: error.message ?? "" }] : []);
   throw new FieldsError(resp.status, error.code ?? "ERROR", error.message ?? text, violations);

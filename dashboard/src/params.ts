@@ -37,7 +37,9 @@ export function validateValue(spec: ParameterSpec, value: unknown): string | nul
   if (kind === "string") {
     if (typeof value !== "string") return "expected a string";
   } else {
-    if (typeof value !== "number" || !Number.isFinite(value)) return kind === "int" ? "expected an integer" : "expected a finite number";
+    if (typeof value !== "number" || !Number.isFinite(value)) {
+      return kind === "int" ? "expected an integer" : "expected a finite number";
+    }
     if (kind === "int" && !Number.isInteger(value)) return `expected an integer, got ${value}`;
   }
   const choices = spec.choices ?? [];

@@ -31,6 +31,8 @@ const STATS_DELAY_MS = 400;
 const TOP_FIELDS = ["name", "model_id", "dataset_id", "validation_dataset_id", "method_id"] as const;
 type TopField = (typeof TOP_FIELDS)[number];
 
+const NO_VALIDATION = "None: hold out validation_ratio of the training rows";
+
 const num = (v: number | string | undefined): number => Number(v ?? 0) || 0;
 const exact = (v: number | string | undefined): string => num(v).toLocaleString("en-US");
 
@@ -207,7 +209,12 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
           ),
           h("section", { class: "card" }, h("h2", {}, "3. Parameters"), paramsHost),
         ),
-        h("aside", { class: "newtrain-side" }, estimateCard, h("div", { class: "run-box" }, runButton, runNote, submitErrors)),
+        h(
+          "aside",
+          { class: "newtrain-side" },
+          estimateCard,
+          h("div", { class: "run-box" }, runButton, runNote, submitErrors),
+        ),
       ),
     );
 
@@ -268,7 +275,11 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       const chosen = source?.model_id ?? (models.length === 1 ? models[0].id : "");
       clear(
         modelSelect,
-        h("option", { value: "", disabled: true, selected: !chosen }, models.length ? "Choose a model…" : "No models registered"),
+        h(
+          "option",
+          { value: "", disabled: true, selected: !chosen },
+          models.length ? "Choose a model…" : "No models registered",
+        ),
         ...kinds.map((kind) =>
           h(
             "optgroup",
@@ -311,7 +322,7 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       firstFill = false;
       datasetOptions(datasetSelect, wasTrain, datasets.length ? "Choose a dataset…" : "No datasets: upload one first");
       (datasetSelect.options[0] as HTMLOptionElement).disabled = true;
-      datasetOptions(validationSelect, wasValidation, "None: hold out validation_ratio of the training rows", datasetSelect.value);
+      datasetOptions(validationSelect, wasValidation, NO_VALIDATION, datasetSelect.value);
       // A choice the method can't take is dropped (the option shows why); say so instead of doing it silently.
       const notes: string[] = [];
       for (const [id, select, what] of [
@@ -320,7 +331,12 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       ] as const) {
         if (id && select.value !== id) {
           const ds = datasets.find((d) => d.id === id);
-          notes.push(`The ${source ? "copied job's " : ""}${what} ${ds?.name || id} can't be used: ${ds ? (id === datasetSelect.value ? "it is the training dataset" : unusable(ds, method)) : "it is not in the catalog"}.`);
+          const why = !ds
+            ? "it is not in the catalog"
+            : id === datasetSelect.value
+              ? "it is the training dataset"
+              : unusable(ds, method);
+          notes.push(`The ${source ? "copied job's " : ""}${what} ${ds?.name || id} can't be used: ${why}.`);
         }
       }
       clear(datasetNote, notes.join(" "));
@@ -358,7 +374,12 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
                   "tr",
                   {},
                   h("th", {}, "Per row"),
-                  h("td", {}, `min ${exact(s.min_tokens)} · mean ${fmt.value(s.mean_tokens ?? 0)} · p50 ${exact(s.p50_tokens)} · p95 ${exact(s.p95_tokens)} · max ${exact(s.max_tokens)}`),
+                  h(
+                    "td",
+                    {},
+                    `min ${exact(s.min_tokens)} · mean ${fmt.value(s.mean_tokens ?? 0)} · p50 ${exact(s.p50_tokens)} · ` +
+                      `p95 ${exact(s.p95_tokens)} · max ${exact(s.max_tokens)}`,
+                  ),
                 ),
                 seqLimit
                   ? h(
@@ -370,7 +391,11 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
                   : null,
               ),
             ),
-            h("div", { class: "muted" }, model ? `tokens by ${model}'s tokenizer` : "choose a model to count with its tokenizer"),
+            h(
+              "div",
+              { class: "muted" },
+              model ? `tokens by ${model}'s tokenizer` : "choose a model to count with its tokenizer",
+            ),
           );
         },
         (err) => {
@@ -395,11 +420,12 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       serverTop.delete(what);
       if (what === "dataset_id") {
         // the validation picker can't offer the training dataset
-        datasetOptions(validationSelect, validationSelect.value, "None: hold out validation_ratio of the training rows", datasetSelect.value);
+        datasetOptions(validationSelect, validationSelect.value, NO_VALIDATION, datasetSelect.value);
       }
       if (what === "model_id") {
         const m = models.find((x) => x.id === modelSelect.value);
-        clear(modelInfo, m ? `${m.id} · ${m.architecture || "?"} · ${m.dtype || "?"}${m.has_chat_template ? " · chat template" : ""}` : "");
+        const template = m?.has_chat_template ? " · chat template" : "";
+        clear(modelInfo, m ? `${m.id} · ${m.architecture || "?"} · ${m.dtype || "?"}${template}` : "");
       }
       if (what === "dataset_id" || what === "validation_dataset_id" || what === "model_id") scheduleStats();
       paintTop();
@@ -425,7 +451,8 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       if (!modelSelect.value) return "Choose a model.";
       if (!datasetSelect.value) return "Choose a dataset.";
       const bad = form?.invalid() ?? [];
-      if (bad.length) return `Fix ${bad.length === 1 ? "the invalid field" : `${bad.length} invalid fields`}: ${bad.join(", ")}.`;
+      if (bad.length === 1) return `Fix the invalid field: ${bad[0]}.`;
+      if (bad.length) return `Fix ${bad.length} invalid fields: ${bad.join(", ")}.`;
       return "";
     }
 
