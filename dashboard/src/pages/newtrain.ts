@@ -5,6 +5,7 @@
 import "./newtrain.css";
 
 import {
+  ApiError,
   datasetStats,
   describeError,
   FieldsError,
@@ -155,7 +156,7 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
     const resolvedBody = h("tbody", {});
     const resolved = h(
       "details",
-      { class: "resolved", "data-testid": "estimate-params" },
+      { class: "resolved", "data-testid": "estimate-params", hidden: true },
       h("summary", {}, "Resolved parameters"),
       h("div", { class: "resolved-body" }, h("table", { class: "kv" }, resolvedBody)),
     );
@@ -520,6 +521,7 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       const missing = blocker();
       if (missing) {
         estimateCard.dataset.state = "idle";
+        clearEstimate();
         clear(estimateStatus, `No estimate: ${missing[0].toLowerCase()}${missing.slice(1)}`);
         return;
       }
@@ -540,12 +542,22 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       } catch (err) {
         if (disposed || seq !== estimateSeq) return;
         estimateCard.dataset.state = "error";
-        clear(estimateStatus, "The server refused these settings:");
+        clearEstimate();
+        const refused = err instanceof ApiError && err.status >= 400 && err.status < 500;
+        clear(estimateStatus, refused ? "The server refused these settings:" : "Could not estimate:");
         showRefusal(err, estimateError);
       }
     }
 
+    /** No numbers from settings that are no longer the form's (nor the refusal of them). */
+    function clearEstimate(): void {
+      clear(estimateTable);
+      clear(estimateError);
+      resolved.hidden = true;
+    }
+
     function renderEstimate(e: JobEstimate): void {
+      resolved.hidden = false;
       estimateCard.dataset.state = "ready";
       clear(estimateStatus, "What the server resolved from these settings (nothing is stored).");
       const seconds = e.estimated_seconds ?? 0;
