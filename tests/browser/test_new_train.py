@@ -320,6 +320,21 @@ def test_copy_prefills_from_the_job_and_sends_only_the_changes(page, stack, data
     assert copy["parameters"] == {**source_job["parameters"], "learning_rate": 0.0005}
 
 
+def test_a_dataset_deleted_since_the_page_loaded_is_refused_under_its_picker(page, stack) -> None:
+    doomed = upload(stack, "nt-doomed", (DATASETS / "sample-chat.jsonl").read_bytes())
+    sign_in(page, stack.key)
+    page.get_by_test_id("jobs").wait_for()
+    page.goto("/#/new")
+    choose(page, "sft-lora", doomed["id"])
+    wait_estimate(page)
+    assert stack.http.delete(f"/api/v1/datasets/{doomed['id']}").status_code == 204
+    # The next dry run is refused: the jobs service names the field only in its message ("dataset_id: ...").
+    page.get_by_test_id("param-max_steps").fill("4")
+    page.get_by_test_id("field-error-dataset_id").get_by_text(f"dataset '{doomed['id']}' not found").wait_for()
+    assert "NOT_FOUND" in page.get_by_test_id("estimate-error").inner_text()
+    assert page.get_by_test_id("estimate-rows").count() == 0  # no numbers of settings the server refused
+
+
 def test_a_copy_of_an_unknown_job_says_so(page, stack) -> None:
     sign_in(page, stack.key)
     page.get_by_test_id("jobs").wait_for()
