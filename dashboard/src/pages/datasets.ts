@@ -88,7 +88,9 @@ function send<T>(
     };
     xhr.onerror = () => reject(new ApiError(0, "UNAVAILABLE", "the connection to the gateway was lost"));
     xhr.onabort = () => reject(new ApiError(0, "CANCELLED", "the upload was cancelled"));
-    signal.addEventListener("abort", () => xhr.abort(), { once: true });
+    const abort = () => xhr.abort();
+    signal.addEventListener("abort", abort, { once: true });
+    xhr.onloadend = () => signal.removeEventListener("abort", abort);
     if (signal.aborted) return xhr.abort();
     xhr.send(body);
   });
@@ -124,7 +126,6 @@ async function resumable(file: File, opts: UploadOptions, on: UploadHandlers, si
   on.phase("Starting a resumable upload");
   const created = await sendJson<UploadState>("/api/v1/uploads", { ...opts, size: file.size });
   const id = encodeURIComponent(created.upload_id);
-  let finished = false;
   try {
     let offset = created.offset;
     let retries = 0;
@@ -147,23 +148,28 @@ async function resumable(file: File, opts: UploadOptions, on: UploadHandlers, si
       } catch (err) {
         if (!retryable(err) || retries >= MAX_RETRIES || signal.aborted) throw err;
         retries += 1;
-        await pause(500 * retries);
-        // The gateway keeps what arrived of a cut chunk: carry on from its offset, not ours.
-        offset = (await getJson<UploadState>(`/api/v1/uploads/${id}`)).offset;
-        on.progress(offset, file.size);
+        on.phase(`${describeError(err)}; retrying in ${retries}s`);
+        await pause(1000 * retries);
+        // The gateway keeps what arrived of a cut chunk: carry on from its offset, not ours. If it can't be
+        // asked yet, the next chunk is sent from ours and a wrong offset answers 409, another retry.
+        try {
+          offset = (await getJson<UploadState>(`/api/v1/uploads/${id}`)).offset;
+          on.progress(offset, file.size);
+        } catch (asking) {
+          if (!retryable(asking)) throw asking;
+        }
       }
     }
     on.phase("Validating");
-    const dataset = await sendJson<Dataset>(`/api/v1/uploads/${id}/complete`, undefined);
-    finished = true;
-    return dataset;
-  } finally {
+    return await sendJson<Dataset>(`/api/v1/uploads/${id}/complete`, undefined);
+  } catch (err) {
     // A failed or cancelled upload is dropped from the gateway's spool rather than left to expire.
-    if (!finished) {
-      await request(`/api/v1/uploads/${id}`, { method: "DELETE" }).catch((err: unknown) => {
-        on.phase(`The unfinished upload could not be removed: ${describeError(err)}`);
-      });
+    try {
+      await request(`/api/v1/uploads/${id}`, { method: "DELETE" });
+    } catch (cleanup) {
+      throw new Error(`${describeError(err)}; and the unfinished upload could not be removed: ${describeError(cleanup)}`);
     }
+    throw err;
   }
 }
 
@@ -384,6 +390,17 @@ function uploadPanel(onUploaded: () => void): { el: HTMLElement; dispose: () => 
     );
   }
 
+  async function follow(uploaded: Dataset): Promise<void> {
+    try {
+      const done = await untilValidated(uploaded.id, () => disposed);
+      if (!done) return;
+      showResult(done);
+      onUploaded();
+    } catch (err) {
+      result.append(errorBox(`Uploaded, but its validation could not be followed: ${describeError(err)}`));
+    }
+  }
+
   const form = h(
     "form",
     {
@@ -419,13 +436,7 @@ function uploadPanel(onUploaded: () => void): { el: HTMLElement; dispose: () => 
           showResult(uploaded);
           onUploaded();
           // The catalog answers before a long validation ends: follow it to READY or INVALID here.
-          if (uploaded.status === "VALIDATING") {
-            const done = await untilValidated(uploaded.id, () => disposed);
-            if (done) {
-              showResult(done);
-              onUploaded();
-            }
-          }
+          if (uploaded.status === "VALIDATING") void follow(uploaded);
         } catch (err) {
           setPhase("Failed");
           clear(result, errorBox(`Upload of ${file.name} failed: ${describeError(err)}`));
@@ -947,7 +958,7 @@ export function datasetDetailsPage(main: HTMLElement, datasetId: string): () => 
           statsLimit ? cell("rows_truncated", `rows over ${integer(statsLimit)} tokens (cut in training)`, integer(s.rows_truncated)) : null,
         ),
         distribution(s, statsLimit),
-        h("div", { class: "muted" }, `Per row, with ${statsModel}'s tokenizer and chat template.`),
+        h("div", { class: "muted" }, `Per row, with ${statsModel}'s tokenizer (and its chat template, when it has one).`),
       );
     } catch (err) {
       clear(out, errorBox(`Could not count the tokens: ${describeError(err)}`));
