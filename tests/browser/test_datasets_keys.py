@@ -169,7 +169,7 @@ def test_upload_shows_progress_then_ready_and_the_details_match_the_api(page, st
     assert stack.http.get(f"/api/v1/datasets/{validation_id}").status_code == 404
 
 
-def test_a_broken_file_is_invalid_with_its_problems_by_line(page, stack, tmp_path) -> None:
+def test_a_broken_file_is_invalid_with_its_problems_by_line(page, stack, tmp_path, screenshot) -> None:
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
     broken = tmp_path / "broken.jsonl"
     broken.write_text(
@@ -207,6 +207,7 @@ def test_a_broken_file_is_invalid_with_its_problems_by_line(page, stack, tmp_pat
     assert page.get_by_test_id("split-submit").is_disabled()
     # Its rows can still be read, to find what to fix.
     page.get_by_test_id("preview-row").first.wait_for()
+    screenshot("dataset-invalid")
 
 
 def test_the_form_options_reach_the_api_and_a_refusal_shows_its_message(page, stack, tmp_path) -> None:
@@ -372,7 +373,21 @@ def test_a_key_without_the_admin_role_is_told_it_needs_it(page, stack) -> None:
     assert "needs the admin role in project default" in notice.inner_text()
     assert "with the member role" in notice.inner_text()
     assert page.get_by_test_id("keys").count() == 0
+    assert page.get_by_test_id("key-create").count() == 0
     # A member still uses the Datasets page.
     page.goto("/#/datasets")
     page.get_by_test_id("datasets").wait_for()
     stack.http.delete(f"/api/v1/keys/{made.json()['id']}")
+
+    # A project admin who is no superuser manages the keys, but is not offered superuser for a new one.
+    admin = stack.http.post(
+        "/api/v1/keys", json={"name": f"browser-admin-{uuid.uuid4().hex[:6]}", "roles": {"default": "admin"}}
+    )
+    assert admin.status_code == 201, admin.text
+    page.get_by_test_id("sign-out").click()
+    sign_in(page, admin.json()["secret"])
+    page.goto("/#/keys")
+    page.locator(f'tr[data-key-id="{admin.json()["id"]}"]').wait_for()
+    assert page.get_by_test_id("key-create").is_visible()
+    assert page.get_by_test_id("key-superuser").count() == 0
+    stack.http.delete(f"/api/v1/keys/{admin.json()['id']}")
