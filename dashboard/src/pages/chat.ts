@@ -163,6 +163,7 @@ export function chatPanel(modelId: string, onAnswered: () => void): ChatPanel {
         answer.content = done.choices?.[0]?.message?.content ?? "";
         target.textContent = answer.content;
       }
+      target.dataset.chars = String(answer.content.length); // what the model said, before any placeholder
       if (!answer.content) target.textContent = "(an empty answer)";
       history.push(answer);
       onAnswered();

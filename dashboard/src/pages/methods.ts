@@ -154,11 +154,11 @@ function methodListPage(main: HTMLElement, who: Principal): void {
             ),
             h("td", {}, m.training_type || "–"),
             h("td", {}, m.lifecycle || "–"),
-            h("td", {}, m.builtin ? "built-in" : "added"),
+            h("td", { class: "nowrap" }, m.builtin ? "built-in" : "added"),
             h("td", { class: "num" }, String(m.parameters?.length ?? 0)),
             h("td", {}, (m.dataset_formats ?? []).join(", ") || "–"),
             h("td", { class: "mono" }, m.entrypoint || "–"),
-            h("td", {}, fmt.time(m.create_time)),
+            h("td", { class: "nowrap" }, fmt.time(m.create_time)),
             h(
               "td",
               {},
@@ -377,10 +377,10 @@ function methodForm(onCreated: (m: Method) => void, onCancel: () => void): HTMLE
     return el;
   };
   const text = (testid: string, placeholder = "") => h("input", { type: "text", placeholder, "data-testid": testid });
-  const labelled = (label: string, control: HTMLElement, path: string, hint = "") =>
+  const labelled = (label: string, control: HTMLElement, path: string, hint = "", wide = false) =>
     h(
       "label",
-      { class: "form-field" },
+      { class: wide ? "form-field wide-field" : "form-field" },
       h("span", {}, label),
       control,
       hint ? h("span", { class: "muted" }, hint) : null,
@@ -624,7 +624,7 @@ function methodForm(onCreated: (m: Method) => void, onCancel: () => void): HTMLE
         labelled("Training name *", name, "name", "a-z, 0-9, - and _"),
         labelled("Display name", displayName, "display_name"),
         labelled("Training type *", trainingType, "training_type"),
-        labelled("Description", description, "description"),
+        labelled("Description", description, "description", "", true),
       ),
     ),
     h(

@@ -420,6 +420,7 @@ function modelDetailPage(main: HTMLElement, modelId: string, _who: Principal): (
         h(
           "div",
           { class: "model-col" },
+          h("div", { class: "card" }, h("h2", {}, "Lineage"), lineage),
           h(
             "div",
             { class: "card" },
@@ -448,7 +449,6 @@ function modelDetailPage(main: HTMLElement, modelId: string, _who: Principal): (
               "model-fields",
             ),
           ),
-          h("div", { class: "card" }, h("h2", {}, "Lineage"), lineage),
         ),
         h(
           "div",
