@@ -117,7 +117,7 @@ export class MetricChart {
         scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
         axes: [
           { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
-          { stroke: "#667", size: 60, values: (_u, ticks) => ticks.map(formatTick), grid: { stroke: "#eceef2" } },
+          { stroke: "#667", size: 60, values: (_u, ticks) => formatTicks(ticks), grid: { stroke: "#eceef2" } },
         ],
         series: [
           {},
@@ -259,7 +259,7 @@ export class OverlayChart {
         scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
         axes: [
           { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
-          { stroke: "#667", size: 60, values: (_u, ticks) => ticks.map(formatTick), grid: { stroke: "#eceef2" } },
+          { stroke: "#667", size: 60, values: (_u, ticks) => formatTicks(ticks), grid: { stroke: "#eceef2" } },
         ],
         series: [
           { label: "step" },
@@ -297,6 +297,19 @@ export class OverlayChart {
   destroy(): void {
     this.plot?.destroy();
   }
+}
+
+/** An axis's labels with as many digits as its tick spacing needs: a loss moving in its fourth decimal gets
+ * 6.9515, 6.9520, ... rather than five labels all reading 6.952. */
+function formatTicks(ticks: (number | null)[]): string[] {
+  // A log scale's splits hold nulls for the ticks it leaves unlabelled.
+  const shown = ticks.filter((t): t is number => t !== null && Number.isFinite(t));
+  const gaps = shown.slice(1).map((t, i) => Math.abs(t - shown[i])).filter((g) => g > 0);
+  const gap = gaps.length ? Math.min(...gaps) : 0;
+  const biggest = Math.max(0, ...shown.map(Math.abs));
+  if (!gap || biggest >= 1e5 || (biggest < 1e-3 && biggest > 0)) return ticks.map(formatTick);
+  const decimals = Math.min(10, Math.max(0, Math.ceil(-Math.log10(gap) - 1e-9)));
+  return ticks.map((t) => (t === null ? "" : decimals > 6 ? t.toExponential(2) : t.toFixed(decimals)));
 }
 
 function formatTick(v: number | null): string {

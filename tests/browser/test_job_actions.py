@@ -1,9 +1,9 @@
 """The dashboard's job actions, Compare and Publish in a real headless browser against the embedded stack: two
 tiny trainings that differ in learning_rate are picked on the Model Training list and compared (the
 learning_rate row is highlighted with both values, the loss chart has one curve per job); a finished job is
-published from its Details page (the model exists in the catalog) and deleted from the list; a long job is
-paused, resumed and terminated from the list, each state reached as the API reports it; an action that doesn't
-apply is disabled and says why. Screenshots in tests/output/screenshots/."""
+published from its Details page (the model exists in the catalog); a long job is paused, resumed, terminated
+and then deleted from the list, each state reached as the API reports it; an action that doesn't apply is
+disabled and says why. Screenshots in tests/output/screenshots/."""
 
 from __future__ import annotations
 
@@ -166,30 +166,7 @@ def test_a_finished_job_is_published_from_its_details_page_and_a_taken_name_show
     assert error.inner_text() == f"{body['code']}: {body['message']} (HTTP {refused.status_code})"
 
 
-def test_a_finished_job_is_deleted_from_the_list_after_a_confirm(page, stack, dataset_id) -> None:
-    # Submitted paused (a pause before it starts is immediate), then terminated: CANCELLED at once without
-    # waiting on the agent, a finished job to delete.
-    job = submit(stack, dataset_id, "actions-to-delete", LONG)
-    # Retried while the scheduler moves the job at the same moment ("job changed concurrently", a 409).
-    wait_for(lambda: stack.http.post(f"/api/v1/jobs/{job['id']}/pause"), lambda r: r.status_code == 200, "a pause")
-    wait_for(lambda: job_state(stack, job["id"]), lambda s: s == "PAUSED", "the job to pause", timeout_s=60)
-    cancelled = stack.http.post(f"/api/v1/jobs/{job['id']}/cancel")
-    assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLED", cancelled.text
-    sign_in(page, stack.key)
-    row(page, job["id"]).get_by_text("CANCELLED").wait_for()
-    menu = open_menu(page, job["id"])
-    menu.get_by_test_id("action-delete").click()
-    page.get_by_test_id("confirm-dialog").wait_for()
-    page.get_by_test_id("confirm-cancel").click()  # nothing happens without the confirm
-    assert stack.http.get(f"/api/v1/jobs/{job['id']}").status_code == 200
-    open_menu(page, job["id"]).get_by_test_id("action-delete").click()
-    page.get_by_test_id("confirm-ok").click()
-    row(page, job["id"]).wait_for(state="detached")
-    assert stack.http.get(f"/api/v1/jobs/{job['id']}").status_code == 404
-    assert page.get_by_test_id("error").count() == 0
-
-
-def test_a_long_job_is_paused_resumed_and_terminated_from_the_list(page, stack, long_job, screenshot) -> None:
+def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(page, stack, long_job, screenshot) -> None:
     job_id = long_job["id"]
     sign_in(page, stack.key)
     wait_for(lambda: job_state(stack, job_id), lambda s: s == "RUNNING", "the long job to run", timeout_s=120)
@@ -213,18 +190,34 @@ def test_a_long_job_is_paused_resumed_and_terminated_from_the_list(page, stack, 
     menu = open_menu(page, job_id)
     assert menu.get_by_test_id("action-pause").get_attribute("data-why") == "job is PAUSED; only queued or running jobs can be paused"
     menu.get_by_test_id("action-resume").click()
-    wait_for(lambda: job_state(stack, job_id), lambda s: s == "RUNNING", "the resumed job to run again", timeout_s=120)
-    row(page, job_id).get_by_text("RUNNING").wait_for()
+    # Queued again (the agent then takes it up, from its pause checkpoint).
+    wait_for(lambda: job_state(stack, job_id), lambda s: s != "PAUSED", "the job to resume")
+    row(page, job_id).get_by_text("PAUSED").wait_for(state="detached")
 
+    # Terminate asks first; Cancel leaves the job be.
+    open_menu(page, job_id).get_by_test_id("action-terminate").click()
+    page.get_by_test_id("confirm-dialog").wait_for()
+    page.get_by_test_id("confirm-cancel").click()
+    assert job_state(stack, job_id) in {"QUEUED", "STARTING", "RUNNING"}
     open_menu(page, job_id).get_by_test_id("action-terminate").click()
     page.get_by_test_id("confirm-ok").click()
     wait_for(lambda: job_state(stack, job_id), lambda s: s == "CANCELLED", "the job to be terminated", timeout_s=60)
     row(page, job_id).get_by_text("CANCELLED").wait_for()
     history = stack.http.get(f"/api/v1/jobs/{job_id}/history").json()["events"]
-    states = [e["to_state"] for e in history]
-    assert states.index("PAUSED") < states.index("CANCELLING") < states.index("CANCELLED")
-    assert {"to_state": "QUEUED", "reason": "resumed by user"}.items() <= next(
-        e for e in history if e["reason"] == "resumed by user"
-    ).items()
-    assert next(e for e in history if e["to_state"] == "CANCELLING")["reason"] == "terminated by user"
+    reasons = [(e["to_state"], e["reason"]) for e in history]
+    paused_at = [s for s, _ in reasons].index("PAUSED")
+    assert ("QUEUED", "resumed by user") in reasons[paused_at:]
+    assert any(r == "terminated by user" and s in {"CANCELLING", "CANCELLED"} for s, r in reasons[paused_at:])
+
+    # Finished now: Delete applies, asks first, and the row goes.
+    menu = open_menu(page, job_id)
+    assert menu.get_by_test_id("action-resume").get_attribute("data-why") == "job is CANCELLED; only paused jobs can be resumed"
+    menu.get_by_test_id("action-delete").click()
+    page.get_by_test_id("confirm-dialog").wait_for()
+    page.get_by_test_id("confirm-cancel").click()
+    assert stack.http.get(f"/api/v1/jobs/{job_id}").status_code == 200
+    open_menu(page, job_id).get_by_test_id("action-delete").click()
+    page.get_by_test_id("confirm-ok").click()
+    row(page, job_id).wait_for(state="detached")
+    assert stack.http.get(f"/api/v1/jobs/{job_id}").status_code == 404
     assert page.get_by_test_id("error").count() == 0

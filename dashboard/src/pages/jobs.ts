@@ -200,7 +200,7 @@ export function jobsPage(main: HTMLElement): () => void {
         "td",
         {},
         h("a", { href: link, class: "job-name" }, job.name || job.id),
-        h("div", { class: "muted mono" }, job.id),
+        h("div", { class: "muted mono nowrap" }, job.id),
       ),
       h(
         "td",
@@ -209,8 +209,8 @@ export function jobsPage(main: HTMLElement): () => void {
         job.attempt > 1 ? h("div", { class: "muted" }, `attempt ${job.attempt}/${job.max_attempts}`) : null,
       ),
       h("td", {}, job.method_id || job.kind),
-      h("td", {}, job.model_id),
-      h("td", { class: "mono" }, job.dataset_id),
+      h("td", { class: "nowrap" }, job.model_id),
+      h("td", { class: "mono clip", title: job.dataset_id }, job.dataset_id),
       h(
         "td",
         { class: "progress-cell" },
@@ -224,7 +224,7 @@ export function jobsPage(main: HTMLElement): () => void {
       h(
         "td",
         { class: "spark-cell", title: last === undefined ? "no loss yet" : `loss ${fmt.value(last)}` },
-        sparkline(loss.map((p) => p[1])),
+        sparkline(loss.map((p) => p[1]), 80),
         h("span", { class: "muted" }, last === undefined ? "" : fmt.value(last)),
       ),
       h(
