@@ -123,6 +123,19 @@ def test_a_published_model_shows_its_lineage_and_merges_from_the_page(page, stac
     assert page.get_by_test_id("lineage-job").get_attribute("href") == f"#/jobs/{job_id}"
     assert page.get_by_test_id("lineage-base").get_attribute("href") == "#/models/tiny-chat"
 
+    # listed as COMPLETE; then deleted from its page (a customized model's page offers Delete)
+    page.goto("/#/models")
+    row = page.get_by_test_id(f"model-row-{merged_id}")
+    row.wait_for()
+    assert row.get_by_test_id("model-kind").inner_text() == "COMPLETE"
+    row.get_by_test_id(f"model-link-{merged_id}").click()
+    page.get_by_test_id("lineage-source").wait_for()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_test_id("model-delete").click()
+    page.get_by_test_id(f"model-row-{model_id}").wait_for()
+    assert page.get_by_test_id(f"model-row-{merged_id}").count() == 0
+    assert stack.http.get(f"/api/v1/models/{merged_id}").status_code == 404
+
 
 def test_deploy_chat_and_undeploy_from_the_page(page, stack, published, screenshot) -> None:
     model_id = published["model_id"]

@@ -470,74 +470,74 @@ function modelDetailPage(main: HTMLElement, modelId: string, _who: Principal): (
 
 // -- lineage ----------------------------------------------------------------------------------------------
 
-/** The chain from the base model down to this one: each source model (merged from, derived from) is read
- * from the catalog in turn, with the job that made each step. */
+/** The chain from the first base model down to this one, read upward through the catalog: each model's source
+ * (merged from) and the job that made it, then its training job and base model, whose own lineage (a model
+ * trained from a customized or merged one) goes on above it. */
 async function renderLineage(model: Model, into: HTMLElement): Promise<void> {
   const nodes: HTMLElement[] = []; // bottom-up, reversed at the end
-  const names = new Map<string, string>();
-  let namesProblem: string | null = null;
-  try {
-    for (const m of (await listModels()).models ?? []) names.set(m.id, m.name);
-  } catch (err) {
-    namesProblem = `Model names could not be read (ids shown): ${describeError(err)}`;
-  }
-  const modelLink = (id: string, testid: string) =>
-    h("a", { href: modelUrl(id), "data-testid": testid, "data-model-id": id }, names.get(id) ?? id);
+  // the nearest link of each kind has the plain test id, those further up -2, -3...
+  const seenKinds = new Map<string, number>();
+  const testid = (kind: string) => {
+    const n = (seenKinds.get(kind) ?? 0) + 1;
+    seenKinds.set(kind, n);
+    return n === 1 ? kind : `${kind}-${n}`;
+  };
   const node = (label: string, ...content: (Node | string | null)[]) =>
     h("li", { class: "lineage-node" }, h("div", { class: "lineage-label" }, label), h("div", {}, ...content));
+  /** The model's node; the model itself, or null when it could not be read (the chain ends there). */
+  const modelNode = async (label: string, id: string, kind: string): Promise<Model | null> => {
+    const link = (text: string) => h("a", { href: modelUrl(id), "data-testid": testid(kind), "data-model-id": id }, text);
+    try {
+      const found = await getJson<Model>(`/api/v1/models/${encodeURIComponent(id)}`);
+      nodes.push(node(label, link(found.name || id), " ", kindBadge(found.kind, null), h("span", { class: "muted mono" }, ` ${id}`)));
+      return found;
+    } catch (err) {
+      nodes.push(node(label, link(id), errorBox(`Could not read the model: ${describeError(err)}`)));
+      return null;
+    }
+  };
 
   nodes.push(node("This model", h("strong", {}, model.name || model.id), " ", kindBadge(model.kind, null)));
-  let current = model;
   const seen = new Set([model.id]);
-  for (let depth = 0; ; depth++) {
-    const sfx = depth ? `-${depth}` : "";
+  let current: Model | null = model;
+  while (current) {
     const lin = current.lineage ?? {};
     if (lin.operation_job_id) {
+      const id = lin.operation_job_id;
+      nodes.push(node("Made by job", h("a", { href: jobUrl(id), class: "mono", "data-testid": testid("lineage-operation") }, id)));
+    }
+    if (lin.source_model_id && !seen.has(lin.source_model_id)) {
+      seen.add(lin.source_model_id);
+      current = await modelNode("Source model", lin.source_model_id, "lineage-source");
+      continue;
+    }
+    if (lin.job_id) {
+      const details: (Node | string)[] = [];
+      if (lin.checkpoint_step) details.push(`checkpoint step ${lin.checkpoint_step}`);
+      if (lin.method_id) {
+        details.push(" · method ", h("a", { href: `#/methods/${encodeURIComponent(lin.method_id)}` }, lin.method_id));
+      }
+      if (lin.dataset_id) details.push(" · dataset ", h("span", { class: "mono" }, lin.dataset_id));
+      const detailsId = testid("lineage-job-details");
       nodes.push(
         node(
-          "Made by job",
-          h("a", { href: jobUrl(lin.operation_job_id), class: "mono", "data-testid": `lineage-operation${sfx}` }, lin.operation_job_id),
+          "Training job",
+          h("a", { href: jobUrl(lin.job_id), class: "mono", "data-testid": testid("lineage-job") }, lin.job_id),
+          h("div", { class: "muted", "data-testid": detailsId }, ...details),
         ),
       );
     }
-    if (!lin.source_model_id || seen.has(lin.source_model_id)) break;
-    seen.add(lin.source_model_id);
-    const sourceId = lin.source_model_id;
-    try {
-      current = await getJson<Model>(`/api/v1/models/${encodeURIComponent(sourceId)}`);
-      nodes.push(node("Source model", modelLink(sourceId, `lineage-source${sfx}`), " ", kindBadge(current.kind, null)));
-    } catch (err) {
-      nodes.push(
-        node("Source model", modelLink(sourceId, `lineage-source${sfx}`), errorBox(`Could not read it: ${describeError(err)}`)),
-      );
-      break;
+    if (lin.base_model_id && !seen.has(lin.base_model_id)) {
+      seen.add(lin.base_model_id);
+      current = await modelNode("Base model", lin.base_model_id, "lineage-base");
+      continue;
     }
+    break;
   }
-  const top = current.lineage ?? {};
-  if (top.job_id) {
-    const details: (Node | string)[] = [];
-    if (top.checkpoint_step) details.push(`checkpoint step ${top.checkpoint_step}`);
-    if (top.method_id) {
-      details.push(" · method ", h("a", { href: `#/methods/${encodeURIComponent(top.method_id)}` }, top.method_id));
-    }
-    if (top.dataset_id) details.push(" · dataset ", h("span", { class: "mono" }, top.dataset_id));
-    nodes.push(
-      node(
-        "Training job",
-        h("a", { href: jobUrl(top.job_id), class: "mono", "data-testid": "lineage-job" }, top.job_id),
-        h("div", { class: "muted", "data-testid": "lineage-job-details" }, ...details),
-      ),
-    );
-  }
-  if (top.base_model_id) nodes.push(node("Base model", modelLink(top.base_model_id, "lineage-base")));
   if (nodes.length === 1) {
     nodes.push(node("Origin", model.source ? `registered from ${model.source}` : "registered directly (no lineage)"));
   }
-  clear(
-    into,
-    namesProblem ? errorBox(namesProblem) : null,
-    h("ol", { class: "lineage" }, ...nodes.reverse()),
-  );
+  clear(into, h("ol", { class: "lineage" }, ...nodes.reverse()));
 }
 
 // -- deployment -------------------------------------------------------------------------------------------
