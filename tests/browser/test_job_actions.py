@@ -126,7 +126,7 @@ def test_compare_highlights_the_differing_learning_rate_and_overlays_one_loss_cu
     assert page.get_by_test_id("error").count() == 0
 
 
-def test_a_finished_job_is_published_from_its_details_page_and_a_taken_name_shows_the_api_error(
+def test_a_finished_job_is_published_from_its_details_page_a_taken_name_shows_the_api_error_and_every_metric_is_charted(
     page, stack, finished_pair, screenshot
 ) -> None:
     job = finished_pair[0]
@@ -164,6 +164,18 @@ def test_a_finished_job_is_published_from_its_details_page_and_a_taken_name_show
     assert refused.status_code >= 400
     body = refused.json()["error"]
     assert error.inner_text() == f"{body['code']}: {body['message']} (HTTP {refused.status_code})"
+    page.get_by_test_id("publish-close").click()
+
+    # Evaluation Data charts every metric the job reports (not a fixed list); the smoothing applies to each.
+    names = stack.http.get(f"/api/v1/jobs/{job['id']}/metrics").json()["series"].keys()
+    page.get_by_test_id("tab-metrics").click()
+    for metric in names:
+        page.get_by_test_id(f"chart-{metric}").wait_for()
+    assert page.locator("[data-testid=charts] > .chart").count() == len(names)
+    page.get_by_test_id("smoothing").fill("0.9")
+    assert page.get_by_test_id("smoothing-value").inner_text() == "0.90"
+    for metric in names:
+        assert page.get_by_test_id(f"chart-{metric}").get_attribute("data-smoothing") == "0.9"
 
 
 def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(page, stack, long_job, screenshot) -> None:
