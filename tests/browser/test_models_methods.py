@@ -210,14 +210,22 @@ def test_the_sft_lora_schema_table_matches_the_api(page, stack, screenshot) -> N
     assert table.locator("tbody tr").count() == len(spec)
     for p in spec:
         cells = [c.strip() for c in page.get_by_test_id(f"param-{p['name']}").locator("td").all_inner_texts()]
-        name, kind, default, low, high, choices, group, required, env, aliases, help_text = cells
+        name, kind, default, bounds, choices, group, required, env, aliases, help_text = cells
         assert (name, kind, group, env) == (p["name"], p["type"], p["group"], p["env_name"])
         assert required == ("yes" if p["required"] else "no")
         assert choices == (", ".join(p.get("choices", [])) or "–")
         assert aliases == (", ".join(p.get("aliases", [])) or "–")
         assert help_text == p["help"].strip()
-        for shown, value in ((low, p.get("minimum")), (high, p.get("maximum"))):
-            assert shown == "–" if value is None else float(shown) == pytest.approx(value)
+        low, high = p.get("minimum"), p.get("maximum")
+        if low is not None and high is not None:
+            shown = [float(v) for v in bounds.split(" – ")]
+            assert shown == [pytest.approx(low), pytest.approx(high)]
+        elif low is not None:
+            assert bounds.startswith("≥ ") and float(bounds[2:]) == pytest.approx(low)
+        elif high is not None:
+            assert bounds.startswith("≤ ") and float(bounds[2:]) == pytest.approx(high)
+        else:
+            assert bounds == "–"
         d = p.get("default_value")
         if d is None or d == "":
             assert default == "–"

@@ -255,7 +255,7 @@ function methodDetailPage(main: HTMLElement, id: string, who: Principal): void {
           h("h2", {}, "Method"),
           h(
             "table",
-            { class: "kv", "data-testid": "method-fields" },
+            { class: "kv catalog-kv", "data-testid": "method-fields" },
             ...(
               [
                 ["ID", m.id],
@@ -288,18 +288,30 @@ function methodDetailPage(main: HTMLElement, id: string, who: Principal): void {
             : h("p", { class: "muted" }, `Built into the trainer (${m.entrypoint || "no entrypoint"}).`),
         ),
       ),
-      h("h2", { class: "section" }, `Parameter schema (${m.parameters?.length ?? 0})`),
+      h("h2", { class: "section-head" }, `Parameter schema (${m.parameters?.length ?? 0})`),
       h("div", { class: "table-wrap" }, paramTable(m)),
     );
   })();
 }
 
-const PARAM_COLUMNS = ["Name", "Type", "Default", "Min", "Max", "Choices", "Group", "Required", "Env name", "Aliases", "Help"];
+const PARAM_COLUMNS = ["Name", "Type", "Default", "Min – max", "Choices", "Group", "Required", "Env name", "Aliases", "Help"];
+const PARAM_WIDTHS = [13, 5, 8, 8, 11, 7, 6, 12, 11, 19];
+
+/** A parameter's bounds in one cell, so the table fits 1280 pixels: "1 – 256", "≥ 0", "≤ 1" or "–". */
+export function range(min: number | undefined, max: number | undefined): string {
+  const has = (v: number | undefined) => v !== undefined && v !== null;
+  if (has(min) && has(max)) return `${fmt.value(min)} – ${fmt.value(max)}`;
+  if (has(min)) return `≥ ${fmt.value(min)}`;
+  if (has(max)) return `≤ ${fmt.value(max)}`;
+  return "–";
+}
 
 function paramTable(m: Method): HTMLElement {
   return h(
     "table",
-    { class: "params", "data-testid": "param-table" },
+    { class: "param-schema", "data-testid": "param-table" },
+    // fixed widths (in %): the ten columns fit 1280 pixels, long names and lists wrap within theirs
+    h("colgroup", {}, ...PARAM_WIDTHS.map((w) => h("col", { style: `width: ${w}%` }))),
     h("thead", {}, h("tr", {}, ...PARAM_COLUMNS.map((c) => h("th", {}, c)))),
     h(
       "tbody",
@@ -311,13 +323,12 @@ function paramTable(m: Method): HTMLElement {
           h("td", { class: "mono" }, h("strong", {}, p.name)),
           h("td", {}, p.type),
           h("td", { class: "mono" }, fmt.value(p.default_value)),
-          h("td", { class: "num" }, fmt.value(p.minimum)),
-          h("td", { class: "num" }, fmt.value(p.maximum)),
-          h("td", {}, (p.choices ?? []).join(", ") || "–"),
+          h("td", { class: "nowrap" }, range(p.minimum, p.maximum)),
+          h("td", { class: "wrap-list" }, (p.choices ?? []).join(", ") || "–"),
           h("td", {}, p.group || "–"),
           h("td", {}, p.required ? "yes" : "no"),
           h("td", { class: "mono" }, p.env_name || "–"),
-          h("td", { class: "mono" }, (p.aliases ?? []).join(", ") || "–"),
+          h("td", { class: "mono wrap-list" }, (p.aliases ?? []).join(", ") || "–"),
           h("td", { class: "help" }, p.help || ""),
         ),
       ),

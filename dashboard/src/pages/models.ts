@@ -71,7 +71,7 @@ function kindBadge(kind: string, testid: string | null = "model-kind"): HTMLElem
 function kv(rows: [string, unknown][], testid?: string): HTMLElement {
   return h(
     "table",
-    { class: "kv", "data-testid": testid },
+    { class: "kv catalog-kv", "data-testid": testid },
     ...rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v instanceof Node ? v : fmt.value(v)))),
   );
 }
