@@ -223,7 +223,8 @@ function modelListPage(main: HTMLElement): () => void {
 /** The Deployments section: every deployment of the project, refreshed, each undeployable. */
 function deploymentsSection(): { el: HTMLElement; stop: () => void } {
   const body = h("tbody", {});
-  const errors = h("div", {});
+  const errors = h("div", {}); // the listing's failure, cleared by the next good refresh
+  const actionErrors = h("div", {}); // an undeploy's, kept until the next undeploy
   const status = h("span", { class: "muted" }, "Loading…");
   const ended = h("input", { type: "checkbox", "data-testid": "deployments-ended", onchange: () => void refresh() });
 
@@ -262,10 +263,11 @@ function deploymentsSection(): { el: HTMLElement; stop: () => void } {
                       "data-testid": `undeploy-${d.id}`,
                       onclick: async (e: Event) => {
                         (e.target as HTMLButtonElement).disabled = true;
+                        clear(actionErrors);
                         try {
                           await sendJson(`/api/v1/deployments/${encodeURIComponent(d.id)}`, undefined, "DELETE");
                         } catch (err) {
-                          errors.append(errorBox(`Could not undeploy ${d.id}: ${describeError(err)}`));
+                          actionErrors.append(errorBox(`Could not undeploy ${d.id}: ${describeError(err)}`));
                         }
                         await refresh();
                       },
@@ -297,6 +299,7 @@ function deploymentsSection(): { el: HTMLElement; stop: () => void } {
       status,
     ),
     errors,
+    actionErrors,
     h(
       "div",
       { class: "table-wrap" },
@@ -552,7 +555,8 @@ function deploymentCard(
   let loaded = false;
   let acting = false;
   const body = h("div", { "data-testid": "deployment" }, h("span", { class: "muted" }, "Loading the deployment…"));
-  const errors = h("div", {});
+  const errors = h("div", {}); // a deploy's or undeploy's failure, kept until the next one
+  const readErrors = h("div", {}); // the refresh's, cleared by the next good one
 
   const deployButton = h(
     "button",
@@ -643,16 +647,15 @@ function deploymentCard(
       list.sort((a, b) => (b.create_time ?? "").localeCompare(a.create_time ?? ""));
       latest = list.find((d) => ACTIVE_DEPLOYMENT.has(d.state)) ?? list[0] ?? null;
       loaded = true;
-      if (errors.dataset.source === "refresh") clear(errors);
+      clear(readErrors);
       draw();
     } catch (err) {
-      errors.dataset.source = "refresh";
-      clear(errors, errorBox(`Could not read the deployment: ${describeError(err)}`));
+      clear(readErrors, errorBox(`Could not read the deployment: ${describeError(err)}`));
     }
   }
 
   const stop = every(DEPLOYMENT_REFRESH_MS, refresh);
-  const el = h("div", { class: "card" }, h("h2", {}, "Deployment"), errors, body);
+  const el = h("div", { class: "card" }, h("h2", {}, "Deployment"), errors, readErrors, body);
   return { el, deployButton, undeployButton, stop, refresh };
 }
 
