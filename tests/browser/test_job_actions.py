@@ -16,7 +16,8 @@ import pytest
 from tests.helpers import wait_for
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "datasets" / "sample-chat.jsonl"
-TINY = {"max_steps": 3, "batch_size": 2, "logging_steps": 1}
+# save_steps 2: each keeps a checkpoint at step 2, for a checkpoint's own Publish button.
+TINY = {"max_steps": 3, "batch_size": 2, "logging_steps": 1, "save_steps": 2}
 # Far longer than the test: it is running whenever the test looks, and is terminated (by the test, or at the
 # end if a step failed) so it never holds the shared stack's one agent for later tests.
 LONG = {"max_steps": 5000, "batch_size": 2, "logging_steps": 1}
@@ -166,6 +167,19 @@ def test_a_finished_job_is_published_from_its_details_page_a_taken_name_shows_th
     assert error.inner_text() == f"{body['code']}: {body['message']} (HTTP {refused.status_code})"
     page.get_by_test_id("publish-close").click()
 
+    # A kept checkpoint's own Publish button: the dialog has its step chosen, the model's lineage says it.
+    kept = stack.http.get(f"/api/v1/jobs/{job['id']}/checkpoints").json()["checkpoints"]
+    assert 2 in [c["step"] for c in kept]
+    page.get_by_test_id("publish-step-2").click()
+    page.wait_for_function("!document.querySelector('[data-testid=publish-submit]').disabled")
+    assert page.get_by_test_id("publish-step").input_value() == "2"
+    page.get_by_test_id("publish-name").fill(f"{name}-step-2")
+    page.get_by_test_id("publish-submit").click()
+    page.get_by_test_id("published-model").wait_for()
+    from_step = stack.http.get(f"/api/v1/models/{page.get_by_test_id('published-model').inner_text()}").json()
+    assert from_step["name"] == f"{name}-step-2" and from_step["lineage"]["checkpoint_step"] == 2
+    page.get_by_test_id("publish-close").click()
+
     # Evaluation Data charts every metric the job reports (not a fixed list); the smoothing applies to each.
     names = stack.http.get(f"/api/v1/jobs/{job['id']}/metrics").json()["series"].keys()
     page.get_by_test_id("tab-metrics").click()
@@ -178,10 +192,18 @@ def test_a_finished_job_is_published_from_its_details_page_a_taken_name_shows_th
         assert page.get_by_test_id(f"chart-{metric}").get_attribute("data-smoothing") == "0.9"
 
 
-def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(page, stack, long_job, screenshot) -> None:
+def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(
+    page, stack, finished_pair, long_job, screenshot
+) -> None:
     job_id = long_job["id"]
     sign_in(page, stack.key)
     wait_for(lambda: job_state(stack, job_id), lambda s: s == "RUNNING", "the long job to run", timeout_s=120)
+
+    # Compared with a finished one while it runs, the Compare page keeps refreshing (it stops once all are over).
+    page.goto(f"/#/compare/{job_id},{finished_pair[0]['id']}")
+    page.wait_for_function("document.querySelector('[data-testid=compare-status]')?.dataset.live === 'true'")
+    assert page.get_by_test_id("compare-status").inner_text().startswith("refreshing every few seconds")
+    page.get_by_role("link", name="← Model Training").click()
     row(page, job_id).get_by_text("RUNNING").wait_for()
 
     # What doesn't apply while it runs is disabled and says why, in the service's words.

@@ -245,7 +245,7 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
                       "tr",
                       { "data-step": c.step },
                       h("td", { class: "num" }, c.step),
-                      h("td", { class: "mono", title: c.uri ?? "" }, c.metrics ? fmt.value(c.metrics) : "–"),
+                      h("td", { class: "ckpt-metrics", title: c.uri ?? "" }, checkpointMetrics(c)),
                       h("td", {}, fmt.time(c.create_time as string | undefined)),
                       h(
                         "td",
@@ -274,6 +274,15 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
         h("span", { class: "muted" }, "A new job with this one's configuration, to change a little (a dataset, a learning rate) and run."),
       ),
     );
+  }
+
+  /** A checkpoint's metrics, the losses first, as short "name value" pairs that wrap inside the card. */
+  function checkpointMetrics(c: Checkpoint): string {
+    const entries = Object.entries(c.metrics ?? {});
+    if (!entries.length) return "–";
+    const first = (k: string) => (k === "eval_loss" ? 0 : k === "loss" ? 1 : 2);
+    entries.sort(([a], [b]) => first(a) - first(b) || a.localeCompare(b));
+    return entries.map(([k, v]) => `${k} ${fmt.value(v)}`).join(" · ");
   }
 
   /** Each attempt with its transitions and their reasons (a retry after a lost agent starts a new attempt). */
