@@ -83,7 +83,13 @@ def test_the_models_list_shows_tiny_chat_and_its_details(page, stack, screenshot
     page.get_by_test_id("model-fields").wait_for()
     assert text_of(page, "model-name") == "tiny-chat"
     fields = page.get_by_test_id("model-fields").inner_text()
-    for value in (api["id"], api["architecture"], api["dtype"], str(api["context_length"]), f"{api['parameter_count']:,}"):
+    for value in (
+        api["id"],
+        api["architecture"],
+        api["dtype"],
+        str(api["context_length"]),
+        f"{api['parameter_count']:,}",
+    ):
         assert value in fields
     # a base model has no adapter to merge, and a built-in one can't be deleted
     assert page.get_by_test_id("model-merge").count() == 0
