@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -254,4 +255,43 @@ def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(
     page.get_by_test_id("confirm-ok").click()
     row(page, job_id).wait_for(state="detached")
     assert stack.http.get(f"/api/v1/jobs/{job_id}").status_code == 404
+    assert page.get_by_test_id("error").count() == 0
+
+
+def test_past_200_jobs_the_list_offers_load_more_by_page_token(page, stack) -> None:
+    # In a project of its own, so the 201 jobs don't crowd the others' lists; each is terminated at once
+    # (queued: cancelled on the spot) so none holds the agent.
+    created = stack.http.post("/api/v1/projects", json={"name": f"many-jobs-{uuid.uuid4().hex[:6]}"})
+    assert created.status_code == 201, created.text
+    project = created.json()["id"]
+    scoped = {"X-TuneForge-Project": project}
+    with SAMPLE.open("rb") as f:
+        uploaded = stack.http.post("/api/v1/datasets", files={"file": f}, data={"name": "many"}, headers=scoped)
+    assert uploaded.status_code == 201, uploaded.text
+    body = {"model_id": "tiny-chat", "dataset_id": uploaded.json()["id"], "method_id": "sft-lora", "parameters": LONG}
+
+    def submit_and_terminate(i: int) -> str:
+        job = stack.http.post("/api/v1/jobs", json={**body, "name": f"many-{i:03d}"}, headers=scoped)
+        assert job.status_code == 201, job.text
+        job_id = job.json()["id"]
+        wait_for(  # retried while the scheduler moves it at the same moment (a 409)
+            lambda: stack.http.post(f"/api/v1/jobs/{job_id}/cancel", headers=scoped),
+            lambda r: r.status_code == 200,
+            "a terminate",
+        )
+        return job_id
+
+    with ThreadPoolExecutor(8) as pool:  # a few at a time: 402 calls one by one take a while
+        ids = list(pool.map(submit_and_terminate, range(201)))
+    sign_in(page, stack.key)
+    page.get_by_test_id("project").select_option(project)
+    page.wait_for_function("document.querySelectorAll('[data-testid=jobs] tbody tr[data-job-id]').length === 200")
+    more = page.get_by_test_id("load-more")
+    more.wait_for()
+    assert page.get_by_test_id("list-status").inner_text().startswith("200 of 200+ jobs")
+    more.click()
+    page.wait_for_function("document.querySelectorAll('[data-testid=jobs] tbody tr[data-job-id]').length === 201")
+    assert more.is_hidden()
+    shown = set(page.locator("[data-testid=jobs] tbody tr[data-job-id]").evaluate_all("rows => rows.map(r => r.dataset.jobId)"))
+    assert shown == set(ids)
     assert page.get_by_test_id("error").count() == 0
