@@ -40,7 +40,8 @@ export function availability(job: Job, action: ActionName, ctx: JobContext = {})
   const state = job.state;
   const no = (why: string) => ({ ok: false, why });
   const yes = { ok: true, why: "" };
-  const onlyTraining = `a ${(job.kind || "").toLowerCase()} job can't be ${action === "copy" ? "copied" : `${action}d`}`;
+  const done: Partial<Record<ActionName, string>> = { pause: "paused", copy: "copied", publish: "published" };
+  const onlyTraining = `a ${(job.kind || "").toLowerCase()} job can't be ${done[action] ?? action}; only trainings can`;
   switch (action) {
     case "details":
       return yes;
