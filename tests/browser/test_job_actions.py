@@ -136,6 +136,12 @@ def test_a_finished_job_is_published_from_its_details_page_a_taken_name_shows_th
     page.goto(f"/#/jobs/{job['id']}/overview")
     page.get_by_test_id("copy-train").wait_for()
     assert page.get_by_test_id("copy-train").get_attribute("href") == f"#/new/copy/{job['id']}"
+    # The evaluations of models published from it (none yet), read from the API without an error.
+    page.get_by_test_id("evaluations").get_by_text("No evaluation of a model published from this job.").wait_for()
+    header = page.get_by_test_id("job-actions")
+    assert header.get_by_test_id("action-terminate").get_attribute("title") == (
+        "job is SUCCEEDED; only queued, paused or running jobs can be terminated"
+    )
     page.get_by_test_id("job-actions").get_by_test_id("action-publish").click()
     dialog = page.get_by_test_id("publish-dialog")
     dialog.wait_for()
