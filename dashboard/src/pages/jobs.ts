@@ -142,7 +142,7 @@ export function jobsPage(main: HTMLElement): () => void {
           h(
             "tr",
             {},
-            h("th", { class: "pick", title: "Pick jobs to compare" }, ""),
+            h("th", { class: "compare-pick", title: "Pick jobs to compare" }, ""),
             ...[
               "Name / ID",
               "Status",
@@ -181,7 +181,7 @@ export function jobsPage(main: HTMLElement): () => void {
       { "data-job-id": job.id, class: ticked ? "picked" : undefined },
       h(
         "td",
-        { class: "pick" },
+        { class: "compare-pick" },
         h("input", {
           type: "checkbox",
           checked: ticked,
