@@ -184,7 +184,7 @@ export function comparePage(main: HTMLElement, arg: string): () => void {
             { class: "table-scroll" },
             h(
               "table",
-              { class: "params", "data-testid": "compare-params" },
+              { class: "compare-table", "data-testid": "compare-params" },
               h(
                 "thead",
                 {},
