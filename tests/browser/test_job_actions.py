@@ -33,7 +33,13 @@ def dataset_id(stack) -> str:
 
 
 def submit(stack, dataset_id: str, name: str, parameters: dict) -> dict:
-    body = {"name": name, "model_id": "tiny-chat", "dataset_id": dataset_id, "method_id": "sft-lora", "parameters": parameters}
+    body = {
+        "name": name,
+        "model_id": "tiny-chat",
+        "dataset_id": dataset_id,
+        "method_id": "sft-lora",
+        "parameters": parameters,
+    }
     job = stack.http.post("/api/v1/jobs", json=body)
     assert job.status_code == 201, job.text
     return job.json()
@@ -46,11 +52,13 @@ def job_state(stack, job_id: str) -> str:
 @pytest.fixture(scope="module")
 def finished_pair(stack, dataset_id) -> list[dict]:
     """Two tiny sft-lora trainings, learning_rate 1e-4 and 2e-4, both SUCCEEDED."""
-    jobs = [
-        submit(stack, dataset_id, f"compare-lr-{lr}", {**TINY, "learning_rate": lr}) for lr in (0.0001, 0.0002)
-    ]
+    jobs = [submit(stack, dataset_id, f"compare-lr-{lr}", {**TINY, "learning_rate": lr}) for lr in (0.0001, 0.0002)]
     for job in jobs:
-        state = wait_for(lambda: job_state(stack, job["id"]), lambda s: s in {"SUCCEEDED", "FAILED", "CANCELLED"}, f"{job['name']} to finish")
+        state = wait_for(
+            lambda job_id=job["id"]: job_state(stack, job_id),
+            lambda s: s in {"SUCCEEDED", "FAILED", "CANCELLED"},
+            f"{job['name']} to finish",
+        )
         assert state == "SUCCEEDED"
     return jobs
 
@@ -229,7 +237,10 @@ def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(
     wait_for(lambda: job_state(stack, job_id), lambda s: s == "PAUSED", "the job to pause", timeout_s=60)
     row(page, job_id).get_by_text("PAUSED").wait_for()
     menu = open_menu(page, job_id)
-    assert menu.get_by_test_id("action-pause").get_attribute("data-why") == "job is PAUSED; only queued or running jobs can be paused"
+    assert (
+        menu.get_by_test_id("action-pause").get_attribute("data-why")
+        == "job is PAUSED; only queued or running jobs can be paused"
+    )
     menu.get_by_test_id("action-resume").click()
     # Queued again (the agent then takes it up, from its pause checkpoint).
     wait_for(lambda: job_state(stack, job_id), lambda s: s != "PAUSED", "the job to resume")
@@ -252,7 +263,10 @@ def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(
 
     # Finished now: Delete applies, asks first, and the row goes.
     menu = open_menu(page, job_id)
-    assert menu.get_by_test_id("action-resume").get_attribute("data-why") == "job is CANCELLED; only paused jobs can be resumed"
+    assert (
+        menu.get_by_test_id("action-resume").get_attribute("data-why")
+        == "job is CANCELLED; only paused jobs can be resumed"
+    )
     menu.get_by_test_id("action-delete").click()
     page.get_by_test_id("confirm-dialog").wait_for()
     page.get_by_test_id("confirm-cancel").click()
@@ -298,6 +312,8 @@ def test_past_200_jobs_the_list_offers_load_more_by_page_token(page, stack) -> N
     more.click()
     page.wait_for_function("document.querySelectorAll('[data-testid=jobs] tbody tr[data-job-id]').length === 201")
     assert more.is_hidden()
-    shown = set(page.locator("[data-testid=jobs] tbody tr[data-job-id]").evaluate_all("rows => rows.map(r => r.dataset.jobId)"))
+    shown = set(
+        page.locator("[data-testid=jobs] tbody tr[data-job-id]").evaluate_all("rows => rows.map(r => r.dataset.jobId)")
+    )
     assert shown == set(ids)
     assert page.get_by_test_id("error").count() == 0
