@@ -117,7 +117,7 @@ export class MetricChart {
         scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
         axes: [
           { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
-          { stroke: "#667", size: 60, values: (_u, ticks) => formatTicks(ticks), grid: { stroke: "#eceef2" } },
+          VALUE_AXIS,
         ],
         series: [
           {},
@@ -259,7 +259,7 @@ export class OverlayChart {
         scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
         axes: [
           { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
-          { stroke: "#667", size: 60, values: (_u, ticks) => formatTicks(ticks), grid: { stroke: "#eceef2" } },
+          VALUE_AXIS,
         ],
         series: [
           { label: "step" },
@@ -301,6 +301,15 @@ export class OverlayChart {
 
 /** An axis's labels with as many digits as its tick spacing needs: a loss moving in its fourth decimal gets
  * 6.9515, 6.9520, ... rather than five labels all reading 6.952. */
+// The value axis as wide as its longest label (about 7 px a character at uPlot's 12 px font), so labels such as
+// 6.91725 are not cut off at the chart's left edge.
+const VALUE_AXIS: uPlot.Axis = {
+  stroke: "#667",
+  values: (_u, ticks) => formatTicks(ticks),
+  size: (_u, labels) => Math.max(40, 18 + 7 * Math.max(0, ...(labels ?? []).map((l) => String(l).length))),
+  grid: { stroke: "#eceef2" },
+};
+
 function formatTicks(ticks: (number | null)[]): string[] {
   // A log scale's splits hold nulls for the ticks it leaves unlabelled.
   const shown = ticks.filter((t): t is number => t !== null && Number.isFinite(t));
