@@ -54,7 +54,8 @@ def upload(page, path: Path, name: str, options: Callable[[], None] | None = Non
     page.get_by_test_id("upload-submit").click()
     status = page.get_by_test_id("upload-dataset-status")
     page.wait_for_function(
-        "() => ['READY', 'INVALID'].includes(document.querySelector('[data-testid=upload-dataset-status]')?.textContent)",
+        "() => ['READY', 'INVALID']"
+        ".includes(document.querySelector('[data-testid=upload-dataset-status]')?.textContent)",
         timeout=60_000,
     )
     assert status.inner_text() in ("READY", "INVALID")
