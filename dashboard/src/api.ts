@@ -24,11 +24,19 @@ export const session = {
   },
 };
 
+/** One field the API refused, as the gateway's error body names it ("parameters.lora_rank", "dataset_id"). */
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
 export class ApiError extends Error {
   constructor(
     readonly status: number,
     readonly code: string,
     message: string,
+    /** The error body's field violations, so a form can show each under its field (empty when none). */
+    readonly violations: FieldViolation[] = [],
   ) {
     super(message);
   }
@@ -56,8 +64,15 @@ function headers(key = session.key, project = session.project): Record<string, s
 async function failure(resp: Response): Promise<ApiError> {
   const text = await resp.text().catch(() => "");
   try {
-    const body = JSON.parse(text) as { error?: { code?: string; message?: string } };
-    if (body.error) return new ApiError(resp.status, body.error.code ?? "ERROR", body.error.message ?? text);
+    type ErrorBody = {
+      error?: { code?: string; message?: string; field?: string | null; field_violations?: FieldViolation[] | null };
+    };
+    const { error } = JSON.parse(text) as ErrorBody;
+    if (error) {
+      const violations =
+        error.field_violations ?? (error.field ? [{ field: error.field, description: error.message ?? "" }] : []);
+      return new ApiError(resp.status, error.code ?? "ERROR", error.message ?? text, violations);
+    }
   } catch {
     // not the API's JSON error body (a proxy's page, say): show its text
   }
@@ -287,50 +302,6 @@ export const listModels = () => getJson<{ models: Model[] }>("/api/v1/models?pag
 export const listDatasets = () => getJson<{ datasets: Dataset[] }>("/api/v1/datasets?page_size=500");
 
 // -- submitting a training (the Start a New Train page) ---------------------------------------------------
-
-/** One field the API refused, as the gateway's error body names it ("parameters.lora_rank", "dataset_id"). */
-export interface FieldViolation {
-  field: string;
-  description: string;
-}
-
-/** An ApiError that keeps the error body's field violations, so a form can show each under its field. */
-export class FieldsError extends ApiError {
-  constructor(
-    status: number,
-    code: string,
-    message: string,
-    readonly violations: FieldViolation[],
-  ) {
-    super(status, code, message);
-  }
-}
-
-/** POST a form's JSON body; a refusal is a FieldsError with the violations the error body lists. */
-export async function sendForm<T>(path: string, body: unknown): Promise<T> {
-  const sent: Record<string, string> = { "Content-Type": "application/json" };
-  if (session.key) sent["Authorization"] = `Bearer ${session.key}`;
-  if (session.project) sent["X-TuneForge-Project"] = session.project;
-  let resp: Response;
-  try {
-    resp = await fetch(path, { method: "POST", headers: sent, body: JSON.stringify(body) });
-  } catch (err) {
-    throw new ApiError(0, "UNAVAILABLE", `the gateway could not be reached (${describeError(err)})`);
-  }
-  const text = await resp.text().catch(() => "");
-  let parsed: unknown = null;
-  try {
-    parsed = text ? JSON.parse(text) : null;
-  } catch {
-    // not JSON (a proxy's page, say): its text is the message below
-  }
-  if (resp.ok) return parsed as T;
-  type Body = { error?: { code?: string; message?: string; field?: string | null; field_violations?: FieldViolation[] | null } };
-  const error = (parsed as Body | null)?.error;
-  if (!error) throw new ApiError(resp.status, resp.statusText || "ERROR", text.slice(0, 300) || "no response body");
-  const violations = error.field_violations ?? (error.field ? [{ field: error.field, description: error.message ?? "" }] : []);
-  throw new FieldsError(resp.status, error.code ?? "ERROR", error.message ?? text, violations);
-}
 
 /** A dry run's (and a submitted job's) estimate: the resolved parameters and what the run will take. */
 export interface JobEstimate {

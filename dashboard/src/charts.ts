@@ -28,34 +28,111 @@ export function sparkline(values: number[], width = 110, height = 28): SVGSVGEle
   return svg;
 }
 
-/** One metric's chart: points by step, kept sorted and de-duplicated (a replayed stream rewrites a step). */
-export class MetricChart {
+/** What the metric charts share: a titled card holding a uPlot of values by step, a log scale option, zoom by
+ * dragging across steps (kept while new points arrive) and a double-click to see every step again. */
+abstract class StepChart {
   readonly el: HTMLElement;
-  private readonly points = new Map<number, number>();
-  private plot: uPlot | null = null;
-  private logScale = false;
-  private smoothing = 0;
+  protected plot: uPlot | null = null;
+  protected logScale = false;
+  protected zoomed = false;
+  protected readonly title: HTMLElement;
+  protected readonly note: HTMLElement;
   private readonly plotBox: HTMLElement;
-  private readonly lastLabel: HTMLElement;
-  private readonly note: HTMLElement;
 
   constructor(
     readonly name: string,
     private readonly syncKey: string,
+    testid: string,
+    private readonly height: number,
   ) {
     this.el = document.createElement("section");
     this.el.className = "chart";
     this.el.dataset.metric = name;
-    this.el.dataset.testid = `chart-${name}`;
-    const title = document.createElement("h3");
-    title.textContent = name;
-    this.lastLabel = document.createElement("span");
-    this.lastLabel.className = "muted last";
-    title.append(" ", this.lastLabel);
-    this.plotBox = document.createElement("div");
+    this.el.dataset.testid = testid;
+    this.title = document.createElement("h3");
+    this.title.textContent = name;
     this.note = document.createElement("p");
     this.note.className = "muted chart-note";
-    this.el.append(title, this.note, this.plotBox);
+    this.plotBox = document.createElement("div");
+    this.el.append(this.title, this.note, this.plotBox);
+  }
+
+  protected abstract data(): uPlot.AlignedData;
+  protected abstract series(): uPlot.Series[];
+  protected abstract showsLegend(): boolean;
+  /** Said above the plot: which values a log scale leaves out. */
+  protected abstract logScaleNote(): string;
+
+  setLogScale(on: boolean): void {
+    if (on === this.logScale) return;
+    this.logScale = on;
+    this.rebuild();
+  }
+
+  /** A new plot (new series or scale), showing every step. */
+  protected rebuild(): void {
+    this.zoomed = false;
+    this.plot?.destroy();
+    this.plot = null;
+    this.draw();
+  }
+
+  draw(): void {
+    const data = this.data();
+    this.note.textContent = this.logScale ? this.logScaleNote() : "";
+    const width = Math.max(240, this.plotBox.clientWidth || this.el.clientWidth - 24);
+    if (this.plot) {
+      this.plot.setData(data, !this.zoomed); // new points keep the user's zoom
+      if (Math.abs(this.plot.width - width) > 4) this.plot.setSize({ width, height: this.height });
+      return;
+    }
+    this.plot = new uPlot(
+      {
+        width,
+        height: this.height,
+        cursor: { sync: { key: this.syncKey }, drag: { x: true, y: false } },
+        legend: this.showsLegend() ? { show: true, live: true } : { show: false },
+        scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
+        axes: [{ label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS }, VALUE_AXIS],
+        series: this.series(),
+        hooks: {
+          // Zoomed while the x scale shows less than every step (a drag zooms in, a double-click zooms out).
+          setScale: [
+            (u, key) => {
+              if (key !== "x") return;
+              const xs = u.data[0];
+              const { min = 0, max = 0 } = u.scales.x;
+              this.zoomed = xs.length > 1 && (min > xs[0] || max < xs[xs.length - 1]);
+              this.el.dataset.zoomed = String(this.zoomed);
+            },
+          ],
+        },
+      },
+      data,
+      this.plotBox,
+    );
+  }
+
+  resize(): void {
+    this.plot?.setSize({ width: Math.max(240, this.plotBox.clientWidth), height: this.height });
+  }
+
+  destroy(): void {
+    this.plot?.destroy();
+  }
+}
+
+/** One metric's chart: points by step, kept sorted and de-duplicated (a replayed stream rewrites a step). */
+export class MetricChart extends StepChart {
+  private readonly points = new Map<number, number>();
+  private smoothing = 0;
+  private readonly lastLabel: HTMLElement;
+
+  constructor(name: string, syncKey: string) {
+    super(name, syncKey, `chart-${name}`, 220);
+    this.lastLabel = document.createElement("span");
+    this.lastLabel.className = "muted last";
+    this.title.append(" ", this.lastLabel);
   }
 
   add(step: number, value: number): void {
@@ -66,15 +143,6 @@ export class MetricChart {
     return this.points.size;
   }
 
-  setLogScale(on: boolean): void {
-    if (on === this.logScale) return;
-    this.logScale = on;
-    this.zoomed = false; // a new plot starts showing every step
-    this.plot?.destroy();
-    this.plot = null;
-    this.draw();
-  }
-
   /** EMA weight 0..0.99 for the drawn line; the raw points stay as a faint line under it. */
   setSmoothing(weight: number): void {
     this.smoothing = Math.min(0.99, Math.max(0, weight));
@@ -82,7 +150,7 @@ export class MetricChart {
     if (this.plot) this.plot.setData(this.data(), !this.zoomed);
   }
 
-  private data(): uPlot.AlignedData {
+  protected data(): uPlot.AlignedData {
     const steps = [...this.points.keys()].sort((a, b) => a - b);
     const raw = steps.map((s) => this.points.get(s)!);
     // A log scale can't show zero or below: leave those points out rather than break the axis.
@@ -90,69 +158,31 @@ export class MetricChart {
     return [steps, raw.map(shown), ema(raw, this.smoothing).map(shown)];
   }
 
-  draw(): void {
-    const data = this.data();
-    this.el.dataset.points = String(data[0].length);
+  protected series(): uPlot.Series[] {
+    return [
+      {},
+      { label: `${this.name} (raw)`, stroke: "rgba(59,111,216,0.28)", width: 1, spanGaps: true, points: { show: false } },
+      { label: this.name, stroke: "#3b6fd8", width: 1.5, spanGaps: true, points: { show: false } },
+    ];
+  }
+
+  protected showsLegend(): boolean {
+    return false;
+  }
+
+  protected logScaleNote(): string {
     const raw = [...this.points.values()];
-    this.lastLabel.textContent = raw.length ? `last ${formatTick(this.points.get(data[0][data[0].length - 1])!)}` : "";
-    this.note.textContent =
-      this.logScale && raw.some((v) => v <= 0)
-        ? raw.every((v) => v <= 0)
-          ? "No positive value to show on a log scale."
-          : "Values at or below zero are left out on a log scale."
-        : "";
-    const width = Math.max(240, this.plotBox.clientWidth || this.el.clientWidth - 24);
-    if (this.plot) {
-      // Keep the user's zoom: only redraw the data while zoomed.
-      this.plot.setData(data, !this.zoomed);
-      if (Math.abs(this.plot.width - width) > 4) this.plot.setSize({ width, height: 220 });
-      return;
-    }
-    this.plot = new uPlot(
-      {
-        width,
-        height: 220,
-        cursor: { sync: { key: this.syncKey }, drag: { x: true, y: false } },
-        legend: { show: false },
-        scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
-        axes: [
-          { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
-          VALUE_AXIS,
-        ],
-        series: [
-          {},
-          { label: `${this.name} (raw)`, stroke: "rgba(59,111,216,0.28)", width: 1, spanGaps: true, points: { show: false } },
-          { label: this.name, stroke: "#3b6fd8", width: 1.5, spanGaps: true, points: { show: false } },
-        ],
-        hooks: {
-          // Zoomed while the x scale shows less than every step (a drag zooms in, a double-click zooms out).
-          setScale: [
-            (u, key) => {
-              if (key !== "x") return;
-              const xs = u.data[0];
-              const { min = 0, max = 0 } = u.scales.x;
-              const zoomed = xs.length > 1 && (min > xs[0] || max < xs[xs.length - 1]);
-              this.zoomed = zoomed;
-              this.el.dataset.zoomed = String(zoomed);
-            },
-          ],
-        },
-      },
-      data,
-      this.plotBox,
-    );
+    if (!raw.some((v) => v <= 0)) return "";
+    return raw.every((v) => v <= 0)
+      ? "No positive value to show on a log scale."
+      : "Values at or below zero are left out on a log scale.";
   }
 
-  private zoomed = false;
-
-  resize(): void {
-    if (!this.plot) return;
-    const width = Math.max(240, this.plotBox.clientWidth);
-    this.plot.setSize({ width, height: 220 });
-  }
-
-  destroy(): void {
-    this.plot?.destroy();
+  draw(): void {
+    this.el.dataset.points = String(this.points.size);
+    const last = Math.max(...this.points.keys());
+    this.lastLabel.textContent = this.points.size ? `last ${formatTick(this.points.get(last)!)}` : "";
+    super.draw();
   }
 }
 
@@ -178,28 +208,11 @@ export interface Run {
 }
 
 /** One metric with several runs overlaid (one line and legend entry each, over the union of their steps). */
-export class OverlayChart {
-  readonly el: HTMLElement;
-  private plot: uPlot | null = null;
+export class OverlayChart extends StepChart {
   private runs: Run[] = [];
-  private logScale = false;
-  private readonly plotBox: HTMLElement;
-  private readonly note: HTMLElement;
 
-  constructor(
-    readonly name: string,
-    private readonly syncKey: string,
-  ) {
-    this.el = document.createElement("section");
-    this.el.className = "chart";
-    this.el.dataset.metric = name;
-    this.el.dataset.testid = `compare-chart-${name}`;
-    const title = document.createElement("h3");
-    title.textContent = name;
-    this.note = document.createElement("p");
-    this.note.className = "muted chart-note";
-    this.plotBox = document.createElement("div");
-    this.el.append(title, this.note, this.plotBox);
+  constructor(name: string, syncKey: string) {
+    super(name, syncKey, `compare-chart-${name}`, 240);
   }
 
   set(runs: Run[]): void {
@@ -211,13 +224,7 @@ export class OverlayChart {
     else this.draw();
   }
 
-  setLogScale(on: boolean): void {
-    if (on === this.logScale) return;
-    this.logScale = on;
-    this.rebuild();
-  }
-
-  private data(): uPlot.AlignedData {
+  protected data(): uPlot.AlignedData {
     const steps = [...new Set(this.runs.flatMap((r) => r.points.map((p) => p[0])))].sort((a, b) => a - b);
     const columns = this.runs.map((r) => {
       const byStep = new Map(r.points);
@@ -229,78 +236,31 @@ export class OverlayChart {
     return [steps, ...columns];
   }
 
-  private zoomed = false;
-
-  private rebuild(): void {
-    this.zoomed = false;
-    this.plot?.destroy();
-    this.plot = null;
-    this.draw();
+  protected series(): uPlot.Series[] {
+    return [
+      { label: "step" },
+      ...this.runs.map((r, i) => ({
+        label: r.label,
+        stroke: RUN_COLORS[i % RUN_COLORS.length],
+        width: 1.5,
+        spanGaps: true,
+        points: { show: false },
+        value: (_u: uPlot, v: number | null) => formatTick(v),
+      })),
+    ];
   }
 
-  draw(): void {
-    const data = this.data();
-    this.note.textContent =
-      this.logScale && this.runs.some((r) => r.points.some((p) => p[1] <= 0))
-        ? "Values at or below zero are left out on a log scale."
-        : "";
-    const width = Math.max(240, this.plotBox.clientWidth || this.el.clientWidth - 24);
-    if (this.plot) {
-      this.plot.setData(data, !this.zoomed); // new points keep the user's zoom
-      if (Math.abs(this.plot.width - width) > 4) this.plot.setSize({ width, height: 240 });
-      return;
-    }
-    this.plot = new uPlot(
-      {
-        width,
-        height: 240,
-        cursor: { sync: { key: this.syncKey }, drag: { x: true, y: false } },
-        legend: { show: true, live: true },
-        scales: { x: { time: false }, y: this.logScale ? { distr: 3 } : {} },
-        axes: [
-          { label: "step", stroke: "#667", grid: { stroke: "#eceef2" }, incrs: STEP_INCREMENTS },
-          VALUE_AXIS,
-        ],
-        series: [
-          { label: "step" },
-          ...this.runs.map((r, i) => ({
-            label: r.label,
-            stroke: RUN_COLORS[i % RUN_COLORS.length],
-            width: 1.5,
-            spanGaps: true,
-            points: { show: false },
-            value: (_u: uPlot, v: number | null) => formatTick(v),
-          })),
-        ],
-        hooks: {
-          setScale: [
-            (u, key) => {
-              if (key !== "x") return;
-              const xs = u.data[0];
-              const { min = 0, max = 0 } = u.scales.x;
-              this.zoomed = xs.length > 1 && (min > xs[0] || max < xs[xs.length - 1]);
-              this.el.dataset.zoomed = String(this.zoomed);
-            },
-          ],
-        },
-      },
-      data,
-      this.plotBox,
-    );
+  protected showsLegend(): boolean {
+    return true;
   }
 
-  resize(): void {
-    if (!this.plot) return;
-    this.plot.setSize({ width: Math.max(240, this.plotBox.clientWidth), height: 240 });
-  }
-
-  destroy(): void {
-    this.plot?.destroy();
+  protected logScaleNote(): string {
+    return this.runs.some((r) => r.points.some((p) => p[1] <= 0))
+      ? "Values at or below zero are left out on a log scale."
+      : "";
   }
 }
 
-/** An axis's labels with as many digits as its tick spacing needs: a loss moving in its fourth decimal gets
- * 6.9515, 6.9520, ... rather than five labels all reading 6.952. */
 // The value axis as wide as its longest label (about 7 px a character at uPlot's 12 px font), so labels such as
 // 6.91725 are not cut off at the chart's left edge.
 const VALUE_AXIS: uPlot.Axis = {
@@ -310,6 +270,8 @@ const VALUE_AXIS: uPlot.Axis = {
   grid: { stroke: "#eceef2" },
 };
 
+/** An axis's labels with as many digits as its tick spacing needs: a loss moving in its fourth decimal gets
+ * 6.9515, 6.9520, ... rather than five labels all reading 6.952. */
 function formatTicks(ticks: (number | null)[]): string[] {
   // A log scale's splits hold nulls for the ticks it leaves unlabelled.
   const shown = ticks.filter((t): t is number => t !== null && Number.isFinite(t));

@@ -36,3 +36,17 @@ export function clear(el: Element, ...children: Child[]): void {
 export function errorBox(message: string): HTMLElement {
   return h("div", { class: "error", role: "alert", "data-testid": "error" }, message);
 }
+
+/** A labelled checkbox that tells onChange its new state. */
+export function checkbox(label: string, testid: string, onChange: (checked: boolean) => void): HTMLLabelElement {
+  return h(
+    "label",
+    {},
+    h("input", {
+      type: "checkbox",
+      "data-testid": testid,
+      onchange: (e: Event) => onChange((e.target as HTMLInputElement).checked),
+    }),
+    ` ${label}`,
+  );
+}

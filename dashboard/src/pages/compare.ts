@@ -6,7 +6,7 @@ import "./compare.css";
 
 import { ApiError, describeError, getJson, TERMINAL_STATES, type Job } from "../api";
 import { OverlayChart, RUN_COLORS } from "../charts";
-import { clear, errorBox, h } from "../dom";
+import { checkbox, clear, errorBox, h } from "../dom";
 import * as fmt from "../format";
 
 const REFRESH_MS = 4000;
@@ -63,19 +63,10 @@ export function comparePage(main: HTMLElement, arg: string): () => void {
         "div",
         { class: "toolbar" },
         h("h2", {}, "Parameters"),
-        h(
-          "label",
-          {},
-          h("input", {
-            type: "checkbox",
-            "data-testid": "show-all-params",
-            onchange: (e: Event) => {
-              showAll = (e.target as HTMLInputElement).checked;
-              renderParams();
-            },
-          }),
-          " Show all parameters",
-        ),
+        checkbox("Show all parameters", "show-all-params", (checked) => {
+          showAll = checked;
+          renderParams();
+        }),
       ),
       paramsBox,
     ),
@@ -83,19 +74,10 @@ export function comparePage(main: HTMLElement, arg: string): () => void {
       "div",
       { class: "toolbar" },
       h("h2", { class: "section-title" }, "Metrics"),
-      h(
-        "label",
-        {},
-        h("input", {
-          type: "checkbox",
-          "data-testid": "compare-log-scale",
-          onchange: (e: Event) => {
-            logScale = (e.target as HTMLInputElement).checked;
-            for (const c of charts.values()) c.setLogScale(logScale);
-          },
-        }),
-        " Log scale",
-      ),
+      checkbox("Log scale", "compare-log-scale", (checked) => {
+        logScale = checked;
+        for (const c of charts.values()) c.setLogScale(logScale);
+      }),
       h("span", { class: "muted" }, "Drag across a chart to zoom in on steps; double-click to zoom out."),
     ),
     noMetrics,

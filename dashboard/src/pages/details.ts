@@ -21,7 +21,7 @@ import {
   type MetricPoint,
 } from "../api";
 import { MetricChart } from "../charts";
-import { clear, errorBox, h } from "../dom";
+import { checkbox, clear, errorBox, h } from "../dom";
 import * as fmt from "../format";
 import { streamEvents, type SseMessage } from "../sse";
 
@@ -409,19 +409,10 @@ export function jobDetailsPage(main: HTMLElement, jobId: string, initialTab: str
     h(
       "div",
       { class: "toolbar" },
-      h(
-        "label",
-        {},
-        h("input", {
-          type: "checkbox",
-          "data-testid": "log-scale",
-          onchange: (e: Event) => {
-            logScale = (e.target as HTMLInputElement).checked;
-            for (const c of charts.values()) c.setLogScale(logScale);
-          },
-        }),
-        " Log scale",
-      ),
+      checkbox("Log scale", "log-scale", (checked) => {
+        logScale = checked;
+        for (const c of charts.values()) c.setLogScale(logScale);
+      }),
       h(
         "label",
         { title: "Exponential moving average of the plotted line; the raw points stay as a faint line" },

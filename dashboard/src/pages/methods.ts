@@ -4,7 +4,7 @@
 
 import "./catalog.css";
 
-import { ApiError, describeError, getJson, listMethods, sendJson, session, type Method, type Principal } from "../api";
+import { ApiError, describeError, getJson, listMethods, sendJson, type Method, type Principal } from "../api";
 import { clear, errorBox, h } from "../dom";
 import * as fmt from "../format";
 
@@ -339,45 +339,8 @@ function paramTable(m: Method): HTMLElement {
 
 // -- Add New Method ---------------------------------------------------------------------------------------
 
-interface Violation {
-  field: string;
-  description: string;
-}
-
-class FormError extends ApiError {
-  constructor(
-    status: number,
-    code: string,
-    message: string,
-    readonly violations: Violation[],
-  ) {
-    super(status, code, message);
-  }
-}
-
-/** POST /api/v1/methods, keeping the error body's field_violations (api.ts's request keeps only the message). */
-async function createMethod(definition: Record<string, unknown>): Promise<Method> {
-  const headers: Record<string, string> = { "Content-Type": "application/json" };
-  if (session.key) headers["Authorization"] = `Bearer ${session.key}`;
-  if (session.project) headers["X-TuneForge-Project"] = session.project;
-  let resp: Response;
-  try {
-    resp = await fetch("/api/v1/methods", { method: "POST", headers, body: JSON.stringify(definition) });
-  } catch (err) {
-    throw new ApiError(0, "UNAVAILABLE", `the gateway could not be reached (${describeError(err)})`);
-  }
-  const text = await resp.text();
-  if (resp.ok) return JSON.parse(text) as Method;
-  let error: { code?: string; message?: string; field?: string | null; field_violations?: Violation[] | null } | undefined;
-  try {
-    error = (JSON.parse(text) as { error?: typeof error }).error;
-  } catch {
-    // not the API's JSON error body: its text is the message
-  }
-  if (!error) throw new ApiError(resp.status, resp.statusText || "ERROR", text.slice(0, 300) || "no response body");
-  const violations = error.field_violations ?? (error.field ? [{ field: error.field, description: error.message ?? "" }] : []);
-  throw new FormError(resp.status, error.code ?? "ERROR", error.message ?? text, violations);
-}
+/** POST /api/v1/methods; a refusal is an ApiError whose violations name the definition's fields. */
+const createMethod = (definition: Record<string, unknown>) => sendJson<Method>("/api/v1/methods", definition);
 
 function methodForm(onCreated: (m: Method) => void, onCancel: () => void): HTMLElement {
   // field path (as the API names it, without "definition.") -> the slot its message goes in
@@ -556,7 +519,7 @@ function methodForm(onCreated: (m: Method) => void, onCancel: () => void): HTMLE
     for (const el of slots.values()) clear(el);
     for (const el of document.querySelectorAll(".has-error")) el.classList.remove("has-error");
     const unplaced: string[] = [];
-    const violations = err instanceof FormError ? err.violations : [];
+    const violations = err instanceof ApiError ? err.violations : [];
     for (const v of violations) {
       // the nearest slot: definition.stages.training.file, else definition.stages.training, ...
       let path = v.field.replace(/^definition\.?/, "").replace(/^stages\.inference-(customized|complete)/, "stages.inference_$1");

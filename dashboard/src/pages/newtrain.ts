@@ -8,12 +8,11 @@ import {
   ApiError,
   datasetStats,
   describeError,
-  FieldsError,
   getJob,
   listDatasets,
   listMethods,
   listModels,
-  sendForm,
+  sendJson,
   type Dataset,
   type DatasetStats,
   type Job,
@@ -52,7 +51,7 @@ function unusable(ds: Dataset, method: Method | null): string | null {
 /** The field a refusal is about: its violations' fields, else a "dataset_id: …" message's prefix (the jobs
  * service's FAILED_PRECONDITION names the field only that way). */
 function refusedFields(err: unknown): { field: string; description: string }[] {
-  if (err instanceof FieldsError && err.violations.length) return err.violations;
+  if (err instanceof ApiError && err.violations.length) return err.violations;
   if (err instanceof Error) {
     const m = /^([a-z_]+): (.*)$/s.exec(err.message);
     if (m && (TOP_FIELDS as readonly string[]).includes(m[1])) return [{ field: m[1], description: m[2] }];
@@ -534,7 +533,7 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       const { path, body } = request(true);
       estimateCard.dataset.state = "loading";
       try {
-        const answer = await sendForm<{ dry_run: true; estimate: JobEstimate }>(path, body);
+        const answer = await sendJson<{ dry_run: true; estimate: JobEstimate }>(path, body);
         if (disposed || seq !== estimateSeq) return;
         clearRefusal();
         clear(estimateError);
@@ -596,7 +595,7 @@ export function newTrainPage(main: HTMLElement, args: string[]): () => void {
       clear(submitErrors);
       const { path, body } = request(false);
       try {
-        const job = await sendForm<Job>(path, body);
+        const job = await sendJson<Job>(path, body);
         if (disposed) return;
         location.hash = `#/jobs/${encodeURIComponent(job.id)}/overview`;
       } catch (err) {
