@@ -142,6 +142,20 @@ def check_base_model(server: Server, tiny_model_dir: Path) -> None:
     penalised = client.chat.completions.create(**sampled, seed=7, frequency_penalty=1.0, presence_penalty=0.5)
     assert penalised.choices[0].finish_reason in ("stop", "length")
 
+    # logit_bias as OpenAI adds it: +100 makes one ordinary token every pick, -100 bans the greedy first token.
+    forced = next(
+        i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids and tokenizer.decode([i]).strip()
+    )
+    favoured = client.chat.completions.create(**greedy, logit_bias={str(forced): 100})
+    assert favoured.choices[0].message.content == tokenizer.decode([forced] * 8, skip_special_tokens=True)
+    first_greedy = tokenizer(text, add_special_tokens=False)["input_ids"][0]
+    banned = client.chat.completions.create(**greedy, logit_bias={str(first_greedy): -100})
+    assert banned.choices[0].message.content != text
+    for bias, wrong in (({"abc": 1}, "token ids"), ({"5": 101}, "between -100 and 100"), ({"99999999": 1}, "lacks")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**greedy, logit_bias=bias)
+        assert refused.value.param == "logit_bias" and wrong in refused.value.message
+
     # A stop sequence cuts the text before it, streamed or not.
     assert first
     stop_at = first[len(first) // 2 :][:2]

@@ -18,7 +18,8 @@ path is not exercised by the test suite (no GPU there).
 Requests as OpenAI's chat completions API takes them: messages (system/developer/user/assistant with text
 content), model (the served name), stream and stream_options.include_usage, max_tokens or
 max_completion_tokens (default: the rest of the context), temperature (0: greedy), top_p, stop (a string or up
-to 4), seed, n (1 only), frequency_penalty and presence_penalty (applied as OpenAI defines them). Errors are
+to 4), seed, n (1 only), frequency_penalty and presence_penalty (applied as OpenAI defines them), logit_bias
+(token id -> -100..100, added to that token's logits before sampling: -100 bans it in practice). Errors are
 OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -114,6 +115,8 @@ class ChatRequest:
     seed: int | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # (token id, bias) pairs added to the logits before sampling.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stream: bool = False
     include_usage: bool = False
 
@@ -143,6 +146,32 @@ def _integer(body: dict[str, Any], key: str, low: int, high: int | None = None) 
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         raise ApiError(f"'{key}' must be {bound}, got {value}", param=key)
     return int(value)
+
+
+MAX_LOGIT_BIAS_ENTRIES = 300
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: an object from token ids (as strings, JSON's keys) to a bias in -100..100."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError("'logit_bias' must be an object mapping token ids to a bias", param="logit_bias")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ApiError(
+            f"'logit_bias' takes at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(value)}", param="logit_bias"
+        )
+    pairs = []
+    for token, bias in value.items():
+        if not (isinstance(token, str) and token.isdigit()):
+            raise ApiError(f"'logit_bias' keys must be token ids, got {json.dumps(token)}", param="logit_bias")
+        if not (_is_number(bias) and -100 <= bias <= 100):
+            raise ApiError(
+                f"'logit_bias' values must be numbers between -100 and 100, got {json.dumps(bias)} for token {token}",
+                param="logit_bias",
+            )
+        pairs.append((int(token), float(bias)))
+    return tuple(pairs)
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -234,6 +263,7 @@ def parse_chat_request(body: Any, served_name: str) -> ChatRequest:
         seed=_integer(body, "seed", -(2**63), 2**64 - 1),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
         stream=bool(stream),
         include_usage=include_usage,
     )
@@ -338,6 +368,16 @@ class Engine:
             text = "".join(m["content"] + "\n" for m in messages)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def check_logit_bias(self, request: ChatRequest) -> None:
+        """ApiError for a biased token id the model's vocabulary lacks (it would index past the logits)."""
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        unknown = sorted(token for token, _ in request.logit_bias if token >= vocabulary)
+        if unknown:
+            raise ApiError(
+                f"'logit_bias' names token ids this model lacks ({vocabulary} tokens): {unknown[:5]}",
+                param="logit_bias",
+            )
+
     def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """The completion's token limit; ApiError when the prompt and it don't fit the context."""
         wanted = max_tokens if max_tokens is not None else 0
@@ -369,6 +409,8 @@ class Engine:
         processors = LogitsProcessorList()
         if request.frequency_penalty or request.presence_penalty:
             processors.append(_Penalties(len(ids), request.frequency_penalty, request.presence_penalty))
+        if request.logit_bias:
+            processors.append(_LogitBias(request.logit_bias))
         input_ids = torch.tensor([ids], device=self.device)
         return {
             "input_ids": input_ids,
@@ -488,6 +530,21 @@ class _Penalties:
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
+class _LogitBias:
+    """OpenAI's logit_bias: each listed token's bias added to its logit before sampling (or the greedy pick)."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...]) -> None:
+        self.tokens = [token for token, _ in bias]
+        self.values = [value for _, value in bias]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        shifted = scores.clone()
+        shifted[:, self.tokens] += torch.tensor(self.values, dtype=scores.dtype, device=scores.device)
+        return shifted
+
+
 # --- the HTTP app ---------------------------------------------------------------------------------
 
 
@@ -518,6 +575,7 @@ def build_app(engine: Engine):
             return error_response(ApiError(f"the request body is not valid JSON: {exc}"))
         try:
             chat = parse_chat_request(body, engine.name)
+            engine.check_logit_bias(chat)
             ids = engine.encode(chat.messages)
             limit = engine.budget(len(ids), chat.max_tokens)
         except ApiError as error:
