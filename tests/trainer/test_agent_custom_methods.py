@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -301,6 +302,17 @@ async def until(condition, what: str, within: float = 90.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def both_workers_started(agent: Agent) -> None:
+    """Both torchrun workers printed "rank N training". They share torchrun's stdout, so two prints at the same
+    moment can land on one log line: the ranks are looked for in the whole log, not line by line."""
+
+    def ranks() -> set[str]:
+        text = "\n".join(p.request.log.text for p in agent.reporter.pending)
+        return set(re.findall(r"rank (\d) training", text))
+
+    await until(lambda: ranks() == {"0", "1"}, "both workers to start", within=180)
+
+
 async def ended(agent: Agent) -> tuple[list[apb.StateReport], list[str]]:
     await until(lambda: not agent.runs, "the run to end")
     reports = [p.request for p in agent.reporter.pending]
@@ -451,18 +463,16 @@ async def test_terminate_reaches_torchrun_workers_that_ignore_sigterm(tmp_path):
     script = write(
         tmp_path / "methods" / "stubborn.py",
         """
-        import signal, time
+        import os, signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("training", flush=True)
+        print(f"rank {os.environ['RANK']} training", flush=True)
         time.sleep(120)
         """,
     )
     agent = Agent(AgentSettings(agent_work_dir=str(tmp_path / "agent"), agent_terminate_grace_seconds=1))
     agent._start(assignment(tmp_path, str(script), gpu_count=2))
     run = agent.runs["job-1"]
-    await until(
-        lambda: sum(p.request.log.text == "training" for p in agent.reporter.pending) == 2, "both workers to start"
-    )
+    await both_workers_started(agent)
     workers = agent_mod._children(run.proc.pid, recursive=False)  # type: ignore[union-attr]
     assert len(workers) == 2 and all(os.getsid(w.pid) == w.pid for w in workers)  # sessions of their own
     agent._cancel("job-1")
@@ -480,15 +490,13 @@ async def test_a_pause_under_torchrun_signals_the_workers_which_checkpoint_and_s
             print(f"rank {os.environ['RANK']} saved a checkpoint", flush=True)
             sys.exit(75)  # the SDK's PAUSED_EXIT_CODE
         signal.signal(signal.SIGUSR1, pause)
-        print("training", flush=True)
+        print(f"rank {os.environ['RANK']} training", flush=True)
         time.sleep(120)
         """,
     )
     agent = Agent(AgentSettings(agent_work_dir=str(tmp_path / "agent")))
     agent._start(assignment(tmp_path, str(script), gpu_count=2))
-    await until(
-        lambda: sum(p.request.log.text == "training" for p in agent.reporter.pending) == 2, "both workers to start"
-    )
+    await both_workers_started(agent)
     agent._cancel("job-1", checkpoint_first=True)
     states, logs = await ended(agent)
     assert [s.state for s in states] == [apb.REPORTED_STATE_RUNNING, apb.REPORTED_STATE_PAUSED]
