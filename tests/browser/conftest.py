@@ -68,3 +68,13 @@ def screenshot(page):
         page.set_viewport_size({"width": 1280, "height": 800})
 
     return take
+
+
+@pytest.fixture
+def started(stack) -> Iterator[list[str]]:
+    """Ids of the jobs a test started: each still running at the end is terminated, so none holds the stack's one
+    agent for the tests after it."""
+    ids: list[str] = []
+    yield ids
+    for job_id in ids:
+        stack.http.post(f"/api/v1/jobs/{job_id}/cancel")  # a 409 once it is over: nothing to do then

@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.browser.signin import sign_in
+
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "datasets" / "sample-chat.jsonl"
 # A run far longer than the test (a step takes about a second on a CPU, more on a busy machine): the page sees
 # the loss grow step by step, then the test terminates it and watches its last log lines arrive. However fast
@@ -45,12 +47,6 @@ def submit(stack) -> Iterator:
         stack.http.post(f"/api/v1/jobs/{job_id}/cancel")  # a 409 once it is over: nothing to do then
 
 
-def sign_in(page, key: str) -> None:
-    page.goto("/")
-    page.get_by_test_id("api-key").fill(key)
-    page.get_by_test_id("sign-in").click()
-
-
 def loss_points(page) -> int:
     return int(page.get_by_test_id("chart-loss").get_attribute("data-points") or 0)
 
@@ -59,7 +55,7 @@ def test_a_wrong_key_shows_the_api_error_and_the_admin_key_signs_in_and_out(page
     page.goto("/")
     screenshot("sign-in")
 
-    sign_in(page, "tf_wrong_key")
+    sign_in(page, "tf_wrong_key", then=None)
     error = page.get_by_test_id("error")
     error.wait_for()
     refused = httpx.get(f"{stack.url}/api/v1/whoami", headers={"Authorization": "Bearer tf_wrong_key"})

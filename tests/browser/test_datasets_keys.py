@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.browser.signin import sign_in
 from tests.helpers import wait_for
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "datasets" / "sample-chat.jsonl"
@@ -31,13 +32,6 @@ RECORD_PERCENTS = """() => {
     }
   }).observe(document.body, { subtree: true, attributes: true, attributeFilter: ['data-percent', 'data-phase'] });
 }"""
-
-
-def sign_in(page, key: str) -> None:
-    page.goto("/")
-    page.get_by_test_id("api-key").fill(key)
-    page.get_by_test_id("sign-in").click()
-    page.get_by_test_id("who").wait_for()
 
 
 def upload(page, path: Path, name: str, options: Callable[[], None] | None = None) -> str:

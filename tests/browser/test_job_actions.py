@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser.signin import sign_in
 from tests.helpers import wait_for
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "datasets" / "sample-chat.jsonl"
@@ -70,13 +71,6 @@ def long_job(stack, dataset_id) -> Iterator[dict]:
     stack.http.post(f"/api/v1/jobs/{job['id']}/cancel")  # a 409 once it is over: nothing to do then
 
 
-def sign_in(page, key: str) -> None:
-    page.goto("/")
-    page.get_by_test_id("api-key").fill(key)
-    page.get_by_test_id("sign-in").click()
-    page.get_by_test_id("jobs").wait_for()
-
-
 def row(page, job_id: str):
     return page.locator(f'tr[data-job-id="{job_id}"]')
 
@@ -93,7 +87,7 @@ def test_compare_highlights_the_differing_learning_rate_and_overlays_one_loss_cu
     page, stack, finished_pair, screenshot
 ) -> None:
     first, second = finished_pair
-    sign_in(page, stack.key)
+    sign_in(page, stack.key, then="jobs")
     compare = page.get_by_test_id("compare")
     assert compare.is_disabled() and compare.inner_text() == "Compare (0)"
     row(page, first["id"]).get_by_test_id("pick").check()
@@ -140,7 +134,7 @@ def test_a_finished_job_is_published_from_its_details_page_a_taken_name_shows_th
     page, stack, finished_pair, screenshot
 ) -> None:
     job = finished_pair[0]
-    sign_in(page, stack.key)
+    sign_in(page, stack.key, then="jobs")
     page.goto(f"/#/jobs/{job['id']}/overview")
     page.get_by_test_id("copy-train").wait_for()
     assert page.get_by_test_id("copy-train").get_attribute("href") == f"#/new/copy/{job['id']}"
@@ -211,7 +205,7 @@ def test_a_long_job_is_paused_resumed_terminated_and_deleted_from_the_list(
     page, stack, finished_pair, long_job, screenshot
 ) -> None:
     job_id = long_job["id"]
-    sign_in(page, stack.key)
+    sign_in(page, stack.key, then="jobs")
     wait_for(lambda: job_state(stack, job_id), lambda s: s == "RUNNING", "the long job to run", timeout_s=120)
 
     # Compared with a finished one while it runs, the Compare page keeps refreshing (it stops once all are over).
@@ -303,7 +297,7 @@ def test_past_200_jobs_the_list_offers_load_more_by_page_token(page, stack) -> N
 
     with ThreadPoolExecutor(8) as pool:  # a few at a time: 402 calls one by one take a while
         ids = list(pool.map(submit_and_terminate, range(201)))
-    sign_in(page, stack.key)
+    sign_in(page, stack.key, then="jobs")
     page.get_by_test_id("project").select_option(project)
     page.wait_for_function("document.querySelectorAll('[data-testid=jobs] tbody tr[data-job-id]').length === 200")
     more = page.get_by_test_id("load-more")

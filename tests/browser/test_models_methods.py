@@ -13,19 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser.signin import sign_in
 from tests.helpers import wait_for
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "datasets" / "sample-chat.jsonl"
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
-def sign_in(page, key: str, route: str) -> None:
+def sign_in_to(page, key: str, route: str) -> None:
     # the shared 2-core machine may be busy with a training or another suite: more room than the default 20 s
     page.set_default_timeout(45_000)
-    page.goto("/")
-    page.get_by_test_id("api-key").fill(key)
-    page.get_by_test_id("sign-in").click()
-    page.get_by_test_id("who").wait_for()
+    sign_in(page, key)
     page.goto(f"/#/{route}")
 
 
@@ -62,7 +60,7 @@ def published(stack) -> Iterator[dict]:
 
 
 def test_the_models_list_shows_tiny_chat_and_its_details(page, stack, screenshot) -> None:
-    sign_in(page, stack.key, "models")
+    sign_in_to(page, stack.key, "models")
     row = page.get_by_test_id("model-row-tiny-chat")
     row.wait_for()
     api = stack.http.get("/api/v1/models/tiny-chat").json()
@@ -98,7 +96,7 @@ def test_the_models_list_shows_tiny_chat_and_its_details(page, stack, screenshot
 
 def test_a_published_model_shows_its_lineage_and_merges_from_the_page(page, stack, published, screenshot) -> None:
     model_id, job_id = published["model_id"], published["job_id"]
-    sign_in(page, stack.key, f"models/{model_id}")
+    sign_in_to(page, stack.key, f"models/{model_id}")
     job_link = page.get_by_test_id("lineage-job")
     job_link.wait_for()
     assert job_link.get_attribute("href") == f"#/jobs/{job_id}"
@@ -145,7 +143,7 @@ def test_a_published_model_shows_its_lineage_and_merges_from_the_page(page, stac
 
 def test_deploy_chat_and_undeploy_from_the_page(page, stack, published, screenshot) -> None:
     model_id = published["model_id"]
-    sign_in(page, stack.key, f"models/{model_id}")
+    sign_in_to(page, stack.key, f"models/{model_id}")
     reason = page.get_by_test_id("chat-disabled-reason")
     page.wait_for_function(
         "document.querySelector('[data-testid=chat-disabled-reason]')?.textContent.startsWith('Not deployed')"
@@ -202,7 +200,7 @@ def test_deploy_chat_and_undeploy_from_the_page(page, stack, published, screensh
 
 
 def test_the_sft_lora_schema_table_matches_the_api(page, stack, screenshot) -> None:
-    sign_in(page, stack.key, "methods")
+    sign_in_to(page, stack.key, "methods")
     page.get_by_test_id("method-row-sft-lora").wait_for()
     listed = stack.http.get("/api/v1/methods").json()["methods"]
     for m in listed:
@@ -246,7 +244,7 @@ def test_the_sft_lora_schema_table_matches_the_api(page, stack, screenshot) -> N
 def test_add_a_method_through_the_form_then_delete_it(page, stack, screenshot) -> None:
     name = f"browser-{uuid.uuid4().hex[:8]}"
     try:
-        sign_in(page, stack.key, "methods")
+        sign_in_to(page, stack.key, "methods")
         page.get_by_test_id("method-add").click()
         page.get_by_test_id("method-name").fill("Bad Name")
         page.get_by_test_id("stage-training-file").fill("mine/train.py")
@@ -306,7 +304,7 @@ def test_a_member_sees_no_add_or_delete(page, stack) -> None:
     key = stack.http.post("/api/v1/keys", json={"name": "methods-member", "roles": {"default": "member"}})
     assert key.status_code == 201, key.text
     try:
-        sign_in(page, key.json()["secret"], "methods")
+        sign_in_to(page, key.json()["secret"], "methods")
         page.get_by_test_id(f"method-row-{method}").wait_for()
         assert page.get_by_test_id("method-add").count() == 0
         assert page.get_by_test_id(f"method-delete-{method}").count() == 0

@@ -7,12 +7,11 @@ the end if still running, so the stack's one agent is free for the tests after t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.browser.test_dashboard import sign_in
+from tests.browser.signin import sign_in
 
 DATASETS = Path(__file__).resolve().parents[2] / "examples" / "datasets"
 # Two rows that fail validation (no assistant turn; a row of another shape): an INVALID dataset no job may use.
@@ -40,15 +39,6 @@ def methods(stack) -> dict[str, dict]:
     resp = stack.http.get("/api/v1/methods", params={"page_size": 500})
     assert resp.status_code == 200, resp.text
     return {m["id"]: m for m in resp.json()["methods"]}
-
-
-@pytest.fixture
-def started(stack) -> Iterator[list[str]]:
-    """Ids of the jobs a test started; each still running at the end is cancelled."""
-    ids: list[str] = []
-    yield ids
-    for job_id in ids:
-        stack.http.post(f"/api/v1/jobs/{job_id}/cancel")  # a 409 once it is over: nothing to do then
 
 
 def spec(methods: dict, method_id: str, name: str) -> dict:

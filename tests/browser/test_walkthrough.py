@@ -7,24 +7,15 @@ terminate the first → publish the copy once it has finished. Each page is scre
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.browser.signin import sign_in
 from tests.helpers import wait_for
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "datasets" / "sample-chat.jsonl"
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-
-
-@pytest.fixture
-def started(stack) -> Iterator[list[str]]:
-    """Jobs the walk started: terminated at the end if still going, so none holds the stack's one agent."""
-    ids: list[str] = []
-    yield ids
-    for job_id in ids:
-        stack.http.post(f"/api/v1/jobs/{job_id}/cancel")  # a 409 once it is over: nothing to do then
 
 
 def job(stack, job_id: str) -> dict:
@@ -42,10 +33,7 @@ def points(page, testid: str) -> int:
 
 def test_upload_train_watch_copy_compare_terminate_publish(page, stack, started, screenshot) -> None:
     suffix = uuid.uuid4().hex[:6]
-    page.goto("/")
-    page.get_by_test_id("api-key").fill(stack.key)
-    page.get_by_test_id("sign-in").click()
-    page.get_by_test_id("jobs").wait_for()
+    sign_in(page, stack.key, then="jobs")
 
     # 1. Upload: the dataset's progress reaches 100 % and its validation ends READY.
     page.get_by_test_id("nav-datasets").click()
