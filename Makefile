@@ -15,7 +15,7 @@ PACKAGES := services/common services/catalog services/jobs services/gateway serv
 WEB_BUILD := services/gateway/tuneforge_gateway/web/index.html
 DASHBOARD_SRC := $(shell find dashboard/src -type f) $(addprefix dashboard/,index.html package.json package-lock.json tsconfig.json vite.config.ts)
 
-.PHONY: install dashboard up test protos check-protos lint clean
+.PHONY: install dashboard up test protos check-protos lint clean docs
 
 install: $(STAMP) $(WEB_BUILD)
 
@@ -50,6 +50,11 @@ protos:
 check-protos: protos
 	git add -N $(GEN_DIR)/tuneforge
 	git diff --exit-code --stat -- $(GEN_DIR)/tuneforge
+
+# The reference docs generated from the code: docs/configuration.md, docs/api/{grpc.md,openapi.json,rest.md}.
+# tests/unit/test_docs.py fails when the committed ones are stale.
+docs: install
+	$(PY) tools/gen_docs.py
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -1,13 +1,59 @@
-"""Settings shared by every service, read from TUNEFORGE_* environment variables (pydantic-settings)."""
+"""Settings shared by every service, read from TUNEFORGE_* environment variables and an optional file
+(pydantic-settings)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "TUNEFORGE_CONFIG_FILE"
+CONFIG_FILE_SUFFIXES = (".toml", ".json", ".env")
+
+
+def config_file_source(settings_cls: type[BaseSettings], path: str) -> PydanticBaseSettingsSource:
+    """The source for the file TUNEFORGE_CONFIG_FILE names. TOML and JSON files hold the settings by field name
+    (`nats_url = "..."`, one flat table); a .env file holds them by variable name (`TUNEFORGE_NATS_URL=...`).
+    One file may serve every service: each reads its own fields and ignores the others'."""
+    file = Path(path).expanduser()
+    # pydantic-settings quietly skips a missing file; a named one that is missing is a mistake worth stopping on.
+    if not file.is_file():
+        raise ValueError(f"{CONFIG_FILE_ENV}={path}: no such file")
+    suffix = file.suffix.lower() if file.suffix else file.name.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=file)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=file)
+    if suffix == ".env":
+        return DotEnvSettingsSource(settings_cls, env_file=file)
+    raise ValueError(f"{CONFIG_FILE_ENV}={path}: the file must end in one of {', '.join(CONFIG_FILE_SUFFIXES)}")
 
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment variables win over the file, so one shared file can be overridden per process.
+        path = os.environ.get(CONFIG_FILE_ENV, "")
+        file = (config_file_source(settings_cls, path),) if path else ()
+        return (init_settings, env_settings, *file, dotenv_settings, file_secret_settings)
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server with JetStream.")
     events_stream: str = Field("TUNEFORGE", description="JetStream stream that holds all events.")
