@@ -1,4 +1,16 @@
-"""`tuneforge` command line (Typer + Rich)."""
+"""`tuneforge` command line (Typer + Rich): `up` runs the embedded default; the other commands are clients of a
+gateway's HTTP API (--url / TUNEFORGE_URL, --key / TUNEFORGE_API_KEY, --project / TUNEFORGE_PROJECT).
+
+Exit codes of the client commands, which scripts can rely on:
+
+    0  done
+    1  the job, dataset or deployment ended badly (FAILED, CANCELLED, INVALID)
+    2  usage error: a bad option or flag value (the flag is named)
+    3  the API refused the request (4xx): its message, and the field at fault, go to stderr
+    4  the gateway is unreachable, or failed (5xx)
+
+`--json` on every client command prints the API's JSON only.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +23,38 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .client import DEFAULT_URL
+from .commands import catalog, jobs, serving
 from .embedded import EmbeddedStack
+from .support import EXIT_CODES_HELP, ClientCommands, Settings
 
-app = typer.Typer(help="TuneForge: fine-tune language models on your own GPU nodes.", no_args_is_help=True)
+app = typer.Typer(
+    cls=ClientCommands,
+    help="TuneForge: fine-tune language models on your own GPU nodes.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+)
 console = Console()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    ctx: typer.Context,
+    url: str = typer.Option(DEFAULT_URL, envvar="TUNEFORGE_URL", help="The gateway's URL."),
+    key: str = typer.Option(
+        "", envvar="TUNEFORGE_API_KEY", help="API key (sent as a Bearer token).", show_default=False
+    ),
+    project: str = typer.Option("", envvar="TUNEFORGE_PROJECT", help="Project to act in; default: the key's."),
+) -> None:
     """TuneForge command line."""
+    ctx.obj = Settings(url=url, key=key, project=project)
+
+
+app.add_typer(catalog.models, name="models")
+app.add_typer(catalog.methods, name="methods")
+app.add_typer(catalog.datasets, name="datasets")
+jobs.register(app)
+serving.register(app)
 
 
 @app.command()
