@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -207,3 +211,63 @@ def test_cli_reads_the_job_from_the_jobs_database_and_prints_a_manifest_kubectl_
 
     assert multinode.main(["--job-id", "job-nope"]) == 2
     assert "job_id: no job 'job-nope'" in capsys.readouterr().err
+
+
+PROBE = """
+import argparse, json, os
+import torch
+import torch.distributed as dist
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--lora_rank", type=int)
+parser.add_argument("--output_dir")
+args, _ = parser.parse_known_args()
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1])
+dist.all_reduce(total)
+print(json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": int(total),
+                  "lora_rank": args.lora_rank, "env": os.environ["LORA_RANK"], "job": os.environ["TUNEFORGE_JOB_ID"]}))
+dist.destroy_process_group()
+"""
+
+
+def test_the_rendered_command_rendezvouses_two_nodes_under_torchrun(tmp_path: Path) -> None:
+    """Two copies of the pod's command, as pods 0 and 1 would run it (here on one host, on CPU with gloo and
+    the rendezvous endpoint pointed at 127.0.0.1 instead of pod 0's DNS name), meet and run the method."""
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "probe.py").write_text(PROBE)
+    options = ClusterOptions(
+        gpus_per_node=1, artifact_root=str(tmp_path), methods_dir=str(tmp_path / "methods"), python=sys.executable
+    )
+    job = _job(
+        entrypoint="probe.py",
+        gpu_count=2,
+        model_uri=f"{tmp_path}/models/m",
+        dataset_uri=f"{tmp_path}/d.jsonl",
+    )
+    (_, k8s_job) = multinode.render_indexed_job(job, options)
+    (container,) = k8s_job["spec"]["template"]["spec"]["containers"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        f"--rdzv-endpoint=127.0.0.1:{port}" if arg.startswith("--rdzv-endpoint=") else arg
+        for arg in container["command"]
+    ]
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "CUDA_VISIBLE_DEVICES": ""}
+    nodes = [
+        subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = []
+    try:
+        for node in nodes:
+            out, err = node.communicate(timeout=120)
+            assert node.returncode == 0, err[-2000:]
+            outputs += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert sorted(o["rank"] for o in outputs) == [0, 1]
+    assert all(o["world"] == 2 and o["sum"] == 3 for o in outputs)
+    assert all(o["lora_rank"] == 8 and o["env"] == "8" and o["job"] == job.id for o in outputs)
