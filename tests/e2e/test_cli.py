@@ -115,3 +115,19 @@ def test_json_outputs_parse_bad_flag_values_exit_2_and_a_wrong_key_exits_3(stack
     assert wrong_key.returncode == 3 and "UNAUTHENTICATED" in wrong_key.stderr and wrong_key.stdout == ""
     invalid = tuneforge(stack, "datasets", "upload", str(Path(__file__)), "--name", "not-jsonl")
     assert invalid.returncode == 1 and "INVALID" in invalid.stdout and re.search(r"│\s+1 │", invalid.stdout)
+
+
+def test_an_interrupted_upload_resumes_from_the_gateways_offset(stack):
+    data = SAMPLE.read_bytes()
+    upload = stack.http.post("/api/v1/uploads", json={"name": "resumed", "size": len(data)}).json()
+    first = stack.http.put(
+        f"/api/v1/uploads/{upload['upload_id']}",
+        content=data[:4000],
+        headers={"Content-Range": f"bytes 0-3999/{len(data)}", "Content-Type": "application/octet-stream"},
+    )
+    assert first.status_code == 200, first.text
+    resumed = ok(tuneforge(stack, "datasets", "upload", str(SAMPLE), "--resume", upload["upload_id"]))
+    assert f"upload {upload['upload_id']} (resumed at byte 4000)" in resumed.stderr
+    [dataset_id] = re.findall(r"dataset (ds-\w+) \(resumed\): READY", resumed.stdout)
+    content = stack.http.get(f"/api/v1/datasets/{dataset_id}/content")
+    assert content.content == data  # the first 4000 bytes once, then the rest
