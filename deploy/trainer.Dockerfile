@@ -19,13 +19,15 @@ COPY deploy/healthcheck.py /app/
 
 # Ubuntu 24.04's image has user 1000 (ubuntu); ours is 10001 like the other images.
 RUN useradd --uid 10001 --create-home --home-dir /home/tuneforge tuneforge \
-    && mkdir -p /data/artifacts /var/lib/tuneforge/agent /var/lib/tuneforge/methods \
+    && mkdir -p /data/artifacts /var/lib/tuneforge/agent \
     && chown -R 10001:10001 /data /var/lib/tuneforge
 USER 10001
 WORKDIR /var/lib/tuneforge
 
+# Added methods' stage files live in the shared artifact volume, so every node (and every multi-node pod)
+# finds the same files: copy a method's directory into <artifact volume>/methods once.
 ENV TUNEFORGE_GRPC_HOST=0.0.0.0 TUNEFORGE_AGENT_GRPC_PORT=50053 TUNEFORGE_ARTIFACT_ROOT=/data/artifacts \
-    TUNEFORGE_AGENT_WORK_DIR=/var/lib/tuneforge/agent TUNEFORGE_AGENT_METHODS_DIR=/var/lib/tuneforge/methods \
+    TUNEFORGE_AGENT_WORK_DIR=/var/lib/tuneforge/agent TUNEFORGE_AGENT_METHODS_DIR=/data/artifacts/methods \
     TUNEFORGE_AGENT_PYTHON=/opt/venv/bin/python HF_HOME=/var/lib/tuneforge/hf
 EXPOSE 50053
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["python", "/app/healthcheck.py", "50053"]

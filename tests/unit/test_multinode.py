@@ -90,7 +90,7 @@ def test_pods_get_the_flags_and_environment_the_agent_gives_its_runner() -> None
 def test_an_added_methods_file_runs_from_the_methods_directory() -> None:
     (_, k8s_job) = multinode.render_indexed_job(_job(entrypoint="team/train.py"))
     command = k8s_job["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert "/var/lib/tuneforge/methods/team/train.py" in command and "-m" not in command[3:]
+    assert f"{ROOT}/methods/team/train.py" in command and "-m" not in command[3:]
 
 
 @pytest.mark.parametrize(

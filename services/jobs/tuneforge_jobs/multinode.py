@@ -65,7 +65,8 @@ class ClusterOptions:
     # The artifact store's root as the services see it, and the claim that holds it (mounted at the same path).
     artifact_root: str = "/data/artifacts"
     artifacts_claim: str = "tuneforge-artifacts"
-    methods_dir: str = "/var/lib/tuneforge/methods"
+    # Where added methods' files are; empty: <artifact_root>/methods, as the trainer image's agents have it.
+    methods_dir: str = ""
     python: str = "python"
     rdzv_port: int = RDZV_PORT
     # Kubeflow Trainer's runtime (a ClusterTrainingRuntime) for engine "trainjob".
@@ -142,7 +143,8 @@ def _target(job: MultiNodeJob, options: ClusterOptions) -> list[str]:
     given = PurePosixPath(job.entrypoint)
     if given.is_absolute() or ".." in given.parts:
         raise MultiNodeError(f"entrypoint: {job.entrypoint!r} must be relative to the methods directory")
-    return [str(PurePosixPath(options.methods_dir) / given)]
+    methods_dir = options.methods_dir or f"{options.artifact_root.rstrip('/')}/methods"
+    return [str(PurePosixPath(methods_dir) / given)]
 
 
 @dataclass(frozen=True)
