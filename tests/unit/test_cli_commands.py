@@ -56,6 +56,8 @@ class Gateway(BaseHTTPRequestHandler):
         route = (method, self.path.split("?")[0])
         if route == ("GET", "/api/v1/methods/m"):
             return self.answer(200, {"id": "m", "parameters": SCHEMA})
+        if route == ("POST", "/api/v1/jobs/job-ok/copy"):
+            return self.answer(201, {**job("job-copy", "QUEUED"), "estimate": {"total_steps": 3}})
         if route == ("POST", "/api/v1/jobs"):
             return self.answer(201, {**job("job-new", "QUEUED"), "estimate": {"total_steps": 3}})
         if route == ("GET", "/api/v1/jobs/job-ok"):
@@ -158,3 +160,14 @@ def test_watch_exits_0_for_a_succeeded_job_and_1_for_a_failed_one(gateway):
     lines = run(gateway, "jobs", "watch", "job-ok", "--json")
     events = [json.loads(line) for line in lines.stdout.splitlines()]
     assert [e["event"] for e in events] == ["event", "metric", "event"] and events[1]["data"]["value"] == 1.5
+
+
+def test_copy_sends_only_the_overrides_given_and_keeps_the_jobs_method(gateway):
+    result = run(gateway, "train", "--copy", "job-ok", "--max-steps", "5", "--name", "again")
+    assert result.exit_code == 0, result.output
+    assert "job job-copy QUEUED (a copy of job-ok)" in result.stdout
+    [copied] = [body for method, path, body, _ in Gateway.received if path == "/api/v1/jobs/job-ok/copy"]
+    assert copied["parameter_overrides"] == {"max_steps": 5} and copied["name"] == "again"
+    assert copied["model_id"] == "" and copied["dataset_id"] == ""  # the old job's
+    other = run(gateway, "train", "--copy", "job-ok", "--method", "dpo")
+    assert other.exit_code == 2 and "--method" in other.output and "keeps its job's method (m)" in other.output

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from ..client import TERMINAL_JOB_STATES, Client
+from ..client import TERMINAL_JOB_STATES, ApiError, Client, Unreachable
 from ..method_flags import FlagError, flags_table, method_flags, parse_method_flags
 from ..support import (
     ENDED_BADLY,
@@ -101,7 +101,11 @@ def train(
         text = ctx.get_help()  # Typer's rich help prints itself and returns ""
         if text:
             typer.echo(text)
-        spec = client.get(f"/api/v1/methods/{method_id}")
+        try:
+            spec = client.get(f"/api/v1/methods/{method_id}")
+        except (ApiError, Unreachable) as error:  # the help above stands; say why the method's flags are missing
+            err.print(f"{method_id}'s parameter flags come from the gateway, which answered: {error}", markup=False)
+            raise typer.Exit() from None
         out.print(flags_table(method_flags(spec.get("parameters", []), TRAIN_FLAGS), f"{method_id}'s parameter flags"))
         raise typer.Exit()
     parameters: dict[str, Any] = {}
@@ -157,6 +161,8 @@ def train(
     if json and not watch:
         print_json(answer)
         return
+    if json:  # then the events, one JSON line each
+        print_json_line(answer)
     if not json:
         steps = answer.get("estimate", {}).get("total_steps") or answer.get("total_steps")
         copied = f" (a copy of {copy})" if copy else ""
