@@ -232,6 +232,15 @@ def test_compose_has_postgres_nats_jetstream_migrations_and_every_service() -> N
             assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file(), name
 
 
+def test_compose_databases_are_the_ones_postgres_creates() -> None:
+    """The catalog and jobs each have a database (both own an `outbox` table): POSTGRES_DB and the init script."""
+    text = (DEPLOY / "compose.yaml").read_text()
+    used = set(re.findall(r"@postgres:5432/(\w+)", text))
+    created = {COMPOSE["services"]["postgres"]["environment"]["POSTGRES_DB"]}
+    created |= set(re.findall(r"CREATE DATABASE (\w+);", (DEPLOY / "postgres-init.sql").read_text()))
+    assert used == created == {"tuneforge_catalog", "tuneforge_jobs"}
+
+
 def test_compose_healthchecks_probe_the_ports_the_services_listen_on() -> None:
     services = COMPOSE["services"]
     for name, port_var in (("catalog", "TUNEFORGE_CATALOG_GRPC_PORT"), ("jobs", "TUNEFORGE_JOBS_GRPC_PORT")):
