@@ -41,10 +41,12 @@ def as_json(result: subprocess.CompletedProcess) -> Any:
 
 
 def test_upload_train_watch_logs_publish_deploy_chat_undeploy(stack):
-    uploaded = ok(tuneforge(stack, "datasets", "upload", str(SAMPLE), "--name", "cli-sample"))
+    # In chunks of 4000 bytes: three requests, resumable between them.
+    uploaded = ok(tuneforge(stack, "datasets", "upload", str(SAMPLE), "--name", "cli-sample", "--chunk-size", "4000"))
     assert "uploading sample-chat.jsonl" in uploaded.stderr and "9.4/9.4 kB" in uploaded.stderr  # the bar, at 100%
     [dataset_id] = re.findall(r"dataset (ds-\w+) \(cli-sample\): READY", uploaded.stdout)
     assert "40 rows" in uploaded.stdout
+    assert stack.http.get(f"/api/v1/datasets/{dataset_id}/content").content == SAMPLE.read_bytes()
 
     trained = ok(
         tuneforge(stack, "train", "--method", "sft-lora", "--model", "tiny-chat", "--dataset", dataset_id,

@@ -182,6 +182,7 @@ class Client:
         metadata: dict[str, Any],
         *,
         resume: str = "",
+        chunk_size: int = UPLOAD_CHUNK,
         started: Callable[[str, int, int], None] = lambda upload_id, size, offset: None,
         progress: Callable[[int], None] = lambda offset: None,
     ) -> dict[str, Any]:
@@ -201,7 +202,7 @@ class Client:
         with path.open("rb") as file:
             while offset < size:
                 file.seek(offset)
-                chunk = file.read(UPLOAD_CHUNK)
+                chunk = file.read(chunk_size)
                 headers = {
                     "Content-Range": f"bytes {offset}-{offset + len(chunk) - 1}/{size}",
                     "Content-Type": "application/octet-stream",

@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from ..client import UPLOAD_CHUNK
 from ..method_flags import flags_table, method_flags
 from ..support import ENDED_BADLY, JSON_OPTION, client_of, err, out, print_json, size, when
 from .jobs import TRAIN_FLAGS
@@ -201,6 +202,7 @@ def upload_dataset(
     prompt_input_column: str = typer.Option("", help="The prompt column (columns format)."),
     prompt_output_column: str = typer.Option("", help="The answer column (columns format)."),
     resume: str = typer.Option("", help="Continue the upload an earlier run began (its upload id)."),
+    chunk_size: int = typer.Option(UPLOAD_CHUNK, min=1024, help="Bytes per request; a failed one is resent."),
     json: bool = JSON_OPTION,
 ) -> None:
     """Upload a dataset in resumable chunks with a progress bar, then print its validation report.
@@ -233,6 +235,7 @@ def upload_dataset(
             file,
             metadata,
             resume=resume,
+            chunk_size=chunk_size,
             started=started,
             progress=lambda offset: progress.update(task, completed=offset),
         )
