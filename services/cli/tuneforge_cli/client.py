@@ -20,6 +20,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 UPLOAD_CHUNK = 4 * 1024 * 1024
 # Transient failures (a dropped connection, a restarting gateway) retried before giving up.
 RETRIES = 5
+# The first retry's wait; each next one doubles, up to 15 s.
+RETRY_DELAY_S = 1.0
 TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
@@ -37,6 +39,10 @@ class ApiError(Exception):
 
 class Unreachable(Exception):
     """No answer from the gateway: refused, timed out, or the connection broke."""
+
+
+def backoff(failures: int) -> float:
+    return float(min(RETRY_DELAY_S * 2 ** (failures - 1), 15.0))
 
 
 def error_from(resp: httpx.Response) -> ApiError:
@@ -172,7 +178,7 @@ class Client:
             failures += 1
             if failures > RETRIES:
                 raise Unreachable(f"lost the event stream of {job_id} at {self.url}: {reason}")
-            time.sleep(min(2.0**failures, 15.0))
+            time.sleep(backoff(failures))
 
     # -- resumable dataset uploads ---------------------------------------------
 
@@ -215,7 +221,7 @@ class Client:
                         raise Unreachable(
                             f"upload {upload_id} stopped at byte {offset} ({err}); resume it with --resume {upload_id}"
                         ) from None
-                    time.sleep(min(2.0**failures, 15.0))
+                    time.sleep(backoff(failures))
                     offset = int(self.get(f"/api/v1/uploads/{upload_id}")["offset"])  # what did arrive
                     progress(offset)
                     continue
