@@ -88,3 +88,9 @@ def test_the_flags_table_shows_type_default_range_choices_and_help():
     assert "true" in rows["--packing / --no-packing"]
     assert "linear | cosine" in rows["--lr-scheduler-type"]
     assert "--param-name" in rows and "--lr" not in rows  # an alias works as a flag but is not listed
+
+
+def test_a_mistyped_train_option_is_suggested_too():
+    with pytest.raises(FlagError) as bad:
+        parse_method_flags(method_flags(SCHEMA, TRAIN_FLAGS), ["--datset", "ds"], "m", TRAIN_FLAGS)
+    assert "did you mean --dataset?" in bad.value.message

@@ -104,8 +104,11 @@ def method_flags(parameters: Iterable[dict[str, Any]], taken: Iterable[str] = ()
     return by_flag
 
 
-def parse_method_flags(flags: dict[str, MethodFlag], args: list[str], method: str) -> dict[str, Any]:
-    """The parameters given in `args` (`--flag VALUE`, `--flag=VALUE`, `--bool`, `--no-bool`) by name."""
+def parse_method_flags(
+    flags: dict[str, MethodFlag], args: list[str], method: str, other_flags: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The parameters given in `args` (`--flag VALUE`, `--flag=VALUE`, `--bool`, `--no-bool`) by name; an unknown
+    flag is refused with the closest of these and `other_flags` (the command's own) as a hint."""
     values: dict[str, Any] = {}
     given: dict[str, str] = {}
     i = 0
@@ -123,7 +126,7 @@ def parse_method_flags(flags: dict[str, MethodFlag], args: list[str], method: st
             if not negated:
                 entry = None
         if entry is None:
-            close = difflib.get_close_matches(flag, list(flags), n=1)
+            close = difflib.get_close_matches(flag, [*flags, *other_flags], n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise FlagError(flag, f"no such option for method {method}{hint}; see `tuneforge methods show {method}`")
         if entry.type == "bool" and not eq:

@@ -112,7 +112,8 @@ def train(
     if ctx.args:
         spec = client.get(f"/api/v1/methods/{method_id}")
         try:
-            parameters = parse_method_flags(method_flags(spec.get("parameters", []), TRAIN_FLAGS), ctx.args, method_id)
+            flags = method_flags(spec.get("parameters", []), TRAIN_FLAGS)
+            parameters = parse_method_flags(flags, ctx.args, method_id, TRAIN_FLAGS)
         except FlagError as bad:
             raise _bad(ctx, bad.flag, bad.message) from None
     labels = {}
