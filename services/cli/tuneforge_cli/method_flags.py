@@ -167,20 +167,21 @@ def allowed(spec: dict[str, Any]) -> str:
 
 def flags_table(flags: dict[str, MethodFlag], title: str) -> Table:
     """The method's flags: one row per parameter with its type, default, range or choices and help."""
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(
+        title=title, title_justify="left", caption="a bool flag is --name or --no-name", caption_justify="left"
+    )
     table.add_column("flag", no_wrap=True)
     table.add_column("type", no_wrap=True)
     table.add_column("default", overflow="fold")
-    table.add_column("allowed", overflow="fold")
-    table.add_column("help", overflow="fold", ratio=1)
+    table.add_column("allowed", overflow="fold", max_width=24)
+    table.add_column("help", overflow="fold", min_width=30)
     seen: set[str] = set()
     for entry in flags.values():
         if entry.name in seen:
             continue
         seen.add(entry.name)
-        spelled = f"{entry.flag} / --no-{entry.flag[2:]}" if entry.type == "bool" else entry.flag
         table.add_row(
-            spelled,
+            entry.flag,
             entry.type,
             shown_default(entry.spec),
             allowed(entry.spec),
