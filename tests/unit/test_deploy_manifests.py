@@ -228,6 +228,11 @@ def test_compose_has_postgres_nats_jetstream_migrations_and_every_service() -> N
     (device,) = services["trainer"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     for name, service in services.items():
+        for volume in service.get("volumes", []):
+            if volume.startswith("."):  # a bind mount from this folder
+                assert (DEPLOY / volume.split(":")[0]).is_file(), (name, volume)
+            else:
+                assert volume.split(":")[0] in COMPOSE["volumes"], (name, volume)
         if service["image"].startswith("tuneforge/"):  # built here, never pulled
             assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file(), name
 
