@@ -67,6 +67,27 @@ OTHER_VARIABLES: list[tuple[str, str, str, str, str]] = [
         "services/cli/tuneforge_cli/main.py",
     ),
     (
+        "TUNEFORGE_URL",
+        "http://127.0.0.1:8080",
+        "`tuneforge` CLI",
+        "The gateway the client commands talk to; `--url` wins.",
+        "services/cli/tuneforge_cli/main.py",
+    ),
+    (
+        "TUNEFORGE_API_KEY",
+        "",
+        "`tuneforge` CLI",
+        "The API key the client commands send as a Bearer token; `--key` wins.",
+        "services/cli/tuneforge_cli/main.py",
+    ),
+    (
+        "TUNEFORGE_PROJECT",
+        "",
+        "`tuneforge` CLI",
+        "The project the client commands act in (default: the key's first); `--project` wins.",
+        "services/cli/tuneforge_cli/main.py",
+    ),
+    (
         "TUNEFORGE_REWARDS_DIR",
         "",
         "grpo runner",
