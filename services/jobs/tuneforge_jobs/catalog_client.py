@@ -12,7 +12,14 @@ from tuneforge.catalog.v1 import catalog_pb2 as pb
 from tuneforge.catalog.v1 import catalog_pb2_grpc
 from tuneforge.common.v1 import common_pb2
 from tuneforge_common.auth import service_credentials
-from tuneforge_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
+from tuneforge_common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from tuneforge_common.grpcutil import decode_error
 from tuneforge_common.tls import TlsConfig, open_channel
 
@@ -43,6 +50,12 @@ class GrpcCatalog:
                 raise InvalidArgument(
                     decoded.message, [FieldViolation(f, d) for f, d in decoded.field_violations]
                 ) from None
+            # The catalog's refusals are the caller's to fix (a model name taken): passed on as such, not as
+            # an outage a client would retry.
+            if decoded.code == grpc.StatusCode.ALREADY_EXISTS:
+                raise AlreadyExists(f"{field}: {decoded.message}") from None
+            if decoded.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(f"{field}: {decoded.message}") from None
             raise Unavailable("catalog service unavailable") from None
 
     async def resolve_inputs(
