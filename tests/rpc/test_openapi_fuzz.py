@@ -157,7 +157,11 @@ def gateway_schema(postgres_url, second_postgres_url, tmp_path) -> Iterator[sche
 
             @schema.hook("filter_failure")
             def keep_what_the_document_could_state(context, failure, case, response) -> bool:
-                return not (refused_beyond_json_schema(failure, response) or hub_unreachable(failure, case, response))
+                return not (
+                    refused_beyond_json_schema(failure, response)
+                    or over_the_upload_limit(failure, response)
+                    or hub_unreachable(failure, case, response)
+                )
 
             # Before the run, which may cancel or delete the seeded jobs.
             answer_successes_seldom_generated(schema, seeded, spool_dir)
@@ -253,6 +257,16 @@ def refused_beyond_json_schema(failure: Any, response: Any) -> bool:
         field and any(field == name or field.startswith((f"{name}.", f"{name}[")) for name in BEYOND_JSON_SCHEMA)
         for field in fields
     )
+
+
+def over_the_upload_limit(failure: Any, response: Any) -> bool:
+    """A declared size or a Content-Range past the gateway's upload limit is a 413 on `size`: the limit is the
+    deployment's setting (create_app's max_upload_bytes), which a static document can't state, and a
+    Content-Range header's end can't carry a JSON Schema maximum at all."""
+    if not isinstance(failure, RejectedPositiveData) or response.status_code != 413:
+        return False
+    error = response.json().get("error", {})
+    return error.get("code") == "RESOURCE_EXHAUSTED" and error.get("field") == "size"
 
 
 def hub_unreachable(failure: Any, case: Any, response: Any) -> bool:
