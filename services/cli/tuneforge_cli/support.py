@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from typer.core import TyperGroup
 
 from .client import ApiError, Client, Unreachable
@@ -115,3 +116,19 @@ def size(count: int | None) -> str:
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the API's JSON only (for scripts).")
+
+
+def listing_table(title: str, *columns: str) -> Table:
+    """A list command's table; its id column never wraps, since the id is what the other commands take."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, no_wrap=column == "id")
+    return table
+
+
+def details_table(title: str) -> Table:
+    """A show command's key/value table (long values such as URIs fold rather than being cut)."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    return table

@@ -11,7 +11,18 @@ from rich.table import Table
 
 from ..client import UPLOAD_CHUNK
 from ..method_flags import flags_table, method_flags
-from ..support import ENDED_BADLY, JSON_OPTION, client_of, err, out, print_json, size, when
+from ..support import (
+    ENDED_BADLY,
+    JSON_OPTION,
+    client_of,
+    details_table,
+    err,
+    listing_table,
+    out,
+    print_json,
+    size,
+    when,
+)
 from .jobs import TRAIN_FLAGS
 
 models = typer.Typer(help="Base, customized and complete models.", invoke_without_command=True)
@@ -23,9 +34,7 @@ datasets = typer.Typer(help="Datasets: upload (validated), list, show.", invoke_
 
 
 def _models_table(found: list[dict[str, Any]]) -> Table:
-    table = Table(title="models", title_justify="left")
-    for column in ("id", "name", "kind", "architecture", "parameters", "created"):
-        table.add_column(column, no_wrap=column == "id")
+    table = listing_table("models", "id", "name", "kind", "architecture", "parameters", "created")
     for m in found:
         table.add_row(
             m["id"], m["name"], m.get("kind", ""), m.get("architecture", ""), f"{m.get('parameter_count', 0):,}",
@@ -63,9 +72,7 @@ def show_model(
     if json:
         print_json(model)
         return
-    table = Table(title=f"model {model['id']}", title_justify="left", show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value", overflow="fold")
+    table = details_table(f"model {model['id']}")
     for key in ("name", "kind", "description", "architecture", "dtype", "context_length", "source", "uri"):
         if model.get(key) not in (None, ""):
             table.add_row(key, str(model[key]))
@@ -95,9 +102,7 @@ def list_methods(ctx: typer.Context, json: bool = JSON_OPTION) -> None:
     if json:
         print_json({"methods": found})
         return
-    table = Table(title="training methods", title_justify="left")
-    for column in ("id", "name", "lifecycle", "dataset formats", "parameters"):
-        table.add_column(column, no_wrap=column == "id")
+    table = listing_table("training methods", "id", "name", "lifecycle", "dataset formats", "parameters")
     for m in found:
         table.add_row(
             m["id"], m.get("display_name", ""), m.get("lifecycle", ""), ", ".join(m.get("dataset_formats", [])),
@@ -140,9 +145,7 @@ def list_datasets(
     if json:
         print_json({"datasets": found})
         return
-    table = Table(title="datasets", title_justify="left")
-    for column in ("id", "name", "status", "format", "rows", "size", "created"):
-        table.add_column(column, no_wrap=column == "id")
+    table = listing_table("datasets", "id", "name", "status", "format", "rows", "size", "created")
     for d in found:
         table.add_row(
             d["id"], d["name"], d.get("status", ""), d.get("format", ""), str(d.get("row_count", 0)),

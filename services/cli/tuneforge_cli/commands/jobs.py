@@ -18,8 +18,10 @@ from ..support import (
     EXIT_CODES_HELP,
     JSON_OPTION,
     client_of,
+    details_table,
     duration,
     err,
+    listing_table,
     out,
     print_json,
     print_json_line,
@@ -292,9 +294,7 @@ def list_jobs(
     if json:
         print_json({"jobs": found})
         return
-    table = Table(title="jobs", title_justify="left")
-    for column in ("id", "name", "method", "model", "state", "step", "created"):
-        table.add_column(column, no_wrap=column == "id")
+    table = listing_table("jobs", "id", "name", "method", "model", "state", "step", "created")
     for j in found:
         table.add_row(
             j["id"], j.get("name", ""), j.get("method_id", "") or j.get("kind", "").lower(), j.get("model_id", ""),
@@ -310,9 +310,7 @@ def show_job(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="JOB"
     if json:
         print_json(job)
         return
-    table = Table(title=f"job {job['id']}", title_justify="left", show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value", overflow="fold")
+    table = details_table(f"job {job['id']}")
     table.add_row("state", coloured(job["state"]) + (f": {job['state_reason']}" if job.get("state_reason") else ""))
     for key in ("name", "kind", "method_id", "model_id", "dataset_id", "validation_dataset_id", "copied_from_job_id"):
         if job.get(key):

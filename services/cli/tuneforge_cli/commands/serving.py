@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from ..client import Client
-from ..support import ENDED_BADLY, EXIT_CODES_HELP, JSON_OPTION, client_of, err, out, print_json, when
+from ..support import ENDED_BADLY, EXIT_CODES_HELP, JSON_OPTION, client_of, err, listing_table, out, print_json, when
 
 keys = typer.Typer(help="API keys: list, create, revoke.", invoke_without_command=True)
 ENDED_DEPLOYMENT = ("FAILED", "STOPPED")
@@ -144,9 +143,7 @@ def list_keys(
     if json:
         print_json({"keys": found})
         return
-    table = Table(title="API keys", title_justify="left")
-    for column in ("id", "name", "kind", "roles", "created", "revoked"):
-        table.add_column(column, no_wrap=column == "id")
+    table = listing_table("API keys", "id", "name", "kind", "roles", "created", "revoked")
     for k in found:
         roles = ", ".join(f"{r['project_id']}:{r['role']}" for r in k.get("roles", []))
         table.add_row(
