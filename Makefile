@@ -15,7 +15,7 @@ PACKAGES := services/common services/catalog services/jobs services/gateway serv
 WEB_BUILD := services/gateway/tuneforge_gateway/web/index.html
 DASHBOARD_SRC := $(shell find dashboard/src -type f) $(addprefix dashboard/,index.html package.json package-lock.json tsconfig.json vite.config.ts)
 
-.PHONY: install dashboard up test protos check-protos lint clean docs
+.PHONY: install dashboard up test protos check-protos lint clean docs reliability
 
 install: $(STAMP) $(WEB_BUILD)
 
@@ -39,6 +39,15 @@ up: install
 
 test: install
 	$(PY) -m pytest
+
+# The reliability and security suite at full scale (tests/reliability with TUNEFORGE_RELIABILITY=full: 10 agent kills,
+# a 30 s NATS outage, 10 minutes of load, ...); `make test` runs the same tests small. Writes
+# .tuneforge/reliability/report.{json,md} and refreshes the figures in docs/reliability.md.
+RELIABILITY_REPORT := .tuneforge/reliability/report.json
+reliability: install
+	rm -f $(RELIABILITY_REPORT)
+	TUNEFORGE_RELIABILITY=full TUNEFORGE_RELIABILITY_REPORT=$(RELIABILITY_REPORT) $(PY) -m pytest tests/reliability -p no:cacheprovider || true
+	$(PY) tools/reliability_report.py $(RELIABILITY_REPORT) --docs docs/reliability.md
 
 protos:
 	rm -rf $(GEN_DIR)/tuneforge
