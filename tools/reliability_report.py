@@ -1,0 +1,107 @@
+"""Turn the JSON that `make reliability` writes into a Markdown report, and refresh docs/reliability.md's figures.
+
+    python tools/reliability_report.py .tuneforge/reliability/report.json --docs docs/reliability.md
+
+Writes report.md beside the JSON; with --docs, replaces the part of that page between the two markers below.
+Exits 1 when the run had a failed test (after writing the report, so the failure's figures are still there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+START = "<!-- reliability-figures:start -->"
+END = "<!-- reliability-figures:end -->"
+
+# Section titles by test module; a module not named here is titled by its file name.
+TITLES = {
+    "test_agent_kills": "Trainer agent killed with SIGKILL mid-run, repeatedly, over one job",
+    "test_service_restarts": "Jobs service, catalog and gateway restarted mid-run",
+    "test_nats_outage": "NATS stopped mid-run",
+    "test_postgres_restart": "PostgreSQL stopped and started mid-run",
+    "test_stuck_states": "Reaper for STARTING and CANCELLING jobs whose agent never confirmed",
+    "test_checkpoint_store_faults": "Artifact store full or read-only while saving a checkpoint",
+    "test_load": "Load: simulated agents and live watchers against one jobs service",
+    "test_bad_input": "Malformed requests and files",
+    "test_validator_fuzz": "Property-based fuzzing of the domain validators",
+    "test_security": "Authentication and authorisation",
+    "test_secrets_stay_secret": "Secrets in logs and events",
+}
+
+
+def module_of(nodeid: str) -> str:
+    return Path(nodeid.split("::", 1)[0]).stem
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def render(report: dict[str, Any]) -> str:
+    outcomes: dict[str, str] = report.get("outcomes", {})
+    passed = sum(1 for o in outcomes.values() if o == "passed")
+    failed = sorted(n for n, o in outcomes.items() if o == "failed")
+    when = dt.datetime.fromtimestamp(report.get("started", 0), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Run of {when}, scale **{report.get('mode', '?')}**, {report.get('seconds', 0):,.0f} s in all: "
+        f"{passed} tests passed, {len(failed)} failed.",
+        "",
+    ]
+    if failed:
+        lines += ["Failed:", *[f"- `{n}`" for n in failed], ""]
+    by_module: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for figure in report.get("figures", []):
+        by_module[module_of(figure["test"])].append(figure)
+    order = [m for m in TITLES if m in by_module] + sorted(m for m in by_module if m not in TITLES)
+    for module in order:
+        rows = by_module[module]
+        lines += [f"### {TITLES.get(module, module)}", "", f"`tests/reliability/{module}.py`", ""]
+        lines += ["| test | figure | value | goal |", "| --- | --- | --- | --- |"]
+        for f in rows:
+            test = f["test"].split("::", 1)[-1]
+            value = fmt(f["value"]) + (f" {f['unit']}" if f.get("unit") else "")
+            cells = (test, f["name"], value, f.get("goal", ""))
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def refresh_docs(page: Path, body: str) -> None:
+    text = page.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{page}: the markers {START} and {END} are missing")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    page.write_text(f"{head}{START}\n{body}{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", type=Path, help="the JSON written by the reliability run")
+    parser.add_argument("--docs", type=Path, help="a page whose figures section to refresh")
+    args = parser.parse_args(argv)
+    if not args.report.exists():
+        print(f"{args.report}: no report (did the run start?)", file=sys.stderr)
+        return 1
+    report = json.loads(args.report.read_text())
+    body = render(report)
+    args.report.with_suffix(".md").write_text(body)
+    if args.docs:
+        refresh_docs(args.docs, body)
+    print(body)
+    failed = [n for n, o in report.get("outcomes", {}).items() if o == "failed"]
+    return 1 if failed or report.get("exit_status", 0) != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
