@@ -1,0 +1,77 @@
+"""Load on one jobs service (issue 11): agents reporting metrics while SSE and gRPC watchers follow every job.
+
+CI runs it small (10 agents, 20 watchers, 20 s); `make reliability` runs the issue's size: 50 agents at
+10 reports/s and 100 watchers for 10 minutes, where the p95 report-to-watcher latency must stay under 1 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.conftest import FULL, Figures, scale
+from tests.reliability.load import LoadConfig, run_load
+
+AGENTS, RATE, WATCHERS, SECONDS = scale(fast=(10, 10.0, 20, 20.0), full=(50, 10.0, 100, 600.0))
+P95_GOAL_S = 1.0
+# RSS growth over the run after warm-up that still counts as flat: caches and pools settling, not a leak.
+GROWTH_GOAL_MB_PER_MIN = 1.0
+
+
+@pytest.mark.timeout(int(SECONDS) + 600)
+async def test_agents_reporting_under_load_reach_every_watcher_once_in_order(nats_url, figures: Figures, tmp_path):
+    config = LoadConfig(
+        agents=AGENTS,
+        rate=RATE,
+        sse_watchers=WATCHERS // 2,
+        grpc_watchers=WATCHERS - WATCHERS // 2,
+        seconds=SECONDS,
+        warmup_s=scale(fast=5.0, full=60.0),
+    )
+    result = await run_load(config, nats_url, keep_logs=tmp_path / "logs")
+    print(result.summary())
+    if report := os.environ.get("TUNEFORGE_RELIABILITY_REPORT"):
+        # The whole result (samples included) next to the report, for a look at the curves.
+        Path(report).with_name("load.json").write_text(json.dumps(asdict(result), indent=2))
+
+    figures.record("agents x reports/s (values each)", f"{AGENTS} x {RATE:g} ({len(config.names)})")
+    figures.record("watchers (SSE + gRPC)", f"{config.sse_watchers} + {config.grpc_watchers}")
+    figures.record("duration", round(result.seconds, 1), "s")
+    figures.record("errors", result.errors, goal="0")
+    figures.record("points sent", result.points_sent)
+    figures.record("throughput sent", result.throughput["sent_points_per_s"], "points/s")
+    for kind in ("sse", "grpc"):
+        lat = result.latency_s[kind]
+        figures.record(
+            f"{kind} points delivered", result.points_delivered[kind], goal=f"= {result.points_expected[kind]}"
+        )
+        figures.record(f"{kind} throughput delivered", result.throughput[f"{kind}_points_per_s"], "points/s")
+        for q in ("p50", "p95", "p99", "max"):
+            figures.record(f"{kind} latency {q}", lat[q], "s", goal=f"< {P95_GOAL_S:g} s" if q == "p95" else "")
+    for name, proc in result.processes.items():
+        figures.record(
+            f"{name} RSS start / end / max",
+            f"{proc['rss_start_mb']:.1f} / {proc['rss_end_mb']:.1f} / {proc['rss_max_mb']:.1f}",
+            "MB",
+        )
+        figures.record(f"{name} RSS growth after warm-up", proc["rss_growth_mb"], "MB")
+        figures.record(
+            f"{name} RSS growth rate", proc["rss_growth_mb_per_min"], "MB/min", goal=f"< {GROWTH_GOAL_MB_PER_MIN:g}"
+        )
+        figures.record(f"{name} CPU mean", proc["cpu_mean_percent"], "%")
+
+    assert result.errors == 0, "\n".join(result.error_messages)
+    # Every watcher got every step of every metric of its job exactly once and in order (errors lists which
+    # did not); the totals say the same from the other side.
+    assert result.incomplete_watchers == 0
+    assert result.points_delivered == result.points_expected
+    if FULL:
+        # Timed goals only at full scale: CI machines are shared and noisy, and 20 s says little about a leak.
+        for kind in ("sse", "grpc"):
+            assert result.latency_s[kind]["p95"] < P95_GOAL_S, f"{kind} p95 {result.latency_s[kind]['p95']:.3f} s"
+        for name, proc in result.processes.items():
+            assert proc["rss_growth_mb_per_min"] < GROWTH_GOAL_MB_PER_MIN, f"{name} RSS grows: {proc}"
