@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from enum import StrEnum
 
 from tuneforge_common.errors import FailedPrecondition
@@ -71,13 +72,48 @@ def check_deletable(current: JobState) -> None:
         raise FailedPrecondition(f"job is {current}; only finished jobs can be deleted (terminate it first)")
 
 
-def after_agent_lost(attempt: int, max_attempts: int, current: JobState) -> tuple[JobState, str]:
-    """A lost agent's job is retried until its attempts are spent."""
+def after_agent_lost(attempt: int, max_attempts: int, current: JobState, agent: str = "") -> tuple[JobState, str]:
+    """A lost agent's job is retried until its attempts are spent. `agent` names it in the reason."""
+    who = f" (agent {agent}: its lease lapsed)" if agent else ""
     if current == S.CANCELLING:
-        return S.CANCELLED, "agent lost while cancelling"
+        return S.CANCELLED, f"agent lost while cancelling{who}"
     if attempt >= max_attempts:
-        return S.FAILED, f"agent lost; attempt limit of {max_attempts} reached"
-    return S.QUEUED, f"agent lost during attempt {attempt}; requeued"
+        return S.FAILED, f"agent lost; attempt limit of {max_attempts} reached{who}"
+    return S.QUEUED, f"agent lost during attempt {attempt}; requeued{who}"
+
+
+def overdue(since: dt.datetime | None, now: dt.datetime, timeout_seconds: float) -> bool:
+    """Whether a state entered at `since` has waited out its timeout (0 or less: never)."""
+    if timeout_seconds <= 0 or since is None:
+        return False
+    return (now - since).total_seconds() >= timeout_seconds
+
+
+def after_start_unconfirmed(
+    attempt: int, max_attempts: int, agent: str, timeout_seconds: float
+) -> tuple[JobState, str]:
+    """A job STARTING on a live agent that never confirmed the start (the assignment was lost, say, when the
+    jobs service or its database restarted) is retried like a lost agent's: the attempt counts."""
+    what = f"agent {agent} never confirmed the start of attempt {attempt} within {timeout_seconds:g} s"
+    if attempt >= max_attempts:
+        return S.FAILED, f"{what}; attempt limit of {max_attempts} reached"
+    return S.QUEUED, f"{what}; requeued"
+
+
+def after_cancel_unconfirmed(agent: str, timeout_seconds: float) -> tuple[JobState, str]:
+    """A job CANCELLING whose agent never confirmed the stop is cancelled without it (the agent, if alive, is told
+    again to stop: it owns no cancelled job)."""
+    return (
+        S.CANCELLED,
+        f"cancelled without confirmation: agent {agent} never confirmed the stop within {timeout_seconds:g} s",
+    )
+
+
+def report_applies(current: JobState, reported: JobState) -> bool:
+    """Whether an agent's state report still applies: not when the job moved on first (a terminate took a starting
+    job to CANCELLING before its RUNNING arrived; the reaper cancelled or failed it). Such a late word is kept in
+    the log, not applied, and never blocks the reports after it."""
+    return reported == current or reported in ALLOWED[current]
 
 
 def progress_percent(step: int, total: int) -> float:

@@ -40,6 +40,17 @@ class JobsSettings(CommonSettings):
     jobs_max_attempts: int = Field(3, description="Attempts before a job whose agent keeps getting lost fails.")
     jobs_lease_ttl_seconds: int = Field(15, description="An agent silent this long is lost.")
     jobs_heartbeat_interval_seconds: int = Field(3, description="How often agents send heartbeats.")
+    jobs_start_timeout_seconds: float = Field(
+        600.0,
+        description="A job STARTING this long without its agent confirming the start (the assignment was lost, "
+        "e.g. in a restart) is requeued, the attempt counted; it covers staging the model and data onto the node. "
+        "0 turns it off.",
+    )
+    jobs_cancel_timeout_seconds: float = Field(
+        300.0,
+        description="A job CANCELLING this long without its agent confirming the stop is CANCELLED anyway (the "
+        "agent, if alive, is told again to stop). 0 turns it off.",
+    )
     agent_join_tokens: str = Field(
         "",
         description="Comma-separated secrets a new trainer node presents once (JoinAgent) to get its own "
@@ -48,9 +59,11 @@ class JobsSettings(CommonSettings):
 
 
 async def reaper(jobs: Jobs, interval: float) -> None:
+    """Lost agents' jobs, then jobs stuck STARTING or CANCELLING on a live agent, every `interval` seconds."""
     while True:
         try:
             await jobs.reap_lost_agents()
+            await jobs.reap_stuck_jobs()
         except Exception:  # keep reaping after a transient DB error
             log.exception("reaper pass failed")
         await asyncio.sleep(interval)
@@ -76,6 +89,8 @@ async def serve() -> None:
         max_attempts=settings.jobs_max_attempts,
         lease_ttl_seconds=settings.jobs_lease_ttl_seconds,
         heartbeat_interval_seconds=settings.jobs_heartbeat_interval_seconds,
+        start_timeout_seconds=settings.jobs_start_timeout_seconds,
+        cancel_timeout_seconds=settings.jobs_cancel_timeout_seconds,
         on_event=publisher.notify,
         on_change=changes.notify,
         join_tokens=tuple(t for t in settings.agent_join_tokens.split(",") if t),

@@ -218,6 +218,9 @@ class Jobs:
     max_attempts: int = 3
     lease_ttl_seconds: int = 15
     heartbeat_interval_seconds: int = 3
+    # A job STARTING this long without its agent's confirmation is requeued; one CANCELLING this long is cancelled.
+    start_timeout_seconds: float = 600.0
+    cancel_timeout_seconds: float = 300.0
     clock: Callable[[], dt.datetime] = utcnow
     on_event: Callable[[], None] | None = None  # wakes the outbox publisher
     on_change: Callable[[], None] | None = None  # wakes schedulers and watchers
@@ -1238,7 +1241,10 @@ class Jobs:
                     r.id
                     for r in await conn.execute(
                         select(store.jobs.c.id).where(
-                            store.jobs.c.id.in_(list(running_job_ids)), store.jobs.c.agent_id == agent_id
+                            store.jobs.c.id.in_(list(running_job_ids)),
+                            store.jobs.c.agent_id == agent_id,
+                            # A job cancelled without the agent's confirmation (the reaper) is still stopped.
+                            store.jobs.c.state != JobState.CANCELLED,
                         )
                     )
                 }
@@ -1400,14 +1406,14 @@ class Jobs:
         lost: list[str] = []
         async with self.engine.begin() as conn:
             overdue = [
-                r.id
+                (r.id, r.name)
                 for r in await conn.execute(
-                    select(store.agents.c.id).where(
+                    select(store.agents.c.id, store.agents.c.name).where(
                         store.agents.c.status == "ACTIVE", store.agents.c.last_heartbeat_at < deadline
                     )
                 )
             ]
-            for agent_id in overdue:
+            for agent_id, agent_name in overdue:
                 # Conditional: a heartbeat that just renewed the lease, or another replica's reaper, wins.
                 marked = await conn.execute(
                     update(store.agents)
@@ -1429,16 +1435,72 @@ class Jobs:
                         )
                     )
                 ).all()
+                who = f"{agent_id} ({agent_name}), no heartbeat for {self.lease_ttl_seconds} s"
                 for job in jobs:
-                    if await self._release_in(conn, job):
+                    target, reason = lifecycle.after_agent_lost(job.attempt, job.max_attempts, JobState(job.state), who)
+                    if await self._release_in(conn, job, target, reason, "agent lost while pausing"):
                         reaped += 1
         if lost:
             log.warning("agents lost: %s (%d jobs moved)", lost, reaped)
             self._after_commit()
         return reaped
 
-    async def _release_in(self, conn: AsyncConnection, job: Any) -> bool:
-        """Take a job from its lost agent (_transition_in banks the lost attempt's time in run_seconds)."""
+    async def reap_stuck_jobs(self) -> int:
+        """Jobs an agent holds but never moved on: STARTING past the start timeout without the agent's
+        confirmation (the assignment was lost) is requeued, the attempt counted (past the limit FAILED); CANCELLING
+        past the cancel timeout is CANCELLED (the agent, if alive, is told again to stop by its heartbeat).
+
+        Each move is a compare-and-set on the job's version in its own transaction with its event: a confirmation
+        that commits first wins, and of two replicas reaping at once only one moves the job.
+        """
+        now = self.clock()
+        j, je = store.jobs.c, store.job_events.c
+        cancelling_since = (
+            select(func.max(je.recorded_at))
+            .where(je.job_id == j.id, je.to_state == JobState.CANCELLING)
+            .scalar_subquery()
+            .label("state_since")
+        )
+        async with self.engine.connect() as conn:
+            starting = [
+                r
+                for r in await conn.execute(select(store.jobs).where(j.state == JobState.STARTING))
+                if lifecycle.overdue(r.attempt_started_at or r.updated_at, now, self.start_timeout_seconds)
+            ]
+            cancelling = [
+                r
+                for r in await conn.execute(select(store.jobs, cancelling_since).where(j.state == JobState.CANCELLING))
+                if lifecycle.overdue(r.state_since or r.updated_at, now, self.cancel_timeout_seconds)
+            ]
+        reaped = 0
+        for job in [*starting, *cancelling]:
+            async with self.engine.begin() as conn:
+                # Read again inside the transaction: the version the compare-and-set checks is the current one.
+                fresh = (await conn.execute(select(store.jobs).where(j.id == job.id))).first()
+                if fresh is None or fresh.state != job.state or fresh.version != job.version:
+                    continue  # confirmed, cancelled or reaped meanwhile
+                agent = fresh.agent_id or "(none)"
+                if fresh.state == JobState.STARTING:
+                    target, reason = lifecycle.after_start_unconfirmed(
+                        fresh.attempt, fresh.max_attempts, agent, self.start_timeout_seconds
+                    )
+                    moved = await self._release_in(
+                        conn, fresh, target, reason, f"agent {agent} never confirmed the start while pausing"
+                    )
+                else:
+                    target, reason = lifecycle.after_cancel_unconfirmed(agent, self.cancel_timeout_seconds)
+                    moved = await self._transition_in(conn, fresh, target, reason)
+            if moved:
+                reaped += 1
+                log.warning("job %s: %s", job.id, reason)
+                self._after_commit()
+        return reaped
+
+    async def _release_in(
+        self, conn: AsyncConnection, job: Any, target: JobState, reason: str, pausing_reason: str
+    ) -> bool:
+        """Take a job from its agent, to `target` for `reason` (_transition_in banks the attempt's time in
+        run_seconds); a job asked to pause that has a checkpoint becomes PAUSED instead (`pausing_reason`)."""
         current = JobState(job.state)
         values: dict[str, Any] = {}
         if job.pause_requested and current != JobState.CANCELLING:
@@ -1449,12 +1511,9 @@ class Jobs:
             ).first()
             values["pause_requested"] = False
             if checkpointed is not None:
-                reason = "agent lost while pausing; paused at the latest checkpoint"
+                reason = f"{pausing_reason}; paused at the latest checkpoint"
                 return await self._transition_in(conn, job, JobState.PAUSED, reason, agent_id=None, **values)
-            target, reason = lifecycle.after_agent_lost(job.attempt, job.max_attempts, current)
             reason += " (the pause was dropped: no checkpoint saved yet)"
-        else:
-            target, reason = lifecycle.after_agent_lost(job.attempt, job.max_attempts, current)
         if target == JobState.QUEUED:
             values["agent_id"] = None
         return await self._transition_in(conn, job, target, reason, **values)
@@ -1615,6 +1674,14 @@ class _ReportBatch:
             elif target == JobState.CANCELLED and job.state != JobState.CANCELLING:
                 target = JobState.FAILED  # the process stopped without a terminate: say so
             if JobState(job.state) == target:
+                return
+            if not lifecycle.report_applies(JobState(job.state), target):
+                # The job moved on first (a terminate, the reaper): the late word goes to the log, and the reports
+                # after it are stored rather than refused with the whole batch, again on every resend.
+                note = f"the agent reported {target} ({r.reason or 'no reason'}) after the job became {job.state}"
+                self.logs.append(
+                    dict(job_id=job.id, attempt=r.attempt, stream="service", text=note, recorded_at=r.time)
+                )
                 return
             if target == JobState.SUCCEEDED:
                 extra = {"output_uri": r.output_uri or job.output_uri, "progress": 100.0}
