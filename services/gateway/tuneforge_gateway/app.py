@@ -838,12 +838,28 @@ def create_app(
         """The gateway keeps uploads itself, so it has the catalog check the key before it takes any bytes."""
         await be().auth.WhoAmI(apb.WhoAmIRequest(), timeout=RPC_TIMEOUT_S)
 
+    async def may_upload() -> None:
+        """Spooling bytes is the first half of adding a dataset, so it needs what adding one needs (the member
+        role in the project acted in): a viewer's key must not fill the gateway's disk."""
+        principal = (await be().auth.WhoAmI(apb.WhoAmIRequest(), timeout=RPC_TIMEOUT_S)).principal
+        role = max(
+            (r.role for r in principal.key.roles if r.project_id == principal.project_id), default=apb.ROLE_UNSPECIFIED
+        )
+        # No key id: the services run without keys (or the gateway's own token), so there are no roles.
+        if principal.key.id and not principal.key.superuser and role < apb.ROLE_MEMBER:
+            raise ApiError(
+                403,
+                "PERMISSION_DENIED",
+                f"uploading a dataset needs the member role in project {principal.project_id!r}",
+            )
+
     keyed = [Depends(signed_in)]
+    writing = [Depends(may_upload)]
 
     @app.post(
         "/api/v1/uploads",
         response_model=model_body(UploadState),
-        dependencies=keyed,
+        dependencies=writing,
         responses=error_responses(400, 413),
         status_code=201,
     )
@@ -863,7 +879,7 @@ def create_app(
     @app.put(
         "/api/v1/uploads/{upload_id}",
         response_model=model_body(UploadState),
-        dependencies=keyed,
+        dependencies=writing,
         responses=error_responses(400, 404, 409, 413),
         openapi_extra={
             "parameters": [

@@ -1,0 +1,203 @@
+"""Auth and containment, enumerated from the product itself so a new route or RPC can't slip past unchecked.
+
+REST: every route of the gateway's app (its OpenAPI document plus the routes kept out of it) is either on a
+named public allow-list or refuses every wrong credential, and a refused write changes nothing in either
+database. gRPC: every method of every service in the generated descriptors refuses a missing or revoked key,
+and user keys and agent credentials stay on their own side. Agents report only on their own assignments, and a
+custom method's files can't name anything outside the methods directory. test_tenancy.py has the first checks
+of each (another project's key on object routes, agents speaking for each other); this extends them rather
+than repeating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from tests.helpers import chat_jsonl
+from tests.integration.test_tenancy import (  # noqa: F401  (tenancy is a fixture used by name)
+    BODIES,
+    JOIN_TOKEN,
+    Owned,
+    Tenancy,
+    agent_stub,
+    alpha_with_objects,
+    fill,
+    tenancy,
+)
+from tuneforge_common.db import make_engine
+
+# Routes anyone may call: the probe, the API's own description, the dashboard's shell and its static files
+# (the dashboard asks for a key before it calls the API), and Prometheus' scrape (counters only; the secrets
+# test reads it for leaks). Everything else needs a key.
+PUBLIC_ROUTES = frozenset(
+    {
+        ("GET", "/healthz"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/docs/oauth2-redirect"),
+        ("GET", "/redoc"),
+        ("GET", "/"),
+        ("GET", "/ui/assets/{path}"),
+    }
+)
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+# Writes by verb only: a chat completion reads a deployed model, and a viewer may chat (model_lifecycle.py).
+VIEWER_MAY = frozenset({("POST", "/v1/chat/completions")})
+
+
+def gateway_routes(app: Any) -> list[tuple[str, str]]:
+    """Every (method, path) the gateway serves: its OpenAPI operations, then the routes and mounts kept out of
+    the document (found by walking the router, included routers too)."""
+    found = [(m.upper(), path) for path, ops in app.openapi()["paths"].items() for m in ops]
+
+    def walk(routes: list[Any]) -> Iterator[tuple[str, str]]:
+        for route in routes:
+            if hasattr(route, "original_router"):  # FastAPI's wrapper for an included router
+                yield from walk(route.original_router.routes)
+            elif hasattr(route, "app") and not hasattr(route, "methods"):  # a Mount: one probe path inside
+                yield "GET", route.path + "/{path}"
+            elif not getattr(route, "include_in_schema", True):
+                yield from ((m, route.path) for m in route.methods)
+
+    for method, path in walk(app.routes):
+        if (method, path) not in found and method != "HEAD":
+            found.append((method, path))
+    return found
+
+
+def body_for(method: str, path: str, t: Tenancy, owned: Owned) -> dict[str, Any]:
+    """A request that passes the gateway's own validation, so the status seen is the credential's verdict."""
+    if (method, path) in BODIES:
+        return BODIES[(method, path)]
+    dataset = {"files": {"file": ("s.jsonl", chat_jsonl(2), "application/jsonl")}}
+    bodies: dict[tuple[str, str], dict[str, Any]] = {
+        ("POST", "/api/v1/models"): {"json": {"path": str(t.tmp_path / "alpha-model"), "name": "sneaked"}},
+        ("POST", "/api/v1/datasets"): {**dataset, "data": {"name": "sneaked"}},
+        ("POST", "/v1/files"): {**dataset, "data": {"purpose": "fine-tune"}},
+        ("POST", "/api/v1/uploads"): {"json": {"name": "sneaked", "size": 10}},
+        ("POST", "/api/v1/jobs"): {
+            "json": {"model_id": owned.model_id, "dataset_id": owned.dataset_id, "method_id": "sft-lora"}
+        },
+        ("POST", "/v1/fine_tuning/jobs"): {"json": {"model": owned.model_id, "training_file": owned.dataset_id}},
+        ("POST", "/api/v1/methods"): {
+            "json": {
+                "name": "sneaked",
+                "training_type": "chat",
+                "lifecycle": "customized",
+                "stages": {"training": {"file": "s/train.py", "env": "base"}},
+            }
+        },
+        ("POST", "/api/v1/projects"): {"json": {"name": "sneaked"}},
+        ("POST", "/api/v1/keys"): {"json": {"name": "sneaked", "roles": {owned.project: "admin"}}},
+        ("POST", "/v1/chat/completions"): {
+            "json": {"model": owned.model_id, "messages": [{"role": "user", "content": "hi"}]}
+        },
+        ("POST", "/api/v1/models/{model_id}/deploy"): {"json": {}},
+        ("POST", "/api/v1/models/{model_id}/merge"): {"json": {}},
+        ("GET", "/api/v1/jobs/compare"): {"params": {"job_id": [owned.job_id, owned.job_id]}},
+    }
+    return bodies.get((method, path), {})
+
+
+async def database_state(t: Tenancy) -> dict[str, str]:
+    """A digest of every table of both services' databases: equal before and after means nothing was written."""
+    digests: dict[str, str] = {}
+    for url in (t.catalog_url, t.services_jobs_url):
+        engine = make_engine(url)
+        async with engine.connect() as conn:
+            tables = (
+                await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"))
+            ).scalars()
+            for table in list(tables):
+                rows = (await conn.execute(text(f'SELECT t::text FROM "{table}" t'))).scalars().all()
+                digests[f"{url}/{table}"] = hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
+        await engine.dispose()
+    return digests
+
+
+def files_under(*roots: Path) -> set[str]:
+    return {str(Path(d) / f) for root in roots if root.exists() for d, _, fs in os.walk(root) for f in fs}
+
+
+@pytest.fixture
+async def secured(tenancy, second_postgres_url) -> tuple[Tenancy, Owned]:  # noqa: F811
+    t = tenancy
+    t.services_jobs_url = second_postgres_url  # type: ignore[attr-defined]
+    return t, await alpha_with_objects(t)
+
+
+async def test_the_only_routes_answering_without_a_key_are_the_named_public_ones(secured, figures):
+    t, owned = secured
+    routes = gateway_routes(t.http._transport.app)  # type: ignore[attr-defined]
+    answered = set()
+    for method, path in routes:
+        url = fill(path, owned).replace("{path}", "app.js")
+        resp = await t.http.request(method, url, **body_for(method, path, t, owned))
+        if resp.status_code != 401:
+            answered.add((method, path))
+    # Exactly the allow-list: a route missing from it means it lost its check; one extra, a stale list.
+    assert answered == PUBLIC_ROUTES, (answered - PUBLIC_ROUTES, PUBLIC_ROUTES - answered)
+    figures.record("REST routes enumerated", len(routes), "routes")
+    figures.record("REST routes public (allow-listed)", len(PUBLIC_ROUTES), "routes")
+
+
+async def test_every_protected_route_refuses_each_wrong_credential_and_writes_nothing(secured, figures):
+    t, owned = secured
+    revoked = await t.new_key("leaver", {owned.project: "admin"})
+    leaver_id = (await t.call("GET", "/api/v1/whoami", revoked)).json()["key"]["id"]
+    assert (await t.call("DELETE", f"/api/v1/keys/{leaver_id}", owned.key)).status_code == 200
+    viewer = await t.new_key("viewer", {owned.project: "viewer"})
+    beta = (await t.call("POST", "/api/v1/projects", t.admin, json={"name": "beta"})).json()["id"]
+    bob = await t.new_key("bob", {beta: "admin"})
+    routes = [r for r in gateway_routes(t.http._transport.app) if r not in PUBLIC_ROUTES]  # type: ignore[attr-defined]
+    before = await database_state(t)
+    assert len(before) >= 10  # both services' tables, so the comparison below can see a write
+    uploads_before = files_under(t.tmp_path / "uploads", t.tmp_path / "artifacts")
+    checks = 0
+    for method, path in routes:
+        url = fill(path, owned)
+        kwargs = body_for(method, path, t, owned)
+        # A missing, malformed (wrong scheme, not a key, a real key wrong in its last character) or revoked key.
+        wrong = [{}, {"Authorization": "Basic YWRtaW46YWRtaW4="}, {"Authorization": "Bearer tf_0123_notakey"}]
+        wrong += [t.as_key(owned.key[:-1] + ("0" if owned.key[-1] != "0" else "1")), t.as_key(revoked)]
+        for headers in wrong:
+            resp = await t.http.request(method, url, headers={**headers, **kwargs.get("headers", {})}, **_no_h(kwargs))
+            checks += 1
+            assert resp.status_code == 401, (method, path, headers, resp.status_code, resp.text)
+            if method != "HEAD":  # a HEAD answer has no body
+                assert resp.json()["error"]["code"].upper() == "UNAUTHENTICATED"
+        # Bob naming alpha's project outright: as unknown as a project that does not exist, on every route.
+        resp = await t.http.request(
+            method, url, headers={**t.as_key(bob, owned.project), **kwargs.get("headers", {})}, **_no_h(kwargs)
+        )
+        checks += 1
+        assert resp.status_code == 404, (method, path, resp.status_code, resp.text)
+        assert "alpha" not in resp.text
+        # A key may revoke itself (tried apart below).
+        if method in WRITES and (method, path) not in VIEWER_MAY and path != "/api/v1/keys/{key_id}":
+            resp = await t.http.request(
+                method, url, headers={**t.as_key(viewer), **kwargs.get("headers", {})}, **_no_h(kwargs)
+            )
+            checks += 1
+            # An upload in progress belongs to the key that began it: to any other key it does not exist.
+            allowed = (403, 404) if path.startswith("/api/v1/uploads/{upload_id}") else (403,)
+            assert resp.status_code in allowed, (method, path, resp.status_code, resp.text)
+    assert await database_state(t) == before
+    assert files_under(t.tmp_path / "uploads", t.tmp_path / "artifacts") == uploads_before
+    # A viewer revoking another's key is refused too (its own, it may: that is how a leaked key is killed).
+    alice_id = (await t.call("GET", "/api/v1/whoami", owned.key)).json()["key"]["id"]
+    assert (await t.call("DELETE", f"/api/v1/keys/{alice_id}", viewer)).status_code in (403, 404)
+    assert (await t.call("GET", "/api/v1/whoami", owned.key)).status_code == 200
+    figures.record("REST protected routes x wrong credentials checked", checks, "requests", goal="all refused")
+
+
+def _no_h(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k != "headers"}
