@@ -17,7 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import text
 
 from tests.helpers import chat_jsonl
@@ -31,6 +35,13 @@ from tests.integration.test_tenancy import (  # noqa: F401  (tenancy is a fixtur
     fill,
     tenancy,
 )
+from tuneforge.agent.v1 import agent_pb2, agent_pb2_grpc
+from tuneforge.agent.v1 import agent_pb2 as apb
+from tuneforge.auth.v1 import auth_pb2
+from tuneforge.catalog.v1 import catalog_pb2
+from tuneforge.common.v1 import common_pb2
+from tuneforge.jobs.v1 import inference_pb2, jobs_pb2, lifecycle_pb2
+from tuneforge_common.auth import credentials_metadata
 from tuneforge_common.db import make_engine
 
 # Routes anyone may call: the probe, the API's own description, the dashboard's shell and its static files
@@ -201,3 +212,105 @@ async def test_every_protected_route_refuses_each_wrong_credential_and_writes_no
 
 def _no_h(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k != "headers"}
+
+
+# -- gRPC ---------------------------------------------------------------------------------------------------
+
+PROTO_MODULES = (agent_pb2, auth_pb2, catalog_pb2, common_pb2, inference_pb2, jobs_pb2, lifecycle_pb2)
+# Agent-side RPCs: an agent credential's, never a user key's. JoinAgent is how an agent gets one (public).
+AGENT_SERVICE = "tuneforge.agent.v1.AgentService"
+# Open by design (auth.PUBLIC_METHODS): probes and generic clients' reflection carry no credential.
+OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+
+
+def rpc_methods() -> list[Any]:
+    """Every method of every TuneForge service, from the generated descriptors."""
+    return [m for mod in PROTO_MODULES for s in mod.DESCRIPTOR.services_by_name.values() for m in s.methods]
+
+
+async def served_services(address: str) -> set[str]:
+    """The services a server offers, as reflection lists them to a generic client (no credential)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        async for answer in call:
+            return {s.name for s in answer.list_services_response.service}
+    return set()
+
+
+async def call_rpc(address: str, method: Any, metadata: list[tuple[str, str]]) -> grpc.StatusCode:
+    """Call `method` with an empty request (one, for a request stream) and `metadata`; its status code."""
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    shape = (
+        ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        multicallable = getattr(channel, shape)(
+            path, request_serializer=request_class.SerializeToString, response_deserializer=response_class.FromString
+        )
+        request = iter([request_class()]) if method.client_streaming else request_class()
+        try:
+            call = multicallable(request, metadata=metadata, timeout=10)
+            if method.server_streaming:
+                async for _ in call:
+                    break
+            else:
+                await call
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+
+async def test_every_rpc_refuses_wrong_credentials_and_agents_and_users_keep_to_their_own_side(secured, figures):
+    t, owned = secured
+    joined = await join_agent(t.services.jobs_address, "node-a")
+    revoked = await t.new_key("leaver", {owned.project: "admin"})
+    leaver_id = (await t.call("GET", "/api/v1/whoami", revoked)).json()["key"]["id"]
+    assert (await t.call("DELETE", f"/api/v1/keys/{leaver_id}", owned.key)).status_code == 200
+    forged_agent = "_".join(joined.split("_")[:2] + ["0" * 40])  # a real agent's id, a made-up secret
+    server_of: dict[str, str] = {}
+    for address in (t.services.catalog_address, t.services.jobs_address):
+        server_of |= dict.fromkeys(await served_services(address), address)
+    methods = rpc_methods()
+    # Every service in the protos is served somewhere, so nothing below is skipped for want of a server.
+    assert {m.containing_service.full_name for m in methods} <= set(server_of), server_of
+    before = await database_state(t)
+    checks = 0
+    for method in methods:
+        address = server_of[method.containing_service.full_name]
+        on_agent_side = method.containing_service.full_name == AGENT_SERVICE
+        # No key, a revoked key, an agent credential with a forged secret, the join token as if it were a key.
+        for credential in ("", revoked, forged_agent, JOIN_TOKEN):
+            code = await call_rpc(address, method, credentials_metadata(credential))
+            checks += 1
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (method.full_name, credential[:6], code)
+        if method.name == "JoinAgent":  # public: it checks the join token in the request, absent here
+            continue
+        # A user's key on the agents' side; an agent's credential on the users' side. The catalog knows no
+        # agent credentials at all (agents talk to the jobs service only), so there it is unauthenticated.
+        if on_agent_side:
+            wrong_side, expected = owned.key, grpc.StatusCode.PERMISSION_DENIED
+        elif address == t.services.jobs_address:
+            wrong_side, expected = joined, grpc.StatusCode.PERMISSION_DENIED
+        else:
+            wrong_side, expected = joined, grpc.StatusCode.UNAUTHENTICATED
+        code = await call_rpc(address, method, credentials_metadata(wrong_side))
+        checks += 1
+        assert code == expected, (method.full_name, code)
+    assert await database_state(t) == before
+    # Probes and reflection stay open by design, on both servers.
+    for address in (t.services.catalog_address, t.services.jobs_address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert set(OPEN_SERVICES) <= await served_services(address)
+    figures.record("gRPC methods enumerated", len(methods), "methods")
+    figures.record("gRPC method x credential checks", checks, "calls", goal="all refused")
+
+
+async def join_agent(jobs_address: str, name: str) -> str:
+    async with grpc.aio.insecure_channel(jobs_address) as channel:
+        request = apb.JoinAgentRequest(join_token=JOIN_TOKEN, name=name)
+        return (await agent_pb2_grpc.AgentServiceStub(channel).JoinAgent(request)).credential

@@ -40,6 +40,9 @@ PUBLIC_METHODS = frozenset(
     }
 )
 
+# The agents' side of the API: only trainer agents' credentials call it, and they call nothing else.
+AGENT_SERVICE_PREFIX = "/tuneforge.agent.v1.AgentService/"
+
 
 class Role(IntEnum):
     """Values equal the proto enum tuneforge.auth.v1.Role; each role includes the ones below it."""
@@ -221,7 +224,9 @@ Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
 
 
 class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every call but PUBLIC_METHODS must authenticate; its handler then runs as that principal."""
+    """Every call but PUBLIC_METHODS must authenticate; its handler then runs as that principal. Agents and
+    everyone else keep to their own side: an agent credential calls only the AgentService, and a user's,
+    service's or internal key never does (PERMISSION_DENIED before the request is even looked at)."""
 
     def __init__(self, authenticate: Authenticate, public: Collection[str] = PUBLIC_METHODS) -> None:
         self.authenticate, self.public = authenticate, frozenset(public)
@@ -237,7 +242,22 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
             from .grpcutil import status_for  # grpcutil imports errors only; a top-level import would cycle
 
             return _refusing(handler, status_for(exc))
+        wrong_side = _wrong_side(principal, details.method)
+        if wrong_side:
+            from .grpcutil import status_for
+
+            return _refusing(handler, status_for(PermissionDenied(wrong_side)))
         return _running_as(handler, principal)
+
+
+def _wrong_side(principal: Principal, method: str) -> str:
+    """Why `principal` may not call `method` whatever the request says, or '' when it may."""
+    agent_rpc = method.startswith(AGENT_SERVICE_PREFIX)
+    if principal.kind == "agent" and not agent_rpc:
+        return f"{method}: a trainer agent's credential calls only the agent API"
+    if principal.kind != "agent" and agent_rpc:
+        return f"{method}: the agent API is for trainer agents (they join with a join token), not API keys"
+    return ""
 
 
 def _rebuild(handler: Any, behavior: Any) -> Any:
