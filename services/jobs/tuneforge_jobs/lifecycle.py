@@ -74,7 +74,7 @@ def check_deletable(current: JobState) -> None:
 
 def after_agent_lost(attempt: int, max_attempts: int, current: JobState, agent: str = "") -> tuple[JobState, str]:
     """A lost agent's job is retried until its attempts are spent. `agent` names it in the reason."""
-    who = f" (agent {agent}: its lease lapsed)" if agent else ""
+    who = f" (agent {agent} stopped heartbeating: its lease lapsed)" if agent else ""
     if current == S.CANCELLING:
         return S.CANCELLED, f"agent lost while cancelling{who}"
     if attempt >= max_attempts:

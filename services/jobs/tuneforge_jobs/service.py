@@ -1435,7 +1435,7 @@ class Jobs:
                         )
                     )
                 ).all()
-                who = f"{agent_id} ({agent_name}), no heartbeat for {self.lease_ttl_seconds} s"
+                who = f"{agent_id} ({agent_name})"
                 for job in jobs:
                     target, reason = lifecycle.after_agent_lost(job.attempt, job.max_attempts, JobState(job.state), who)
                     if await self._release_in(conn, job, target, reason, "agent lost while pausing"):
