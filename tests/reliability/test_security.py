@@ -314,3 +314,90 @@ async def join_agent(jobs_address: str, name: str) -> str:
     async with grpc.aio.insecure_channel(jobs_address) as channel:
         request = apb.JoinAgentRequest(join_token=JOIN_TOKEN, name=name)
         return (await agent_pb2_grpc.AgentServiceStub(channel).JoinAgent(request)).credential
+
+
+# -- agents report only on their own assignments ----------------------------------------------------------
+
+
+def forged_reports(job_id: str, attempt: int, agent_id: str, uri: str) -> list[apb.ReportJobRequest]:
+    """One report of each kind an agent sends, all claiming `job_id`."""
+    reports = []
+    for seq, kind in enumerate(("state", "metric", "log", "checkpoint"), start=1):
+        r = apb.ReportJobRequest(job_id=job_id, attempt=attempt, seq=seq, agent_id=agent_id, time_unix=1.0)
+        if kind == "state":
+            r.state.state = apb.REPORTED_STATE_SUCCEEDED
+            r.state.output_uri = uri
+        elif kind == "metric":
+            r.metric.step = 7
+            r.metric.values["loss"] = 0.123
+        elif kind == "log":
+            r.log.text = "forged line"
+        else:
+            r.checkpoint.step = 7
+            r.checkpoint.uri = uri
+        reports.append(r)
+    return reports
+
+
+async def send_report(stub: agent_pb2_grpc.AgentServiceStub, report: apb.ReportJobRequest) -> str:
+    """'refused: <code>' or 'stop: <reason>' or 'stored' for one report on its own stream."""
+    stream = stub.ReportJob()
+    try:
+        await stream.write(report)
+        answer = await stream.read()
+        await stream.done_writing()
+    except grpc.aio.AioRpcError as exc:
+        return f"refused: {exc.code().name}"
+    return f"stop: {answer.reason}" if answer.stop else "stored"
+
+
+async def test_agents_reports_on_a_job_not_assigned_to_them_are_refused_and_nothing_is_stored(secured, figures):
+    t, owned = secured
+    beta = (await t.call("POST", "/api/v1/projects", t.admin, json={"name": "beta"})).json()["id"]
+    bob = await t.new_key("bob", {beta: "admin"})
+    files = {"file": ("b.jsonl", chat_jsonl(4), "application/jsonl")}
+    beta_data = (await t.call("POST", "/api/v1/datasets", bob, files=files, data={"name": "b"})).json()["id"]
+    beta_job = await t.call("POST", "/api/v1/jobs", bob, json={"model_id": "tiny-test", "dataset_id": beta_data})
+    assert beta_job.status_code == 201, beta_job.text
+    beta_job_id = beta_job.json()["id"]
+    a_channel, a = agent_stub(t, await join_agent(t.services.jobs_address, "node-a"))
+    b_channel, b = agent_stub(t, await join_agent(t.services.jobs_address, "node-b"))
+    try:
+        resources = apb.AgentResources(cpu_count=1, memory_bytes=1 << 30, slots=1)
+        a_id = (await a.RegisterAgent(apb.RegisterAgentRequest(name="node-a", resources=resources))).agent_id
+        b_id = (await b.RegisterAgent(apb.RegisterAgentRequest(name="node-b", resources=resources))).agent_id
+        stream = a.StreamAssignments(apb.StreamAssignmentsRequest(agent_id=a_id))
+        assignment = (await stream.read()).assignment  # the oldest job, alpha's
+        stream.cancel()
+        assert assignment.job_id == owned.job_id
+        before = await database_state(t)
+        outside = f"file://{t.tmp_path}/outside/checkpoint-7"
+        attempts = {
+            # B on A's job under its own id, and under A's; B and A on beta's queued job (assigned to nobody);
+            # A on its own job under an earlier attempt (a fenced, stale run).
+            "B on A's job": (b, b_id, owned.job_id, assignment.attempt),
+            "B as A": (b, a_id, owned.job_id, assignment.attempt),
+            "B on beta's job": (b, b_id, beta_job_id, 1),
+            "A on beta's job": (a, a_id, beta_job_id, 1),
+            "A, stale attempt": (a, a_id, owned.job_id, assignment.attempt - 1),
+        }
+        outcomes = []
+        for label, (stub, agent_id, job_id, attempt) in attempts.items():
+            for report in forged_reports(job_id, attempt, agent_id, outside):
+                outcomes.append((label, report.WhichOneof("report"), await send_report(stub, report)))
+        assert all(o[2] != "stored" for o in outcomes), [o for o in outcomes if o[2] == "stored"]
+        # Speaking as another agent is an authorization failure; a job not (or no longer) one's own, a fence
+        # that tells the agent to stop that run.
+        assert {o[2] for o in outcomes if o[0] == "B as A"} == {"refused: PERMISSION_DENIED"}, outcomes
+        assert all(o[2].startswith("stop: ") for o in outcomes if o[0] != "B as A"), outcomes
+        assert await database_state(t) == before
+        assert not (t.tmp_path / "outside").exists()
+    finally:
+        for channel in (a_channel, b_channel):
+            await channel.close()
+    for key, job_id, state in ((owned.key, owned.job_id, "STARTING"), (bob, beta_job_id, "QUEUED")):
+        job = (await t.call("GET", f"/api/v1/jobs/{job_id}", key)).json()
+        assert job["state"] == state, job
+        logs = (await t.call("GET", f"/api/v1/jobs/{job_id}/logs", key)).text
+        assert "forged" not in logs
+    figures.record("forged agent reports refused", len(outcomes), "reports", goal="all, nothing stored")
