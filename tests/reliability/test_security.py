@@ -401,3 +401,67 @@ async def test_agents_reports_on_a_job_not_assigned_to_them_are_refused_and_noth
         logs = (await t.call("GET", f"/api/v1/jobs/{job_id}/logs", key)).text
         assert "forged" not in logs
     figures.record("forged agent reports refused", len(outcomes), "reports", goal="all, nothing stored")
+
+
+# -- a custom method's files stay in the methods directory ----------------------------------------------------
+
+# Stage files are paths relative to the agent's methods directory (methods come as a definition naming files
+# already on the node: no archive or upload of code exists to unpack), so these are the ways out.
+ESCAPING_FILES = (
+    "../x.py",
+    "/etc/passwd",
+    "/etc/x.py",
+    "a/../../b.py",
+    "a/../b.py",
+    "..",
+    "~/x.py",
+    "~root/x.py",
+    "C:/x.py",
+    "a\\..\\..\\x.py",
+    "./../x.py",
+    "a/./../../x.py",
+    " ../x.py",
+    "x.py\n../y.py",
+    "x.py\x00.txt",
+    "",
+)
+ESCAPING_NAMES = ("../x", "a/b", "..", "/abs", "a\\b", ".", "x/../y")
+ESCAPING_ENVS = ("../env", "/usr/bin/python", "a/b", "..", "~/env")
+
+
+def method_definition(name: str = "safe", file: str = "team/train.py", env: str = "base") -> dict[str, Any]:
+    return {
+        "name": name,
+        "training_type": "chat",
+        "lifecycle": "complete",
+        "stages": {"training": {"file": file, "env": env}, "saving": {"file": "team/save.py"}},
+    }
+
+
+async def test_method_files_names_and_environments_that_would_leave_their_directory_are_refused_by_field(
+    secured, figures
+):
+    t, owned = secured
+    before, files_before = await database_state(t), files_under(t.tmp_path)
+    tried: list[tuple[dict[str, Any], str]] = []
+    for bad in ESCAPING_FILES:
+        tried.append((method_definition(file=bad), "definition.stages.training.file"))
+        saving = method_definition()
+        saving["stages"]["saving"]["file"] = bad
+        tried.append((saving, "definition.stages.saving.file"))
+    tried += [(method_definition(name=bad), "definition.name") for bad in ESCAPING_NAMES]
+    tried += [(method_definition(env=bad), "definition.stages.training.env") for bad in ESCAPING_ENVS]
+    for definition, field in tried:
+        resp = await t.call("POST", "/api/v1/methods", owned.key, json=definition)
+        assert resp.status_code == 400, (definition, resp.status_code, resp.text)
+        error = resp.json()["error"]
+        assert field in [v["field"] for v in error.get("violations", [])] or error.get("field") == field, (
+            definition,
+            error,
+        )
+    # Nothing was added: not a row, not a file anywhere under the test's root (artifacts, uploads, models).
+    assert await database_state(t) == before
+    assert files_under(t.tmp_path) == files_before
+    # The same definition with plain paths is accepted, so the refusals above are the paths' doing.
+    assert (await t.call("POST", "/api/v1/methods", owned.key, json=method_definition())).status_code == 201
+    figures.record("custom method escape attempts refused", len(tried), "definitions", goal="all, by field")
