@@ -175,7 +175,8 @@ class LoadResult:
                 f"{name}: RSS start {p['rss_start_mb']:.1f} MB, end {p['rss_end_mb']:.1f} MB, "
                 f"max {p['rss_max_mb']:.1f} MB, "
                 f"growth after warm-up {p['rss_growth_mb']:+.1f} MB ({p['rss_growth_mb_per_min']:+.2f} MB/min); "
-                f"CPU mean {p['cpu_mean_percent']:.0f}%, max {p['cpu_max_percent']:.0f}%"
+                f"CPU mean {p['cpu_mean_percent']:.0f}%, max {p['cpu_max_percent']:.0f}%, "
+                f"{p['cpu_ms_per_report']:.2f} ms per report"
             )
         return "\n".join(lines)
 
@@ -189,6 +190,11 @@ def percentiles(values: array) -> dict[str, float]:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": ordered[-1], "mean": statistics.fmean(ordered)}
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
 
 
 def memory_growth(samples: list[Sample], warmup_s: float) -> tuple[float, float]:
@@ -363,6 +369,10 @@ class Load:
         self.watchers: list[Watcher] = []
         self.samples: dict[str, list[Sample]] = {"jobs": [], "gateway": []}
         self.points_sent = 0
+        self.reports_sent = 0
+        # CPU seconds each process had used when the load started, and has used since (at the last sample).
+        self.cpu_start: dict[str, float] = {}
+        self.cpu_used: dict[str, float] = {}
         self.started = 0.0
         self.admin_metadata = credentials_metadata(self.system.admin_key)
 
@@ -474,6 +484,7 @@ class Load:
                 ),
             )
             self.points_sent += len(values)
+            self.reports_sent += 1
 
     async def _drain(self, reporter: Reporter, background: list[asyncio.Task], limit_s: float = 120) -> None:
         deadline = time.monotonic() + limit_s
@@ -530,13 +541,15 @@ class Load:
 
     async def sample(self) -> None:
         procs = {name: psutil.Process(self.system.procs[name].pid) for name in self.samples}
-        for proc in procs.values():
+        for name, proc in procs.items():
             proc.cpu_percent()  # the first call starts the interval
+            self.cpu_start[name] = _cpu_seconds(proc)
         while True:
             await asyncio.sleep(self.config.sample_s)
             t = time.monotonic() - self.started
             for name, proc in procs.items():
                 self.samples[name].append(Sample(t, proc.memory_info().rss / 2**20, proc.cpu_percent()))
+                self.cpu_used[name] = _cpu_seconds(proc) - self.cpu_start[name]
 
     def watcher_kinds(self) -> list[str]:
         """The kinds alternating while both last (s, g, s, g, ...; then g, s, ... on the next round over the
@@ -617,6 +630,8 @@ class Load:
                 "rss_growth_mb_per_min": per_min,
                 "cpu_mean_percent": statistics.fmean(s.cpu_percent for s in samples),
                 "cpu_max_percent": max(s.cpu_percent for s in samples),
+                # CPU time per metric report: what the load costs the process, however busy the machine is.
+                "cpu_ms_per_report": 1000 * self.cpu_used.get(name, 0.0) / max(1, self.reports_sent),
             }
         config = asdict(cfg) | {"steps": cfg.steps}
         return LoadResult(

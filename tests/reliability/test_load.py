@@ -15,6 +15,12 @@ import pytest
 
 from tests.reliability.conftest import FULL, Figures, scale
 from tests.reliability.load import LoadConfig, run_load
+from tests.rpc.test_jobs_rpc import drain, next_assignment, stubs, submit  # noqa: F401  (stubs: a fixture)
+from tuneforge.agent.v1 import agent_pb2 as apb
+from tuneforge.jobs.v1 import jobs_pb2 as pb
+from tuneforge_jobs import api
+from tuneforge_jobs.notify import Notifier
+from tuneforge_trainer.agent import Reporter
 
 AGENTS, RATE, WATCHERS, SECONDS = scale(fast=(10, 10.0, 20, 20.0), full=(50, 10.0, 100, 600.0))
 P95_GOAL_S = 1.0
@@ -75,3 +81,43 @@ async def test_agents_reporting_under_load_reach_every_watcher_once_in_order(nat
             assert result.latency_s[kind]["p95"] < P95_GOAL_S, f"{kind} p95 {result.latency_s[kind]['p95']:.3f} s"
         for name, proc in result.processes.items():
             assert proc["rss_growth_mb_per_min"] < GROWTH_GOAL_MB_PER_MIN, f"{name} RSS grows: {proc}"
+
+
+# -- what the load found, checked small ----------------------------------------------------------------------------
+
+
+async def test_a_metric_point_wakes_only_its_jobs_watchers_and_a_state_change_wakes_everyone():
+    # Waking every scheduler loop and every job's watchers for each metric report starved the jobs service's
+    # connection pool at 50 agents (heartbeats waited past the lease, jobs were requeued).
+    changes = Notifier()
+    job_a, job_b, scheduler = changes.ticket("job-a"), changes.ticket("job-b"), changes.ticket()
+    changes.notify("job-a")
+    assert (job_a.is_set(), job_b.is_set(), scheduler.is_set()) == (True, False, False)
+    changes.notify()
+    assert (job_b.is_set(), scheduler.is_set()) == (True, True)
+
+
+async def test_a_watcher_of_a_finished_job_gets_every_point_past_the_first_page(stubs):  # noqa: F811
+    # WatchJob read one page (MAX_PAGE rows) per pass and ended once the job was terminal, so a watcher that
+    # started or fell behind by more than a page near the end lost the rest.
+    job = await submit(stubs)
+    agent_id = (
+        await stubs.agents.RegisterAgent(
+            apb.RegisterAgentRequest(name="n1", resources=apb.AgentResources(slots=1)), timeout=5
+        )
+    ).agent_id
+    await next_assignment(stubs, agent_id)
+    reporter = Reporter(agent_id=agent_id)
+    reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING))
+    steps = api.MAX_PAGE + 200
+    for step in range(1, steps + 1):
+        reporter.add(job.id, 1, metric=apb.MetricReport(step=step, values={"loss": 1.0 / step}))
+    reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED))
+    await drain(reporter, stubs)
+
+    seen = [
+        update.metric.step
+        async for update in stubs.jobs.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=30)
+        if update.WhichOneof("update") == "metric"
+    ]
+    assert seen == list(range(1, steps + 1))

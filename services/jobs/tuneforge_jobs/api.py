@@ -371,27 +371,28 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         each once, in the order they were stored; ends after the job reaches a terminal state."""
         event_id, metric_id, log_id = _parse_cursor(request.after_cursor)
         while True:
-            events = await self.jobs.events(request.job_id, event_id, MAX_PAGE)
-            job = await self.jobs.get(request.job_id)
+            changed = self.changes.ticket(request.job_id)
+            events, job, metrics, logs = await self.jobs.watch_page(
+                request.job_id, event_id, metric_id, log_id, MAX_PAGE
+            )
             finished = JobState(job.state) in TERMINAL
-            if finished:
-                # The terminal transition may have committed between the two reads; after it nothing changes.
-                events += await self.jobs.events(job.id, events[-1].id if events else event_id, MAX_PAGE)
             for row in events:
                 event_id = row.id
                 yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), event=event_to_pb(row))
             if events:
                 yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), job=job_to_pb(job))
             # A terminal state is the agent's last report: once it is seen, every metric and log line is stored.
-            for row in await self.jobs.metrics(job.id, [], metric_id, MAX_PAGE):
+            for row in metrics:
                 metric_id = row.id
                 yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), metric=metric_to_pb(row))
-            for row in await self.jobs.logs(job.id, log_id, MAX_PAGE):
+            for row in logs:
                 log_id = row.id
                 yield pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), log=log_to_pb(row))
-            if finished and len(events) < MAX_PAGE:
+            if max(len(events), len(metrics), len(logs)) >= MAX_PAGE:
+                continue  # more is stored already (a watcher starting behind, or catching up after the end)
+            if finished:
                 return
-            await self.changes.wait(WATCH_POLL_S)
+            await self.changes.wait(WATCH_POLL_S, ticket=changed)
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):

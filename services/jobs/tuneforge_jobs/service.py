@@ -223,15 +223,17 @@ class Jobs:
     cancel_timeout_seconds: float = 300.0
     clock: Callable[[], dt.datetime] = utcnow
     on_event: Callable[[], None] | None = None  # wakes the outbox publisher
-    on_change: Callable[[], None] | None = None  # wakes schedulers and watchers
+    on_change: Callable[..., None] | None = None  # wakes schedulers and watchers (with job ids: theirs only)
     checkpoint_keep: int = 3  # checkpoints kept per job when its parameters don't say (save_total_limit)
     join_tokens: tuple[str, ...] = ()  # the operator's secrets that let a new trainer node join
     _dropped_checkpoint_uris: list[str] = field(default_factory=list)
 
-    def _after_commit(self) -> None:
-        for hook in (self.on_event, self.on_change):
-            if hook:
-                hook()
+    def _after_commit(self, *job_ids: str) -> None:
+        """Wake the outbox publisher, and the schedulers and watchers (only these jobs' watchers when given)."""
+        if self.on_event:
+            self.on_event()
+        if self.on_change:
+            self.on_change(*job_ids)
 
     # -- users ----------------------------------------------------------------
 
@@ -1052,6 +1054,36 @@ class Jobs:
     async def logs(self, job_id: str, after_id: int, limit: int) -> list[Any]:
         return await self._rows_after(store.log_lines, job_id, after_id, limit)
 
+    async def watch_page(
+        self, job_id: str, event_id: int, metric_id: int, log_id: int, limit: int
+    ) -> tuple[list[Any], Any, list[Any], list[Any]]:
+        """One pass of a watch on one connection: (the job's transitions after event_id, the job as it is after
+        them, its metric points after metric_id, its log lines after log_id), at most `limit` rows of each kind
+        in the order stored; when the job is terminal, the transitions include any that committed before it was
+        read. Each watcher makes one pass per wake-up, so under load one connection for it instead of one per
+        read kept the pool free for the agents' reports and heartbeats (tests/reliability/load.py)."""
+
+        def after(table: Any, after_id: int) -> Any:
+            return (
+                select(table).where(table.c.job_id == job_id, table.c.id > after_id).order_by(table.c.id).limit(limit)
+            )
+
+        query = select(store.jobs).where(
+            store.jobs.c.id == job_id, project_scope(store.jobs.c.project_id, shared=False)
+        )
+        async with self.engine.connect() as conn:
+            events = list((await conn.execute(after(store.job_events, event_id))).all())
+            job = (await conn.execute(query)).first()
+            if job is None:
+                raise NotFound(f"job {job_id!r} not found")
+            if JobState(job.state) in lifecycle.TERMINAL:
+                # The terminal transition may have committed between the two reads; after it nothing changes.
+                last = events[-1].id if events else event_id
+                events += (await conn.execute(after(store.job_events, last))).all()
+            metrics = list((await conn.execute(after(store.metric_points, metric_id))).all())
+            logs = list((await conn.execute(after(store.log_lines, log_id))).all())
+        return events, job, metrics, logs
+
     # -- state machine --------------------------------------------------------
 
     async def _state_event(
@@ -1576,7 +1608,11 @@ class Jobs:
                 else:
                     await conn.execute(store.report_acks.insert().values(job_id=key[0], attempt=key[1], **values))
         if changed:
-            self._after_commit()
+            if all(r.kind in ("metric", "log") for r in reports):
+                # Points and lines change nothing a scheduler or another job's watcher reads: wake only theirs.
+                self._after_commit(*{job_id for job_id, _ in changed})
+            else:
+                self._after_commit()
         if self._dropped_checkpoint_uris:  # after the commit: a rolled-back drop keeps its files
             uris, self._dropped_checkpoint_uris = self._dropped_checkpoint_uris, []
             await asyncio.to_thread(_remove_uris, uris)
