@@ -19,9 +19,12 @@ from tuneforge_jobs import store
 from tuneforge_jobs.main import reaper
 
 KILLS = scale(3, 10)
-SAVE_STEPS = 2
-# Each attempt must get a checkpoint past the previous kill's step, and some steps must remain after the last kill.
+SAVE_STEPS = 4
+# Each attempt must get a checkpoint past the previous kill's step and train on past it before it is killed, and
+# some steps must remain after the last kill.
 MAX_STEPS = SAVE_STEPS * (KILLS + 1) + 4
+# Killed this many steps past its latest checkpoint, so those steps are trained twice and must be stored once.
+PAST_CHECKPOINT = SAVE_STEPS // 2
 
 
 @pytest.mark.timeout(scale(400, 1200))
@@ -41,15 +44,19 @@ async def test_ten_kill_nines_over_one_job_each_resume_from_the_latest_checkpoin
         for k in range(KILLS):
             floor = kill_steps[-1] if kill_steps else 0
 
-            async def checkpoint_past_last_kill(floor: int = floor, attempt: int = k + 1) -> Any:
+            async def past_a_new_checkpoint(floor: int = floor, attempt: int = k + 1) -> Any:
                 current = await jobs.get(job.id)
                 kept = await jobs.checkpoints(job.id)
-                return kept if current.attempt == attempt and kept and kept[-1].step > floor else None
+                if current.attempt != attempt or not kept or kept[-1].step <= floor:
+                    return None
+                return kept if current.current_step >= kept[-1].step + PAST_CHECKPOINT else None
 
-            kept = await wait_for(checkpoint_past_last_kill, 180, f"attempt {k + 1} to checkpoint past step {floor}")
+            kept = await wait_for(past_a_new_checkpoint, 180, f"attempt {k + 1} to train past a checkpoint > {floor}")
             kill_with_children(agents[-1])
             killed_at = time.monotonic()
-            # Nothing reports after the kill: what is stored now is what the next attempt has to resume from.
+            # Nothing reports after the kill; a batch the service was storing as it died is in once this second is
+            # up: what is stored then is what the next attempt has to resume from.
+            await asyncio.sleep(1)
             kill_steps.append((await jobs.get(job.id)).current_step)
             latest_at_kill.append(max(c.step for c in await jobs.checkpoints(job.id)))
             assert latest_at_kill[-1] >= kept[-1].step
@@ -62,6 +69,7 @@ async def test_ten_kill_nines_over_one_job_each_resume_from_the_latest_checkpoin
             resumed = await wait_for(running_again, 120, f"attempt {k + 2} to run")
             recovery = time.monotonic() - killed_at
             figures.record(f"kill {k + 1}: kill to RUNNING again", recovery, "s", goal="< 30 s")
+            figures.record(f"kill {k + 1}: at step / resumed from", f"{kill_steps[-1]} / {resumed.resumed_from_step}")
             figures.record(f"kill {k + 1}: steps redone", kill_steps[-1] - resumed.resumed_from_step, "steps")
             assert resumed.resumed_from_step == latest_at_kill[-1], (resumed.resumed_from_step, latest_at_kill)
 
@@ -74,6 +82,7 @@ async def test_ten_kill_nines_over_one_job_each_resume_from_the_latest_checkpoin
         logs = "\n".join((tmp_path / f"agent-{n}.log").read_text()[-800:] for n in range(KILLS + 1))
         assert done.state == "SUCCEEDED", f"{done.state_reason}\n{logs}"
         assert done.attempt == KILLS + 1
+        assert all(s > r for s, r in zip(kill_steps, latest_at_kill, strict=True))  # each kill cost trained steps
 
         # Every step once; the steps two attempts trained (past the resume point, up to the kill) keep the value
         # of the later attempt, which the final model continued from.
