@@ -231,7 +231,9 @@ async def test_cancelling_jobs_whose_agent_never_confirms_the_stop_are_cancelled
             agent.reporter.add(job_id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason="pid 1"))
         await agent.drained()
         async with two_reapers(r):
-            await wait_states(r.first, ids, {"RUNNING"}, 10)  # a confirmed start is never reaped
+            await wait_states(r.first, ids, {"RUNNING"}, 10)
+            await asyncio.sleep(START_TIMEOUT + 0.5)
+            assert {(await r.first.get(i)).state for i in ids} == {"RUNNING"}  # a confirmed start is never reaped
             for job_id in ids:
                 await r.first.cancel(job_id)
             rows = await wait_states(r.first, ids, {"CANCELLED"}, CANCEL_TIMEOUT + 30)
