@@ -351,21 +351,28 @@ def _flag_value(value: Any) -> Any:
     return value
 
 
+# The agent's own secrets and where it keeps them (service and join tokens, the bootstrap admin key, database and
+# NATS URLs that may hold passwords, the credential and TLS key files): never handed to a runner, which runs
+# a method's code and would otherwise hold the keys to every project.
+SERVICE_SECRET_ENV = re.compile(r"TUNEFORGE_\w*(TOKEN|KEY|PASSWORD|SECRET|CREDENTIAL|DATABASE_URL|NATS_URL)\w*")
+
+
 def runner_env(
     base: Mapping[str, str], params: dict[str, Any], own: dict[str, str]
 ) -> tuple[dict[str, str], list[str]]:
     """The runner's environment, and the parameter variables left out of it.
 
-    The agent's environment, then each parameter as its variable (LORA_RANK=8), then the agent's own
-    variables for the job (MODEL_PATH, OUTPUT_DIR, TUNEFORGE_JOB_ID, ...), which always win. A parameter
-    never sets a protected variable (PATH, LD_*, PYTHON*, HF_*, CUDA_*, ...: params.protected_env_problem)
-    nor one of the agent's own; the catalog refuses such names in added methods, this holds even if one
-    got stored. A left-out parameter still reaches the runner as its --flag.
+    The agent's environment but its secrets (SERVICE_SECRET_ENV), then each parameter as its variable
+    (LORA_RANK=8), then the agent's own variables for the job (MODEL_PATH, OUTPUT_DIR, TUNEFORGE_JOB_ID, ...),
+    which always win. A parameter never sets a protected variable (PATH, LD_*, PYTHON*, HF_*, CUDA_*, ...:
+    params.protected_env_problem) nor one of the agent's own; the catalog refuses such names in added methods,
+    this holds even if one got stored. A left-out parameter still reaches the runner as its --flag.
     """
     from_params = to_env({k: _flag_value(v) for k, v in params.items()})
     skipped = sorted(k for k in from_params if k in own or protected_env_problem(k))
     kept = {k: v for k, v in from_params.items() if k not in skipped}
-    return {**base, **kept, **own}, skipped
+    inherited = {k: v for k, v in base.items() if not SERVICE_SECRET_ENV.fullmatch(k)}
+    return {**inherited, **kept, **own}, skipped
 
 
 async def run_until_first_failure(*coroutines: Any) -> None:
