@@ -64,6 +64,10 @@ class EmbeddedStack:
     log_files: list = field(default_factory=list)
     # Set on the first start only: the superuser key made for the user, to print once.
     admin_key: str = ""
+    # Settings every service gets on top of the embedded ones (PostgreSQL URLs, short leases for tests).
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    # How each process was started, so restart() starts it again the same way (same port, same settings).
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     def _secrets(self) -> dict[str, str]:
         """The service token and agent join token, made on the first start and kept (mode 0600) so restarts
@@ -96,6 +100,7 @@ class EmbeddedStack:
             args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.data_dir
         )
         self.procs[name] = proc
+        self.commands[name] = (args, env)
         return proc
 
     def _start_nats(self) -> str:
@@ -156,6 +161,7 @@ class EmbeddedStack:
             "TUNEFORGE_AGENT_WORK_DIR": str(self.data_dir / "agent"),
             "TUNEFORGE_GATEWAY_UPLOAD_DIR": str(self.data_dir / "uploads"),
             "TUNEFORGE_AGENT_PYTHON": self.python,
+            **self.env_overrides,
         }
         progress("starting catalog")
         catalog = self._spawn(
@@ -184,6 +190,48 @@ class EmbeddedStack:
             return httpx.get(f"{self.gateway_url}/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def healthy(self, name: str) -> bool:
+        """The gateway answers /healthz; a gRPC service answers its standard health check with SERVING."""
+        if name == "gateway":
+            return self._healthy()
+        if name == "nats":
+            return tcp_open(self.ports["nats"])
+        if name not in ("catalog", "jobs"):
+            return self.procs[name].poll() is None
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports[name]}") as channel:
+            try:
+                resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    def stop_one(self, name: str, sig: signal.Signals = signal.SIGTERM, grace: float = 15.0) -> None:
+        """Stop one process (and its process group): `sig`, then SIGKILL after the grace period."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def start_one(self, name: str, timeout: float = 60) -> None:
+        """Start a stopped process again with the command and environment it first had (so the same ports),
+        and wait until it is healthy."""
+        args, env = self.commands[name]
+        proc = self._spawn(name, args, env)
+        wait_for(lambda: self.healthy(name), f"{name} healthy again", timeout, [proc])
+
+    def restart(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> None:
+        self.stop_one(name, sig)
+        self.start_one(name, timeout)
 
     def first_exit(self) -> tuple[str, int] | None:
         for name, proc in self.procs.items():

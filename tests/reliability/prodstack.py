@@ -1,0 +1,295 @@
+"""A production-like TuneForge for fault tests: the embedded stack's real processes (NATS, catalog, jobs, a trainer
+agent, gateway), but with both services' databases on PostgreSQL, short agent heartbeats, and the means to restart
+one process and to watch a job as its clients do (SSE through the gateway, resuming with Last-Event-ID).
+
+Also a private PostgreSQL cluster (`PrivatePostgres`) that a test may stop and start: the shared server is never
+touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tuneforge_cli.embedded import EmbeddedStack, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "examples" / "datasets" / "sample-chat.jsonl"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+# Short leases: an agent heartbeats every second. The TTL stays long enough that a restarted jobs service (a few
+# seconds of Python start-up on a busy CI machine) does not count a connected agent as lost.
+FAST_LEASES = {
+    "TUNEFORGE_JOBS_HEARTBEAT_INTERVAL_SECONDS": "1",
+    "TUNEFORGE_JOBS_LEASE_TTL_SECONDS": "15",
+    "TUNEFORGE_AUTH_CACHE_SECONDS": "5",
+    "TUNEFORGE_LOG_LEVEL": "INFO",
+}
+
+
+class ProdStack:
+    """The stack, an authenticated HTTP client on its gateway, and restart helpers."""
+
+    def __init__(self, data_dir: Path, catalog_db: str, jobs_db: str, env: dict[str, str] | None = None) -> None:
+        overrides = {
+            **FAST_LEASES,
+            "TUNEFORGE_CATALOG_DATABASE_URL": catalog_db,
+            "TUNEFORGE_JOBS_DATABASE_URL": jobs_db,
+            **(env or {}),
+        }
+        self.embedded = EmbeddedStack(data_dir=data_dir, gateway_port=0, env_overrides=overrides)
+
+    def start(self) -> None:
+        try:
+            self.embedded.start()
+        except Exception:
+            self.embedded.stop(grace=5)
+            raise
+        self.key = self.embedded.admin_key
+        self.url = self.embedded.gateway_url
+        self.http = httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.key}"})
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.http.close()
+        self.embedded.stop(grace=10)
+
+    def restart(self, name: str, sig: signal.Signals = signal.SIGTERM) -> float:
+        """Stop the service, start it again on the same port with the same settings, wait until it is healthy;
+        returns the monotonic time at which it was healthy again."""
+        self.embedded.restart(name, sig, timeout=120)
+        return time.monotonic()
+
+    def log(self, name: str) -> str:
+        return (self.embedded.data_dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def upload_sample_dataset(self) -> str:
+        resp = self.http.post(
+            "/api/v1/datasets", files={"file": ("sample-chat.jsonl", SAMPLE.read_bytes())}, data={"name": "sample"}
+        )
+        assert resp.status_code == 201, resp.text
+        return resp.json()["id"]
+
+    def submit_tiny_job(self, dataset_id: str, max_steps: int, save_steps: int) -> dict[str, Any]:
+        resp = self.http.post(
+            "/api/v1/jobs",
+            json={
+                "model_id": "tiny-chat",
+                "dataset_id": dataset_id,
+                "method_id": "sft-lora",
+                "parameters": {
+                    "max_steps": max_steps,
+                    "save_steps": save_steps,
+                    "batch_size": 2,
+                    "learning_rate": 1e-3,
+                    "lora_rank": 4,
+                    "logging_steps": 1,
+                },
+            },
+        )
+        assert resp.status_code == 201, resp.text
+        return resp.json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        resp = self.http.get(f"/api/v1/jobs/{job_id}")
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def wait_job(self, job_id: str, states: set[str], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                job = self.job(job_id)
+                if job["state"] in states:
+                    return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout:.0f}s: {job}")
+
+    def metric_steps(self, job_id: str, name: str = "loss") -> list[int]:
+        resp = self.http.get(f"/api/v1/jobs/{job_id}/metrics", params={"name": name})
+        assert resp.status_code == 200, resp.text
+        return [int(p["step"]) for p in resp.json()["points"]]
+
+    def log_seqs(self, job_id: str) -> list[int]:
+        seqs: list[int] = []
+        token = ""
+        while True:
+            resp = self.http.get(f"/api/v1/jobs/{job_id}/logs", params={"page_size": 1000, "page_token": token})
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            seqs += [int(line["seq"]) for line in body.get("lines", [])]
+            token = body.get("next_page_token", "")
+            if not token:
+                return seqs
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        resp = self.http.get(f"/api/v1/jobs/{job_id}/history")
+        assert resp.status_code == 200, resp.text
+        return resp.json()["events"]
+
+
+@contextlib.contextmanager
+def prod_stack(data_dir: Path, catalog_db: str, jobs_db: str, env: dict[str, str] | None = None) -> Iterator[ProdStack]:
+    stack = ProdStack(data_dir, catalog_db, jobs_db, env)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@dataclass
+class Seen:
+    at: float  # monotonic time it reached the watcher
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass
+class SseWatcher:
+    """Watches a job's SSE stream through the gateway as a browser's EventSource does: when the connection drops
+    (or the stream ends with an error event) it reconnects after a jittered backoff, sending the last event id it
+    saw as Last-Event-ID. Runs in a thread until the job's terminal snapshot arrives or stop() is called."""
+
+    url: str
+    key: str
+    job_id: str
+    terminal: frozenset[str] = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+    seen: list[Seen] = field(default_factory=list)
+    connects: int = 0
+    errors: list[str] = field(default_factory=list)
+    last_id: str = ""
+    done: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> SseWatcher:
+        threading.Thread(target=self._run, daemon=True, name=f"sse-{self.job_id}").start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def steps(self, name: str = "loss") -> list[int]:
+        return [int(s.data["step"]) for s in self.seen if s.kind == "metric" and s.data["name"] == name]
+
+    def points_after(self, moment: float, name: str = "loss") -> int:
+        return sum(1 for s in list(self.seen) if s.kind == "metric" and s.data["name"] == name and s.at > moment)
+
+    def first_metric_after(self, moment: float, name: str = "loss") -> float:
+        return next(s.at for s in self.seen if s.kind == "metric" and s.data["name"] == name and s.at > moment)
+
+    def _run(self) -> None:
+        import random
+
+        failures = 0
+        while not self._stop.is_set() and not self.done.is_set():
+            headers = {"Authorization": f"Bearer {self.key}"}
+            if self.last_id:
+                headers["Last-Event-ID"] = self.last_id
+            try:
+                with httpx.stream(
+                    "GET",
+                    f"{self.url}/api/v1/jobs/{self.job_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(10, read=30),
+                ) as resp:
+                    if resp.status_code != 200:
+                        raise RuntimeError(f"HTTP {resp.status_code}")
+                    self.connects += 1
+                    failures = 0
+                    self._read(resp)
+            except Exception as exc:  # a restarting gateway: refused, reset, or an error event
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            if self.done.is_set() or self._stop.is_set():
+                return
+            time.sleep(random.uniform(0.5, 1.0) * min(5.0, 0.25 * 2**failures))
+            failures += 1
+
+    def _read(self, resp: httpx.Response) -> None:
+        event_id = kind = ""
+        for line in resp.iter_lines():
+            if self._stop.is_set():
+                return
+            if line.startswith("id: "):
+                event_id = line[4:]
+            elif line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if kind == "error":
+                    raise RuntimeError(f"error event {data}")
+                self.seen.append(Seen(time.monotonic(), kind, data))
+                if event_id:
+                    self.last_id = event_id
+                if kind == "job" and data.get("state") in self.terminal:
+                    self.done.set()
+                    return
+        raise RuntimeError("stream ended before the job did")
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class PrivatePostgres:
+    """A PostgreSQL 15 cluster of the test's own (initdb in a temporary directory, owned by the postgres user), on
+    a free port, that the test may stop and start again; removed at the end."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="tf-pg-"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "pg"
+        self.log = self.dir / "pg.log"
+        self.port = free_port()
+        self._as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"])
+
+    def _as_postgres(self, args: list[str]) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        pg_ctl = str(PG_BIN / "pg_ctl")
+        self._as_postgres([pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start"])
+
+    def stop(self) -> None:
+        self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        async def create() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres")
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        return self.url(name)
+
+    def remove(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
