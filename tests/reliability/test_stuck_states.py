@@ -42,14 +42,14 @@ class Replicas:
     agents: agent_pb2_grpc.AgentServiceStub
 
 
-def replica(engine: Any, max_attempts: int, changes: Notifier | None = None) -> Jobs:
+def replica(engine: Any, max_attempts: int, changes: Notifier | None = None, lease_ttl: int = 60) -> Jobs:
     return Jobs(
         engine=engine,
         catalog=StaticCatalog(),
         artifact_root="/a",
         subject_root="t",
         max_attempts=max_attempts,
-        lease_ttl_seconds=60,  # the agent stays alive: only the stuck-state timeouts may move its jobs
+        lease_ttl_seconds=lease_ttl,  # 60 by default: the agent stays alive, only the stuck-state timeouts move jobs
         heartbeat_interval_seconds=1,
         start_timeout_seconds=START_TIMEOUT,
         cancel_timeout_seconds=CANCEL_TIMEOUT,
@@ -58,12 +58,13 @@ def replica(engine: Any, max_attempts: int, changes: Notifier | None = None) -> 
 
 
 @contextlib.asynccontextmanager
-async def replicas(postgres_url: str, max_attempts: int = 3) -> AsyncIterator[Replicas]:
+async def replicas(postgres_url: str, max_attempts: int = 3, lease_ttl: int = 60) -> AsyncIterator[Replicas]:
     engines = [make_engine(postgres_url), make_engine(postgres_url)]
     await migrate(engines[0], MIGRATIONS, "alembic_version_jobs")
     changes = Notifier()
     r = Replicas()
-    r.first, r.second = replica(engines[0], max_attempts, changes), replica(engines[1], max_attempts)
+    r.first = replica(engines[0], max_attempts, changes, lease_ttl)
+    r.second = replica(engines[1], max_attempts, lease_ttl=lease_ttl)
     server, port = await start_server(api.bindings(r.first, changes), "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     r.agents = agent_pb2_grpc.AgentServiceStub(channel)
@@ -278,3 +279,30 @@ async def test_a_running_report_that_arrives_after_a_terminate_neither_reopens_t
         await agent.drained()
         row = await r.first.get(job.id)
         assert (row.state, row.state_reason) == ("CANCELLED", "terminated")
+
+
+@pytest.mark.timeout(60)
+async def test_a_pause_asked_of_an_agent_that_never_answers_leaves_no_job_stuck(postgres_url):
+    # A pause is asked of the agent (pause_requested); an agent that never confirms the start, or dies, can't answer
+    # it. The one with a checkpoint is PAUSED (and resumable), the one without is requeued with the pause dropped.
+    async with replicas(postgres_url, lease_ttl=4) as r, two_reapers(r):
+        async with FakeAgent(r, slots=2) as agent:
+            running = await r.first.submit("m1", "d1", "sft-lora", {})
+            starting = await r.first.submit("m1", "d1", "sft-lora", {})
+            await agent.take(2)
+            agent.reporter.add(running.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason="pid 1"))
+            agent.reporter.add(running.id, 1, checkpoint=apb.CheckpointReport(step=4, uri="/a/checkpoint-4"))
+            await agent.drained()
+            await r.first.pause(running.id)
+            await r.first.pause(starting.id)
+            (requeued,) = await wait_states(r.first, [starting.id], {"QUEUED", "PAUSED"}, START_TIMEOUT + 30)
+            assert requeued.state == "QUEUED" and not requeued.pause_requested
+            assert "never confirmed the start of attempt 1" in requeued.state_reason
+            assert "the pause was dropped: no checkpoint saved yet" in requeued.state_reason
+            assert (await r.first.get(running.id)).state == "RUNNING"  # its agent lives and confirmed: not reaped
+        # The agent is gone (its heartbeats stop) before it answered the pause.
+        (paused,) = await wait_states(r.first, [running.id], {"PAUSED", "QUEUED", "FAILED"}, 30)
+        assert (paused.state, paused.agent_id, paused.pause_requested) == ("PAUSED", None, False)
+        assert paused.state_reason == "agent lost while pausing; paused at the latest checkpoint"
+        await r.first.resume(running.id)
+        assert (await r.first.get(running.id)).state == "QUEUED"
