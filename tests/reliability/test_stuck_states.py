@@ -17,13 +17,14 @@ import grpc
 import pytest
 from sqlalchemy import select
 
-from tests.integration.test_jobs_service import StaticCatalog
+from tests.integration.test_jobs_service import Clock, StaticCatalog, report
 from tests.reliability.conftest import scale
 from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.grpcutil import start_server
 from tuneforge_jobs import api, store
+from tuneforge_jobs.lifecycle import JobState
 from tuneforge_jobs.main import MIGRATIONS, reaper
 from tuneforge_jobs.notify import Notifier
 from tuneforge_jobs.service import Jobs
@@ -306,3 +307,34 @@ async def test_a_pause_asked_of_an_agent_that_never_answers_leaves_no_job_stuck(
         assert paused.state_reason == "agent lost while pausing; paused at the latest checkpoint"
         await r.first.resume(running.id)
         assert (await r.first.get(running.id)).state == "QUEUED"
+
+
+async def test_the_default_timeouts_reap_exactly_when_they_run_out_on_either_engine(database_url):
+    # A fixed clock on SQLite (the embedded default) and PostgreSQL: not a second early, and at once when due.
+    engine = make_engine(database_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    clock = Clock()
+    jobs = Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="t", clock=clock)
+    try:
+        submitted = await jobs.submit("m1", "d1", "sft-lora", {})
+        agent, _ = await jobs.register_agent("a", {}, 1)
+        await jobs.claim_next(agent)
+        clock.now += dt.timedelta(seconds=jobs.start_timeout_seconds - 1)
+        assert await jobs.reap_stuck_jobs() == 0
+        clock.now += dt.timedelta(seconds=1)
+        assert await jobs.reap_stuck_jobs() == 1
+        assert (await jobs.get(submitted.id)).state == JobState.QUEUED
+        job = await jobs.claim_next(agent)
+        assert job.attempt == 2
+        await jobs.apply_report(agent, report(job, 1, "state", state=JobState.RUNNING))
+        clock.now += dt.timedelta(hours=1)  # RUNNING for an hour: nothing to reap
+        assert await jobs.reap_stuck_jobs() == 0
+        await jobs.cancel(job.id)
+        clock.now += dt.timedelta(seconds=jobs.cancel_timeout_seconds - 1)
+        assert await jobs.reap_stuck_jobs() == 0
+        clock.now += dt.timedelta(seconds=1)
+        assert await jobs.reap_stuck_jobs() == 1
+        assert (await jobs.get(job.id)).state == JobState.CANCELLED
+        assert await jobs.reap_stuck_jobs() == 0
+    finally:
+        await engine.dispose()
