@@ -149,6 +149,7 @@ class LoadResult:
     points_expected: dict[str, int]
     incomplete_watchers: int
     latency_s: dict[str, dict[str, float]]
+    generator_loop_lag_s: dict[str, float]
     throughput: dict[str, float]
     processes: dict[str, dict[str, float]]
     samples: dict[str, list[dict[str, float]]]
@@ -170,6 +171,11 @@ class LoadResult:
                 f"max {lat.get('max', 0) * 1000:.0f} ms"
             )
         lines.append(f"incomplete watchers: {self.incomplete_watchers}")
+        lag = self.generator_loop_lag_s
+        lines.append(
+            f"generator event-loop lag: p50 {lag.get('p50', 0) * 1000:.0f} ms, p99 {lag.get('p99', 0) * 1000:.0f} ms, "
+            f"max {lag.get('max', 0) * 1000:.0f} ms"
+        )
         for name, p in self.processes.items():
             lines.append(
                 f"{name}: RSS start {p['rss_start_mb']:.1f} MB, end {p['rss_end_mb']:.1f} MB, "
@@ -367,7 +373,9 @@ class Load:
         self.sent_at: dict[tuple[str, int], float] = {}
         self.latencies: dict[str, array] = {"sse": array("d"), "grpc": array("d")}
         self.watchers: list[Watcher] = []
-        self.samples: dict[str, list[Sample]] = {"jobs": [], "gateway": []}
+        self.samples: dict[str, list[Sample]] = {"jobs": [], "gateway": [], "generator": []}
+        # How late this process's event loop ran a 0.1 s sleep (s): its own lag adds to every latency measured.
+        self.loop_lag: array = array("d")
         self.points_sent = 0
         self.reports_sent = 0
         # CPU seconds each process had used when the load started, and has used since (at the last sample).
@@ -540,7 +548,8 @@ class Load:
             self.errors.add(f"{watcher.kind} watcher {watcher.index} of job {watcher.job_id}: {exc!r}"[:500])
 
     async def sample(self) -> None:
-        procs = {name: psutil.Process(self.system.procs[name].pid) for name in self.samples}
+        procs = {name: psutil.Process(self.system.procs[name].pid) for name in ("jobs", "gateway")}
+        procs["generator"] = psutil.Process()  # this process: its agents and watchers must keep up too
         for name, proc in procs.items():
             proc.cpu_percent()  # the first call starts the interval
             self.cpu_start[name] = _cpu_seconds(proc)
@@ -567,6 +576,12 @@ class Load:
                 grpc_ -= 1
         return kinds
 
+    async def watch_loop_lag(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.1)
+            self.loop_lag.append(time.monotonic() - before - 0.1)
+
     async def run(self) -> LoadResult:
         cfg = self.config
         job_ids = await self.submit_jobs()
@@ -588,6 +603,7 @@ class Load:
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in opened)), 120)
             self.started = time.monotonic()
             sampler = asyncio.create_task(self.sample())
+            lag = asyncio.create_task(self.watch_loop_lag())
             go.set()
             for i, outcome in enumerate(await asyncio.gather(*agents, return_exceptions=True)):
                 if isinstance(outcome, BaseException):
@@ -598,7 +614,8 @@ class Load:
                 task.cancel()
             elapsed = time.monotonic() - self.started
             sampler.cancel()
-            await asyncio.gather(sampler, *late, return_exceptions=True)
+            lag.cancel()
+            await asyncio.gather(sampler, lag, *late, return_exceptions=True)
         return self.result(elapsed)
 
     def result(self, elapsed: float) -> LoadResult:
@@ -644,6 +661,7 @@ class Load:
             points_expected=expected,
             incomplete_watchers=incomplete,
             latency_s={kind: percentiles(values) for kind, values in self.latencies.items()},
+            generator_loop_lag_s=percentiles(self.loop_lag),
             throughput={
                 "sent_points_per_s": self.points_sent / elapsed,
                 **{f"{kind}_points_per_s": n / elapsed for kind, n in delivered.items()},

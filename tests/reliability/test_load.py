@@ -6,6 +6,7 @@ CI runs it small (10 agents, 20 watchers, 20 s); `make reliability` runs the iss
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import asdict
@@ -121,3 +122,32 @@ async def test_a_watcher_of_a_finished_job_gets_every_point_past_the_first_page(
         if update.WhichOneof("update") == "metric"
     ]
     assert seen == list(range(1, steps + 1))
+
+
+async def test_reports_stored_together_are_acknowledged_to_their_own_stream_only(stubs):  # noqa: F811
+    # The jobs service stores every stream's pending batch in one transaction (api.ReportWriter); each stream
+    # must still hear only of its own jobs, and every report must be stored.
+    first, second = await submit(stubs), await submit(stubs)
+    owners = {}
+    for name in ("n1", "n2"):
+        agent_id = (
+            await stubs.agents.RegisterAgent(
+                apb.RegisterAgentRequest(name=name, resources=apb.AgentResources(slots=1)), timeout=5
+            )
+        ).agent_id
+        owners[(await next_assignment(stubs, agent_id)).job_id] = agent_id
+    assert set(owners) == {first.id, second.id}
+
+    def batch(job_id: str) -> list:
+        return [
+            api.decode_report(
+                apb.ReportJobRequest(
+                    agent_id=owners[job_id], job_id=job_id, attempt=1, seq=step, metric=apb.MetricReport(step=step)
+                )
+            )
+            for step in range(1, 4)
+        ]
+
+    writer = api.ReportWriter(stubs.service)
+    acks = await asyncio.gather(writer.apply(batch(first.id)), writer.apply(batch(second.id)))
+    assert [dict(a) for a in acks] == [{(first.id, 1): 3}, {(second.id, 1): 3}]

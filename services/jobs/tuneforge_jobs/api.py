@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import datetime as dt
 import functools
 import json
@@ -28,7 +29,7 @@ from .inference import InferenceRouter
 from .lifecycle import ON_AGENT, TERMINAL, JobState
 from .notify import Notifier
 from .series import Series
-from .service import Jobs, Report
+from .service import Jobs, Report, ReportAcks
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -395,11 +396,78 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             await self.changes.wait(WATCH_POLL_S, ticket=changed)
 
 
+class ReportWriter:
+    """Stores the batches of every agent's ReportJob stream together: each transaction takes what all the
+    streams have sent while the one before it was being stored.
+
+    One transaction per stream's batch means 500 transactions a second of one report each with 50 agents at
+    10 reports/s (tests/reliability/load.py); storing them together cut the jobs service's CPU per report by a
+    quarter at 10 agents (3.8 -> 2.8 ms, on a busy machine), more as agents are added. A stream still
+    waits for its own batch to be stored before it acknowledges it and sends the next, so each stream's reports
+    keep their order; when a combined transaction fails, each batch in it is stored on its own, so one agent's
+    bad report fails only its own stream, as before.
+    """
+
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        self.waiting: list[tuple[list[Report], asyncio.Future[ReportAcks]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def apply(self, reports: list[Report]) -> ReportAcks:
+        """The acknowledgements of these reports (only theirs) once they are stored."""
+        future: asyncio.Future[ReportAcks] = asyncio.get_running_loop().create_future()
+        self.waiting.append((reports, future))
+        if self.task is None or self.task.done():
+            # Its own context: the writer stores every caller's reports, so it carries none's credentials.
+            self.task = asyncio.create_task(self._store(), context=contextvars.Context())
+        return await future
+
+    async def _store(self) -> None:
+        while self.waiting:
+            taken, size = 0, 0
+            while taken < len(self.waiting) and (taken == 0 or size + len(self.waiting[taken][0]) <= REPORT_BATCH):
+                size += len(self.waiting[taken][0])
+                taken += 1
+            batches, self.waiting = self.waiting[:taken], self.waiting[taken:]
+            batches = [(reports, future) for reports, future in batches if not future.done()]  # callers gone
+            if not batches:
+                continue
+            try:
+                acks = await self.jobs.apply_reports([r for reports, _ in batches for r in reports])
+            except Exception as exc:
+                if len(batches) == 1:
+                    batches[0][1].set_exception(exc)
+                    continue
+                for reports, future in batches:
+                    try:
+                        own = await self.jobs.apply_reports(reports)
+                    except Exception as exc:
+                        if not future.done():
+                            future.set_exception(exc)
+                    else:
+                        if not future.done():
+                            future.set_result(own)
+                continue
+            for reports, future in batches:
+                if not future.done():
+                    future.set_result(_acks_of(acks, reports))
+
+
+def _acks_of(acks: ReportAcks, reports: list[Report]) -> ReportAcks:
+    """The acknowledgements of these reports' (job, attempt)s only: an agent hears of no other agent's jobs."""
+    keys = {(r.job_id, r.attempt) for r in reports}
+    own = ReportAcks()
+    own.update((key, seq) for key, seq in acks.items() if key in keys)
+    own.fenced = {key: why for key, why in acks.fenced.items() if key in keys}
+    return own
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, jobs: Jobs, changes: Notifier, router: InferenceRouter) -> None:
         self.jobs = jobs
         self.changes = changes
         self.router = router
+        self.writer = ReportWriter(jobs)
 
     @map_errors
     async def ServeInference(
@@ -506,7 +574,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 for agent_id in {r.agent_id for r in batch} - checked_agents:
                     await self.jobs.check_agent_caller(agent_id)  # then job ownership is fenced per report
                     checked_agents.add(agent_id)
-                acks = await self.jobs.apply_reports(batch)
+                acks = await self.writer.apply(batch)
                 for (job_id, attempt), seq in acks.items():
                     # A fenced attempt no longer owns its job: its reports were refused and the agent must stop it.
                     why = acks.fenced.get((job_id, attempt), "")
