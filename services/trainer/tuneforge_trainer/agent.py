@@ -57,6 +57,9 @@ NOT_THE_REASON = ("ChildFailedError",)
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
 SERVE_READY = "[serve_ready]:"
 OOM_HINT = "CUDA out of memory: lower batch_size or max_seq_length, or enable gradient_checkpointing / load_in_4bit"
+# Storing a checkpoint or an output into the artifact store: tries, and the wait before the second (then doubled).
+STORE_TRIES = 3
+STORE_RETRY_FIRST_SECONDS = 1.0
 
 
 class AgentSettings(CommonSettings):
@@ -534,6 +537,13 @@ def failure_reason(code: int, stderr_tail: list[str], out_of_memory: bool) -> st
     return f"training process {how}: {line or 'no error output'}"
 
 
+def store_error(exc: BaseException) -> str:
+    """An artifact-store failure as a reason says it: the OS error without the temporary file's path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def metric_report(parsed: dict[str, Any]) -> apb.MetricReport | None:
     details = parsed.get("details") or {}
     if not isinstance(details, dict):
@@ -565,6 +575,8 @@ class JobRun:
         self.fenced = ""  # why the service refused this attempt's reports; it then reports nothing more
         self.pausing = False  # a pause was asked: the runner checkpoints and stops (exit PAUSED_EXIT_CODE)
         self.uploads: list[asyncio.Task] = []  # checkpoints being copied into the artifact store
+        self.stored_steps: list[int] = []  # the checkpoints stored (and reported) so far
+        self.store_failed = ""  # why a checkpoint could not be stored: the run was stopped, and fails with this
         self.gpus: list[int] = []  # the agent's GPUs this run holds (as the agent numbers them)
         self.distributed = False  # started under torchrun, one worker process per GPU
         self.out_of_memory = False  # CUDA said so on stderr
@@ -648,6 +660,8 @@ class JobRun:
             env = self._stage_env(launch, params, own)
             self.log_line("agent", self._describe(launch, self.a.python_env, nproc, env.get("CUDA_VISIBLE_DEVICES")))
             code, stderr_tail = await self._run_stage(cmd, env)
+            if self._checkpoint_lost():
+                return
             if self._stopped(code):
                 return
             if code != 0:
@@ -726,8 +740,14 @@ class JobRun:
         return self.cancelled
 
     async def _store_output_and_succeed(self, output_dir: Path) -> None:
-        store = ArtifactStore(self.agent.settings.artifact_root)
-        await asyncio.to_thread(store.put_dir, str(output_dir), self.a.output_uri)
+        try:
+            await self._store_dir(str(output_dir), self.a.output_uri)
+        except Exception as exc:
+            reason = f"the output could not be stored at {self.a.output_uri}: {store_error(exc)} ({STORE_TRIES} tries)"
+            log.error("job %s attempt %d: %s", *self._id, reason)
+            self.log_line("agent", reason)
+            self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=reason))
+            return
         self.log_line("agent", f"output stored at {self.a.output_uri}")
         self.report(
             state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED, reason="completed", output_uri=self.a.output_uri)
@@ -854,18 +874,67 @@ class JobRun:
         fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
         return str(local)
 
+    async def _store_dir(self, local_dir: str, uri: str) -> None:
+        """ArtifactStore.put_dir (all of the directory under uri, or nothing new), tried STORE_TRIES times with a
+        doubling wait, for what passes (an object store's blip, a moment's contention); raises the last error.
+        Stops early once another checkpoint's store has failed for good: the run is ending anyway."""
+        store = ArtifactStore(self.agent.settings.artifact_root)
+        delay = STORE_RETRY_FIRST_SECONDS
+        for tried in range(1, STORE_TRIES + 1):
+            try:
+                await asyncio.to_thread(store.put_dir, local_dir, uri)
+                return
+            except Exception as exc:
+                if tried == STORE_TRIES or self.store_failed:
+                    raise
+                log.warning("job %s attempt %d: storing %s failed (%s); retrying", *self._id, uri, exc)
+                self.log_line("agent", f"storing {uri} failed: {store_error(exc)}; retrying in {delay:g}s")
+                await asyncio.sleep(delay)
+                delay *= 2
+
     async def _store_checkpoint(self, saved: dict[str, Any]) -> None:
-        """Copy a checkpoint the runner saved into the store, then record it with the service."""
+        """Copy a checkpoint the runner saved into the store, then record it with the service. A checkpoint that
+        can't be stored after the retries stops the run (see _checkpoint_lost)."""
         if not self.a.checkpoint_uri:
             return
-        uri = f"{self.a.checkpoint_uri}/checkpoint-{saved['step']}"
+        step = saved["step"]
+        uri = f"{self.a.checkpoint_uri}/checkpoint-{step}"
         try:
-            await asyncio.to_thread(ArtifactStore(self.agent.settings.artifact_root).put_dir, saved["path"], uri)
-        except OSError as exc:  # rotated away by the runner before the copy, or the store is down: not fatal
-            self.log_line("agent", f"checkpoint at step {saved['step']} not stored: {exc}")
+            await self._store_dir(saved["path"], uri)
+        except Exception as exc:
+            if not await asyncio.to_thread(os.path.isdir, saved["path"]):
+                # Rotated away by the runner (save_total_limit) before it could be copied: a later one follows.
+                self.log_line("agent", f"checkpoint at step {step} not stored: the runner removed it first ({exc})")
+                return
+            latest = f"checkpoint-{max(self.stored_steps)}" if self.stored_steps else "none"
+            reason = (
+                f"checkpoint at step {step} could not be stored at {uri}: {store_error(exc)} ({STORE_TRIES} tries); "
+                f"training stopped rather than go on without checkpoints (latest stored: {latest})"
+            )
+            if not self.store_failed:
+                self.store_failed = reason
+                log.error("job %s attempt %d: %s", *self._id, reason)
+                self.log_line("agent", reason)
+                await self._stop_process()
             return
+        self.stored_steps.append(step)
         metrics = {k: float(v) for k, v in saved["metrics"].items() if isinstance(v, (int, float))}
-        self.report(checkpoint=apb.CheckpointReport(step=saved["step"], uri=uri, metrics=metrics))
+        self.report(checkpoint=apb.CheckpointReport(step=step, uri=uri, metrics=metrics))
+
+    def _checkpoint_lost(self) -> bool:
+        """A checkpoint could not be stored: the run was stopped and fails with why (see below). Not when the run
+        was stopped for another reason with an outcome of its own (terminated, fenced, the agent stopping).
+
+        FAILED rather than a retry through the requeue path: the agent protocol has no "retry me" outcome (a
+        requeue is the service's answer to a *lost* agent, not to a report), and the artifact store is one store
+        shared by every agent, so another attempt elsewhere would meet the same full or read-only store and
+        burn the job's attempts on it. A full disk or a read-only mount is the operator's to fix; the checkpoints
+        stored before stay intact and listed, so nothing trained up to them is lost. Brief faults are absorbed
+        by the retries in _store_dir before it comes to this."""
+        if not self.store_failed or self.cancelled or self.shutting_down or self.fenced:
+            return False
+        self.report(state=apb.StateReport(state=apb.REPORTED_STATE_FAILED, reason=self.store_failed))
+        return True
 
     async def pause(self) -> None:
         """Ask the runner to checkpoint and stop (SIGUSR1); it exits with PAUSED_EXIT_CODE."""
@@ -1041,6 +1110,18 @@ def total_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# Reconnecting to the jobs service: the first wait, doubled per failed try up to the last (seconds).
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 8.0
+
+
+def _brief(exc: BaseException) -> str:
+    """An RPC error as its code and details on one line, anything else as its text."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
+
+
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
@@ -1049,6 +1130,7 @@ class Agent:
         self.runs: dict[str, JobRun] = {}
         self.tasks: set[asyncio.Task] = set()
         self.agent_id = ""
+        self.registrations = 0  # sessions registered so far: a reconnect after one starts its backoff over
         self.free_gpus: list[int] | None = None  # the GPUs no run holds; known once the node is probed
         self.credential_file = Path(settings.agent_credential_file or Path(settings.agent_work_dir) / "credential")
         self.credential = ""
@@ -1075,23 +1157,28 @@ class Agent:
         )
 
     async def run_forever(self) -> None:
-        backoff = 0.5
+        backoff = RECONNECT_FIRST_S
         credentials = call_credentials(lambda: credentials_metadata(self.credential))
         async with open_channel(self.settings.jobs_address, tls=self.tls, interceptors=credentials) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             while True:
+                registered = self.registrations
                 try:
                     await self._authenticate(stub)
                     await self._session(stub)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    delay = backoff * (0.5 + random.random())  # jitter so many agents don't reconnect in step
-                    log.warning("connection to jobs service lost (%s); reconnecting in %.1fs", exc, delay)
+                    if self.registrations != registered:
+                        backoff = RECONNECT_FIRST_S  # the session was up: this is a new outage, start over
+                    # Jittered below the ceiling, so many agents don't reconnect in step and none waits longer
+                    # than RECONNECT_MAX_S, which stays under the lease TTL (an agent back in time keeps its jobs).
+                    delay = backoff * (0.5 + random.random() / 2)
+                    log.warning("connection to jobs service lost (%s); reconnecting in %.1fs", _brief(exc), delay)
                     await asyncio.sleep(delay)
-                    backoff = min(backoff * 2, 15.0)
+                    backoff = min(backoff * 2, RECONNECT_MAX_S)
                 else:
-                    backoff = 0.5
+                    backoff = RECONNECT_FIRST_S
 
     async def _authenticate(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
         """Use the stored credential; without one (or when the service no longer knows it) join with the join
@@ -1132,6 +1219,7 @@ class Agent:
             log.warning("lease lost; stopping %d job(s) the service has requeued", len(self.runs))
             await self.shutdown()
         self.agent_id = self.reporter.agent_id = resp.agent_id
+        self.registrations += 1
         log.info("registered as %s (resumed=%s)", self.agent_id, resp.resumed)
         await run_until_first_failure(
             self._heartbeats(stub, resp.heartbeat_interval_seconds or 3),
