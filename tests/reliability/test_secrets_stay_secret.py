@@ -227,6 +227,17 @@ def test_no_secret_reaches_a_log_an_event_a_metric_or_an_error_and_keys_are_stor
         logs = {m: note(alice.get(f"/api/v1/jobs/{j}/logs", params={"page_size": 1000})).text for m, j in jobs.items()}
         for job_id in jobs.values():
             note(alice.get(f"/api/v1/jobs/{job_id}/history"))
+        metrics = [httpx.get(f"{url}/metrics").text] + [
+            httpx.get(f"http://127.0.0.1:{stack.ports[f'{name}-metrics']}/metrics").text
+            for name in ("catalog", "jobs", "trainer")
+        ]
+        # A backend down: the gateway's and the jobs service's failed calls (exception text, retries) are logged.
+        stack.procs["catalog"].terminate()
+        stack.procs["catalog"].wait(15)
+        for _ in range(3):
+            assert note(alice.get("/api/v1/models")).status_code >= 500
+            note(alice.post("/api/v1/jobs", json={"model_id": model, "dataset_id": dataset.json()["id"]}))
+        metrics.append(httpx.get(f"{url}/metrics").text)  # the gateway's, with the failed calls counted
     assert probe["state"] == "SUCCEEDED", (probe, logs["probe"][-3000:])
     # The symlinked file was never run: the job failed naming why, and the file outside wrote nothing.
     assert escape["state"] == "FAILED" and "outside the methods directory" in escape.get("reason", str(escape))
@@ -254,10 +265,6 @@ def test_no_secret_reaches_a_log_an_event_a_metric_or_an_error_and_keys_are_stor
         if sum(jobs["probe"].encode() in e and b"SUCCEEDED" in e.upper() for e in events):
             break
         time.sleep(0.5)
-    metrics = [httpx.get(f"{url}/metrics").text] + [
-        httpx.get(f"http://127.0.0.1:{stack.ports[f'{name}-metrics']}/metrics").text
-        for name in ("catalog", "jobs", "trainer")
-    ]
     log_files = [p for p in stack.data_dir.rglob("*.log")]
     searched: dict[str, bytes] = {str(p): p.read_bytes() for p in log_files}
     searched |= {f"event {i}": e for i, e in enumerate(events)}
