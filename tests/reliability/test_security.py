@@ -118,10 +118,10 @@ def body_for(method: str, path: str, t: Tenancy, owned: Owned) -> dict[str, Any]
     return bodies.get((method, path), {})
 
 
-async def database_state(t: Tenancy) -> dict[str, str]:
+async def database_state(urls: tuple[str, ...]) -> dict[str, str]:
     """A digest of every table of both services' databases: equal before and after means nothing was written."""
     digests: dict[str, str] = {}
-    for url in (t.catalog_url, t.services_jobs_url):
+    for url in urls:
         engine = make_engine(url)
         async with engine.connect() as conn:
             tables = (
@@ -139,14 +139,14 @@ def files_under(*roots: Path) -> set[str]:
 
 
 @pytest.fixture
-async def secured(tenancy, second_postgres_url) -> tuple[Tenancy, Owned]:  # noqa: F811
-    t = tenancy
-    t.services_jobs_url = second_postgres_url  # type: ignore[attr-defined]
-    return t, await alpha_with_objects(t)
+async def secured(tenancy, postgres_url, second_postgres_url) -> tuple[Tenancy, Owned, tuple[str, ...]]:  # noqa: F811
+    """test_tenancy's stack (catalog, jobs, gateway; keys checked as main() wires them), project alpha's
+    objects, and the two services' database URLs."""
+    return tenancy, await alpha_with_objects(tenancy), (postgres_url, second_postgres_url)
 
 
 async def test_the_only_routes_answering_without_a_key_are_the_named_public_ones(secured, figures):
-    t, owned = secured
+    t, owned, databases = secured
     routes = gateway_routes(t.http._transport.app)  # type: ignore[attr-defined]
     answered = set()
     for method, path in routes:
@@ -161,7 +161,7 @@ async def test_the_only_routes_answering_without_a_key_are_the_named_public_ones
 
 
 async def test_every_protected_route_refuses_each_wrong_credential_and_writes_nothing(secured, figures):
-    t, owned = secured
+    t, owned, databases = secured
     revoked = await t.new_key("leaver", {owned.project: "admin"})
     leaver_id = (await t.call("GET", "/api/v1/whoami", revoked)).json()["key"]["id"]
     assert (await t.call("DELETE", f"/api/v1/keys/{leaver_id}", owned.key)).status_code == 200
@@ -169,7 +169,7 @@ async def test_every_protected_route_refuses_each_wrong_credential_and_writes_no
     beta = (await t.call("POST", "/api/v1/projects", t.admin, json={"name": "beta"})).json()["id"]
     bob = await t.new_key("bob", {beta: "admin"})
     routes = [r for r in gateway_routes(t.http._transport.app) if r not in PUBLIC_ROUTES]  # type: ignore[attr-defined]
-    before = await database_state(t)
+    before = await database_state(databases)
     assert len(before) >= 10  # both services' tables, so the comparison below can see a write
     uploads_before = files_under(t.tmp_path / "uploads", t.tmp_path / "artifacts")
     checks = 0
@@ -201,7 +201,7 @@ async def test_every_protected_route_refuses_each_wrong_credential_and_writes_no
             # An upload in progress belongs to the key that began it: to any other key it does not exist.
             allowed = (403, 404) if path.startswith("/api/v1/uploads/{upload_id}") else (403,)
             assert resp.status_code in allowed, (method, path, resp.status_code, resp.text)
-    assert await database_state(t) == before
+    assert await database_state(databases) == before
     assert files_under(t.tmp_path / "uploads", t.tmp_path / "artifacts") == uploads_before
     # A viewer revoking another's key is refused too (its own, it may: that is how a leaked key is killed).
     alice_id = (await t.call("GET", "/api/v1/whoami", owned.key)).json()["key"]["id"]
@@ -264,7 +264,7 @@ async def call_rpc(address: str, method: Any, metadata: list[tuple[str, str]]) -
 
 
 async def test_every_rpc_refuses_wrong_credentials_and_agents_and_users_keep_to_their_own_side(secured, figures):
-    t, owned = secured
+    t, owned, databases = secured
     joined = await join_agent(t.services.jobs_address, "node-a")
     revoked = await t.new_key("leaver", {owned.project: "admin"})
     leaver_id = (await t.call("GET", "/api/v1/whoami", revoked)).json()["key"]["id"]
@@ -276,7 +276,7 @@ async def test_every_rpc_refuses_wrong_credentials_and_agents_and_users_keep_to_
     methods = rpc_methods()
     # Every service in the protos is served somewhere, so nothing below is skipped for want of a server.
     assert {m.containing_service.full_name for m in methods} <= set(server_of), server_of
-    before = await database_state(t)
+    before = await database_state(databases)
     checks = 0
     for method in methods:
         address = server_of[method.containing_service.full_name]
@@ -299,7 +299,7 @@ async def test_every_rpc_refuses_wrong_credentials_and_agents_and_users_keep_to_
         code = await call_rpc(address, method, credentials_metadata(wrong_side))
         checks += 1
         assert code == expected, (method.full_name, code)
-    assert await database_state(t) == before
+    assert await database_state(databases) == before
     # Probes and reflection stay open by design, on both servers.
     for address in (t.services.catalog_address, t.services.jobs_address):
         async with grpc.aio.insecure_channel(address) as channel:
@@ -352,7 +352,7 @@ async def send_report(stub: agent_pb2_grpc.AgentServiceStub, report: apb.ReportJ
 
 
 async def test_agents_reports_on_a_job_not_assigned_to_them_are_refused_and_nothing_is_stored(secured, figures):
-    t, owned = secured
+    t, owned, databases = secured
     beta = (await t.call("POST", "/api/v1/projects", t.admin, json={"name": "beta"})).json()["id"]
     bob = await t.new_key("bob", {beta: "admin"})
     files = {"file": ("b.jsonl", chat_jsonl(4), "application/jsonl")}
@@ -370,7 +370,7 @@ async def test_agents_reports_on_a_job_not_assigned_to_them_are_refused_and_noth
         assignment = (await stream.read()).assignment  # the oldest job, alpha's
         stream.cancel()
         assert assignment.job_id == owned.job_id
-        before = await database_state(t)
+        before = await database_state(databases)
         outside = f"file://{t.tmp_path}/outside/checkpoint-7"
         attempts = {
             # B on A's job under its own id, and under A's; B and A on beta's queued job (assigned to nobody);
@@ -390,7 +390,7 @@ async def test_agents_reports_on_a_job_not_assigned_to_them_are_refused_and_noth
         # that tells the agent to stop that run.
         assert {o[2] for o in outcomes if o[0] == "B as A"} == {"refused: PERMISSION_DENIED"}, outcomes
         assert all(o[2].startswith("stop: ") for o in outcomes if o[0] != "B as A"), outcomes
-        assert await database_state(t) == before
+        assert await database_state(databases) == before
         assert not (t.tmp_path / "outside").exists()
     finally:
         for channel in (a_channel, b_channel):
@@ -441,8 +441,8 @@ def method_definition(name: str = "safe", file: str = "team/train.py", env: str 
 async def test_method_files_names_and_environments_that_would_leave_their_directory_are_refused_by_field(
     secured, figures
 ):
-    t, owned = secured
-    before, files_before = await database_state(t), files_under(t.tmp_path)
+    t, owned, databases = secured
+    before, files_before = await database_state(databases), files_under(t.tmp_path)
     tried: list[tuple[dict[str, Any], str]] = []
     for bad in ESCAPING_FILES:
         tried.append((method_definition(file=bad), "definition.stages.training.file"))
@@ -460,7 +460,7 @@ async def test_method_files_names_and_environments_that_would_leave_their_direct
             error,
         )
     # Nothing was added: not a row, not a file anywhere under the test's root (artifacts, uploads, models).
-    assert await database_state(t) == before
+    assert await database_state(databases) == before
     assert files_under(t.tmp_path) == files_before
     # The same definition with plain paths is accepted, so the refusals above are the paths' doing.
     assert (await t.call("POST", "/api/v1/methods", owned.key, json=method_definition())).status_code == 201
