@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -204,7 +205,13 @@ async def test_a_checkpoint_store_fault_fails_the_job_with_the_reason_and_keeps_
         assert partial == []
         assert f"checkpoint-{failed_step}" not in after
         leftovers = [p.name for p in parent.iterdir() if p.name.startswith(".")]
-        assert leftovers == []
+        if fault == "read-only":
+            # The kernel remounts read-only only while no file is open for writing, so the fault lands between
+            # stores, or (rarely) between two files of one: then the temporary can't be removed, as nothing can
+            # on a read-only store. It is hidden under its temporary name, never taken for a checkpoint.
+            assert all(re.fullmatch(r"\.checkpoint-\d+\.tmp-[0-9a-f]{32}", name) for name in leftovers), leftovers
+        else:
+            assert leftovers == []
 
         # The service's resume point is still the latest stored checkpoint, and it loads.
         kept = await jobs.checkpoints(job.id)
@@ -227,7 +234,8 @@ async def test_a_checkpoint_store_fault_fails_the_job_with_the_reason_and_keeps_
             f"{fault}: seconds from the first failed store to the job's end", stopped_after, "s", goal="< 10 s"
         )
         figures.record(f"{fault}: bytes of earlier checkpoints verified identical", verified, "B", goal="> 0")
-        figures.record(f"{fault}: partial checkpoint directories left", len(partial) + len(leftovers), goal="0")
+        figures.record(f"{fault}: partial checkpoint directories left under a final name", len(partial), goal="0")
+        figures.record(f"{fault}: temporary directories left", len(leftovers), goal="0")
     finally:
         if agent.poll() is None:
             kill_with_children(agent)
