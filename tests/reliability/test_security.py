@@ -270,6 +270,14 @@ async def test_every_rpc_refuses_wrong_credentials_and_agents_and_users_keep_to_
     leaver_id = (await t.call("GET", "/api/v1/whoami", revoked)).json()["key"]["id"]
     assert (await t.call("DELETE", f"/api/v1/keys/{leaver_id}", owned.key)).status_code == 200
     forged_agent = "_".join(joined.split("_")[:2] + ["0" * 40])  # a real agent's id, a made-up secret
+    # A node's credential revoked as an operator does (there is no API for it: the row's revoked_at).
+    revoked_agent = await join_agent(t.services.jobs_address, "node-gone")
+    engine = make_engine(databases[1])
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE agent_credentials SET revoked_at = now() WHERE id = :id"), {"id": revoked_agent.split("_")[1]}
+        )
+    await engine.dispose()
     server_of: dict[str, str] = {}
     for address in (t.services.catalog_address, t.services.jobs_address):
         server_of |= dict.fromkeys(await served_services(address), address)
@@ -281,8 +289,8 @@ async def test_every_rpc_refuses_wrong_credentials_and_agents_and_users_keep_to_
     for method in methods:
         address = server_of[method.containing_service.full_name]
         on_agent_side = method.containing_service.full_name == AGENT_SERVICE
-        # No key, a revoked key, an agent credential with a forged secret, the join token as if it were a key.
-        for credential in ("", revoked, forged_agent, JOIN_TOKEN):
+        # No key, a revoked key, an agent credential revoked or with a forged secret, the join token as a key.
+        for credential in ("", revoked, revoked_agent, forged_agent, JOIN_TOKEN):
             code = await call_rpc(address, method, credentials_metadata(credential))
             checks += 1
             assert code == grpc.StatusCode.UNAUTHENTICATED, (method.full_name, credential[:6], code)
