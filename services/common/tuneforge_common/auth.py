@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -22,6 +23,8 @@ from typing import Any, TypeGuard
 import grpc
 
 from .errors import DomainError, NotFound, PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
 
 AUTHORIZATION = "authorization"
 PROJECT = "x-tuneforge-project"
@@ -238,9 +241,13 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
         metadata = {k.lower(): v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
         try:
             principal = await self.authenticate(metadata)
-        except DomainError as exc:
+        except Exception as exc:
             from .grpcutil import status_for  # grpcutil imports errors only; a top-level import would cycle
 
+            # Looking the key up may fail too (the database or the catalog restarting): the caller then gets
+            # UNAVAILABLE to retry, or INTERNAL, never grpc's UNKNOWN carrying the exception's text.
+            if not isinstance(exc, DomainError):
+                log.warning("authentication refused a call: %s", type(exc).__name__)
             return _refusing(handler, status_for(exc))
         wrong_side = _wrong_side(principal, details.method)
         if wrong_side:

@@ -70,3 +70,31 @@ class ViolationCollector:
 
 class Unavailable(DomainError):
     """A dependency (another service) cannot be reached; the client may retry."""
+
+
+# SQLSTATEs of a database that is down, restarting or full of connections: class 08 (connection exception),
+# admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections.
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The service's database (or a connection it needs) is down or restarting, so the same call may work after a
+    retry: a refused or reset connection, a PostgreSQL connection-class SQLSTATE, a SQLAlchemy error whose
+    connection was invalidated, or a pool timeout. Recognised by attributes, so no driver is imported here."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, ConnectionError) or getattr(err, "connection_invalidated", False):
+            return True
+        sqlstate = getattr(err, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        if type(err).__module__ == "sqlalchemy.exc" and type(err).__name__ == "TimeoutError":
+            return True
+        orig = getattr(err, "orig", None)
+        todo += [err.__cause__, err.__context__, orig if isinstance(orig, BaseException) else None]
+    return False

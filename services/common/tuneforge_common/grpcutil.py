@@ -51,6 +51,9 @@ def status_for(exc: BaseException) -> grpc.Status:
     if isinstance(exc, errors.DomainError):
         code = next((c for cls, c in _CODES.items() if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
         message = exc.message
+    elif errors.is_unavailable(exc):
+        # The database is down or restarting: a clear, retryable UNAVAILABLE (HTTP 503), not an internal error.
+        code, message = grpc.StatusCode.UNAVAILABLE, "the service's database is unavailable; retry shortly"
     else:
         code, message = grpc.StatusCode.INTERNAL, "internal error"
     violations = list(exc.violations) if isinstance(exc, errors.InvalidArgument) else []
@@ -84,7 +87,9 @@ def _clip(text: str, limit: int) -> str:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    if not isinstance(exc, errors.DomainError):
+    if errors.is_unavailable(exc):
+        log.warning("RPC refused, the database is unavailable: %s", type(exc).__name__)
+    elif not isinstance(exc, errors.DomainError):
         log.exception("unhandled error in RPC", exc_info=exc)
     st = status_for(exc)
     await context.abort(st.code, st.details, st.trailing_metadata)
