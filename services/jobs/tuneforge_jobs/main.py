@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from pydantic import Field
@@ -14,6 +15,7 @@ from tuneforge_common.auth import KeyAuthenticator, ServerAuthInterceptor
 from tuneforge_common.auth_client import remote_key_lookup
 from tuneforge_common.config import CommonSettings, require_service_token
 from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.errors import is_unavailable
 from tuneforge_common.events import OutboxPublisher
 from tuneforge_common.grpcutil import serve_metrics, start_server
 from tuneforge_common.logs import setup_logging
@@ -59,13 +61,25 @@ class JobsSettings(CommonSettings):
 
 
 async def reaper(jobs: Jobs, interval: float) -> None:
-    """Lost agents' jobs, then jobs stuck STARTING or CANCELLING on a live agent, every `interval` seconds."""
+    """Lost agents' jobs, then jobs stuck STARTING or CANCELLING on a live agent, every `interval` seconds.
+
+    An agent is judged lost only once this process has been able to hear it for a whole lease: while this process
+    was not running, or its database was unreachable, no heartbeat could be recorded, so an agent whose lease looks
+    lapsed in the table may have been heartbeating all along (it reconnects with backoff). Reaping it at once would
+    requeue every running job after a jobs-service restart or a database outage longer than the lease.
+    """
+    hearing_since = time.monotonic()
     while True:
         try:
-            await jobs.reap_lost_agents()
+            if time.monotonic() - hearing_since >= jobs.lease_ttl_seconds:
+                await jobs.reap_lost_agents()
             await jobs.reap_stuck_jobs()
-        except Exception:  # keep reaping after a transient DB error
-            log.exception("reaper pass failed")
+        except Exception as exc:  # keep reaping after a transient DB error
+            if is_unavailable(exc):
+                log.warning("reaper pass skipped: the database is unavailable")
+            else:
+                log.exception("reaper pass failed")
+            hearing_since = time.monotonic()
         await asyncio.sleep(interval)
 
 
