@@ -25,7 +25,8 @@ import nats
 import pytest
 from sqlalchemy import text
 
-from tuneforge_cli.embedded import EmbeddedStack
+from tests.helpers import write_fake_model_dir
+from tuneforge_cli.embedded import BUILTIN_MODEL, EmbeddedStack
 from tuneforge_common.auth import hash_secret
 from tuneforge_common.db import make_engine
 from tuneforge_trainer.agent import runner_env
@@ -158,6 +159,9 @@ def stack(tmp_path, postgres_url, second_postgres_url):
     outside.mkdir()
     (outside / "evil.py").write_text(EVIL)
     (methods / "linked").symlink_to(outside)
+    # The method below never loads its model, so a Hugging Face-shaped stand-in replaces the built-in tiny model
+    # (building that takes half a minute on a busy CI machine); the stack builds one only when none is there.
+    write_fake_model_dir(data_dir / "models" / BUILTIN_MODEL)
     running = PostgresStack(data_dir, with_password(postgres_url), with_password(second_postgres_url))
     try:
         running.start()
