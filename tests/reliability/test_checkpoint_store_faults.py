@@ -4,7 +4,8 @@ The job ends FAILED with a reason naming the step, the URI and the OS error (no 
 checkpoints); the checkpoints stored before stay byte-identical and loadable, still the resume point the service
 lists; no partial checkpoint-N directory exists under a final name and no temporary directory is left behind.
 Real agent process, real sft-lora runner on the tiny model, the jobs service on PostgreSQL, the store on a small
-tmpfs mounted for the test. The put_dir unit tests at the top need no mount.
+tmpfs mounted for the test. The put_dir tests and the in-process agent tests before them need no mount: a source
+file that can't be read (EIO, even for root) fails a copy midway.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import json
 import os
 import re
 import subprocess
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
 
 from tests.integration.test_agent_failover import kill_with_children, serve_jobs, start_agent
 from tests.reliability.conftest import scale
+from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge_common.artifacts import MARKER, ArtifactStore
 
 # A file that exists and can't be read (EIO at offset 0), even for root: a source file failing mid-copy.
@@ -104,6 +108,104 @@ def test_put_dir_on_an_object_store_writes_its_marker_last_and_removes_a_failed_
         assert fs.exists(store.path_of(store.uri("checkpoint-4", MARKER)))
     finally:
         fs.rm(store.path_of(root), recursive=True)
+
+
+# --- the agent, in-process, with a script for a runner ----------------------------------------------------------
+
+
+def run_script(tmp_path: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An in-process agent running `body` as a job's training file; its reports stay in agent.reporter."""
+    from tuneforge_trainer import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "STORE_RETRY_FIRST_SECONDS", 0.05)  # the tries, not the waits, are checked
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(body))
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    agent = agent_mod.Agent(
+        agent_mod.AgentSettings(
+            agent_work_dir=str(tmp_path / "work"),
+            artifact_root=str(tmp_path / "store"),
+            agent_terminate_grace_seconds=5,
+        )
+    )
+    agent._start(
+        apb.JobAssignment(
+            job_id="job-1",
+            attempt=1,
+            entrypoint=str(script),
+            model_uri=str(tmp_path),
+            dataset_uri=str(tmp_path / "d.jsonl"),
+            output_uri=str(tmp_path / "store" / "output"),
+            checkpoint_uri=str(tmp_path / "store" / "checkpoints"),
+        )
+    )
+    return agent
+
+
+async def outcome(agent: Any) -> tuple[int, str]:
+    for _ in range(600):
+        if not agent.runs:
+            break
+        await asyncio.sleep(0.05)
+    assert not agent.runs, "the run did not end"
+    states = [p.request.state for p in agent.reporter.pending if p.request.WhichOneof("report") == "state"]
+    return states[-1].state, states[-1].reason
+
+
+async def test_a_checkpoint_that_cant_be_stored_stops_the_runner_and_fails_the_job_naming_step_uri_and_error(
+    tmp_path, monkeypatch
+):
+    src = with_unreadable_file(make_checkpoint(tmp_path / "saved" / "checkpoint-4", "4"))
+    agent = run_script(
+        tmp_path,
+        f"""
+        import json, time
+        print("[checkpoint]: " + json.dumps({{"step": 4, "path": "{src}", "metrics": {{}}}}), flush=True)
+        time.sleep(120)  # trains on: the agent must stop it
+        """,
+        monkeypatch,
+    )
+    started = time.monotonic()
+    state, reason = await outcome(agent)
+    assert time.monotonic() - started < 60  # stopped, not run to its end
+    assert state == apb.REPORTED_STATE_FAILED
+    uri = f"{tmp_path / 'store' / 'checkpoints' / 'checkpoint-4'}"
+    assert reason.startswith(f"checkpoint at step 4 could not be stored at {uri}: [Errno 5] Input/output error"), reason
+    assert "(3 tries)" in reason and "latest stored: none" in reason
+    assert not any(p.request.WhichOneof("report") == "checkpoint" for p in agent.reporter.pending)
+    assert list((tmp_path / "store" / "checkpoints").iterdir()) == []
+
+
+async def test_a_checkpoint_the_runner_rotated_away_before_its_copy_is_skipped_not_fatal(tmp_path, monkeypatch):
+    agent = run_script(
+        tmp_path,
+        f"""
+        import json
+        print("[checkpoint]: " + json.dumps({{"step": 2, "path": "{tmp_path / "gone"}", "metrics": {{}}}}), flush=True)
+        """,
+        monkeypatch,
+    )
+    state, reason = await outcome(agent)
+    assert state == apb.REPORTED_STATE_SUCCEEDED, reason
+    assert not any(p.request.WhichOneof("report") == "checkpoint" for p in agent.reporter.pending)
+    assert not (tmp_path / "store" / "checkpoints").exists()  # nothing stored for it, not even an empty one
+
+
+async def test_an_output_that_cant_be_stored_fails_the_job_with_the_uri_and_error(tmp_path, monkeypatch):
+    agent = run_script(
+        tmp_path,
+        f"""
+        import os
+        os.makedirs("{tmp_path / "work" / "job-1" / "attempt-1" / "output"}", exist_ok=True)
+        os.symlink("{UNREADABLE}", "{tmp_path / "work" / "job-1" / "attempt-1" / "output" / "adapter.bin"}")
+        """,
+        monkeypatch,
+    )
+    state, reason = await outcome(agent)
+    assert state == apb.REPORTED_STATE_FAILED
+    uri = tmp_path / "store" / "output"
+    assert reason == f"the output could not be stored at {uri}: [Errno 5] Input/output error (3 tries)"
+    assert not (tmp_path / "store" / "output").exists()
 
 
 # --- a real run whose store fails --------------------------------------------------------------------------------

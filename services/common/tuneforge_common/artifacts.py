@@ -80,6 +80,8 @@ class ArtifactStore:
         held nothing before. Readers never depend on the marker alone: a checkpoint is only listed (and so
         resumed from) once the agent reported it, which it does after this returns.
         """
+        if not os.path.isdir(local_dir):  # e.g. a checkpoint the runner rotated away: never stored empty
+            raise FileNotFoundError(errno.ENOENT, "no such directory to store", local_dir)
         if self.is_local:
             _put_dir_local(local_dir, self.path_of(uri).rstrip("/"))
             return

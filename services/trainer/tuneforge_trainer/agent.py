@@ -740,6 +740,8 @@ class JobRun:
         return self.cancelled
 
     async def _store_output_and_succeed(self, output_dir: Path) -> None:
+        # A run that saved nothing has an empty output, as ever (put_dir refuses a missing directory).
+        await asyncio.to_thread(output_dir.mkdir, parents=True, exist_ok=True)
         try:
             await self._store_dir(str(output_dir), self.a.output_uri)
         except Exception as exc:
@@ -885,8 +887,8 @@ class JobRun:
                 await asyncio.to_thread(store.put_dir, local_dir, uri)
                 return
             except Exception as exc:
-                if tried == STORE_TRIES or self.store_failed:
-                    raise
+                if tried == STORE_TRIES or self.store_failed or not await asyncio.to_thread(os.path.isdir, local_dir):
+                    raise  # the last try, the run is ending, or nothing left to store (rotated away by the runner)
                 log.warning("job %s attempt %d: storing %s failed (%s); retrying", *self._id, uri, exc)
                 self.log_line("agent", f"storing {uri} failed: {store_error(exc)}; retrying in {delay:g}s")
                 await asyncio.sleep(delay)
