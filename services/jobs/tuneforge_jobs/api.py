@@ -8,6 +8,7 @@ import contextvars
 import datetime as dt
 import functools
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +35,7 @@ from .service import Jobs, Report, ReportAcks
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 WATCH_POLL_S = 1.0
+WATCH_PASS_S = 0.25
 REPORT_BATCH = 1000
 _REPORTED = {
     apb.REPORTED_STATE_RUNNING: JobState.RUNNING,
@@ -371,7 +373,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         """Every state transition (with the job as it is now after the last one), metric point and log line,
         each once, in the order they were stored; ends after the job reaches a terminal state."""
         event_id, metric_id, log_id = _parse_cursor(request.after_cursor)
+        passed = 0.0
         while True:
+            # At most one pass per WATCH_PASS_S: a job reporting 10 steps a second is sent a few steps per pass,
+            # and a burst of state changes (50 jobs starting) wakes every watcher once, not once per change.
+            await asyncio.sleep(passed + WATCH_PASS_S - time.monotonic())
+            passed = time.monotonic()
             changed = self.changes.ticket(request.job_id)
             events, job, metrics, logs = await self.jobs.watch_page(
                 request.job_id, event_id, metric_id, log_id, MAX_PAGE
