@@ -1482,8 +1482,8 @@ class Jobs:
         confirmation (the assignment was lost) is requeued, the attempt counted (past the limit FAILED); CANCELLING
         past the cancel timeout is CANCELLED (the agent, if alive, is told again to stop by its heartbeat).
 
-        Each move is a compare-and-set on the job's version in its own transaction with its event: a confirmation
-        that commits first wins, and of two replicas reaping at once only one moves the job.
+        Each move is a compare-and-set on the job's version, written with its event in the pass's transaction: a
+        confirmation that commits first wins, and of two replicas reaping at once only one moves the job.
         """
         now = self.clock()
         j, je = store.jobs.c, store.job_events.c
@@ -1504,12 +1504,21 @@ class Jobs:
                 for r in await conn.execute(select(store.jobs, cancelling_since).where(j.state == JobState.CANCELLING))
                 if lifecycle.overdue(r.state_since or r.updated_at, now, self.cancel_timeout_seconds)
             ]
+        candidates = {r.id: r for r in [*starting, *cancelling]}
+        if not candidates:
+            return 0
         reaped = 0
-        for job in [*starting, *cancelling]:
-            async with self.engine.begin() as conn:
-                # Read again inside the transaction: the version the compare-and-set checks is the current one.
-                fresh = (await conn.execute(select(store.jobs).where(j.id == job.id))).first()
-                if fresh is None or fresh.state != job.state or fresh.version != job.version:
+        async with self.engine.begin() as conn:
+            # One transaction for the pass. On PostgreSQL the rows are locked with SKIP LOCKED: a replica reaping at
+            # the same time takes the others instead of waiting on these; the compare-and-set on the version (every
+            # engine) lets a confirmation that committed first win, and a row reaped meanwhile is not moved again.
+            query = select(store.jobs).where(j.id.in_(list(candidates))).order_by(j.id)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            moves: list[tuple[str, str]] = []
+            for fresh in (await conn.execute(query)).all():
+                seen = candidates[fresh.id]
+                if fresh.state != seen.state or fresh.version != seen.version:
                     continue  # confirmed, cancelled or reaped meanwhile
                 agent = fresh.agent_id or "(none)"
                 if fresh.state == JobState.STARTING:
@@ -1522,10 +1531,13 @@ class Jobs:
                 else:
                     target, reason = lifecycle.after_cancel_unconfirmed(agent, self.cancel_timeout_seconds)
                     moved = await self._transition_in(conn, fresh, target, reason)
-            if moved:
-                reaped += 1
-                log.warning("job %s: %s", job.id, reason)
-                self._after_commit()
+                if moved:
+                    moves.append((fresh.id, reason))
+                    reaped += 1
+        for job_id, reason in moves:
+            log.warning("job %s: %s", job_id, reason)
+        if reaped:
+            self._after_commit()
         return reaped
 
     async def _release_in(
