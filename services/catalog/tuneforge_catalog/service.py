@@ -45,6 +45,8 @@ from .tokens import TokenCounter
 log = logging.getLogger(__name__)
 READ_CHUNK = 1024 * 1024
 MAX_NAME = 255
+# A description is text for people, not a payload: 64 KiB of it is plenty (10 MB ones were stored as given).
+MAX_DESCRIPTION = 64 * 1024
 MODEL_UPDATABLE = ("name", "description", "tags", "license")
 
 
@@ -61,6 +63,12 @@ def _check_name(name: str) -> str:
     if len(name) > MAX_NAME:
         raise InvalidArgument.for_field("name", f"must be at most {MAX_NAME} characters")
     return name
+
+
+def _check_description(description: str) -> str:
+    if len(description) > MAX_DESCRIPTION:
+        raise InvalidArgument.for_field("description", f"must be at most {MAX_DESCRIPTION} characters")
+    return description
 
 
 def _check_license(license: str) -> str:
@@ -294,6 +302,7 @@ class Catalog:
     ) -> Any:
         auth.current().require(Role.MEMBER, "registering a model")
         name, tags, license = _check_name(name), _check_tags(tags or []), _check_license(license)
+        description = _check_description(description)
         if not source.strip():
             raise InvalidArgument.for_field(source_kind or "source", "is required")
         model_id = model_id or new_id("model")
@@ -411,7 +420,7 @@ class Catalog:
         auth.current().require(Role.MEMBER, "publishing a model")
         """A trained checkpoint as a model: an adapter is CUSTOMIZED, a full model COMPLETE (kind "" infers it).
         The base model must exist and the checkpoint must be in the artifact store."""
-        name = _check_name(name)
+        name, description = _check_name(name), _check_description(description)
         base = await self.get_model(str(lineage.get("base_model_id") or ""))
         local = Path(self.artifacts.path_of(uri))
         if not self.artifacts.is_local or not _inside(str(local), self.artifacts.path_of(self.artifacts.root)):
@@ -508,7 +517,7 @@ class Catalog:
         if "name" in changes:
             values["name"] = _check_name(changes["name"])
         if "description" in changes:
-            values["description"] = changes["description"]
+            values["description"] = _check_description(changes["description"])
         if "tags" in changes:
             values["tags"] = json.dumps(_check_tags(list(changes["tags"])))
         if "license" in changes:
@@ -609,7 +618,7 @@ class Catalog:
         (READY or INVALID), so a user can read what to fix; the answer waits for validation up to a bound.
         """
         auth.current().require(Role.MEMBER, "uploading a dataset")
-        name = _check_name(name)
+        name, description = _check_name(name), _check_description(description)
         if declared_format and declared_format not in rules.FORMATS:
             raise InvalidArgument.for_field("format", f"must be one of {', '.join(rules.FORMATS)}")
         if len(prompt_input_column) > MAX_NAME or len(prompt_output_column) > MAX_NAME:

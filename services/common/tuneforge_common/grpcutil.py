@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -98,34 +99,77 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 def nul_field(message: Message, path: str = "") -> str | None:
     """The path (`labels.team`, `job_ids[1]`, `parameters.lr`) of the first string in `message`, map keys and
     Struct values included, that holds a NUL character, which PostgreSQL's text cannot store; None if none does."""
+    return _field_where(message, path, _has_nul)
+
+
+def non_finite_field(message: Message, path: str = "") -> str | None:
+    """The path of the first number of a Struct (or a Value) in `message` that is NaN or infinite: JSON has no such
+    numbers, so the Struct cannot be written out again (MessageToDict raises). Plain double fields may hold them
+    (a diverged run's NaN loss is a fact to report)."""
+    return _field_where(message, path, _not_finite)
+
+
+def unknown_enum_field(message: Message, path: str = "") -> str | None:
+    """The path of the first enum field in `message` holding a number its enum does not define (proto3 keeps
+    unknown numbers, and a lookup of their name raises), or None."""
+    for fd, value in message.ListFields():
+        where = f"{path}.{fd.name}" if path else fd.name
+        if fd.enum_type is not None:
+            values = value if fd.is_repeated else [value]
+            if any(v not in fd.enum_type.values_by_number for v in values):
+                return where
+        elif fd.message_type is not None and not fd.message_type.full_name.startswith("google.protobuf."):
+            if fd.message_type.GetOptions().map_entry:
+                items = [v for v in value.values() if isinstance(v, Message)]
+            else:
+                items = list(value) if fd.is_repeated else [value]
+            if found := next((f for item in items if (f := unknown_enum_field(item, where))), None):
+                return found
+    return None
+
+
+def _has_nul(value: Any) -> bool:
+    return isinstance(value, str) and "\0" in value
+
+
+def _not_finite(value: Any) -> bool:
+    return (
+        isinstance(value, Message)
+        and value.DESCRIPTOR.full_name == "google.protobuf.Value"
+        and value.WhichOneof("kind") == "number_value"
+        and not math.isfinite(value.number_value)  # type: ignore[attr-defined]
+    )
+
+
+def _field_where(message: Message, path: str, bad: Callable[[Any], bool]) -> str | None:
     kind = message.DESCRIPTOR.full_name
     if kind == "google.protobuf.Struct":
-        return _nul_in_items(message.fields.items(), path)  # type: ignore[attr-defined]
+        return _bad_in_items(message.fields.items(), path, bad)  # type: ignore[attr-defined]
     if kind == "google.protobuf.ListValue":
-        return _nul_in_items(enumerate(message.values), path)  # type: ignore[attr-defined]
+        return _bad_in_items(enumerate(message.values), path, bad)  # type: ignore[attr-defined]
     if kind == "google.protobuf.Value":
         held = message.WhichOneof("kind")
-        return _nul_in_items([(None, getattr(message, held))], path) if held else None
+        return _bad_in_items([(None, getattr(message, held))], path, bad) if held else None
     for fd, value in message.ListFields():
         where = f"{path}.{fd.name}" if path else fd.name
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-            found = _nul_in_items(value.items(), where)
+            found = _bad_in_items(value.items(), where, bad)
         else:
-            found = _nul_in_items(enumerate(value) if fd.is_repeated else [(None, value)], where)
+            found = _bad_in_items(enumerate(value) if fd.is_repeated else [(None, value)], where, bad)
         if found:
             return found
     return None
 
 
-def _nul_in_items(items: Iterable[tuple[Any, Any]], path: str) -> str | None:
+def _bad_in_items(items: Iterable[tuple[Any, Any]], path: str, bad: Callable[[Any], bool]) -> str | None:
     """Items of a map (str keys), a list (int keys) or one value (key None), at `path`."""
     for key, value in items:
-        if isinstance(key, str) and "\0" in key:
+        if isinstance(key, str) and bad(key):
             return path
         where = path if key is None else f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
-        if isinstance(value, str) and "\0" in value:
+        if bad(value):
             return where
-        if isinstance(value, Message) and (found := nul_field(value, where)):
+        if isinstance(value, Message) and (found := _field_where(value, where, bad)):
             return found
     return None
 
@@ -134,6 +178,11 @@ def _refuse_nul(request: Any) -> None:
     # A NUL in a string would reach the database and fail there as an internal error; it is the caller's mistake.
     if isinstance(request, Message) and (field := nul_field(request)):
         raise errors.InvalidArgument.for_field(field, "must not contain NUL characters")
+    # So would a NaN or an infinity in parameters, once written out as JSON (a 1e999 in a request body is one).
+    if isinstance(request, Message) and (field := non_finite_field(request)):
+        raise errors.InvalidArgument.for_field(field, "must be a finite number")
+    if isinstance(request, Message) and (field := unknown_enum_field(request)):
+        raise errors.InvalidArgument.for_field(field, "is not one of the enum's values")
 
 
 async def _each_refusing_nul(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:

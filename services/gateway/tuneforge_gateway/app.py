@@ -6,7 +6,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -19,6 +19,8 @@ from google.protobuf import field_mask_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from starlette import formparsers
+from starlette import requests as starlette_requests
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +38,7 @@ from tuneforge_common.tls import TlsConfig, open_channel
 
 from .credentials import CallerCredentials, backend_credentials
 from .errors import (
+    OPENAI_PREFIX,
     ApiError,
     api_error_handler,
     document_errors,
@@ -43,6 +46,7 @@ from .errors import (
     grpc_error_handler,
     http_error_handler,
     internal_error_handler,
+    openai_error,
     validation_error_handler,
 )
 from .schemas import (
@@ -221,6 +225,12 @@ def to_struct(values: dict[str, Any], field: str) -> struct_pb2.Struct:
     naming where it is (it raised OverflowError, a 500)."""
     if (path := beyond_double(values, field)) is not None:
         raise ApiError(400, "INVALID_ARGUMENT", "a number beyond a double's range (about 1.8e308)", field=path)
+    if (path := too_deep(values, field, STRUCT_MAX_DEPTH)) is not None:
+        # protobuf refuses to write a message nested past 100 levels (a Struct level is two): a 500 otherwise.
+        raise ApiError(400, "INVALID_ARGUMENT", f"nested more than {STRUCT_MAX_DEPTH} levels deep", field=path)
+    if (path := lone_surrogate(values, field)) is not None:
+        # JSON's \ud800 escapes decode to text UTF-8 cannot encode, and protobuf strings are UTF-8: a 500 otherwise.
+        raise ApiError(400, "INVALID_ARGUMENT", "holds a lone UTF-16 surrogate, which is not valid Unicode", field=path)
     struct = struct_pb2.Struct()
     struct.update(values)
     return struct
@@ -238,6 +248,42 @@ def beyond_double(value: Any, path: str) -> str | None:
         if (found := beyond_double(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}")) is not None:
             return found
     return None
+
+
+STRUCT_MAX_DEPTH = 32
+
+
+def refuse_nul(**fields: str) -> None:
+    """A 400 naming the first of these request fields that holds a NUL (the catalog would name the field of its
+    own request, metadata.<field>, for an upload)."""
+    for field, value in fields.items():
+        if "\0" in value:
+            raise ApiError(400, "INVALID_ARGUMENT", "must not contain NUL characters", field=field)
+
+
+def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        yield from ((f"{path}.{key}", item) for key, item in value.items())
+    elif isinstance(value, list):
+        yield from ((f"{path}[{i}]", item) for i, item in enumerate(value))
+
+
+def too_deep(value: Any, path: str, levels: int) -> str | None:
+    """The path of the first list or object nested more than `levels` deep in `value`, or None."""
+    if not isinstance(value, dict | list):
+        return None
+    if levels == 0:
+        return path
+    return next((found for where, item in _children(value, path) if (found := too_deep(item, where, levels - 1))), None)
+
+
+def lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (or object key) in `value` holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict) and any(lone_surrogate(key, path) for key in value):
+        return path
+    return next((found for where, item in _children(value, path) if (found := lone_surrogate(item, where))), None)
 
 
 async def every_page(call: Any, request_for: Callable[[str], Any], items: str) -> list[Any]:
@@ -366,6 +412,10 @@ class CreateKeyBody(BaseModel):
     superuser: bool = Field(False, description="Admin of every project; only a superuser may grant it")
 
 
+# Text for people, as long as the catalog keeps it (its MAX_DESCRIPTION).
+Description = Annotated[str, StringConstraints(max_length=64 * 1024)]
+
+
 class PublishCheckpointBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     step: JsonInt = Field(
@@ -376,7 +426,7 @@ class PublishCheckpointBody(BaseModel):
         "(by eval_loss, else loss)",
     )
     name: Name
-    description: str = ""
+    description: Description = ""
 
 
 # A model tag, as the catalog takes it (spaces around it are dropped).
@@ -391,7 +441,7 @@ class RegisterModelBody(BaseModel):
     uri: str = Field("", description="An fsspec URI in the artifact store")
     hub_id: str = Field("", description="A Hugging Face Hub id, fetched into the artifact store")
     name: Name
-    description: str = ""
+    description: Description = ""
     tags: list[Tag] = Field(default_factory=list)
     license: str = Field("", max_length=255)
 
@@ -401,7 +451,7 @@ class UpdateModelBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
     name: Name = Field("", description="Not blank: a model keeps a name")
-    description: str = ""
+    description: Description = ""
     tags: list[Tag] = Field(default_factory=list)
     license: str = Field("", max_length=255)
 
@@ -415,7 +465,7 @@ class SplitDatasetBody(BaseModel):
 class CreateUploadBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Name
-    description: str = ""
+    description: Description = ""
     format: str = Field(
         "", description="Validate as this format; empty detects it", json_schema_extra=one_of(DATASET_FORMATS)
     )
@@ -452,6 +502,24 @@ class Health(BaseModel):
 HEALTH: dict[int | str, dict[str, Any]] = {503: {"description": "A backend is not serving", "model": Health}}
 
 
+class StrictMultiPartParser(formparsers.MultiPartParser):
+    """Starlette's multipart parser, refusing a form field that is not valid in its charset (UTF-8): Starlette
+    decodes it as Latin-1 instead, so invalid bytes were stored as other text (b"\\xff\\xfe" as "ÿþ")."""
+
+    def on_part_end(self) -> None:
+        if self._current_part.file is None:
+            try:
+                bytes(self._current_part.data).decode(self._charset)
+            except (UnicodeDecodeError, LookupError):
+                name = self._current_part.field_name
+                raise formparsers.MultiPartException(f"the form field {name!r} is not valid {self._charset}") from None
+        super().on_part_end()
+
+
+# Request.form() builds its parser from this module's name for it.
+starlette_requests.MultiPartParser = StrictMultiPartParser  # type: ignore[misc]
+
+
 class _BodyOverLimit(Exception):
     pass
 
@@ -467,7 +535,13 @@ class UploadSizeLimit:
 
     def __init__(self, app: ASGIApp, path: str, limit: int, shown: int) -> None:
         self.app, self.path, self.limit = app, path, limit
-        self.refusal = ApiError(413, "RESOURCE_EXHAUSTED", f"a dataset upload is limited to {shown} bytes")
+        self.message = f"a dataset upload is limited to {shown} bytes"
+
+    def refuse(self) -> JSONResponse:
+        """The 413 in the error shape of the API the path belongs to (OpenAI's for /v1/files), naming the file."""
+        if self.path.startswith(OPENAI_PREFIX):
+            return openai_error(413, self.message, "file", "resource_exhausted")
+        return ApiError(413, "RESOURCE_EXHAUSTED", self.message, field="file").response()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
@@ -475,7 +549,7 @@ class UploadSizeLimit:
             return
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
-            await self.refusal.response()(scope, receive, send)
+            await self.refuse()(scope, receive, send)
             return
         received = 0
         over = started = False
@@ -503,7 +577,7 @@ class UploadSizeLimit:
             if not over or started:
                 raise
         if over and not started:
-            await self.refusal.response()(scope, receive, send)
+            await self.refuse()(scope, receive, send)
 
 
 class Backends:
@@ -648,6 +722,9 @@ def create_app(
     )
     async def update_model(model_id: str, body: UpdateModelBody) -> dict:
         changes = body.model_dump(exclude_unset=True)
+        # Named as this body names them (the catalog's violations say model.<field>, its request's names).
+        refuse_nul(**{k: v for k, v in changes.items() if isinstance(v, str)})
+        refuse_nul(**{f"tags[{i}]": tag for i, tag in enumerate(changes.get("tags", []))})
         if not changes:
             raise ApiError(
                 400, "INVALID_ARGUMENT", "give at least one of name, description, tags, license", field="body"
@@ -809,7 +886,7 @@ def create_app(
     async def upload_dataset(
         file: UploadFile = File(..., description="JSONL file, not empty", json_schema_extra={"minLength": 1}),
         name: str = Form("", max_length=255),
-        description: str = Form(""),
+        description: str = Form("", max_length=64 * 1024),
         format: str = Form(
             "", description="Validate as this format; empty detects it", json_schema_extra=one_of(DATASET_FORMATS)
         ),
@@ -817,6 +894,12 @@ def create_app(
         prompt_output_column: str = Form("", description="Answer column for the columns format"),
     ) -> dict:
         """Multipart upload, forwarded to the catalog in chunks (the file is never held in memory whole)."""
+        refuse_nul(
+            name=name,
+            description=description,
+            prompt_input_column=prompt_input_column,
+            prompt_output_column=prompt_output_column,
+        )
         metadata = cpb.DatasetUploadMetadata(
             name=name or (file.filename or "").rsplit("/", 1)[-1] or "dataset",
             description=description,
@@ -865,6 +948,8 @@ def create_app(
     )
     async def create_upload(body: CreateUploadBody, response: Response) -> dict:
         enum_value(DATASET_FORMATS, body.format, "format")
+        # Checked now, not when the upload is completed and the catalog would name them as metadata.<field>.
+        refuse_nul(**body.model_dump(include={"name", "description", "prompt_input_column", "prompt_output_column"}))
         upload = spool.create(
             body.name,
             body.description,

@@ -162,6 +162,10 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
         # The location (body, query, path, header) is not part of the field's name, except for a missing or
         # unreadable body, whose location is all there is.
         loc = [str(part) for part in err["loc"]]
+        if err.get("type") == "json_invalid":  # loc is ("body", offset): the body is at fault, at that character
+            detail = (err.get("ctx") or {}).get("error", "")
+            violations.append(("body", f"not valid JSON at character {loc[-1]}: {detail}".rstrip(": ")))
+            continue
         name = ".".join(loc[1:] if loc and loc[0] in REQUEST_PARTS else loc)
         violations.append((name or (loc[0] if loc else "body"), err["msg"]))
     summary = "; ".join(f"{f}: {d}" for f, d in violations)
@@ -219,13 +223,29 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     status, where = exc.status_code, f"{request.method} {request.url.path}"
     code = HTTP_EXCEPTION_CODES.get(status, "INVALID_ARGUMENT" if status < 500 else "INTERNAL")
     message = {404: f"no route {where}", 405: f"{where}: method not allowed"}.get(status, str(exc.detail))
+    # A 400 before any route runs is a body that could not be read (FastAPI's JSON or Starlette's multipart
+    # parsing): it names the body and says why, instead of "There was an error parsing the body".
+    field = "body" if status == 400 else None
+    if status == 400 and (why := unreadable_body(exc.__cause__)):
+        message = why
     headers = dict(exc.headers or {})
     if status == 405:
         # Starlette names the methods of the first route at this path only; a path may have several routes.
         headers["Allow"] = ", ".join(allowed_methods(request))
     if request.url.path.startswith(OPENAI_PREFIX):
-        return openai_error(status, message, None, code.lower(), headers)
-    return ApiError(status, code, message, headers=headers).response()
+        return openai_error(status, message, field, code.lower(), headers)
+    return ApiError(status, code, message, field=field, headers=headers).response()
+
+
+def unreadable_body(cause: BaseException | None) -> str | None:
+    """Why a JSON body could not be parsed, for the exceptions FastAPI reports as a bare 400."""
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, ValueError):  # e.g. a number too long to convert
+        return f"the JSON body could not be parsed: {cause}"
+    return None
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:

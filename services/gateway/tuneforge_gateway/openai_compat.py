@@ -579,7 +579,10 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
 
     @router.get("/files", response_model=model_body(ListFilesResponse), responses=openai_error_responses(400))
     async def list_files(
-        purpose: str = "", after: str = "", limit: int = Query(10_000, ge=1, le=10_000), order: str = "desc"
+        purpose: str = "",
+        after: str = "",
+        limit: int = Query(10_000, ge=1, le=10_000),
+        order: str = Query("desc", pattern="^(asc|desc)$", description="By creation time: asc or desc"),
     ) -> dict:
         if purpose and purpose != "fine-tune":
             return listing([], False, ids=True)

@@ -236,6 +236,7 @@ class UploadSpool:
                 raise self._offset_conflict(
                     upload, f"this upload has {upload.offset} bytes; send the chunk that starts there"
                 )
+            declared = upload.size
             if upload.size is None:
                 upload.size = total
             expected, received, pending = end - start + 1, 0, bytearray()
@@ -260,8 +261,11 @@ class UploadSpool:
                 # Record what arrived even when the request is being cancelled (the client went away).
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(_truncate_and_sync, fd, start + received)
-                upload.offset, upload.updated_at = start + received, self.clock()
-                self._save(upload)
+                if received:
+                    upload.offset, upload.updated_at = start + received, self.clock()
+                    self._save(upload)
+                else:  # nothing kept: a refused chunk does not fix the upload's total size either
+                    upload.size = declared
             if received != expected:
                 raise ApiError(
                     400,
