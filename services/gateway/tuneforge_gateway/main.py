@@ -15,6 +15,9 @@ from tuneforge_common.tls import TlsConfig, check_cert_and_key
 
 from .app import MAX_UPLOAD_BYTES, UPLOAD_TTL_S, create_app
 
+# Seconds in-flight requests get to finish after SIGTERM before uvicorn cancels them (open SSE streams included).
+SHUTDOWN_GRACE_S = 5
+
 
 class GatewaySettings(CommonSettings):
     gateway_host: str = Field("127.0.0.1", description="Address the HTTP gateway binds to.")
@@ -78,6 +81,10 @@ async def serve(settings: GatewaySettings) -> None:
         ssl_certfile=https[0] if https else None,
         ssl_keyfile=https[1] if https else None,
         ssl_cert_reqs=ssl.CERT_NONE,  # browsers have no client certificate; mTLS is between services only
+        # On SIGTERM in-flight requests get this long to finish; SSE streams never finish by themselves, so
+        # without a bound the gateway waited on its watchers until it was killed. Cut, they resume with
+        # Last-Event-ID on another replica or the restarted one.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = uvicorn.Server(config)
     print(f"TUNEFORGE_READY gateway {'https' if https else 'http'}={port}", flush=True)
