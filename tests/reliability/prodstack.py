@@ -51,6 +51,7 @@ class ProdStack:
             **(env or {}),
         }
         self.embedded = EmbeddedStack(data_dir=data_dir, gateway_port=0, env_overrides=overrides)
+        self.stops: dict[str, tuple[float, bool]] = {}
 
     def start(self) -> None:
         try:
@@ -69,8 +70,12 @@ class ProdStack:
 
     def restart(self, name: str, sig: signal.Signals = signal.SIGTERM) -> float:
         """Stop the service, start it again on the same port with the same settings, wait until it is healthy;
-        returns the monotonic time at which it was healthy again."""
-        self.embedded.restart(name, sig, timeout=120)
+        returns the monotonic time at which it was healthy again. How long the stop took, and whether the process
+        ended by itself (no SIGKILL after the grace period), go to `stops`."""
+        began = time.monotonic()
+        stopped = self.embedded.stop_one(name, sig)
+        self.stops[name] = (time.monotonic() - began, stopped)
+        self.embedded.start_one(name, timeout=120)
         return time.monotonic()
 
     def log(self, name: str) -> str:
@@ -97,6 +102,9 @@ class ProdStack:
                     "learning_rate": 1e-3,
                     "lora_rank": 4,
                     "logging_steps": 1,
+                    # Short packed sequences: a step costs a fraction of a CPU-second, so a run's length is set by
+                    # max_steps rather than by the sample dataset's size.
+                    "max_seq_length": 64,
                 },
             },
         )
@@ -239,6 +247,69 @@ class SseWatcher:
                     self.done.set()
                     return
         raise RuntimeError("stream ended before the job did")
+
+
+@dataclass
+class GrpcWatcher:
+    """Watches a job with JobService.WatchJob straight on the jobs service, as an internal gRPC caller does: when the
+    call fails UNAVAILABLE (the service restarting) it calls again after a jittered backoff with the last cursor as
+    after_cursor. Runs in a thread until the job's terminal snapshot arrives or stop() is called."""
+
+    address: str
+    key: str
+    job_id: str
+    seen: list[Seen] = field(default_factory=list)
+    connects: int = 0
+    errors: list[str] = field(default_factory=list)
+    cursor: str = ""
+    done: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> GrpcWatcher:
+        threading.Thread(target=self._run, daemon=True, name=f"grpc-{self.job_id}").start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def steps(self, name: str = "loss") -> list[int]:
+        return [int(s.data["step"]) for s in self.seen if s.kind == "metric" and s.data["name"] == name]
+
+    def _run(self) -> None:
+        import random
+
+        import grpc
+        from google.protobuf import json_format
+
+        from tuneforge.jobs.v1 import jobs_pb2 as jpb
+        from tuneforge.jobs.v1 import jobs_pb2_grpc
+
+        failures = 0
+        metadata = [("authorization", f"Bearer {self.key}")]
+        while not self._stop.is_set():
+            with grpc.insecure_channel(self.address) as channel:
+                call = jobs_pb2_grpc.JobServiceStub(channel).WatchJob(
+                    jpb.WatchJobRequest(job_id=self.job_id, after_cursor=self.cursor), metadata=metadata
+                )
+                try:
+                    self.connects += 1
+                    for update in call:
+                        kind = update.WhichOneof("update") or ""
+                        data = json_format.MessageToDict(getattr(update, kind), preserving_proto_field_name=True)
+                        self.seen.append(Seen(time.monotonic(), kind, data))
+                        self.cursor = update.cursor
+                        failures = 0
+                        if self._stop.is_set():
+                            call.cancel()
+                            return
+                    self.done.set()  # the stream ends cleanly when the job is over
+                    return
+                except grpc.RpcError as err:
+                    self.errors.append(f"{err.code().name}: {err.details()}")
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        return
+            time.sleep(random.uniform(0.5, 1.0) * min(5.0, 0.25 * 2**failures))
+            failures += 1
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float, every: float = 0.2) -> None:

@@ -209,8 +209,9 @@ class EmbeddedStack:
                 return False
             return resp.status == health_pb2.HealthCheckResponse.SERVING
 
-    def stop_one(self, name: str, sig: signal.Signals = signal.SIGTERM, grace: float = 15.0) -> None:
-        """Stop one process (and its process group): `sig`, then SIGKILL after the grace period."""
+    def stop_one(self, name: str, sig: signal.Signals = signal.SIGTERM, grace: float = 15.0) -> bool:
+        """Stop one process (and its process group): `sig`, then SIGKILL after the grace period. True when it
+        ended within the grace period."""
         proc = self.procs[name]
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -221,6 +222,8 @@ class EmbeddedStack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                return False
+        return True
 
     def start_one(self, name: str, timeout: float = 60) -> None:
         """Start a stopped process again with the command and environment it first had (so the same ports),
@@ -229,9 +232,11 @@ class EmbeddedStack:
         proc = self._spawn(name, args, env)
         wait_for(lambda: self.healthy(name), f"{name} healthy again", timeout, [proc])
 
-    def restart(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> None:
-        self.stop_one(name, sig)
+    def restart(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> bool:
+        """Stop and start one process; True when it stopped within the grace period (no SIGKILL needed)."""
+        graceful = self.stop_one(name, sig)
         self.start_one(name, timeout)
+        return graceful
 
     def first_exit(self) -> tuple[str, int] | None:
         for name, proc in self.procs.items():
