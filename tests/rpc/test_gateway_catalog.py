@@ -628,10 +628,12 @@ async def test_a_chunked_multipart_upload_over_the_limit_is_413_as_soon_as_it_pa
         assert "content-length" not in request.headers and request.headers["transfer-encoding"] == "chunked"
         resp = await http.send(request)
     assert resp.status_code == 413
+    message = f"a dataset upload is limited to {limit} bytes"
     assert error_of(resp) == {
         "code": "RESOURCE_EXHAUSTED",
-        "message": f"a dataset upload is limited to {limit} bytes",
-        "field": None,
+        "message": message,
+        "field": "file",
+        "field_violations": [{"field": "file", "description": message}],
     }
     assert backend.catalog.uploads == []
     # Reading stopped at the first chunk past the limit (plus the multipart allowance): nothing more was spooled.
