@@ -88,6 +88,15 @@ def test_postgres_outage_gets_503s_then_services_reconnect_and_jobs_finish(tmp_p
     finally:
         pg.remove()
 
+    # Figures first, so a failing run still reports what it measured.
+    figures.record("PostgreSQL outage", outage, "s")
+    figures.record("first successful read after PostgreSQL is back", first_ok, "s")
+    figures.record("requests refused during the outage", sum(refused.values()))
+    figures.record("status codes of refused requests", ", ".join(f"{c}x{n}" for c, n in sorted(refused.items())))
+    figures.record("metric steps lost", len(set(range(1, MAX_STEPS + 1)) - set(stored)), goal="0")
+    figures.record("metric steps duplicated", len(stored) - len(set(stored)), goal="0")
+    figures.record("test runtime", time.monotonic() - started, "s")
+
     # During the outage: refusals are clear 503s, never a 500, a hang or an exception's text.
     statuses = {status for _, status, _ in answered}
     assert statuses <= {200, 503}, answered
@@ -101,14 +110,6 @@ def test_postgres_outage_gets_503s_then_services_reconnect_and_jobs_finish(tmp_p
     assert watcher.steps() == stored
     assert not [j for j in jobs if j["state"] in ("STARTING", "CANCELLING", "QUEUED", "RUNNING")], jobs
     assert after_final["state"] == "SUCCEEDED", after_final
-
-    figures.record("PostgreSQL outage", outage, "s")
-    figures.record("first successful read after PostgreSQL is back", first_ok, "s")
-    figures.record("requests refused during the outage", sum(refused.values()))
-    figures.record("status codes of refused requests", ", ".join(f"{c}x{n}" for c, n in sorted(refused.items())))
-    figures.record("metric steps lost", len(set(range(1, MAX_STEPS + 1)) - set(stored)), goal="0")
-    figures.record("metric steps duplicated", len(stored) - len(set(stored)), goal="0")
-    figures.record("test runtime", time.monotonic() - started, "s")
 
 
 def test_database_connection_failures_are_unavailable_and_other_errors_are_not():
