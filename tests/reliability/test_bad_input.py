@@ -691,8 +691,6 @@ def judge(
         tally.fail(case, f"no answer: {type(exc).__name__}: {exc}")
         return
     tally.seconds[case.id] = time.perf_counter() - started
-    if tally.seconds[case.id] > 2:
-        print("SLOW", case.id, tally.seconds[case.id], flush=True)
     status = response.status_code
     tally.statuses[status] += 1
     if status >= 500:
