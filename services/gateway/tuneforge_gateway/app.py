@@ -507,12 +507,14 @@ class StrictMultiPartParser(formparsers.MultiPartParser):
     decodes it as Latin-1 instead, so invalid bytes were stored as other text (b"\\xff\\xfe" as "ÿþ")."""
 
     def on_part_end(self) -> None:
-        if self._current_part.file is None:
+        # Starlette's internals: should a release rename them, the check is skipped rather than failing every form.
+        part, charset = getattr(self, "_current_part", None), getattr(self, "_charset", "utf-8")
+        if part is not None and getattr(part, "file", None) is None:
             try:
-                bytes(self._current_part.data).decode(self._charset)
+                bytes(getattr(part, "data", b"")).decode(charset)
             except (UnicodeDecodeError, LookupError):
-                name = self._current_part.field_name
-                raise formparsers.MultiPartException(f"the form field {name!r} is not valid {self._charset}") from None
+                name = getattr(part, "field_name", "?")
+                raise formparsers.MultiPartException(f"the form field {name!r} is not valid {charset}") from None
         super().on_part_end()
 
 
