@@ -1,5 +1,6 @@
-"""An agent killed mid-run: its job resumes from its latest checkpoint on another agent (real agent processes,
-real sft-lora runners, the jobs service on PostgreSQL), with every metric step stored exactly once."""
+"""Real agent processes and sft-lora runners against the jobs service on PostgreSQL: a pause checkpoints and frees
+the agent. The helpers here also serve tests/reliability/test_agent_kills.py, where an agent is killed mid-run
+(repeatedly) and its job resumes from its latest checkpoint."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.grpcutil import start_server
 from tuneforge_jobs import api
-from tuneforge_jobs.main import MIGRATIONS, reaper
+from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
 from tuneforge_jobs.service import CatalogInputs, Jobs
 
@@ -100,45 +101,6 @@ async def wait_for(predicate, within: float, what: str) -> Any:
             return value
         await asyncio.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.mark.timeout(300)
-async def test_a_killed_agents_job_resumes_from_its_checkpoint_on_another_agent(postgres_url, tmp_path):
-    jobs, server, port = await serve_jobs(postgres_url, tmp_path, lease_ttl_seconds=3)
-    reaping = asyncio.create_task(reaper(jobs, 0.5))
-    agents: list[subprocess.Popen] = []
-    try:
-        job = await jobs.submit("tiny", "chat", "sft-lora", {})
-        agents.append(start_agent("first", port, tmp_path))
-
-        async def checkpointed() -> Any:
-            kept = await jobs.checkpoints(job.id)
-            return kept if kept and kept[-1].step >= 8 else None
-
-        kept = await wait_for(checkpointed, 180, "a checkpoint at step 8 or later")
-        kill_with_children(agents[0])
-        lost_at = (await jobs.get(job.id)).current_step
-        agents.append(start_agent("second", port, tmp_path))
-
-        async def finished() -> Any:
-            current = await jobs.get(job.id)
-            return current if current.state in ("SUCCEEDED", "FAILED") else None
-
-        done = await wait_for(finished, 200, "the job to finish on the second agent")
-        logs = "\n".join((tmp_path / f"{n}.log").read_text()[-1500:] for n in ("first", "second"))
-        assert done.state == "SUCCEEDED", f"{done.state_reason}\n{logs}"
-        resumed_from = max(c.step for c in kept)
-        assert done.attempt == 2 and done.resumed_from_step >= resumed_from
-        assert lost_at >= done.resumed_from_step  # the first attempt got past the checkpoint it resumed from
-        losses = [p.step for p in await jobs.metrics(job.id, ["loss"], 0, 10_000)]
-        assert sorted(losses) == list(range(1, MAX_STEPS + 1))  # none missing, none doubled
-    finally:
-        for proc in agents:
-            if proc.poll() is None:
-                kill_with_children(proc)
-        reaping.cancel()
-        await server.stop(None)
-        await jobs.engine.dispose()
 
 
 @pytest.mark.timeout(300)

@@ -18,7 +18,7 @@ from tests.reliability.conftest import scale
 from tuneforge_jobs import store
 from tuneforge_jobs.main import reaper
 
-KILLS = scale(3, 10)
+KILLS = scale(2, 10)
 SAVE_STEPS = 4
 # Each attempt must get a checkpoint past the previous kill's step and train on past it before it is killed, and
 # some steps must remain after the last kill.
@@ -28,7 +28,7 @@ PAST_CHECKPOINT = SAVE_STEPS // 2
 
 
 @pytest.mark.timeout(scale(400, 1200))
-async def test_ten_kill_nines_over_one_job_each_resume_from_the_latest_checkpoint_and_it_finishes(
+async def test_kill_nines_over_one_job_ten_at_full_scale_each_resume_from_the_latest_checkpoint_and_it_finishes(
     postgres_url, tmp_path, figures
 ):
     jobs, server, port = await serve_jobs(postgres_url, tmp_path, lease_ttl_seconds=3)
