@@ -1,8 +1,9 @@
 """Turn the JSON that `make reliability` writes into a Markdown report, and refresh docs/reliability.md's figures.
 
-    python tools/reliability_report.py .tuneforge/reliability/report.json --docs docs/reliability.md
+    python tools/reliability_report.py .tuneforge/reliability/report.json [more.json ...] --docs docs/reliability.md
 
-Writes report.md beside the JSON; with --docs, replaces the part of that page between the two markers below.
+Several JSON files (runs of parts of the suite) are merged into one report. Writes report.md beside the first;
+with --docs, replaces the part of that page between the two markers below.
 Exits 1 when the run had a failed test (after writing the report, so the failure's figures are still there).
 """
 
@@ -76,6 +77,20 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of runs of parts of the suite: their figures and outcomes together, the first start, the
+    seconds added up, the worst exit status; the scale is "mixed" unless they agree."""
+    modes = {run.get("mode", "?") for run in runs}
+    return {
+        "mode": modes.pop() if len(modes) == 1 else "mixed",
+        "started": min(run.get("started", 0) for run in runs),
+        "seconds": sum(run.get("seconds", 0) for run in runs),
+        "exit_status": max(run.get("exit_status", 0) for run in runs),
+        "outcomes": {k: v for run in runs for k, v in run.get("outcomes", {}).items()},
+        "figures": [f for run in runs for f in run.get("figures", [])],
+    }
+
+
 def refresh_docs(page: Path, body: str) -> None:
     text = page.read_text()
     if START not in text or END not in text:
@@ -87,15 +102,16 @@ def refresh_docs(page: Path, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("report", type=Path, help="the JSON written by the reliability run")
+    parser.add_argument("reports", type=Path, nargs="+", help="the JSON written by the reliability run(s)")
     parser.add_argument("--docs", type=Path, help="a page whose figures section to refresh")
     args = parser.parse_args(argv)
-    if not args.report.exists():
-        print(f"{args.report}: no report (did the run start?)", file=sys.stderr)
+    missing = [str(p) for p in args.reports if not p.exists()]
+    if missing:
+        print(f"{', '.join(missing)}: no report (did the run start?)", file=sys.stderr)
         return 1
-    report = json.loads(args.report.read_text())
+    report = merge([json.loads(p.read_text()) for p in args.reports])
     body = render(report)
-    args.report.with_suffix(".md").write_text(body)
+    args.reports[0].with_suffix(".md").write_text(body)
     if args.docs:
         refresh_docs(args.docs, body)
     print(body)

@@ -80,3 +80,24 @@ def test_a_page_without_markers_is_an_error_not_a_silent_skip(tmp_path):
 
 def test_a_missing_report_fails(tmp_path):
     assert reliability_report.main([str(tmp_path / "absent.json")]) == 1
+
+
+def test_runs_of_parts_of_the_suite_merge_into_one_report(tmp_path):
+    first = write(tmp_path, RUN)
+    second = tmp_path / "second.json"
+    second.write_text(
+        json.dumps(
+            {
+                **RUN,
+                "mode": "fast",
+                "started": 1795999000,
+                "seconds": 10,
+                "exit_status": 1,
+                "outcomes": {"tests/reliability/test_new.py::test_x": "failed"},
+            }
+        )
+    )
+    assert reliability_report.main([str(first), str(second)]) == 1
+    text = (tmp_path / "report.md").read_text()
+    assert "scale **mixed**, 764 s in all: 1 tests passed, 1 failed" in text
+    assert text.count("p95 latency") == 2
