@@ -149,6 +149,7 @@ class LoadResult:
     points_expected: dict[str, int]
     incomplete_watchers: int
     latency_s: dict[str, dict[str, float]]
+    ack_latency_s: dict[str, float]
     generator_loop_lag_s: dict[str, float]
     throughput: dict[str, float]
     processes: dict[str, dict[str, float]]
@@ -170,6 +171,11 @@ class LoadResult:
                 f"p95 {lat.get('p95', 0) * 1000:.0f} ms, p99 {lat.get('p99', 0) * 1000:.0f} ms, "
                 f"max {lat.get('max', 0) * 1000:.0f} ms"
             )
+        ack = self.ack_latency_s
+        lines.append(
+            f"report to ack: p50 {ack.get('p50', 0) * 1000:.0f} ms, p95 {ack.get('p95', 0) * 1000:.0f} ms, "
+            f"max {ack.get('max', 0) * 1000:.0f} ms"
+        )
         lines.append(f"incomplete watchers: {self.incomplete_watchers}")
         lag = self.generator_loop_lag_s
         lines.append(
@@ -376,6 +382,8 @@ class Load:
         self.samples: dict[str, list[Sample]] = {"jobs": [], "gateway": [], "generator": []}
         # How late this process's event loop ran a 0.1 s sleep (s): its own lag adds to every latency measured.
         self.loop_lag: array = array("d")
+        # Queued by the agent -> acknowledged by the jobs service (stored), for the last step of each ack.
+        self.ack_latencies: array = array("d")
         self.points_sent = 0
         self.reports_sent = 0
         # CPU seconds each process had used when the load started, and has used since (at the last sample).
@@ -445,6 +453,16 @@ class Load:
                 self.errors.add(f"agent {index}: job {job_id} attempt {attempt} fenced: {reason}")
 
             reporter = Reporter(agent_id=agent_id, on_stop=stopped)
+            acknowledge = reporter.ack
+
+            def timed_ack(job_id: str, attempt: int, acked_seq: int) -> None:
+                # Report seq n is step n-1 (seq 1 is RUNNING): the time from queueing the step to its ack.
+                sent = self.sent_at.get((job_id, acked_seq - 1))
+                if sent is not None:
+                    self.ack_latencies.append(time.monotonic() - sent)
+                acknowledge(job_id, attempt, acked_seq)
+
+            reporter.ack = timed_ack  # type: ignore[method-assign]
             background = [
                 asyncio.create_task(heartbeats()),
                 asyncio.create_task(stream_assignments()),
@@ -661,6 +679,7 @@ class Load:
             points_expected=expected,
             incomplete_watchers=incomplete,
             latency_s={kind: percentiles(values) for kind, values in self.latencies.items()},
+            ack_latency_s=percentiles(self.ack_latencies),
             generator_loop_lag_s=percentiles(self.loop_lag),
             throughput={
                 "sent_points_per_s": self.points_sent / elapsed,

@@ -12,15 +12,25 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import grpc
 import pytest
+from sqlalchemy import event as sa_event
 
+from tests.integration.test_jobs_service import StaticCatalog
 from tests.reliability.conftest import FULL, Figures, scale
 from tests.reliability.load import LoadConfig, run_load
-from tests.rpc.test_jobs_rpc import drain, next_assignment, stubs, submit  # noqa: F401  (stubs: a fixture)
+from tests.rpc.test_jobs_rpc import Stubs, drain, next_assignment, stubs, submit  # noqa: F401  (stubs: a fixture)
 from tuneforge.agent.v1 import agent_pb2 as apb
+from tuneforge.agent.v1 import agent_pb2_grpc
 from tuneforge.jobs.v1 import jobs_pb2 as pb
+from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.grpcutil import start_server
+from tuneforge_gateway.watch_hub import WatchSettings
 from tuneforge_jobs import api
+from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
+from tuneforge_jobs.service import Jobs
 from tuneforge_trainer.agent import Reporter
 
 AGENTS, RATE, WATCHERS, SECONDS = scale(fast=(10, 10.0, 20, 20.0), full=(50, 10.0, 100, 600.0))
@@ -151,3 +161,150 @@ async def test_reports_stored_together_are_acknowledged_to_their_own_stream_only
     writer = api.ReportWriter(stubs.service)
     acks = await asyncio.gather(writer.apply(batch(first.id)), writer.apply(batch(second.id)))
     assert [dict(a) for a in acks] == [{(first.id, 1): 3}, {(second.id, 1): 3}]
+
+
+async def _running(stubs, count: int) -> dict[str, str]:  # noqa: F811
+    """`count` submitted jobs, each assigned to an agent of its own: job id -> agent id."""
+    for _ in range(count):
+        await submit(stubs)
+    owners = {}
+    for _ in range(count):
+        agent_id = (
+            await stubs.agents.RegisterAgent(
+                apb.RegisterAgentRequest(name=f"n{len(owners)}", resources=apb.AgentResources(slots=1)), timeout=5
+            )
+        ).agent_id
+        owners[(await next_assignment(stubs, agent_id)).job_id] = agent_id
+    return owners
+
+
+def _metric_reports(owners: dict[str, str], steps: range) -> list:
+    return [
+        api.decode_report(
+            apb.ReportJobRequest(
+                agent_id=agent_id,
+                job_id=job_id,
+                attempt=1,
+                seq=step,
+                metric=apb.MetricReport(step=step, values={"loss": 1.0 / step}),
+            )
+        )
+        for job_id, agent_id in owners.items()
+        for step in steps
+    ]
+
+
+class _Statements:
+    """Counts the SQL statements an engine runs (an executemany counts once: one round trip)."""
+
+    def __init__(self, engine) -> None:
+        self.texts: list[str] = []
+        self.engine = engine.sync_engine
+
+    def _seen(self, conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ARG002
+        self.texts.append(statement)
+
+    def __enter__(self) -> _Statements:
+        sa_event.listen(self.engine, "before_cursor_execute", self._seen)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sa_event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+async def test_a_report_batch_runs_as_many_statements_for_six_jobs_as_for_two(stubs):  # noqa: F811
+    # apply_reports read and wrote each job's ack and row one statement at a time: under load every statement
+    # waited its turn on a busy event loop, a 25-job batch took 1.3 s and acks fell 10 s behind.
+    counts = []
+    for count in (2, 6):
+        owners = await _running(stubs, count)
+        for steps in (range(1, 3), range(3, 6)):  # the first batch inserts the acks, the second updates them
+            with _Statements(stubs.service.engine) as statements:
+                acks = await stubs.service.apply_reports(_metric_reports(owners, steps))
+            assert dict(acks) == {(job_id, 1): steps[-1] for job_id in owners}
+            counts.append(len(statements.texts))
+    assert counts[:2] == counts[2:], counts
+
+
+async def test_watchers_of_one_replica_share_its_feed_and_see_another_replicas_points(tmp_path):
+    # Each WatchJob stream made passes of its own (four queries each) on every commit of its job: 100 watchers
+    # made 1,600 queries a second and every point reached its watcher 11-14 s late. Now the caught-up streams of
+    # a replica share one feed (a few queries a pass, whatever their number), which still reads, every
+    # WATCH_POLL_S, what another replica stored (it wakes nobody here).
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    changes = Notifier()
+    jobs = Jobs(
+        engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge", on_change=changes.notify
+    )
+    other_replica = Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge")
+    bindings = api.bindings(jobs, changes)
+    feed: api.WatchFeed = bindings[0].servicer.feed
+    server, port = await start_server(bindings, "127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    own = Stubs()
+    own.jobs, own.agents = jobs_pb2_grpc.JobServiceStub(channel), agent_pb2_grpc.AgentServiceStub(channel)
+    own.service = jobs
+    try:
+        owners = await _running(own, 2)
+        per_job = 4
+
+        async def watch(job_id: str) -> list[int]:
+            return [
+                update.metric.step
+                async for update in own.jobs.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=30)
+                if update.WhichOneof("update") == "metric"
+            ]
+
+        watchers = [asyncio.create_task(watch(job_id)) for job_id in owners for _ in range(per_job)]
+        for _ in range(200):
+            if sum(len(f) for f in feed.followers.values()) == len(watchers):
+                break
+            await asyncio.sleep(0.05)
+        assert {job_id: len(f) for job_id, f in feed.followers.items()} == {job_id: per_job for job_id in owners}
+
+        passes: list[int] = []
+        watch_pages = jobs.watch_pages
+
+        async def counted(cursors, limit):
+            passes.append(len(cursors))
+            return await watch_pages(cursors, limit)
+
+        jobs.watch_pages = counted  # type: ignore[method-assign]
+        with _Statements(engine) as statements:
+            await other_replica.apply_reports(_metric_reports(owners, range(1, 21)))  # no wake-up here: a poll
+            for _ in range(100):
+                if all(f.at[1] > 0 for followers in feed.followers.values() for f in followers):
+                    break
+                await asyncio.sleep(0.05)
+            await jobs.apply_reports(_metric_reports(owners, range(21, 41)))
+            done = [
+                api.decode_report(
+                    apb.ReportJobRequest(
+                        agent_id=agent_id,
+                        job_id=job_id,
+                        attempt=1,
+                        seq=41,
+                        state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED),
+                    )
+                )
+                for job_id, agent_id in owners.items()
+            ]
+            await jobs.apply_reports(done)
+            seen = await asyncio.wait_for(asyncio.gather(*watchers), 30)
+        assert seen == [list(range(1, 41))] * len(watchers)
+        # One pass reads for all the watchers of both jobs: the metric points are read once per pass, not once
+        # per watcher.
+        metric_reads = [s for s in statements.texts if s.lstrip().upper().startswith("SELECT") and "metric_points" in s]
+        assert passes and max(passes) == len(owners)
+        assert len(metric_reads) == len(passes) < len(watchers)
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await engine.dispose()
+
+
+def test_the_gateways_replay_buffer_per_job_is_bounded():
+    # 10,000 items per watched job took 5.5 minutes to fill at 30 items/s: the gateway grew by 80 MB a minute
+    # for 50 watched jobs (tests/reliability/load.py), so "flat after warm-up" could not hold in a 10-minute run.
+    assert WatchSettings().buffer_size <= 1_000

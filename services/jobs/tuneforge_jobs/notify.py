@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class Notifier:
@@ -17,8 +18,16 @@ class Notifier:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self._keyed: dict[str, asyncio.Event] = {}
+        self._listeners: list[Callable[[tuple[str, ...]], None]] = []
+
+    def listen(self, callback: Callable[[tuple[str, ...]], None]) -> None:
+        """Call `callback(keys)` on every notify (keys empty for notify() without keys): the WatchJob feed marks
+        the jobs to read again without holding a ticket per job."""
+        self._listeners.append(callback)
 
     def notify(self, *keys: str) -> None:
+        for callback in self._listeners:
+            callback(keys)
         if keys:
             for key in keys:
                 if (event := self._keyed.pop(key, None)) is not None:
