@@ -65,7 +65,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class WatchSettings:
-    buffer_size: int = 10_000
+    # Items kept per watched job for watchers that start or resume a little behind (about 30 s of a job
+    # reporting 10 steps of 3 values a second); one further behind catches up on a call of its own. At 10,000
+    # the buffers of 50 such jobs took 5.5 minutes to fill and the gateway grew by 80 MB a minute until they did
+    # (tests/reliability/load.py); at 1,000 they are full after half a minute, some 25 MB for 50 jobs.
+    buffer_size: int = 1_000
     keepalive_s: float = 15.0
     retry_first_s: float = 0.25
     retry_max_s: float = 15.0
