@@ -315,16 +315,19 @@ class Reporter:
 
     async def run_stream(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
         call = stub.ReportJob()
-        sent: set[tuple[str, int, int]] = set()
+        # Per (job, attempt), the highest seq written on this call: pending reports are in seq order, so this
+        # says what is sent. (A set of every key sent grew by one entry per report for the agent's whole life.)
+        sent: dict[tuple[str, int], int] = {}
 
         async def writer() -> None:
             while True:
                 self.wake.clear()
                 for item in list(self.pending):
-                    if item.key not in sent:
-                        item.request.agent_id = self.agent_id
-                        await call.write(item.request)
-                        sent.add(item.key)
+                    req = item.request
+                    if req.seq > sent.get((req.job_id, req.attempt), 0):
+                        req.agent_id = self.agent_id
+                        await call.write(req)
+                        sent[(req.job_id, req.attempt)] = req.seq
                 await self.wake.wait()
 
         async def reader() -> None:
