@@ -534,12 +534,16 @@ class Load:
     async def grpc_watcher(self, watcher: Watcher, opened: asyncio.Event) -> None:
         async with grpc.aio.insecure_channel(self.system.jobs_address) as channel:
             stub = jobs_pb2_grpc.JobServiceStub(channel)
-            call = stub.WatchJob(jpb.WatchJobRequest(job_id=watcher.job_id), metadata=self.admin_metadata)
+            # Batched, as a client following many points a second (the gateway's hub) asks for it.
+            request = jpb.WatchJobRequest(job_id=watcher.job_id, batched=True)
+            call = stub.WatchJob(request, metadata=self.admin_metadata)
             await call.wait_for_connection()
             opened.set()
-            async for resp in call:
-                if resp.WhichOneof("update") == "metric":
-                    self._received(watcher, resp.metric.name, resp.metric.step)
+            async for message in call:
+                updates = message.batch.updates if message.WhichOneof("update") == "batch" else [message]
+                for resp in updates:
+                    if resp.WhichOneof("update") == "metric":
+                        self._received(watcher, resp.metric.name, resp.metric.step)
             watcher.ended = True
 
     async def sse_watcher(self, client: httpx.AsyncClient, watcher: Watcher, opened: asyncio.Event) -> None:

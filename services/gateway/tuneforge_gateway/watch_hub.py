@@ -165,18 +165,21 @@ async def watch_items(
     item's position; ends when the job's stream ends; raises WatchFailed for a final code."""
     failures = 0
     while True:
-        call = open_watch(jpb.WatchJobRequest(job_id=job_id, after_cursor=position.resume_cursor()))
+        # Batched: what each pass of the jobs service finds comes in one message, not one per point.
+        call = open_watch(jpb.WatchJobRequest(job_id=job_id, after_cursor=position.resume_cursor(), batched=True))
         UPSTREAM_WATCHES.inc()
         try:
-            async for update in call:
-                try:
-                    item = Item.of(update)
-                except ValueError:
-                    raise WatchFailed(grpc.StatusCode.INTERNAL) from None
-                if position.admits(item):
-                    position = position.advance(item)
-                    failures = 0
-                    yield item
+            async for message in call:
+                updates = message.batch.updates if message.WhichOneof("update") == "batch" else [message]
+                for update in updates:
+                    try:
+                        item = Item.of(update)
+                    except ValueError:
+                        raise WatchFailed(grpc.StatusCode.INTERNAL) from None
+                    if position.admits(item):
+                        position = position.advance(item)
+                        failures = 0
+                        yield item
             return
         except grpc.aio.AioRpcError as err:
             if err.code() not in RETRYABLE:

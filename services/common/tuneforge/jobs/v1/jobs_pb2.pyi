@@ -1440,18 +1440,25 @@ class WatchJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    BATCHED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     after_cursor: _builtins.str
     """Resume after this cursor; empty starts from the beginning."""
+    batched: _builtins.bool
+    """Send what each pass of the watch finds as one WatchJobResponse whose `batch` holds the updates (each with
+    its own cursor), rather than one message per update: for clients following many points a second, where a
+    message per point costs each end a round trip of its own (the gateway's watch hub asks for it).
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         after_cursor: _builtins.str = ...,
+        batched: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "batched", b"batched", "job_id", b"job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1466,6 +1473,7 @@ class WatchJobResponse(_message.Message):
     METRIC_FIELD_NUMBER: _builtins.int
     LOG_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Pass back as after_cursor to resume without gap or duplicate."""
     @_builtins.property
@@ -1476,6 +1484,10 @@ class WatchJobResponse(_message.Message):
     def log(self) -> Global___LogLine: ...
     @_builtins.property
     def event(self) -> Global___JobEvent: ...
+    @_builtins.property
+    def batch(self) -> Global___WatchJobBatch:
+        """Only when the request asked for `batched`: the updates in order; `cursor` is the last one's."""
+
     def __init__(
         self,
         *,
@@ -1484,13 +1496,34 @@ class WatchJobResponse(_message.Message):
         metric: Global___MetricPoint | None = ...,
         log: Global___LogLine | None = ...,
         event: Global___JobEvent | None = ...,
+        batch: Global___WatchJobBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "job", b"job", "log", b"log", "metric", b"metric", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "event", b"event", "job", b"job", "log", b"log", "metric", b"metric", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event", "job", b"job", "log", b"log", "metric", b"metric", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cursor", b"cursor", "event", b"event", "job", b"job", "log", b"log", "metric", b"metric", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["job", "metric", "log", "event"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["job", "metric", "log", "event", "batch"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
 Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
+
+@_typing.final
+class WatchJobBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchJobResponse]: ...
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___WatchJobResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobBatch: _TypeAlias = WatchJobBatch  # noqa: Y015
