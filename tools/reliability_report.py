@@ -68,8 +68,10 @@ def render(report: dict[str, Any]) -> str:
         rows = by_module[module]
         lines += [f"### {TITLES.get(module, module)}", "", f"`tests/reliability/{module}.py`", ""]
         lines += ["| test | figure | value | goal |", "| --- | --- | --- | --- |"]
+        previous = ""
         for f in rows:
             test = f["test"].split("::", 1)[-1]
+            test, previous = ("" if test == previous else test), test  # each test named once, on its first row
             value = fmt(f["value"]) + (f" {f['unit']}" if f.get("unit") else "")
             cells = (test, f["name"], value, f.get("goal", ""))
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
