@@ -90,7 +90,10 @@ async def test_agents_reporting_under_load_reach_every_watcher_once_in_order(nat
         # Timed goals only at full scale: CI machines are shared and noisy, and 20 s says little about a leak.
         for kind in ("sse", "grpc"):
             assert result.latency_s[kind]["p95"] < P95_GOAL_S, f"{kind} p95 {result.latency_s[kind]['p95']:.3f} s"
-        for name, proc in result.processes.items():
+        # The services' memory: the generator keeps every latency and step it measured (900,000 points at full
+        # scale, some 80 MB over the run), so its growth is its record, not the system's.
+        for name in ("jobs", "gateway"):
+            proc = result.processes[name]
             assert proc["rss_growth_mb_per_min"] < GROWTH_GOAL_MB_PER_MIN, f"{name} RSS grows: {proc}"
 
 
