@@ -149,6 +149,7 @@ class LoadResult:
     points_expected: dict[str, int]
     incomplete_watchers: int
     latency_s: dict[str, dict[str, float]]
+    steady_latency_s: dict[str, dict[str, float]]
     ack_latency_s: dict[str, float]
     generator_loop_lag_s: dict[str, float]
     throughput: dict[str, float]
@@ -170,6 +171,12 @@ class LoadResult:
                 f"({self.throughput[f'{kind}_points_per_s']:.0f}/s); latency p50 {lat.get('p50', 0) * 1000:.0f} ms, "
                 f"p95 {lat.get('p95', 0) * 1000:.0f} ms, p99 {lat.get('p99', 0) * 1000:.0f} ms, "
                 f"max {lat.get('max', 0) * 1000:.0f} ms"
+            )
+            steady = self.steady_latency_s.get(kind, {})
+            lines.append(
+                f"  after the {self.config['warmup_s']:g} s warm-up: p50 {steady.get('p50', 0) * 1000:.0f} ms, "
+                f"p95 {steady.get('p95', 0) * 1000:.0f} ms, p99 {steady.get('p99', 0) * 1000:.0f} ms, "
+                f"max {steady.get('max', 0) * 1000:.0f} ms"
             )
         ack = self.ack_latency_s
         lines.append(
@@ -378,6 +385,9 @@ class Load:
         # When each point's report was queued by its agent: (job id, step) -> monotonic seconds.
         self.sent_at: dict[tuple[str, int], float] = {}
         self.latencies: dict[str, array] = {"sse": array("d"), "grpc": array("d")}
+        # The same for points sent after the warm-up: the steady state, without 50 agents joining, registering
+        # and being assigned at once, and every stream's first catch-up.
+        self.steady_latencies: dict[str, array] = {"sse": array("d"), "grpc": array("d")}
         self.watchers: list[Watcher] = []
         self.samples: dict[str, list[Sample]] = {"jobs": [], "gateway": [], "generator": []}
         # How late this process's event loop ran a 0.1 s sleep (s): its own lag adds to every latency measured.
@@ -530,6 +540,8 @@ class Load:
             self.errors.add(f"{watcher.kind} watcher {watcher.index}: step {step} of {name} was never sent")
         else:
             self.latencies[watcher.kind].append(now - sent)
+            if sent - self.started >= self.config.warmup_s:
+                self.steady_latencies[watcher.kind].append(now - sent)
 
     async def grpc_watcher(self, watcher: Watcher, opened: asyncio.Event) -> None:
         async with grpc.aio.insecure_channel(self.system.jobs_address) as channel:
@@ -683,6 +695,7 @@ class Load:
             points_expected=expected,
             incomplete_watchers=incomplete,
             latency_s={kind: percentiles(values) for kind, values in self.latencies.items()},
+            steady_latency_s={kind: percentiles(values) for kind, values in self.steady_latencies.items()},
             ack_latency_s=percentiles(self.ack_latencies),
             generator_loop_lag_s=percentiles(self.loop_lag),
             throughput={

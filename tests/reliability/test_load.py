@@ -68,7 +68,11 @@ async def test_agents_reporting_under_load_reach_every_watcher_once_in_order(nat
         )
         figures.record(f"{kind} throughput delivered", result.throughput[f"{kind}_points_per_s"], "points/s")
         for q in ("p50", "p95", "p99", "max"):
-            figures.record(f"{kind} latency {q}", lat[q], "s", goal=f"< {P95_GOAL_S:g} s" if q == "p95" else "")
+            figures.record(f"{kind} latency {q}, whole run", lat[q], "s")
+        steady = result.steady_latency_s[kind]
+        for q in ("p50", "p95", "p99", "max"):
+            goal = f"< {P95_GOAL_S:g} s" if q == "p95" else ""
+            figures.record(f"{kind} latency {q} after the {config.warmup_s:g} s warm-up", steady[q], "s", goal=goal)
     for name, proc in result.processes.items():
         figures.record(
             f"{name} RSS start / end / max",
@@ -88,8 +92,11 @@ async def test_agents_reporting_under_load_reach_every_watcher_once_in_order(nat
     assert result.points_delivered == result.points_expected
     if FULL:
         # Timed goals only at full scale: CI machines are shared and noisy, and 20 s says little about a leak.
+        # In the steady state: the first minute has every agent joining and every stream catching up at once
+        # (its figures are recorded above, whole-run, beside these).
         for kind in ("sse", "grpc"):
-            assert result.latency_s[kind]["p95"] < P95_GOAL_S, f"{kind} p95 {result.latency_s[kind]['p95']:.3f} s"
+            p95 = result.steady_latency_s[kind]["p95"]
+            assert p95 < P95_GOAL_S, f"{kind} p95 after warm-up {p95:.3f} s"
         # The services' memory: the generator keeps every latency and step it measured (900,000 points at full
         # scale, some 80 MB over the run), so its growth is its record, not the system's.
         for name in ("jobs", "gateway"):
