@@ -118,9 +118,8 @@ async def test_a_metric_point_wakes_only_its_jobs_watchers_and_a_state_change_wa
     assert (job_b.is_set(), scheduler.is_set()) == (True, True)
 
 
-async def test_a_watcher_of_a_finished_job_gets_every_point_past_the_first_page(stubs):  # noqa: F811
-    # WatchJob read one page (MAX_PAGE rows) per pass and ended once the job was terminal, so a watcher that
-    # started or fell behind by more than a page near the end lost the rest.
+async def finished_job_with_losses(stubs, steps: int):  # noqa: F811
+    """A job an agent ran to SUCCEEDED, reporting a loss at each of `steps` steps, all stored."""
     job = await submit(stubs)
     agent_id = (
         await stubs.agents.RegisterAgent(
@@ -130,11 +129,18 @@ async def test_a_watcher_of_a_finished_job_gets_every_point_past_the_first_page(
     await next_assignment(stubs, agent_id)
     reporter = Reporter(agent_id=agent_id)
     reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING))
-    steps = api.MAX_PAGE + 200
     for step in range(1, steps + 1):
         reporter.add(job.id, 1, metric=apb.MetricReport(step=step, values={"loss": 1.0 / step}))
     reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED))
     await drain(reporter, stubs)
+    return job
+
+
+async def test_a_watcher_of_a_finished_job_gets_every_point_past_the_first_page(stubs):  # noqa: F811
+    # WatchJob read one page (MAX_PAGE rows) per pass and ended once the job was terminal, so a watcher that
+    # started or fell behind by more than a page near the end lost the rest.
+    steps = api.MAX_PAGE + 200
+    job = await finished_job_with_losses(stubs, steps)
 
     seen = [
         update.metric.step
@@ -324,20 +330,8 @@ async def test_a_batched_watch_sends_each_pass_in_one_message_with_every_point_o
     # One message per point made each stream a round trip per point: 27-35 ms each on the loaded machine, so a
     # stream following 30 points a second fell behind. A batched watch (what the gateway's hub asks for) sends
     # what a pass finds in one message; each update keeps its own cursor.
-    job = await submit(stubs)
-    agent_id = (
-        await stubs.agents.RegisterAgent(
-            apb.RegisterAgentRequest(name="n1", resources=apb.AgentResources(slots=1)), timeout=5
-        )
-    ).agent_id
-    await next_assignment(stubs, agent_id)
-    reporter = Reporter(agent_id=agent_id)
-    reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING))
     steps = api.MAX_PAGE + 200
-    for step in range(1, steps + 1):
-        reporter.add(job.id, 1, metric=apb.MetricReport(step=step, values={"loss": 1.0 / step}))
-    reporter.add(job.id, 1, state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED))
-    await drain(reporter, stubs)
+    job = await finished_job_with_losses(stubs, steps)
 
     request = pb.WatchJobRequest(job_id=job.id, batched=True)
     messages = [m async for m in stubs.jobs.WatchJob(request, timeout=30)]
