@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 from sqlalchemy import event as sa_event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.integration.test_jobs_service import StaticCatalog
 from tests.reliability.conftest import FULL, Figures, scale
@@ -24,6 +26,7 @@ from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
 from tuneforge.jobs.v1 import jobs_pb2 as pb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
+from tuneforge_cli.embedded import free_port
 from tuneforge_common.db import make_engine, migrate
 from tuneforge_common.grpcutil import start_server
 from tuneforge_gateway.watch_hub import WatchSettings
@@ -352,3 +355,25 @@ async def test_a_batched_watch_sends_each_pass_in_one_message_with_every_point_o
         if u.WhichOneof("update") == "metric"
     ]
     assert resumed == list(range(601, steps + 1))
+
+
+async def test_a_stream_gone_while_its_batch_fails_to_store_leaves_the_writer_storing_the_others(tmp_path):
+    # api.ReportWriter set the failed batch's exception on a future its stream had cancelled (the agent
+    # reconnecting during a PostgreSQL outage): InvalidStateError ended the writer's task, and a batch queued
+    # behind it waited for an answer that never came.
+    engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nowhere")
+    try:
+        writer = api.ReportWriter(Jobs(engine, catalog=None, artifact_root=str(tmp_path), subject_root=""))
+        report = api.decode_report(
+            apb.ReportJobRequest(agent_id="a", job_id="j", attempt=1, seq=1, metric=apb.MetricReport(step=1))
+        )
+        gone = asyncio.create_task(writer.apply([report]))
+        for _ in range(3):  # the writer takes the batch and starts connecting
+            await asyncio.sleep(0)
+        gone.cancel()
+        queued = asyncio.create_task(writer.apply([report]))
+        with pytest.raises((DBAPIError, OSError)):  # the refused connection, as it reached the caller
+            await asyncio.wait_for(queued, 10)
+        assert writer.task is not None and writer.task.exception() is None
+    finally:
+        await engine.dispose()

@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -404,22 +404,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 request.job_id, event_id, metric_id, log_id, MAX_PAGE
             )
             finished = JobState(job.state) in TERMINAL
-            found: list[pb.WatchJobResponse] = []
-            for row in events:
-                event_id = row.id
-                found.append(pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), event=event_to_pb(row)))
-            if events:
-                found.append(pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), job=job_to_pb(job)))
-            # A terminal state is the agent's last report: once it is seen, every metric and log line is stored.
-            for row in metrics:
-                metric_id = row.id
-                found.append(pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), metric=metric_to_pb(row)))
-            for row in logs:
-                log_id = row.id
-                found.append(pb.WatchJobResponse(cursor=_cursor(event_id, metric_id, log_id), log=log_to_pb(row)))
+            cut = max(len(events), len(metrics), len(logs)) >= MAX_PAGE
+            updates, (event_id, metric_id, log_id) = watch_updates(
+                (event_id, metric_id, log_id),
+                [(r.id, event_to_pb(r)) for r in events],
+                lambda: job_to_pb(job),  # noqa: B023 (called before the loop goes on)
+                [(r.id, metric_to_pb(r)) for r in metrics],
+                [(r.id, log_to_pb(r)) for r in logs],
+                finished=finished,
+                cut=cut,
+            )
+            found = [response for response, _ in updates]
             for message in _sent(found, request.batched):
                 yield message
-            if max(len(events), len(metrics), len(logs)) >= MAX_PAGE:
+            if cut:
                 continue  # more is stored already (a watcher starting behind, or catching up after the end)
             if finished:
                 return
@@ -435,6 +433,57 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                         return
                     if follower.behind:
                         break  # dropped by the feed: passes of its own from the last item sent
+
+
+Cursor = tuple[int, int, int]  # (event id, metric id, log id) sent up to
+
+
+def watch_updates(
+    at: Cursor,
+    events: list[tuple[int, pb.JobEvent]],
+    snapshot: Callable[[], pb.Job],
+    metrics: list[tuple[int, pb.MetricPoint]],
+    logs: list[tuple[int, pb.LogLine]],
+    *,
+    finished: bool,
+    cut: bool,
+) -> tuple[list[tuple[pb.WatchJobResponse, Cursor]], Cursor]:
+    """What one pass sends a watcher at `at` (each response with the cursor it reaches), and where it ends.
+
+    Rows at or before the cursor are skipped. Transitions go first, then the job as it is after them, then
+    points and lines, except for a job that has ended: its terminal state is the agent's last report, so every
+    point and line was stored before it, and they go first; when the pass was `cut` at its page size (more
+    points or lines are stored), its transitions wait for a later pass. A watcher (a browser, the dashboard)
+    may so stop at the terminal snapshot: nothing comes after it. Points reported during a database outage
+    and stored together with the end once it was back came after the snapshot before this rule, and a watcher
+    that stopped there missed them (tests/reliability/test_postgres_restart.py).
+    """
+    e, m, lg = at
+    out: list[tuple[pb.WatchJobResponse, Cursor]] = []
+
+    def send_events() -> None:
+        nonlocal e
+        sent = False
+        for row_id, event in events:
+            if row_id > e:
+                e, sent = row_id, True
+                out.append((pb.WatchJobResponse(cursor=_cursor(e, m, lg), event=event), (e, m, lg)))
+        if sent:
+            out.append((pb.WatchJobResponse(cursor=_cursor(e, m, lg), job=snapshot()), (e, m, lg)))
+
+    if not finished:
+        send_events()
+    for row_id, point in metrics:
+        if row_id > m:
+            m = row_id
+            out.append((pb.WatchJobResponse(cursor=_cursor(e, m, lg), metric=point), (e, m, lg)))
+    for row_id, line in logs:
+        if row_id > lg:
+            lg = row_id
+            out.append((pb.WatchJobResponse(cursor=_cursor(e, m, lg), log=line), (e, m, lg)))
+    if finished and not cut:
+        send_events()
+    return out, (e, m, lg)
 
 
 def _sent(updates: list[pb.WatchJobResponse], batched: bool) -> list[pb.WatchJobResponse]:
@@ -576,33 +625,21 @@ class WatchFeed:
                     follower.error = NotFound(f"job {job_id!r} not found")
                     follower.wake.set()
                 continue
-            snapshot: pb.Job | None = None  # made once, for the first follower sent an event
-            event_pbs = [event_to_pb(r) for r in job_events]
-            metric_pbs = [metric_to_pb(r) for r in job_metrics]
-            log_pbs = [log_to_pb(r) for r in job_logs]
+            snapshot = functools.cache(functools.partial(job_to_pb, job))  # made once, for the first follower
+            event_pairs = [(r.id, event_to_pb(r)) for r in job_events]
+            metric_pairs = [(r.id, metric_to_pb(r)) for r in job_metrics]
+            log_pairs = [(r.id, log_to_pb(r)) for r in job_logs]
+            finished = JobState(job.state) in TERMINAL
             for follower in followers:
-                e, m, lg = follower.at
-                sent_event = False
-                for row, event in zip(job_events, event_pbs, strict=True):
-                    if row.id > e:
-                        e, sent_event = row.id, True
-                        follower.push(pb.WatchJobResponse(cursor=_cursor(e, m, lg), event=event), (e, m, lg))
-                if sent_event:
-                    if snapshot is None:
-                        snapshot = job_to_pb(job)
-                    follower.push(pb.WatchJobResponse(cursor=_cursor(e, m, lg), job=snapshot), (e, m, lg))
-                for row, point in zip(job_metrics, metric_pbs, strict=True):
-                    if row.id > m:
-                        m = row.id
-                        follower.push(pb.WatchJobResponse(cursor=_cursor(e, m, lg), metric=point), (e, m, lg))
-                for row, line in zip(job_logs, log_pbs, strict=True):
-                    if row.id > lg:
-                        lg = row.id
-                        follower.push(pb.WatchJobResponse(cursor=_cursor(e, m, lg), log=line), (e, m, lg))
+                updates, _ = watch_updates(
+                    follower.at, event_pairs, snapshot, metric_pairs, log_pairs, finished=finished, cut=full
+                )
+                for response, at in updates:
+                    follower.push(response, at)
                 if full:
                     self.dirty.add(job_id)  # more is stored already: read on before calling it finished
                     self.wake.set()
-                elif JobState(job.state) in TERMINAL:
+                elif finished:
                     follower.finished = True
                 if len(follower.items) > FEED_BACKLOG:
                     # A slow reader: it reads on by itself from the last item it took.
@@ -651,7 +688,10 @@ class ReportWriter:
                 acks = await self.jobs.apply_reports([r for reports, _ in batches for r in reports])
             except Exception as exc:
                 if len(batches) == 1:
-                    batches[0][1].set_exception(exc)
+                    # Its stream may have gone meanwhile (a cancelled future): setting it then would raise and
+                    # end this task with the other streams' batches still waiting.
+                    if not batches[0][1].done():
+                        batches[0][1].set_exception(exc)
                     continue
                 for reports, future in batches:
                     try:
