@@ -20,16 +20,6 @@ FULL = os.environ.get("TUNEFORGE_RELIABILITY") == "full"
 REPORT_PATH = os.environ.get("TUNEFORGE_RELIABILITY_REPORT", "")
 
 
-# An open bug, found by the CI run of 2026-12-06 (issue 11 stays open until it is fixed): after a PostgreSQL outage
-# or a service restart, the SSE watcher through the gateway stops receiving metric points although every point is
-# stored. Both tests passed at full scale at 12:18 that day; they fail at every run since ~12:20. The two tests that
-# show it are marked with it (not strict: a pass must not fail CI while the cause is looked for).
-WATCH_GAP_AFTER_FAULT = (
-    "open bug: after a PostgreSQL outage or a service restart the gateway's SSE watcher stops receiving metric points "
-    "although every point is stored"
-)
-
-
 def scale(fast: Any, full: Any) -> Any:
     """The CI size of a fault or a load, or its full size under `make reliability`."""
     return full if FULL else fast

@@ -78,6 +78,12 @@ class ProdStack:
         self.embedded.start_one(name, timeout=120)
         return time.monotonic()
 
+    def trained_steps(self, job_id: str) -> int:
+        """The latest step the job's runner saved a checkpoint of, read off the agent's disk: unlike what the
+        services report it goes on while they are down."""
+        found = (self.embedded.data_dir / "agent" / job_id).glob("attempt-*/output/checkpoint-*")
+        return max((int(p.name.removeprefix("checkpoint-")) for p in found if p.name[11:].isdigit()), default=0)
+
     def log(self, name: str) -> str:
         return (self.embedded.data_dir / "logs" / f"{name}.log").read_text(errors="replace")
 
@@ -310,6 +316,74 @@ class GrpcWatcher:
                         return
             time.sleep(random.uniform(0.5, 1.0) * min(5.0, 0.25 * 2**failures))
             failures += 1
+
+
+class Pacer:
+    """Holds a job's training process to at most `steps_per_s` from when it starts: SIGSTOP while the steps seen are
+    ahead of that pace, SIGCONT when they are not. The tiny model trains 10-80 steps a second on an idle machine
+    and about 1 on a loaded one, so a job sized for the loaded machine ended before the last restart on the idle
+    one; paced, it runs at least `steps / steps_per_s` seconds anywhere and no slower where the machine is slow.
+
+    The runner is found as the agent's child that leads its own session (the agent starts it so); its process
+    group is stopped, with any workers it started."""
+
+    def __init__(self, agent: subprocess.Popen[Any], steps_seen: Callable[[], int], steps_per_s: float) -> None:
+        self.agent_pid = agent.pid
+        self.steps_seen = steps_seen
+        self.steps_per_s = steps_per_s
+        self.stopped_s = 0.0  # time the runner spent held, for the figures
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="pacer")
+
+    def __enter__(self) -> Pacer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _runner_group(self) -> int | None:
+        import os
+
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.agent_pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    if os.getpgid(child.pid) == child.pid:
+                        return child.pid
+        return None
+
+    def _signal(self, group: int, sig: signal.Signals) -> None:
+        import os
+
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+
+    def _run(self) -> None:
+        group: int | None = None
+        began = held_since = None
+        while not self._stop.wait(0.05):
+            if group is None:
+                group = self._runner_group()
+                if group is None:
+                    continue
+            if began is None:
+                if not self.steps_seen():
+                    continue  # the pace counts from the first step: loading the model is not held
+                began = time.monotonic()
+            ahead = self.steps_seen() > (time.monotonic() - began) * self.steps_per_s
+            if ahead and held_since is None:
+                self._signal(group, signal.SIGSTOP)
+                held_since = time.monotonic()
+            elif not ahead and held_since is not None:
+                self._signal(group, signal.SIGCONT)
+                self.stopped_s += time.monotonic() - held_since
+                held_since = None
+        if group is not None and held_since is not None:
+            self._signal(group, signal.SIGCONT)
+            self.stopped_s += time.monotonic() - held_since
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float, every: float = 0.2) -> None:

@@ -13,9 +13,8 @@ import uuid
 from collections import Counter
 
 import httpx
-import pytest
 
-from tests.reliability.conftest import WATCH_GAP_AFTER_FAULT, scale
+from tests.reliability.conftest import scale
 from tests.reliability.prodstack import PrivatePostgres, SseWatcher, prod_stack, wait_until
 
 OUTAGE_S = scale(5, 30)
@@ -26,7 +25,6 @@ SAVE_STEPS = 50
 LEAKS = ("Traceback", "asyncpg", "sqlalchemy", "OperationalError", "Connection refused", "ConnectionRefusedError")
 
 
-@pytest.mark.xfail(reason=WATCH_GAP_AFTER_FAULT, strict=False)
 def test_postgres_outage_gets_503s_then_services_reconnect_and_jobs_finish(tmp_path, figures):
     started = time.monotonic()
     pg = PrivatePostgres()
