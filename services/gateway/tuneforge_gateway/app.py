@@ -1332,7 +1332,9 @@ def create_app(
         """Server-Sent Events of state changes, metric points and log lines; resumes after Last-Event-ID.
 
         All watchers of a job share one WatchJob stream to the jobs service (watch_hub.py); each event's id is
-        the cursor to resume after it, and a `: keepalive` comment goes out after each quiet interval.
+        the cursor to resume after it, and a `: keepalive` comment goes out after each quiet interval. The
+        stream ends after the job reaches a terminal state: the `job` event in that state is the last one, after
+        every point and line of the job, so a client may close there.
         """
         try:
             start = Position.parse(request.headers.get("last-event-id", ""))

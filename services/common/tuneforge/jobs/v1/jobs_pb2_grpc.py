@@ -212,7 +212,9 @@ class JobServiceServicer:
 
     def WatchJob(self, request, context):
         """Server stream of state changes, metric points and log lines, starting
-        after the given cursor.
+        after the given cursor. It ends after the job reaches a terminal state;
+        the job snapshot in that state is its last update, after every point and
+        line the job stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

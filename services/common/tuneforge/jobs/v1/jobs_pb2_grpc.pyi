@@ -60,7 +60,9 @@ class JobServiceStub:
     """The job's state history, oldest first."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]
     """Server stream of state changes, metric points and log lines, starting
-    after the given cursor.
+    after the given cursor. It ends after the job reaches a terminal state;
+    the job snapshot in that state is its last update, after every point and
+    line the job stored.
     """
 
 @_typing.type_check_only
@@ -95,7 +97,9 @@ class JobServiceAsyncStub(JobServiceStub):
     """The job's state history, oldest first."""
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Server stream of state changes, metric points and log lines, starting
-    after the given cursor.
+    after the given cursor. It ends after the job reaches a terminal state;
+    the job snapshot in that state is its last update, after every point and
+    line the job stored.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -217,7 +221,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.WatchJobResponse], _abc.AsyncIterator[_jobs_pb2.WatchJobResponse]]:
         """Server stream of state changes, metric points and log lines, starting
-        after the given cursor.
+        after the given cursor. It ends after the job reaches a terminal state;
+        the job snapshot in that state is its last update, after every point and
+        line the job stored.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
