@@ -174,24 +174,20 @@ class Seen:
 
 
 @dataclass
-class SseWatcher:
-    """Watches a job's SSE stream through the gateway as a browser's EventSource does: when the connection drops
-    (or the stream ends with an error event) it reconnects after a jittered backoff, sending the last event id it
-    saw as Last-Event-ID. Runs in a thread until the job's terminal snapshot arrives or stop() is called."""
+class _Watcher:
+    """A job watched in a thread as a client does: each session reads until the job's terminal snapshot (or an end);
+    a dropped session (a service restarting) is retried after a jittered backoff, resuming from where it was."""
 
-    url: str
-    key: str
     job_id: str
-    terminal: frozenset[str] = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
     seen: list[Seen] = field(default_factory=list)
     connects: int = 0
     errors: list[str] = field(default_factory=list)
-    last_id: str = ""
     done: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _failures: int = 0  # sessions failed in a row: the backoff grows with them
 
-    def start(self) -> SseWatcher:
-        threading.Thread(target=self._run, daemon=True, name=f"sse-{self.job_id}").start()
+    def start(self) -> Any:
+        threading.Thread(target=self._run, daemon=True, name=f"{type(self).__name__}-{self.job_id}").start()
         return self
 
     def stop(self) -> None:
@@ -206,38 +202,60 @@ class SseWatcher:
     def first_metric_after(self, moment: float, name: str = "loss") -> float:
         return next(s.at for s in self.seen if s.kind == "metric" and s.data["name"] == name and s.at > moment)
 
+    def _session(self) -> bool:
+        """One connection, read to its end; True when the watch is over (no retry), raises to retry."""
+        raise NotImplementedError
+
+    def _connected(self) -> None:
+        self.connects += 1
+        self._failures = 0
+
     def _run(self) -> None:
         import random
 
-        failures = 0
         while not self._stop.is_set() and not self.done.is_set():
-            headers = {"Authorization": f"Bearer {self.key}"}
-            if self.last_id:
-                headers["Last-Event-ID"] = self.last_id
             try:
-                with httpx.stream(
-                    "GET",
-                    f"{self.url}/api/v1/jobs/{self.job_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(10, read=30),
-                ) as resp:
-                    if resp.status_code != 200:
-                        raise RuntimeError(f"HTTP {resp.status_code}")
-                    self.connects += 1
-                    failures = 0
-                    self._read(resp)
-            except Exception as exc:  # a restarting gateway: refused, reset, or an error event
+                if self._session():
+                    return
+            except Exception as exc:  # a restarting service: refused, reset, UNAVAILABLE, or an error event
                 self.errors.append(f"{type(exc).__name__}: {exc}")
             if self.done.is_set() or self._stop.is_set():
                 return
-            time.sleep(random.uniform(0.5, 1.0) * min(5.0, 0.25 * 2**failures))
-            failures += 1
+            time.sleep(random.uniform(0.5, 1.0) * min(5.0, 0.25 * 2**self._failures))
+            self._failures += 1
 
-    def _read(self, resp: httpx.Response) -> None:
+
+@dataclass
+class SseWatcher(_Watcher):
+    """Watches a job's SSE stream through the gateway as a browser's EventSource does: when the connection drops
+    (or the stream ends with an error event) it reconnects, sending the last event id it saw as Last-Event-ID.
+    It stops at the job's terminal snapshot, which the stream sends last."""
+
+    url: str = ""
+    key: str = ""
+    terminal: frozenset[str] = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+    last_id: str = ""
+
+    def _session(self) -> bool:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        if self.last_id:
+            headers["Last-Event-ID"] = self.last_id
+        with httpx.stream(
+            "GET",
+            f"{self.url}/api/v1/jobs/{self.job_id}/events",
+            headers=headers,
+            timeout=httpx.Timeout(10, read=30),
+        ) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}")
+            self._connected()
+            return self._read(resp)
+
+    def _read(self, resp: httpx.Response) -> bool:
         event_id = kind = ""
         for line in resp.iter_lines():
             if self._stop.is_set():
-                return
+                return True
             if line.startswith("id: "):
                 event_id = line[4:]
             elif line.startswith("event: "):
@@ -251,71 +269,48 @@ class SseWatcher:
                     self.last_id = event_id
                 if kind == "job" and data.get("state") in self.terminal:
                     self.done.set()
-                    return
+                    return True
         raise RuntimeError("stream ended before the job did")
 
 
 @dataclass
-class GrpcWatcher:
+class GrpcWatcher(_Watcher):
     """Watches a job with JobService.WatchJob straight on the jobs service, as an internal gRPC caller does: when the
-    call fails UNAVAILABLE (the service restarting) it calls again after a jittered backoff with the last cursor as
-    after_cursor. Runs in a thread until the job's terminal snapshot arrives or stop() is called."""
+    call fails UNAVAILABLE (the service restarting) it calls again with the last cursor as after_cursor."""
 
-    address: str
-    key: str
-    job_id: str
-    seen: list[Seen] = field(default_factory=list)
-    connects: int = 0
-    errors: list[str] = field(default_factory=list)
+    address: str = ""
+    key: str = ""
     cursor: str = ""
-    done: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
 
-    def start(self) -> GrpcWatcher:
-        threading.Thread(target=self._run, daemon=True, name=f"grpc-{self.job_id}").start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def steps(self, name: str = "loss") -> list[int]:
-        return [int(s.data["step"]) for s in self.seen if s.kind == "metric" and s.data["name"] == name]
-
-    def _run(self) -> None:
-        import random
-
+    def _session(self) -> bool:
         import grpc
         from google.protobuf import json_format
 
         from tuneforge.jobs.v1 import jobs_pb2 as jpb
         from tuneforge.jobs.v1 import jobs_pb2_grpc
 
-        failures = 0
         metadata = [("authorization", f"Bearer {self.key}")]
-        while not self._stop.is_set():
-            with grpc.insecure_channel(self.address) as channel:
-                call = jobs_pb2_grpc.JobServiceStub(channel).WatchJob(
-                    jpb.WatchJobRequest(job_id=self.job_id, after_cursor=self.cursor), metadata=metadata
-                )
-                try:
-                    self.connects += 1
-                    for update in call:
-                        kind = update.WhichOneof("update") or ""
-                        data = json_format.MessageToDict(getattr(update, kind), preserving_proto_field_name=True)
-                        self.seen.append(Seen(time.monotonic(), kind, data))
-                        self.cursor = update.cursor
-                        failures = 0
-                        if self._stop.is_set():
-                            call.cancel()
-                            return
-                    self.done.set()  # the stream ends cleanly when the job is over
-                    return
-                except grpc.RpcError as err:
+        with grpc.insecure_channel(self.address) as channel:
+            call = jobs_pb2_grpc.JobServiceStub(channel).WatchJob(
+                jpb.WatchJobRequest(job_id=self.job_id, after_cursor=self.cursor), metadata=metadata
+            )
+            self._connected()
+            try:
+                for update in call:
+                    kind = update.WhichOneof("update") or ""
+                    data = json_format.MessageToDict(getattr(update, kind), preserving_proto_field_name=True)
+                    self.seen.append(Seen(time.monotonic(), kind, data))
+                    self.cursor = update.cursor
+                    if self._stop.is_set():
+                        call.cancel()
+                        return True
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
                     self.errors.append(f"{err.code().name}: {err.details()}")
-                    if err.code() != grpc.StatusCode.UNAVAILABLE:
-                        return
-            time.sleep(random.uniform(0.5, 1.0) * min(5.0, 0.25 * 2**failures))
-            failures += 1
+                    return True
+                raise ConnectionError(f"{err.code().name}: {err.details()}") from None
+        self.done.set()  # the stream ends cleanly when the job is over
+        return True
 
 
 class Pacer:

@@ -36,7 +36,7 @@ def test_postgres_outage_gets_503s_then_services_reconnect_and_jobs_finish(tmp_p
             pids = {name: proc.pid for name, proc in stack.embedded.procs.items()}
             dataset = stack.upload_sample_dataset()
             job = stack.submit_tiny_job(dataset, MAX_STEPS, SAVE_STEPS)
-            watcher = SseWatcher(stack.url, stack.key, job["id"]).start()
+            watcher = SseWatcher(job_id=job["id"], url=stack.url, key=stack.key).start()
             try:
                 wait_until(lambda: len(watcher.steps()) >= 3, "the first metric points", 180)
 

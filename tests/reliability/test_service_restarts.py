@@ -31,8 +31,10 @@ def test_jobs_catalog_and_gateway_restarts_lose_and_repeat_nothing_of_a_running_
     with prod_stack(tmp_path / "stack", postgres_url, second_postgres_url) as stack:
         dataset = stack.upload_sample_dataset()
         job = stack.submit_tiny_job(dataset, MAX_STEPS, SAVE_STEPS)
-        watcher = SseWatcher(stack.url, stack.key, job["id"]).start()
-        grpc_watcher = GrpcWatcher(f"127.0.0.1:{stack.embedded.ports['jobs']}", stack.key, job["id"]).start()
+        watcher = SseWatcher(job_id=job["id"], url=stack.url, key=stack.key).start()
+        grpc_watcher = GrpcWatcher(
+            job_id=job["id"], address=f"127.0.0.1:{stack.embedded.ports['jobs']}", key=stack.key
+        ).start()
         try:
 
             def steps() -> int:

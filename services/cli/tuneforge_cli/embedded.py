@@ -247,15 +247,6 @@ class EmbeddedStack:
     def stop(self, grace: float = 15.0) -> None:
         """Stop in reverse start order: SIGTERM, then SIGKILL after the grace period."""
         for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            self.stop_one(name, signal.SIGTERM, grace)
         for log_file in self.log_files:
             log_file.close()
