@@ -43,6 +43,7 @@ from tuneforge_common.params import protected_env_problem, to_env
 from tuneforge_common.runtime import wait_for_shutdown_signal
 from tuneforge_common.tls import TlsConfig, open_channel
 
+from .forkserver import WarmProcess, WarmRunners
 from .relay import InferenceRelay
 from .sdk import PAUSED_EXIT_CODE, parse_checkpoint, parse_log_data
 
@@ -90,6 +91,13 @@ class AgentSettings(CommonSettings):
     )
     agent_grpc_port: int = Field(0, description="Port of the agent's health endpoint; 0 picks a free one.")
     agent_terminate_grace_seconds: float = Field(10.0, description="SIGTERM to SIGKILL grace on terminate.")
+    agent_warm_runners: bool = Field(
+        True,
+        description="Keep a process with torch, transformers, PEFT and TRL imported, and fork each built-in "
+        "method's runner from it: a job's first step comes about 10 s sooner than from a fresh interpreter. "
+        "Costs the memory of one such process (a few hundred MB). Scripts, other Python environments, torchrun "
+        "and runners whose environment changes what those libraries read at import start cold.",
+    )
     agent_labels: str = Field(
         "",
         description="This agent's labels as k=v,k2=v2 (e.g. zone=eu,pool=a100); a job's resource request can ask "
@@ -572,7 +580,7 @@ class JobRun:
     def __init__(self, agent: Agent, assignment: apb.JobAssignment) -> None:
         self.agent = agent
         self.a = assignment
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | WarmProcess | None = None
         self.cancelled = False
         self.shutting_down = False
         self.fenced = ""  # why the service refused this attempt's reports; it then reports nothing more
@@ -800,15 +808,20 @@ class JobRun:
         self.out_of_memory = False
         if self.kind == "serve":  # a worker ends only when stopped (trainings end on their own)
             cmd = stop_with_agent(cmd)
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=str(self.workdir),
-            start_new_session=True,
-            limit=LINE_LIMIT,
-        )
+        warm = self.agent.warm
+        self.proc = await warm.spawn(cmd, env, str(self.workdir)) if warm is not None else None
+        if self.proc is not None:
+            self.log_line("agent", f"{self.stage} process forked warm from the agent's preloaded runner")
+        else:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=str(self.workdir),
+                start_new_session=True,
+                limit=LINE_LIMIT,
+            )
         if self.stage in ("training", "merge", "evaluate"):  # a serve job runs once its worker listens
             self.report(state=apb.StateReport(state=apb.REPORTED_STATE_RUNNING, reason=f"pid {self.proc.pid}"))
         if self.cancelled or (self.pausing and self.stage == "saving"):
@@ -1140,6 +1153,14 @@ class Agent:
         self.credential_file = Path(settings.agent_credential_file or Path(settings.agent_work_dir) / "credential")
         self.credential = ""
         self.relay = InferenceRelay(self._worker_port)
+        # Started by serve() (an agent process); an Agent made in-process starts every runner cold.
+        self.warm: WarmRunners | None = None
+
+    def start_warm_runners(self) -> None:
+        if self.settings.agent_warm_runners and self.warm is None:
+            base = {k: v for k, v in os.environ.items() if not SERVICE_SECRET_ENV.fullmatch(k)}
+            self.warm = WarmRunners.for_agent(self.settings.agent_python, base, LINE_LIMIT)
+            self.warm.start()
 
     def _worker_port(self, job_id: str) -> int:
         run = self.runs.get(job_id)
@@ -1307,11 +1328,14 @@ async def serve() -> None:
     server, port = await start_server([], settings.grpc_host, settings.agent_grpc_port, tls=agent.tls)
     metrics = serve_metrics(settings.metrics_port, settings.grpc_host)
     print(f"TUNEFORGE_READY trainer grpc={port} metrics={metrics}", flush=True)
+    agent.start_warm_runners()
     runner = asyncio.create_task(agent.run_forever())
     await wait_for_shutdown_signal()
     await agent.shutdown()
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
+    if agent.warm is not None:
+        await agent.warm.close()
     await server.stop(grace=2)
 
 
