@@ -15,7 +15,7 @@ PACKAGES := services/common services/catalog services/jobs services/gateway serv
 WEB_BUILD := services/gateway/tuneforge_gateway/web/index.html
 DASHBOARD_SRC := $(shell find dashboard/src -type f) $(addprefix dashboard/,index.html package.json package-lock.json tsconfig.json vite.config.ts)
 
-.PHONY: install dashboard up test protos check-protos lint clean docs reliability
+.PHONY: install dashboard up test protos check-protos lint clean docs reliability bench
 
 install: $(STAMP) $(WEB_BUILD)
 
@@ -48,6 +48,11 @@ reliability: install
 	rm -f $(RELIABILITY_REPORT)
 	TUNEFORGE_RELIABILITY=full TUNEFORGE_RELIABILITY_REPORT=$(RELIABILITY_REPORT) $(PY) -m pytest tests/reliability -p no:cacheprovider || true
 	$(PY) tools/reliability_report.py $(RELIABILITY_REPORT) --docs docs/reliability.md
+
+# Every benchmark under bench/, one after another (under 15 minutes here): .tuneforge/bench/results.{json,md}, and
+# the results table in docs/performance.md.
+bench: install
+	$(PY) bench/run_all.py --docs docs/performance.md
 
 protos:
 	rm -rf $(GEN_DIR)/tuneforge

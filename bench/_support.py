@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -50,3 +54,31 @@ class FixedCatalog:
 
     async def publish_model(self, name: str, description: str, uri: str, kind: str, lineage: dict[str, Any]) -> str:
         return "model-bench"
+
+
+# -- results: every benchmark writes its figures in one shape, which bench/run_all.py (make bench) gathers ------
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure: a ratio against a baseline run side by side, or a latency/rate with its goal."""
+
+    bench: str  # the script, e.g. "bench_scheduler"
+    figure: str  # what was measured, e.g. "scheduling decision p95 (1,000 queued, 100 agents)"
+    value: float
+    unit: str  # "ms", "points/s", "x" (a ratio), ...
+    baseline: str = ""  # what it was compared with side by side, and that baseline's value, e.g. "bulk INSERT 61,000/s"
+    goal: str = ""  # e.g. ">= 50,000 points/s", "<= 500 ms", ">= 1.0x"
+    met: bool | None = None  # None: no goal
+    note: str = ""  # what limits it, or the settings
+
+
+def write_figures(path: Path | None, figures: list[Figure]) -> None:
+    """Write this run's figures as JSON (a list) for bench/run_all.py; nothing when no path was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(f) for f in figures], indent=2))
+
+
+def add_figures_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--figures", type=Path, help="write the figures as JSON here (bench/run_all.py reads them)")
