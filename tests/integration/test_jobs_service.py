@@ -15,6 +15,7 @@ from tuneforge_common.errors import FailedPrecondition, NotFound
 from tuneforge_jobs import store
 from tuneforge_jobs.lifecycle import JobState
 from tuneforge_jobs.main import MIGRATIONS
+from tuneforge_jobs.notify import Notifier
 from tuneforge_jobs.service import CatalogInputs, Jobs, Report
 
 
@@ -351,3 +352,39 @@ async def test_claims_pass_over_jobs_that_do_not_fit_the_agent(jobs):
     assert (await jobs.claim_next(eu_agent)).id == big.id
     assert await jobs.claim_next(eu_agent) is None  # a slot is free, but both GPUs are taken
     assert (await jobs.get(eu.id)).state == JobState.QUEUED
+
+
+async def test_only_a_new_job_or_a_freed_slot_wakes_every_agents_assignment_loop(jobs):
+    # A claim or a start frees no slot and queues nothing: waking every agent's loop for it made 100 agents claim
+    # again in vain for each (bench/bench_scheduler.py). The job's own watchers are still woken.
+    changes = Notifier()
+    jobs.on_change = changes.notify
+    everyone = changes.ticket()
+    queued = await jobs.submit("m1", "d1", "sft-lora", {})
+    assert everyone.is_set()
+    agent, _ = await jobs.register_agent("a", {}, 1)
+    everyone, watchers = changes.ticket(), changes.ticket(queued.id)
+    job = await jobs.claim_next(agent)
+    assert watchers.is_set() and not everyone.is_set()
+    await jobs.apply_report(agent, report(job, 1, "state", state=JobState.RUNNING))
+    assert not everyone.is_set()
+    await jobs.apply_report(agent, report(job, 2, "state", state=JobState.SUCCEEDED, output_uri="/out"))
+    assert everyone.is_set()
+
+
+async def test_a_claim_takes_the_best_job_not_locked_by_another_claim(postgres_url):
+    engine = make_engine(postgres_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+    jobs = Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge", clock=Clock())
+    try:
+        ranked = []
+        for priority in (3, 2, 1):
+            ranked.append(await jobs.submit("m1", "d1", "sft-lora", {}, priority=priority))
+        agent, _ = await jobs.register_agent("a", {}, 3)
+        async with engine.begin() as other:  # another replica in the middle of claiming the best job
+            await other.execute(select(store.jobs).where(store.jobs.c.id == ranked[0].id).with_for_update())
+            assert (await jobs.claim_next(agent)).id == ranked[1].id
+        assert (await jobs.claim_next(agent)).id == ranked[0].id
+        assert (await jobs.claim_next(agent)).id == ranked[2].id
+    finally:
+        await engine.dispose()

@@ -1386,26 +1386,37 @@ class Jobs:
             claimed = await self._claim_first_fitting(conn, snapshot, agent_id)
             if claimed is None:
                 return None
-        self._after_commit()
+        # Only the job's watchers: a claim frees no slot and queues nothing, and waking every agent's assignment
+        # loop for each claim made each of 100 agents claim again in vain (bench/bench_scheduler.py).
+        self._after_commit(claimed.job.id)
         return dataclasses.replace(claimed, job=await self.get(claimed.job.id, scoped=False))
 
     async def _claim_first_fitting(
         self, conn: AsyncConnection, snapshot: scheduler.AgentSnapshot, agent_id: str
     ) -> ClaimedJob | None:
+        j = store.jobs.c
         async with contextlib.aclosing(self._queue_pages(conn)) as pages:
             async for page in pages:
-                for candidate in scheduler.candidates(page, snapshot):
-                    query = select(store.jobs).where(
-                        store.jobs.c.id == candidate.job_id, store.jobs.c.state == JobState.QUEUED
+                ids = [candidate.job_id for candidate in scheduler.candidates(page, snapshot)]
+                while ids:
+                    # The best candidate still queued and not being claimed, in one statement: with many agents
+                    # claiming at once, a statement per candidate made the k-th claim read the k-1 taken before it
+                    # one by one (bench/bench_scheduler.py). LIMIT 1 locks only the row it returns.
+                    query = (
+                        select(store.jobs)
+                        .where(j.id.in_(ids), j.state == JobState.QUEUED)
+                        .order_by(j.priority.desc(), j.created_at, j.id)
+                        .limit(1)
                     )
                     if conn.dialect.name == "postgresql":
                         query = query.with_for_update(skip_locked=True)
                     job = (await conn.execute(query)).first()
-                    if job is None:  # claimed, cancelled or locked by another replica meanwhile
-                        continue
+                    if job is None:  # every candidate claimed, cancelled or locked by another replica meanwhile
+                        break
                     claimed = await self._claim_in(conn, job, agent_id)
                     if claimed is not None:
                         return claimed
+                    ids.remove(job.id)
         return None
 
     async def _claim_in(self, conn: AsyncConnection, job: Any, agent_id: str) -> ClaimedJob | None:
@@ -1667,8 +1678,9 @@ class Jobs:
             if inserts:
                 await conn.execute(store.report_acks.insert(), inserts)
         if changed:
-            if all(r.kind in ("metric", "log") for r in reports):
-                # Points and lines change nothing a scheduler or another job's watcher reads: wake only theirs.
+            if all(r.kind in ("metric", "log") or r.state == JobState.RUNNING for r in reports):
+                # Points, lines and a start change nothing a scheduler or another job's watcher reads (no slot is
+                # freed, nothing queued): wake only theirs.
                 self._after_commit(*{job_id for job_id, _ in changed})
             else:
                 self._after_commit()
