@@ -1711,6 +1711,10 @@ def _printable(text: str) -> str:
     return text.replace("\0", "\ufffd")
 
 
+_POINT_COLUMNS = ("job_id", "attempt", "name", "step", "value", "recorded_at")
+_RECORDED_AT = store.metric_points.c.recorded_at.type
+
+
 class _ReportBatch:
     """Accumulates one transaction's log lines, metric points and progress; state changes apply in order."""
 
@@ -1742,16 +1746,9 @@ class _ReportBatch:
             text, stream = _printable(r.text), _printable(r.stream or "stdout")
             self.logs.append(dict(job_id=job.id, attempt=r.attempt, stream=stream, text=text, recorded_at=r.time))
         elif r.kind == "metric":
+            when = _RECORDED_AT.process_bind_param(r.time, None)  # refuses a naive time, as an INSERT does
             self.points += [
-                dict(
-                    job_id=job.id,
-                    attempt=r.attempt,
-                    name=_printable(name),
-                    step=r.step,
-                    value=value,
-                    recorded_at=r.time,
-                )
-                for name, value in r.values.items()
+                (job.id, r.attempt, _printable(name), r.step, value, when) for name, value in r.values.items()
             ]
             before = self.progress.get(
                 job.id,
@@ -1805,7 +1802,7 @@ class _ReportBatch:
         if self.logs:
             await self.conn.execute(store.log_lines.insert(), self.logs)
         if self.points:
-            await self.conn.execute(store.metric_points.insert(), self.points)
+            await self._store_points()
         if self.progress:
             now = self.jobs.clock()
             await self.conn.execute(
@@ -1815,3 +1812,18 @@ class _ReportBatch:
             for job_id in self.progress:
                 self.rows.pop(job_id, None)
         self.logs, self.points, self.progress = [], [], {}
+
+    async def _store_points(self) -> None:
+        if self.conn.dialect.driver == "asyncpg":
+            # COPY, in this transaction (begun already: the acks were read first). The INSERT spent more of the
+            # service's time binding rows in SQLAlchemy than PostgreSQL took to store them: ingestion through
+            # the ReportJob streams went from 0.45-0.6x a bare bulk INSERT's rate to 0.9-1.0x with COPY
+            # (bench/bench_metric_ingest.py, 10 agents on a busy 2-core machine).
+            raw = await self.conn.get_raw_connection()
+            await raw.driver_connection.copy_records_to_table(
+                store.metric_points.name, records=self.points, columns=_POINT_COLUMNS
+            )
+        else:
+            await self.conn.execute(
+                store.metric_points.insert(), [dict(zip(_POINT_COLUMNS, p, strict=True)) for p in self.points]
+            )
