@@ -35,7 +35,10 @@ from .lifecycle import JobState
 
 log = logging.getLogger(__name__)
 MAX_NAME = 255
-QUEUE_PAGE = 500  # queued jobs read per page while looking for one that fits an agent
+# Queued jobs read per page while looking for one that fits an agent: each claim reads a page, so a page much
+# longer than the claims under way at once (those jobs are taken or locked) costs every claim for nothing.
+QUEUE_PAGE = 100
+CLAIM_WINDOW = 25  # candidates one claim statement considers (ids bound in its IN list)
 MAX_WALK_CHUNK = 10_000  # metric points read per query while walking a job's steps newest first
 STEPS_PER_QUERY = 500  # steps whose points one query reads (bound parameters stay well under the engines' limits)
 
@@ -1374,9 +1377,12 @@ class Jobs:
         on every engine (SQLite has a single writer).
         """
         async with self.engine.connect() as conn:
-            await self._active_agent(conn, agent_id)
+            agent = await self._active_agent(conn, agent_id)
             queued = await conn.execute(select(store.jobs.c.id).where(store.jobs.c.state == JobState.QUEUED).limit(1))
             if queued.first() is None:  # the common idle case: no lock taken, nothing written
+                return None
+            # The common busy case: a full agent woken by a slot freed on another one (checked again under the lock).
+            if (await self._agent_snapshot(conn, agent)).free_slots == 0:
                 return None
         async with self.engine.begin() as conn:
             agent = await self._active_agent(conn, agent_id, lock=True)
@@ -1404,15 +1410,16 @@ class Jobs:
                     # one by one (bench/bench_scheduler.py). LIMIT 1 locks only the row it returns.
                     query = (
                         select(store.jobs)
-                        .where(j.id.in_(ids), j.state == JobState.QUEUED)
+                        .where(j.id.in_(ids[:CLAIM_WINDOW]), j.state == JobState.QUEUED)
                         .order_by(j.priority.desc(), j.created_at, j.id)
                         .limit(1)
                     )
                     if conn.dialect.name == "postgresql":
                         query = query.with_for_update(skip_locked=True)
                     job = (await conn.execute(query)).first()
-                    if job is None:  # every candidate claimed, cancelled or locked by another replica meanwhile
-                        break
+                    if job is None:  # these candidates claimed, cancelled or locked by another replica meanwhile
+                        del ids[:CLAIM_WINDOW]
+                        continue
                     claimed = await self._claim_in(conn, job, agent_id)
                     if claimed is not None:
                         return claimed
