@@ -1,4 +1,5 @@
-"""Smoke test of bench/bench_training_throughput.py: `--quick` runs, prints its tables and writes the JSON.
+"""Smoke test of bench/bench_training_throughput.py: `--quick` runs, prints its tables, writes the JSON and the
+figures file that bench/run_all.py gathers.
 
 Shape only: no timing is asserted (the quick size measures nothing). The token counts are, since every run's
 numerator must be the same count: the packed runs train the same tokens, and so do the padded ones.
@@ -7,6 +8,7 @@ numerator must be the same count: the packed runs train the same tokens, and so 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,11 +19,11 @@ SCRIPT = REPO / "bench" / "bench_training_throughput.py"
 RUNS = {"platform", "bare-same", "bare-defaults", "platform-padded"}
 
 
-def test_quick_run_prints_table_and_writes_json(tmp_path):
-    out = tmp_path / "result.json"
+def test_quick_run_prints_table_and_writes_json_and_figures(tmp_path):
+    out, figures_path = tmp_path / "result.json", tmp_path / "figures.json"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(out), "--figures", str(figures_path)],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -61,3 +63,17 @@ def test_quick_run_prints_table_and_writes_json(tmp_path):
         assert s["baseline_tokens_per_s"] > 0 and s["platform_tokens_per_s"] > 0
         assert abs(s["ratio"] - s["platform_tokens_per_s"] / s["baseline_tokens_per_s"]) < 0.01
         assert isinstance(s["met"], bool)
+    assert all(r["peak_rss_mib"] > 0 for r in runs.values())
+    assert report["memory"]["baseline"] == "bare-same" and isinstance(report["memory"]["met"], bool)
+
+    figures = json.loads(figures_path.read_text())
+    assert [f["unit"] for f in figures] == ["x"] * 6
+    assert all(f["bench"] == "bench_training_throughput" and f["baseline"] for f in figures)
+    measured, unmeasured = figures[:4], figures[4:]
+    assert [f["goal"] for f in measured] == [">= 1.0x", ">= 1.3x", ">= 1.4x", "<= 1.1x"]
+    for figure, scenario in zip(measured, scenarios + [report["memory"]], strict=True):
+        assert figure["value"] == scenario["ratio"] and figure["met"] == scenario["met"]
+    # Liger and QLoRA need a CUDA GPU: no value, no verdict, and the reason in the note.
+    for figure in unmeasured:
+        assert math.isnan(figure["value"]) and figure["met"] is None
+        assert "not measurable here" in figure["note"] and "CUDA" in figure["note"]
