@@ -323,7 +323,7 @@ class Pacer:
     group is stopped, with any workers it started."""
 
     def __init__(self, agent: subprocess.Popen[Any], steps_seen: Callable[[], int], steps_per_s: float) -> None:
-        self.agent_pid = agent.pid
+        self.agent_pid = agent.pid  # a runner ends with its attempt: a new one is looked for after each
         self.steps_seen = steps_seen
         self.steps_per_s = steps_per_s
         self.stopped_s = 0.0  # time the runner spent held, for the figures
@@ -339,6 +339,9 @@ class Pacer:
         self._thread.join(5)
 
     def _runner_group(self) -> int | None:
+        """The runner: a descendant of the agent leading its own session. A warm runner is a fork of the agent's
+        warm-runner server (which leads a session too, and whose command line it still has): the server is the
+        agent's child, its runners are not."""
         import os
 
         import psutil
@@ -346,7 +349,8 @@ class Pacer:
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.agent_pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error, ProcessLookupError):
-                    if os.getpgid(child.pid) == child.pid:
+                    server = child.ppid() == self.agent_pid and "tuneforge_trainer.forkserver" in child.cmdline()
+                    if os.getpgid(child.pid) == child.pid and not server:
                         return child.pid
         return None
 

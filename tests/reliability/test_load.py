@@ -56,7 +56,9 @@ async def test_agents_reporting_under_load_reach_every_watcher_once_in_order(nat
     print(result.summary())
     if report := os.environ.get("TUNEFORGE_RELIABILITY_REPORT"):
         # The whole result (samples included) next to the report, for a look at the curves.
-        Path(report).with_name("load.json").write_text(json.dumps(asdict(result), indent=2))
+        whole = Path(report).with_name("load.json")
+        whole.parent.mkdir(parents=True, exist_ok=True)  # the session's report is written only at its end
+        whole.write_text(json.dumps(asdict(result), indent=2))
 
     figures.record("agents x reports/s (values each)", f"{AGENTS} x {RATE:g} ({len(config.names)})")
     figures.record("watchers (SSE + gRPC)", f"{config.sse_watchers} + {config.grpc_watchers}")
