@@ -81,15 +81,25 @@ def render(report: dict[str, Any]) -> str:
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One report of runs of parts of the suite: their figures and outcomes together, the first start, the
-    seconds added up, the worst exit status; the scale is "mixed" unless they agree."""
+    seconds added up; the scale is "mixed" unless they agree. A test in a later run replaces its earlier run
+    (outcome and figures): a test fixed and run again counts as it ran last. The run failed if a test's last
+    outcome did, or a run ended badly otherwise (exit status above 1: interrupted, a collection error)."""
     modes = {run.get("mode", "?") for run in runs}
+    outcomes: dict[str, str] = {}
+    figures: list[dict[str, Any]] = []
+    for run in runs:
+        again = set(run.get("outcomes", {}))
+        figures = [f for f in figures if f.get("test") not in again]
+        figures += run.get("figures", [])
+        outcomes.update(run.get("outcomes", {}))
+    worst_other = max((s for run in runs if (s := run.get("exit_status", 0)) > 1), default=0)
     return {
         "mode": modes.pop() if len(modes) == 1 else "mixed",
         "started": min(run.get("started", 0) for run in runs),
         "seconds": sum(run.get("seconds", 0) for run in runs),
-        "exit_status": max(run.get("exit_status", 0) for run in runs),
-        "outcomes": {k: v for run in runs for k, v in run.get("outcomes", {}).items()},
-        "figures": [f for run in runs for f in run.get("figures", [])],
+        "exit_status": worst_other or int("failed" in outcomes.values()),
+        "outcomes": outcomes,
+        "figures": figures,
     }
 
 

@@ -103,3 +103,19 @@ def test_runs_of_parts_of_the_suite_merge_into_one_report(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "scale **mixed**, 764 s in all: 1 tests passed, 1 failed" in text
     assert text.count("p95 latency") == 2 and text.count("p50 latency") == 2
+
+
+def test_a_test_run_again_in_a_later_run_replaces_its_earlier_outcome_and_figures(tmp_path):
+    node = next(iter(RUN["outcomes"]))
+    first = write(tmp_path, {**RUN, "exit_status": 1, "outcomes": {**RUN["outcomes"], node: "failed"}})
+    again = tmp_path / "again.json"
+    kept = [f for f in RUN["figures"] if f["test"] == node][:1]
+    again.write_text(
+        json.dumps({**RUN, "started": 1795999000, "exit_status": 0, "outcomes": {node: "passed"}, "figures": kept})
+    )
+    assert reliability_report.main([str(first), str(again)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "1 tests passed, 0 failed" in text
+    assert text.count("p95 latency") == 1  # the later run's only
+    assert "p50 latency" not in text  # the earlier run's figures of that test are gone
+    assert "12,345" in text  # another test's figures stay
