@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -30,7 +31,15 @@ PG_URL = os.environ.get("TUNEFORGE_BENCH_PG_URL", "postgresql://postgres@127.0.0
 # (script, its arguments for `make bench`, time limit in seconds). The sizes keep the whole run under 15 minutes
 # on a 2-core machine; each script's --help gives the full-size options.
 BENCHES: list[tuple[str, list[str], int]] = [
+    ("bench_training_throughput", [], 480),
     ("bench_platform_overhead", ["--runs", "3", "--steps", "5"], 300),
+    ("bench_metric_ingest", ["--agents", "10", "--steps", "4000", "--names", "7"], 180),
+    ("bench_watch_latency", ["--agents", "10", "--rate", "10", "--watchers", "20", "--seconds", "45"], 180),
+    (
+        "bench_metric_query",
+        ["--steps", "200000", "--names", "5", "--max-points", "1500", "--reps", "20", "--baseline-reps", "3"],
+        240,
+    ),
 ]
 
 
@@ -77,6 +86,8 @@ def run_one(script: str, args: list[str], limit: int) -> tuple[list[dict[str, An
 
 def _value(figure: dict[str, Any]) -> str:
     value, unit = figure["value"], figure["unit"]
+    if isinstance(value, float) and math.isnan(value):
+        return "not measured here"
     if unit == "x":
         return f"{value:.2f}x"
     if isinstance(value, float) and abs(value) < 100:
