@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -212,6 +213,8 @@ def main() -> None:
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL")
     add_figures_argument(parser)
     args = parser.parse_args()
+    # A time limit's SIGTERM unwinds like Ctrl-C, so the databases and processes made here are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     began = time.monotonic()
     with (

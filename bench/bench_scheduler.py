@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import signal
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -255,6 +256,14 @@ async def schedule(admin_url: str, n_jobs: int, n_agents: int, args: argparse.Na
     return run
 
 
+async def stopped_by_sigterm(run: Awaitable[Run]) -> Run:
+    """A time limit's SIGTERM cancels the run, so its database is dropped on the way out."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run
+
+
 def summary(run: Run) -> dict[str, float]:
     decisions = run.decision_ms()
     return {
@@ -281,8 +290,8 @@ def main() -> None:
     add_figures_argument(parser)
     args = parser.parse_args()
 
-    baseline = asyncio.run(schedule(args.pg_url, args.baseline_jobs, args.baseline_agents, args))
-    loaded = asyncio.run(schedule(args.pg_url, args.jobs, args.agents, args))
+    baseline = asyncio.run(stopped_by_sigterm(schedule(args.pg_url, args.baseline_jobs, args.baseline_agents, args)))
+    loaded = asyncio.run(stopped_by_sigterm(schedule(args.pg_url, args.jobs, args.agents, args)))
     base, load = summary(baseline), summary(loaded)
 
     print(f"\nscheduling on PostgreSQL, {args.slots} slot(s) per agent, each job held {args.run_ms:g} ms\n")
