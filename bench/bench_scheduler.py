@@ -3,10 +3,11 @@ agents, side by side with the same decision for 10 queued jobs and 1 agent.
 
 An in-process jobs service (the real gRPC servicer, Jobs service and store; `api.bindings` on port 0) on a fresh
 PostgreSQL database holds `--jobs` queued jobs in three priority classes (10, 0, -10), a share of them needing an
-agent label that only some agents have (backfilling). Then `--agents` agents speak the agent protocol over gRPC
-as trainer agents do: RegisterAgent with `--slots` slots (and labels), Heartbeat every interval the service
-asks for, StreamAssignments for their work, and ReportJob (the trainer's own Reporter) RUNNING at once and
-SUCCEEDED `--run-ms` later, which frees the slot for the next assignment. It runs until every job succeeded.
+agent label that only some agents have (backfilling). Then `--agents` agents, in a second process as they are on
+their own nodes, speak the agent protocol over gRPC as trainer agents do: RegisterAgent with `--slots` slots (and
+labels), Heartbeat every interval the service asks for, StreamAssignments for their work, and ReportJob (the
+trainer's own Reporter) RUNNING at once and SUCCEEDED `--run-ms` later, which frees the slot for the next
+assignment. It runs until every job was assigned.
 
 - A scheduling decision is one `Jobs.claim_next` that handed a job out, as StreamAssignments calls it (timed
   around that method, every agent's calls concurrently, pool waits and row locks included). The agent's view
@@ -14,7 +15,7 @@ SUCCEEDED `--run-ms` later, which frees the slot for the next assignment. It run
 - A priority inversion is an assignment of job X while a job ranked before it (higher priority, or the same
   priority and submitted earlier) that fits X's agent was queued and not being claimed: its own claim began
   only after X's claim ended. Claims that overlap in time are not counted (either order is right then).
-- Queue wait per priority class: from the moment the agents start to the job's assignment.
+- Queue wait per priority class: from the moment the agents start to the job's claim.
 
 The baseline runs the same harness with `--baseline-jobs` jobs and `--baseline-agents` agent(s): the decision
 with (almost) nothing to contend with, so the ratio shows how it scales.
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import multiprocessing
 import random
 import signal
 import statistics
@@ -211,49 +213,79 @@ async def schedule(admin_url: str, n_jobs: int, n_agents: int, args: argparse.Na
         timed_claims(jobs, run)
         queued = await submit_jobs(jobs, n_jobs, args.labelled_share, rng)
         server, port = await start_server(api.bindings(jobs, changes), "127.0.0.1", 0)
-        assigned_at: dict[str, float] = {}
-        all_assigned = asyncio.Event()
-
-        def assigned(job: apb.JobAssignment) -> None:
-            assigned_at[job.job_id] = time.perf_counter()
-            if len(assigned_at) == n_jobs:
-                all_assigned.set()
-
+        n_labelled = max(1, round(n_agents * args.labelled_agent_share)) if args.labelled_share else 0
+        spawn = multiprocessing.get_context("spawn")
+        results, sender = spawn.Pipe(duplex=False)
+        agents = spawn.Process(
+            target=agents_process,
+            args=(port, n_agents, n_labelled, args.slots, args.run_ms / 1000, jobs.heartbeat_interval_seconds),
+            kwargs={"n_jobs": n_jobs, "timeout": args.timeout, "out": sender},
+            daemon=True,
+        )
+        agents.start()
+        sender.close()  # the agents' end only: their exit ends our reads
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = agent_pb2_grpc.AgentServiceStub(channel)
-                n_labelled = max(1, round(n_agents * args.labelled_agent_share)) if args.labelled_share else 0
-                agents = [
-                    Agent(
-                        stub,
-                        f"bench-agent-{i}",
-                        args.slots,
-                        labelled=i < n_labelled,
-                        run_s=args.run_ms / 1000,
-                        heartbeat_s=jobs.heartbeat_interval_seconds,
-                        assigned=assigned,
-                    )
-                    for i in range(n_agents)
-                ]
-                await asyncio.gather(*(a.register() for a in agents))
-                started = time.perf_counter()
-                serving = [asyncio.create_task(a.serve()) for a in agents]
-                try:
-                    await asyncio.wait_for(all_assigned.wait(), args.timeout)
-                finally:
-                    run.seconds = time.perf_counter() - started
-                    for task in serving:
-                        task.cancel()
-                    await asyncio.gather(*serving, return_exceptions=True)
+            labelled_agents = await asyncio.to_thread(results.recv)
+            started = time.perf_counter()
+            run.agent_waits = await asyncio.to_thread(results.recv)
+            run.seconds = max(c.ended for c in run.claims) - started
         finally:
+            if agents.is_alive():
+                agents.terminate()
+            await asyncio.to_thread(agents.join, 10)
             await server.stop(None)
 
     assert sorted(c.job_id for c in run.claims) == sorted(q.id for q in queued), "every job assigned exactly once"
-    run.agent_waits = [w for a in agents for w in a.waits]
-    run.inversions = count_inversions(run.claims, queued, {a.id for a in agents if a.labelled})
+    run.inversions = count_inversions(run.claims, queued, set(labelled_agents))
+    assigned_at = {c.job_id: c.ended for c in run.claims}
     for q in queued:
         run.waits_by_class.setdefault(q.klass, []).append(assigned_at[q.id] - started)
     return run
+
+
+def agents_process(
+    port: int,
+    n_agents: int,
+    n_labelled: int,
+    slots: int,
+    run_s: float,
+    heartbeat_s: float,
+    *,
+    n_jobs: int,
+    timeout: float,
+    out: Any,
+) -> None:
+    """The agents, in a process of their own as on their nodes, so the service's event loop is not theirs too.
+    Sends the labelled agents' ids once all registered, then, once n_jobs were assigned, their waits."""
+
+    async def run_agents() -> None:
+        assigned = 0
+        all_assigned = asyncio.Event()
+
+        def count(_: apb.JobAssignment) -> None:
+            nonlocal assigned
+            assigned += 1
+            if assigned == n_jobs:
+                all_assigned.set()
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            agents = [
+                Agent(stub, f"bench-agent-{i}", slots, i < n_labelled, run_s, heartbeat_s, count)
+                for i in range(n_agents)
+            ]
+            await asyncio.gather(*(a.register() for a in agents))
+            out.send([a.id for a in agents if a.labelled])
+            serving = [asyncio.create_task(a.serve()) for a in agents]
+            try:
+                await asyncio.wait_for(all_assigned.wait(), timeout)
+            finally:
+                for task in serving:
+                    task.cancel()
+                await asyncio.gather(*serving, return_exceptions=True)
+        out.send([w for a in agents for w in a.waits])
+
+    asyncio.run(run_agents())
 
 
 async def stopped_by_sigterm(run: Awaitable[Run]) -> Run:
