@@ -1719,7 +1719,7 @@ def _printable(text: str) -> str:
 
 
 _POINT_COLUMNS = ("job_id", "attempt", "name", "step", "value", "recorded_at")
-_RECORDED_AT = store.metric_points.c.recorded_at.type
+_RECORDED_AT: Any = store.metric_points.c.recorded_at.type  # a UtcDateTime (TypeDecorator): its bind check
 
 
 class _ReportBatch:
@@ -1730,7 +1730,7 @@ class _ReportBatch:
         self.conn = conn
         self.rows: dict[str, Any] = {}
         self.logs: list[dict[str, Any]] = []
-        self.points: list[dict[str, Any]] = []
+        self.points: list[tuple[Any, ...]] = []  # rows in _POINT_COLUMNS order
         self.progress: dict[str, dict[str, Any]] = {}
 
     async def preload(self, job_ids: list[str]) -> None:
@@ -1827,6 +1827,7 @@ class _ReportBatch:
             # the ReportJob streams went from 0.45-0.6x a bare bulk INSERT's rate to 0.9-1.0x with COPY
             # (bench/bench_metric_ingest.py, 10 agents on a busy 2-core machine).
             raw = await self.conn.get_raw_connection()
+            assert raw.driver_connection is not None  # a checked-out connection has its driver's
             await raw.driver_connection.copy_records_to_table(
                 store.metric_points.name, records=self.points, columns=_POINT_COLUMNS
             )
