@@ -35,6 +35,8 @@ BENCHES: list[tuple[str, list[str], int]] = [
     ("bench_platform_overhead", ["--runs", "3", "--steps", "5"], 300),
     ("bench_metric_ingest", ["--agents", "10", "--steps", "4000", "--names", "7"], 180),
     ("bench_watch_latency", ["--agents", "10", "--rate", "10", "--watchers", "20", "--seconds", "45"], 180),
+    ("bench_scheduler", ["--pg-url", PG_URL], 180),
+    ("bench_gateway", ["--pg-url", PG_URL], 180),
     (
         "bench_metric_query",
         ["--steps", "200000", "--names", "5", "--max-points", "1500", "--reps", "20", "--baseline-reps", "3"],
@@ -67,17 +69,24 @@ def run_one(script: str, args: list[str], limit: int) -> tuple[list[dict[str, An
     log_path = OUT / f"{script}.log"
     started = time.monotonic()
     with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / f"{script}.py"), *args, "--figures", str(figures_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         try:
-            code = subprocess.run(
-                [sys.executable, str(HERE / f"{script}.py"), *args, "--figures", str(figures_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=limit,
-                cwd=REPO,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            ).returncode
+            code = proc.wait(limit)
             outcome = "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
+            # SIGTERM first: the benchmarks then drop their databases and stop the processes they started.
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             outcome = f"timed out after {limit} s"
     wall = time.monotonic() - started
     figures = json.loads(figures_path.read_text()) if figures_path.exists() else []
