@@ -24,6 +24,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tools"))
+from doc_sections import replace_section  # noqa: E402  (tools/ holds the repository's own scripts)
+
 OUT = REPO / ".tuneforge" / "bench"
 START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 PG_URL = os.environ.get("TUNEFORGE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -125,15 +128,6 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def refresh_docs(docs: Path, text: str) -> None:
-    page = docs.read_text()
-    if START not in page or END not in page:
-        raise SystemExit(f"{docs} has no {START} ... {END} section to replace")
-    head, rest = page.split(START, 1)
-    _, tail = rest.split(END, 1)
-    docs.write_text(f"{head}{START}\n{text}{END}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated scripts to run (default: all)")
@@ -161,7 +155,7 @@ def main() -> None:
     print()
     print(text)
     if args.docs:
-        refresh_docs(args.docs, text)
+        replace_section(args.docs, START, END, text)
     if any(b["outcome"] != "ok" for b in results["benches"]):
         raise SystemExit(1)
 

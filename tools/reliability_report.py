@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from doc_sections import replace_section  # tools/ is the script's directory
+
 START = "<!-- reliability-figures:start -->"
 END = "<!-- reliability-figures:end -->"
 
@@ -104,12 +106,7 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def refresh_docs(page: Path, body: str) -> None:
-    text = page.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{page}: the markers {START} and {END} are missing")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    page.write_text(f"{head}{START}\n{body}{END}{tail}")
+    replace_section(page, START, END, body)
 
 
 def main(argv: list[str] | None = None) -> int:
