@@ -498,8 +498,8 @@ async def resumed_job(jobs: Jobs) -> str:
 
 
 async def events_as_the_gateway_built_them(jobs: Jobs, job_id: str) -> list[dict[str, Any]]:
-    """The reference: the gateway's events as it made them when it read every transition and point (that code,
-    unchanged), newest first by its stable sort."""
+    """The reference: the gateway's events as it made them when it read every transition and point, newest first:
+    the latest second first, within one second the transitions (by seq), then the steps (by step)."""
     from tuneforge_gateway.openai_compat import JOB_STATUS, seconds
 
     async with jobs.engine.connect() as conn:
@@ -526,7 +526,7 @@ async def events_as_the_gateway_built_them(jobs: Jobs, job_id: str) -> list[dict
             "type": "message",
             "data": {},
         }
-        events.append(((seconds(e.time), 0), event))
+        events.append(((-seconds(e.time), 0, e.seq), event))
     by_step: dict[int, dict[str, Any]] = {}
     created: dict[int, int] = {}
     for p in points:
@@ -544,8 +544,8 @@ async def events_as_the_gateway_built_them(jobs: Jobs, job_id: str) -> list[dict
             "type": "metrics",
             "data": data,
         }
-        events.append(((created[step], 1), event))
-    return [event for _, event in sorted(events, key=lambda pair: pair[0], reverse=True)]
+        events.append(((-created[step], 1, step), event))
+    return [event for _, event in sorted(events, key=lambda pair: pair[0])]
 
 
 async def pages_of_events(http: httpx.AsyncClient, job_id: str, limit: int) -> list[list[dict[str, Any]]]:

@@ -703,7 +703,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
             lambda found: len({p.step for p in found}) > limit,  # a page holds whole steps
             after,
         )
-        # (-created_at, 0 for a step or 1 for a state change, step or seq): the list's order.
+        # (-created_at, 0 for a state change or 1 for a step, seq or step): the list's order (ActivityCursor's).
         events: list[tuple[tuple[int, int, int], dict[str, Any]]] = []
         for e in transitions:
             old, new = JOB_STATUS.get(e.from_state), JOB_STATUS.get(e.to_state, "queued")
@@ -718,7 +718,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
                 "type": "message",
                 "data": {},
             }
-            events.append(((-seconds(e.time), 1, e.seq), event))
+            events.append(((-seconds(e.time), 0, e.seq), event))
         by_step: dict[int, dict[str, Any]] = {}
         created: dict[int, int] = {}
         for p in points:
@@ -736,7 +736,7 @@ def openai_router(be: Callable[[], Backends]) -> APIRouter:
                 "type": "metrics",
                 "data": data,
             }
-            events.append(((-created[step], 0, step), event))
+            events.append(((-created[step], 1, step), event))
         ordered = [event for _, event in sorted(events, key=lambda pair: pair[0])]
         return listing(ordered[:limit], len(ordered) > limit)
 

@@ -2,9 +2,10 @@
 order of ActivityCursor in jobs.proto, which is the order of the OpenAI-compatible API's fine-tuning job events.
 
 The activity runs by the whole second of each item's time (a step's: the latest of its points'), the latest second
-first; within one second the steps come first, by ascending step, then the transitions, by ascending seq. Each list
-(transitions, steps) is read from a place in it, (second, key): what follows is the items of earlier seconds and
-those of `second` whose key (seq or step) is above `key`.
+first; within one second the transitions come first, by ascending seq, then the steps, by ascending step. So a job
+that ends within the second of its last step lists its end first, as clients polling the newest event expect.
+Each list (transitions, steps) is read from a place in it, (second, key): what follows is the items of earlier
+seconds and those of `second` whose key (seq or step) is above `key`.
 
 `collect` reads at most `limit` items after a place with two queries a list provides, so that only about `limit`
 items leave the database: the items of one second above a key (by key), and the items of the seconds before a

@@ -913,8 +913,8 @@ class Jobs:
         async with self.engine.connect() as conn:
             if after is not None and place is None:
                 second, kind = await self._activity_second(conn, job, after, [])
-                # Within a second the steps come before the transitions: after a step, all of its second's remain.
-                place = (second, after[1] if kind == "seq" else activity.FIRST_KEY)
+                # Within a second the transitions come before the steps: after a step, none of its second's remain.
+                place = (second, after[1] if kind == "seq" else activity.LAST_KEY)
 
             async def in_second(second: int, above: int, n: int) -> list[activity.Item]:
                 query = (
@@ -965,8 +965,8 @@ class Jobs:
             names = list(dict.fromkeys(names)) or await self._metric_names(conn, job.id)
             if after is not None and place is None:
                 second, kind = await self._activity_second(conn, job, after, names)
-                # Within a second the steps come before the transitions: after a transition, none of its second's.
-                place = (second, after[1] if kind == "step" else activity.LAST_KEY)
+                # Within a second the transitions come before the steps: after a transition, all of its second's.
+                place = (second, after[1] if kind == "step" else activity.FIRST_KEY)
             if not names:
                 return []
             selected = [*self._current_points(job), mp.c.name.in_(names)]

@@ -1210,8 +1210,8 @@ Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
 class ActivityCursor(_message.Message):
     """One item of a job's activity, to list after. The activity is the job's state transitions and its steps (a step:
     all its metric points) merged newest first: by the whole second of each item's time (a step's is the latest of
-    its points'), the latest second first; within one second the steps first, by ascending step, then the
-    transitions, by ascending seq. It is the order of the OpenAI-compatible API's fine-tuning job events, whose
+    its points'), the latest second first; within one second the transitions first, by ascending seq, then the
+    steps, by ascending step (a job that ends in the second of its last step lists its end first). It is the order of the OpenAI-compatible API's fine-tuning job events, whose
     `after` (an event id) names such an item. ListJobEvents and ListJobMetrics, with newest_first, each list their
     part of it after an item of either kind. An item the job does not have is INVALID_ARGUMENT naming `after`.
     """
