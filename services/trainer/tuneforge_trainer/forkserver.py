@@ -436,35 +436,30 @@ class WarmRunners:
         err_r, err_w = os.pipe()
         null = os.open(os.devnull, os.O_RDONLY)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        writer: asyncio.StreamWriter | None = None
         try:
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            await loop.sock_connect(sock, self.socket_path)
-            body = json.dumps({"argv": cmd, "env": env, "cwd": cwd}).encode()
-            sock.setblocking(True)
-            socket.send_fds(sock, [_HEADER.pack(len(body)) + body], [null, out_w, err_w])
-            sock.setblocking(False)
-        except BaseException:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            sock.close()
-            raise
-        finally:
-            for fd in (null, out_w, err_w):
-                os.close(fd)
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        try:
+            try:
+                sock.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(sock, self.socket_path)
+                body = json.dumps({"argv": cmd, "env": env, "cwd": cwd}).encode()
+                sock.setblocking(True)
+                socket.send_fds(sock, [_HEADER.pack(len(body)) + body], [null, out_w, err_w])
+                sock.setblocking(False)
+            finally:
+                for fd in (null, out_w, err_w):  # the runner has its own copies now, or there is no runner
+                    os.close(fd)
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
             first = json.loads(await asyncio.wait_for(reader.readline(), 30) or b"{}")
+            if "pid" not in first:
+                raise ConnectionError(first.get("error", "the server answered no pid"))
         except BaseException:
-            writer.close()
             for fd in (out_r, err_r):
                 os.close(fd)
+            if writer is not None:
+                writer.close()
+            else:
+                sock.close()
             raise
-        if "pid" not in first:
-            writer.close()
-            for fd in (out_r, err_r):
-                os.close(fd)
-            raise ConnectionError(first.get("error", "the server answered no pid"))
         process = WarmProcess(
             int(first["pid"]),
             await _pipe_reader(out_r, self.line_limit),
