@@ -132,3 +132,25 @@ def test_an_environment_that_changes_what_libraries_read_at_import_starts_cold()
     assert "OMP_NUM_THREADS" in runners.reason_cold(
         ["/venv/bin/python", "-m", "tuneforge_trainer.methods.sft"], {**job, "OMP_NUM_THREADS": "4"}
     )
+
+
+async def test_a_runner_left_by_a_dead_server_reports_its_end_while_a_later_runner_still_runs(warm, tmp_path):
+    # The later runner was forked with the server's descriptors: it must not hold the earlier one's connection
+    # open, or the agent never reads EOF there and waits for the later runner to end too.
+    runners = []
+    for _ in range(2):
+        proc = await warm.spawn(_cmd("sleep", "0"), dict(warm.env), str(tmp_path))
+        assert proc is not None
+        while not (await proc.stdout.readline()).startswith(b"sleeping"):
+            pass
+        runners.append(proc)
+    warm.proc.kill()
+    await warm.proc.wait()
+    first, later = runners
+    os.kill(first.pid, signal.SIGKILL)
+    try:
+        assert await asyncio.wait_for(first.wait(), 30) == -signal.SIGKILL
+        assert later.returncode is None
+    finally:
+        os.kill(later.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(later.wait(), 30) == -signal.SIGKILL

@@ -242,7 +242,7 @@ def serve(socket_path: str) -> int:
     note = f" (not importable: {', '.join(missing)})" if missing else ""
     print(f"{READY} preloaded in {time.monotonic() - started:.1f}s{note}", flush=True)
 
-    selector = selectors.DefaultSelector()
+    selector = selectors.EpollSelector()  # Linux, as pidfd_open is
     selector.register(listener, selectors.EVENT_READ, None)
     running: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, the agent's connection)
     while True:
@@ -257,13 +257,11 @@ def serve(socket_path: str) -> int:
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    closing = [
-                        listener.fileno(),
-                        conn.fileno(),
-                        selector.fileno() if hasattr(selector, "fileno") else -1,
-                    ]
-                    closing += [fd for fd in running]
-                    _become_runner(request, fds, [fd for fd in closing if fd >= 0])
+                    # Nothing of the server's stays open in a runner: an agent's connection held by another
+                    # agent stage's runner would never read EOF when the server dies.
+                    closing = [listener.fileno(), conn.fileno(), selector.fileno()]
+                    closing += [fd for pidfd, (_, other) in running.items() for fd in (pidfd, other.fileno())]
+                    _become_runner(request, fds, closing)
                 for fd in fds:
                     os.close(fd)
                 pidfd = os.pidfd_open(pid)
