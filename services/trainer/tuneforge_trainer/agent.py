@@ -385,8 +385,12 @@ def runner_env(
     from_params = to_env({k: _flag_value(v) for k, v in params.items()})
     skipped = sorted(k for k in from_params if k in own or protected_env_problem(k))
     kept = {k: v for k, v in from_params.items() if k not in skipped}
-    inherited = {k: v for k, v in base.items() if not SERVICE_SECRET_ENV.fullmatch(k)}
-    return {**inherited, **kept, **own}, skipped
+    return {**without_service_secrets(base), **kept, **own}, skipped
+
+
+def without_service_secrets(environ: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment as the processes it starts may see it: its service secrets left out."""
+    return {k: v for k, v in environ.items() if not SERVICE_SECRET_ENV.fullmatch(k)}
 
 
 async def run_until_first_failure(*coroutines: Any) -> None:
@@ -1158,7 +1162,7 @@ class Agent:
 
     def start_warm_runners(self) -> None:
         if self.settings.agent_warm_runners and self.warm is None:
-            base = {k: v for k, v in os.environ.items() if not SERVICE_SECRET_ENV.fullmatch(k)}
+            base = without_service_secrets(os.environ)
             self.warm = WarmRunners.for_agent(self.settings.agent_python, base, LINE_LIMIT)
             self.warm.start()
 
