@@ -56,6 +56,14 @@ class FixedCatalog:
         return "model-bench"
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile (q in 0..100) of the values; NaN for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
 # -- results: every benchmark writes its figures in one shape, which bench/run_all.py (make bench) gathers ------
 
 

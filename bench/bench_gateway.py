@@ -38,7 +38,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import httpx
-from _support import Figure, add_figures_argument, write_figures  # bench/ is the script's directory
+from _support import Figure, add_figures_argument, percentile, write_figures  # bench/ is the script's directory
 
 from tuneforge.jobs.v1 import jobs_pb2 as pb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
@@ -91,8 +91,7 @@ class Sample:
         return len(self.latencies_ms) / self.seconds
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+        return percentile(self.latencies_ms, q)
 
 
 async def drive(

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from _support import Figure, FixedCatalog, add_figures_argument, jobs_database, write_figures
+from _support import Figure, FixedCatalog, add_figures_argument, jobs_database, percentile, write_figures
 
 from tuneforge.agent.v1 import agent_pb2 as apb
 from tuneforge.agent.v1 import agent_pb2_grpc
@@ -80,13 +80,6 @@ class Run:
 
     def decision_ms(self) -> list[float]:
         return [(c.ended - c.began) * 1000 for c in self.claims]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def timed_claims(jobs: Jobs, run: Run) -> None:
