@@ -29,7 +29,7 @@ from tuneforge_jobs import api, series, store
 from tuneforge_jobs.lifecycle import JobState
 from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
-from tuneforge_jobs.service import Jobs, Report
+from tuneforge_jobs.service import Jobs, Report, add_to_metric_blocks, rebuild_metric_blocks
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 Rows = list[tuple[str, int, float]]  # (name, step, value), in insertion order
@@ -52,11 +52,13 @@ async def jobs(database_url: str) -> AsyncIterator[Jobs]:
 
 
 async def insert(jobs: Jobs, job_id: str, rows: Rows, attempt: int = 1) -> None:
+    """Store points as reports do: the rows, and their rollup blocks kept up."""
     async with jobs.engine.begin() as conn:
         await conn.execute(
             store.metric_points.insert(),
             [dict(job_id=job_id, attempt=attempt, name=n, step=s, value=v, recorded_at=T0) for n, s, v in rows],
         )
+        await add_to_metric_blocks(conn, [(job_id, n, s, v) for n, s, v in rows])
 
 
 def training_curve(seed: int, steps: range, names: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")) -> Rows:
@@ -111,8 +113,9 @@ async def test_a_step_range_bounds_the_points_and_the_buckets(jobs):
 
     (loss,) = await jobs.metric_series(job_id, ["loss"], 50, min_step=1_000, max_step=1_999)
     assert loss.points == reference([r for r in rows if 1_000 <= r[1] <= 1_999], "loss", 50, 1_000, 1_999)
-    assert [p.step for p in loss.points] == list(range(1_019, 2_000, 20))  # 50 buckets of 20 steps
-    assert all(p.count == 20 for p in loss.points)
+    # Buckets of 32 steps (20, rounded up to whole rollup blocks) aligned to multiples of 32: 1000..1023, ...
+    assert [p.step for p in loss.points] == [*range(1_023, 2_000, 32), 1_999]
+    assert [p.count for p in loss.points] == [24] + [32] * 30 + [16]
 
     # Only a lower bound: up to the last step. A range that holds nothing: an empty series, not an error.
     (tail,) = await jobs.metric_series(job_id, ["loss"], 10, min_step=4_900)
@@ -140,10 +143,12 @@ async def test_a_short_series_whose_steps_would_share_buckets_still_comes_back_r
 
 
 async def resumed(jobs: Jobs, job_id: str, attempt: int, from_step: int) -> None:
+    """The job's attempt resumed from a checkpoint, as a claim makes it, but the superseded points kept."""
     async with jobs.engine.begin() as conn:
         await conn.execute(
             update(store.jobs).where(store.jobs.c.id == job_id).values(attempt=attempt, resumed_from_step=from_step)
         )
+        await rebuild_metric_blocks(conn, job_id, attempt, from_step)
 
 
 async def test_a_resumed_jobs_series_follow_its_current_attempt(jobs):
@@ -153,8 +158,8 @@ async def test_a_resumed_jobs_series_follow_its_current_attempt(jobs):
     # 1's points past step 59 (which resuming deletes) are superseded even where attempt 2 has not got to yet.
     second = [("loss", s, -float(s)) for s in range(59, 81)]
     await insert(jobs, job_id, first, attempt=1)
-    await insert(jobs, job_id, second, attempt=2)
     await resumed(jobs, job_id, attempt=2, from_step=59)
+    await insert(jobs, job_id, second, attempt=2)
 
     expected = [r for r in first if r[1] <= 59] + second
     (loss,) = await jobs.metric_series(job_id, ["loss"], 10)
@@ -170,8 +175,8 @@ async def test_a_resumed_jobs_series_follow_its_current_attempt(jobs):
 async def test_a_job_restarted_from_scratch_shows_only_its_new_attempt(jobs):
     job_id = await make_job(jobs)
     await insert(jobs, job_id, [("loss", s, 1.0) for s in range(1, 101)], attempt=1)
-    await insert(jobs, job_id, [("loss", s, 2.0) for s in range(1, 31)], attempt=2)
     await resumed(jobs, job_id, attempt=2, from_step=0)
+    await insert(jobs, job_id, [("loss", s, 2.0) for s in range(1, 31)], attempt=2)
     (loss,) = await jobs.metric_series(job_id, [], 500)
     assert [(p.step, p.value) for p in loss.points] == [(s, 2.0) for s in range(1, 31)]
 
@@ -187,9 +192,10 @@ async def test_series_of_points_reported_by_an_agent(jobs):
     await jobs.apply_reports(reports)
 
     loss, lr = await jobs.metric_series(job.id, ["loss", "learning_rate"], 30)
-    assert [p.step for p in loss.points] == list(range(10, 301, 10))  # 30 buckets of 10 steps
+    # Buckets of 11 steps from 0 (10 would make 31 buckets of steps 1..300: 0..9 up to 300..309).
+    assert [p.step for p in loss.points] == [*range(10, 300, 11), 300]
     assert loss.points[0] == series.SeriesPoint(10, 3.0 - 10 / 100, 3.0 - 10 / 100, 3.0 - 1 / 100, 10)
-    assert {p.value for p in lr.points} == {1e-4} and len(lr.points) == 30
+    assert {p.value for p in lr.points} == {1e-4} and len(lr.points) == 28
 
 
 async def test_the_raw_paged_mode_still_pages_and_honours_a_step_range(jobs):
@@ -294,9 +300,11 @@ async def test_compare_jobs_lists_differing_parameters_and_aligned_series(jobs, 
             # One step range for all (1..2000, the union), so bucket b covers the same steps in every job.
             assert points_of(s) == reference(by_job[s.job_id], metric.name, 100, 1, 2_000)
     loss = {s.job_id: points_of(s) for s in resp.metrics[1].series}
-    edges = {job_id: {series.bucket_of(p.step, 1, 2_000, 100) for p in pts} for job_id, pts in loss.items()}
-    assert edges[ids[1]] == set(range(100))
-    assert edges[ids[0]] == set(range(50)) and edges[ids[2]] == set(range(24, 75))
+    width = series.bucket_width(1, 2_000, 100)
+    assert width == 32  # 20 steps a bucket, rounded up to whole rollup blocks
+    edges = {job_id: {series.bucket_of(p.step, width) for p in pts} for job_id, pts in loss.items()}
+    assert edges[ids[1]] == set(range(63))
+    assert edges[ids[0]] == set(range(32)) and edges[ids[2]] == set(range(15, 47))
 
 
 def _plain(value: Any) -> Any:

@@ -8,12 +8,15 @@ import pytest
 
 from tuneforge_common.errors import InvalidArgument
 from tuneforge_jobs.series import (
+    BLOCK_STEPS,
     SeriesPoint,
     bucket_of,
+    bucket_width,
     check_step_range,
     common_range,
     downsample,
     parameter_differences,
+    roll_up,
 )
 
 
@@ -56,8 +59,8 @@ def test_equal_width_buckets_follow_steps_not_point_counts():
     points = [(s, 1.0) for s in range(1_000)] + [(s, 2.0) for s in range(1_000, 100_000, 1_000)]
     out = downsample(points, 10)
     assert len(out) == 10
-    assert out[0].count == 1_000 + 9  # steps 0..9_999
-    assert all(b.count == 10 for b in out[1:])
+    assert out[0].count == 1_000 + 9  # steps 0..9_903 (buckets of 9_904 steps: 10 for 99_001, made a block multiple)
+    assert all(9 <= b.count <= 10 for b in out[1:])
 
 
 def test_a_short_series_comes_back_unchanged():
@@ -81,7 +84,8 @@ def test_explicit_bounds_drop_points_outside_and_fix_the_buckets():
     assert [(b.step, b.min, b.max, b.count) for b in out] == [(s + 9, s, s + 9, 10) for s in range(20, 70, 10)]
     # A shared range: a series that covers only part of it has only the buckets it reaches, at the same edges.
     part = downsample([(s, 0.0) for s in range(40, 100)], 5, lo=0, hi=99)
-    assert [bucket_of(b.step, 0, 99, 5) for b in part] == [2, 3, 4]
+    assert bucket_width(0, 99, 5) == 32  # 20 steps a bucket, rounded up to whole blocks
+    assert [bucket_of(b.step, 32) for b in part] == [1, 2, 3]
 
 
 def test_for_equal_steps_the_later_point_is_the_buckets_value():
@@ -91,12 +95,63 @@ def test_for_equal_steps_the_later_point_is_the_buckets_value():
     assert out == [SeriesPoint(2, 7.0, 1.0, 7.0, 3)]
 
 
-@pytest.mark.parametrize("lo, hi, n", [(1, 200_000, 500), (3, 17, 4), (0, 10**12, 10_000), (7, 7, 1)])
-def test_bucket_of_runs_from_zero_at_lo_to_max_points_minus_one_at_hi(lo, hi, n):
-    assert bucket_of(lo, lo, hi, n) == 0
-    assert bucket_of(hi, lo, hi, n) == n - 1
-    mid = [bucket_of(s, lo, hi, n) for s in range(lo, hi + 1, max(1, (hi - lo) // 1000))]
-    assert mid == sorted(mid) and 0 <= min(mid) and max(mid) < n
+@pytest.mark.parametrize(
+    "lo, hi, n, width",
+    [
+        (1, 200_000, 1_500, 144),  # 134 steps a bucket rounded up to a multiple of 16: 1,389 buckets
+        (0, 99, 10, 10),
+        (0, 299, 30, 10),
+        (1, 300, 30, 11),  # 10 would make 31 aligned buckets (0..9 up to 300): 300 / 29, rounded up
+        (3, 17, 4, 5),  # 4 would make 5 (0..3 up to 16..19): 15 / 3
+        (7, 7, 1, 1),
+        (5, 1_000, 1, 1_008),
+        (0, 10**12, 10_000, 100_000_016),
+    ],
+)
+def test_bucket_width_makes_at_most_max_points_aligned_buckets(lo, hi, n, width):
+    assert bucket_width(lo, hi, n) == width
+    assert bucket_of(hi, width) - bucket_of(lo, width) < n
+
+
+def test_bucket_widths_fit_and_are_whole_blocks_above_one():
+    rng = random.Random(5)
+    for _ in range(20_000):
+        lo = rng.choice([0, 1, rng.randint(0, 100), rng.randint(0, 10**7)])
+        hi = lo + rng.choice([0, rng.randint(0, 50), rng.randint(0, 10_000), rng.randint(0, 10**7)])
+        n = rng.choice([1, 2, rng.randint(1, 50), rng.randint(1, 10_000)])
+        width = bucket_width(lo, hi, n)
+        assert hi // width - lo // width < n
+        assert width >= -(-(hi - lo + 1) // n)
+        assert width <= BLOCK_STEPS or width % BLOCK_STEPS == 0
+
+
+def test_rollup_blocks_summed_by_bucket_are_the_downsampled_series():
+    """What the jobs service does for wide buckets: sum blocks (roll_up) instead of points; the same answer."""
+    rng = random.Random(11)
+    for _ in range(300):
+        lo = rng.randint(0, 500)
+        steps = sorted(rng.choices(range(lo, lo + rng.randint(1, 20_000)), k=rng.randint(1, 3_000)))
+        points = [(s, rng.choice([rng.uniform(-5, 5), 1.0])) for s in steps]  # equal steps, equal values
+        max_points = rng.randint(1, 200)
+        width = bucket_width(steps[0], steps[-1], max_points)
+        if len(points) <= max_points or width % BLOCK_STEPS:
+            continue
+        by_bucket: dict[int, SeriesPoint] = {}
+        for (_, _, block), b in sorted(roll_up(("j", "loss", s, v) for s, v in points).items()):
+            k = block * BLOCK_STEPS // width
+            by_bucket[k] = by_bucket[k].merged(b) if k in by_bucket else b
+        assert list(by_bucket.values()) == downsample(points, max_points)
+
+
+def test_roll_up_keeps_per_block_count_extremes_and_the_last_stored_point():
+    blocks = roll_up([("j", "loss", 3, 1.0), ("j", "loss", 17, 4.0), ("j", "loss", 15, -2.0), ("j", "loss", 15, 5.0)])
+    blocks |= roll_up([("j", "lr", 0, 0.1), ("k", "loss", 16, 9.0)])
+    assert blocks == {
+        ("j", "loss", 0): SeriesPoint(15, 5.0, -2.0, 5.0, 3),  # step 15 stored twice: the later value
+        ("j", "loss", 1): SeriesPoint(17, 4.0, 4.0, 4.0, 1),
+        ("j", "lr", 0): SeriesPoint(0, 0.1, 0.1, 0.1, 1),
+        ("k", "loss", 1): SeriesPoint(16, 9.0, 9.0, 9.0, 1),
+    }
 
 
 def test_downsampling_random_series_keeps_every_invariant():

@@ -1,12 +1,16 @@
 """Metric series for charts and comparisons: bucketed downsampling and parameter differences. Pure, no I/O.
 
-Downsampling splits a step range [lo, hi] into `max_points` equal-width buckets,
+Downsampling splits a step range [lo, hi] into buckets of `width` steps aligned to multiples of the width,
 
-    bucket(step) = (step - lo) * max_points // (hi - lo + 1)        (integer division, 0 <= bucket < max_points)
+    bucket(step) = step // width          (integer division)
 
-and keeps, per non-empty bucket, the last point (its step and value) with the bucket's min, max and count, so a
-spike between two kept points still shows as the bucket's extreme (as W&B draws its charts). The jobs service runs
-the same formula in SQL (`Jobs.metric_series`); `downsample` is its reference, and the tests hold one to the other.
+with the width the narrowest of the rule `bucket_width` gives that makes at most `max_points` buckets of [lo, hi];
+a width above BLOCK_STEPS is a multiple of it, so that a bucket is whole blocks of the jobs service's rollups
+(`metric_blocks`: count, min, max and last point per BLOCK_STEPS steps) and a chart of a million points reads
+blocks, not points. Per non-empty bucket it keeps the last point (its step and value) with the bucket's min, max
+and count, so a spike between two kept points still shows as the bucket's extreme (as W&B draws its charts).
+Aligned buckets also stay put while a running job's range grows. The jobs service runs the same rule in SQL
+(`Jobs.metric_series`); `downsample` is its reference, and the tests hold one to the other.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ class SeriesPoint:
     @classmethod
     def single(cls, step: int, value: float) -> SeriesPoint:
         return cls(step, value, value, value, 1)
+
+    def merged(self, later: SeriesPoint) -> SeriesPoint:
+        """One bucket of this one's points and `later`'s, stored after them: for equal last steps, later's wins."""
+        last = (later.step, later.value) if later.step >= self.step else (self.step, self.value)
+        return SeriesPoint(*last, min(self.min, later.min), max(self.max, later.max), self.count + later.count)
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,30 @@ def check_step_range(min_step: int, max_step: int) -> None:
         raise InvalidArgument.for_field("max_step", "must not be below min_step")
 
 
-def bucket_of(step: int, lo: int, hi: int, max_points: int) -> int:
-    """The bucket of `step` when [lo, hi] is split into `max_points` equal-width buckets."""
-    return (step - lo) * max_points // (hi - lo + 1)
+# Steps per rollup block (the jobs service's metric_blocks): bucket widths above it are multiples of it.
+BLOCK_STEPS = 16
+
+
+def bucket_width(lo: int, hi: int, max_points: int) -> int:
+    """Steps per bucket for [lo, hi] in at most `max_points` buckets aligned to multiples of the width.
+
+    ceil(n / max_points) for n = hi - lo + 1 steps, rounded up to a multiple of BLOCK_STEPS when above it; should
+    the aligned buckets then number one too many, ceil(n / (max_points - 1)) rounded alike, which never does
+    (with one bucket: hi + 1, so that every step from 0 falls in bucket 0).
+    """
+    n = hi - lo + 1
+    candidates = (-(-n // max_points), -(-n // (max_points - 1)) if max_points > 1 else hi + 1)
+    for width in candidates:
+        if width > BLOCK_STEPS:
+            width = -(-width // BLOCK_STEPS) * BLOCK_STEPS
+        if hi // width - lo // width < max_points:
+            return width
+    raise AssertionError("unreachable: the second width always fits")
+
+
+def bucket_of(step: int, width: int) -> int:
+    """The bucket of `step` for buckets of `width` steps aligned to multiples of the width."""
+    return step // width
 
 
 def downsample(
@@ -88,18 +118,28 @@ def downsample(
     kept = [(int(s), float(v)) for s, v in points if (lo is None or s >= lo) and (hi is None or s <= hi)]
     if len(kept) <= max_points:
         return [SeriesPoint.single(s, v) for s, v in kept]
-    first = kept[0][0] if lo is None else lo
-    last = kept[-1][0] if hi is None else hi
+    width = bucket_width(kept[0][0] if lo is None else lo, kept[-1][0] if hi is None else hi, max_points)
     out: list[SeriesPoint] = []
     current = -1
     for step, value in kept:
-        bucket = bucket_of(step, first, last, max_points)
+        bucket = bucket_of(step, width)
         if bucket != current:
             out.append(SeriesPoint.single(step, value))
             current = bucket
         else:
-            b = out[-1]
-            out[-1] = SeriesPoint(step, value, min(b.min, value), max(b.max, value), b.count + 1)
+            out[-1] = out[-1].merged(SeriesPoint.single(step, value))
+    return out
+
+
+def roll_up(points: Iterable[tuple[str, str, int, float]]) -> dict[tuple[str, str, int], SeriesPoint]:
+    """(job_id, name, step, value) points, in the order stored, as rollup blocks: per (job_id, name, block of
+    BLOCK_STEPS steps) the count, min, max and the last point (for equal steps the one stored later)."""
+    out: dict[tuple[str, str, int], SeriesPoint] = {}
+    for job_id, name, step, value in points:
+        key = (job_id, name, step // BLOCK_STEPS)
+        block = out.get(key)
+        point = SeriesPoint.single(step, value)
+        out[key] = point if block is None else block.merged(point)
     return out
 
 

@@ -12,7 +12,21 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tuneforge_common import auth
@@ -535,6 +549,7 @@ class Jobs:
         async with self.engine.begin() as conn:
             for table in (
                 store.metric_points,
+                store.metric_blocks,
                 store.log_lines,
                 store.job_events,
                 store.report_acks,
@@ -844,24 +859,105 @@ class Jobs:
         cls, conn: AsyncConnection, job: Any, names: list[str], span: tuple[int, int], max_points: int
     ) -> dict[str, list[series.SeriesPoint]]:
         """The job's series of these names within span as at most max_points buckets each: series.downsample's
-        rule, in one SQL statement.
+        rule, in the database.
 
-        The database reads the points in range once, groups them by (name, bucket) into min, max, count and last
-        step, and looks up the value at each bucket's last step (one index probe per bucket; should two attempts
-        hold that step, the latest one's). A series of at most max_points points comes back as it is.
+        Buckets of a block's width or more (series.bucket_width makes them whole blocks) are summed from the
+        rollups in metric_blocks, save for the blocks at the span's ends that hold steps outside it, whose
+        points are read; narrower buckets from the points. A series of at most max_points points comes back as
+        it is.
         """
         lo, hi = span
-        mp = store.metric_points
-        in_range = [*cls._current_points(job), mp.c.name.in_(names), mp.c.step >= lo, mp.c.step <= hi]
-        pts = select(mp.c.id, mp.c.name, mp.c.step, mp.c.value).where(*in_range).subquery("pts")
-        bucket = ((pts.c.step - lo) * max_points // (hi - lo + 1)).label("bucket")
+        width = series.bucket_width(lo, hi, max_points)
+        if conn.dialect.name == "postgresql":
+            # For this transaction only: plan with the actual step range (a cached generic plan guesses a narrow
+            # one and walks the index over a whole series), and no JIT, whose compiling costs more than it saves
+            # on a query that answers in milliseconds.
+            await conn.exec_driver_sql(
+                "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('jit', 'off', true)"
+            )
+        block = series.BLOCK_STEPS
+        first, last = -(-lo // block), (hi + 1) // block - 1  # the blocks wholly within [lo, hi]
+        if width % block or first > last:
+            from_points = [(lo, hi)]
+            found = []
+        else:
+            from_points = [(a, b) for a, b in ((lo, first * block - 1), ((last + 1) * block, hi)) if a <= b]
+            found = await cls._bucketed_blocks(conn, job, names, first, last, width // block)
+        if from_points:
+            found += await cls._bucketed_points(conn, job, names, from_points, width)
+        buckets: dict[str, dict[int, series.SeriesPoint]] = {}
+        for name, point in sorted(found, key=lambda f: f[1].step):  # blocks and points: disjoint steps
+            of_name = buckets.setdefault(name, {})
+            b = series.bucket_of(point.step, width)
+            of_name[b] = of_name[b].merged(point) if b in of_name else point
+        out = {name: list(of_name.values()) for name, of_name in buckets.items()}
+        short = [n for n, ps in out.items() if sum(p.count for p in ps) <= max_points and any(p.count > 1 for p in ps)]
+        if short:
+            mp = store.metric_points
+            raw = select(mp.c.name, mp.c.step, mp.c.value).where(
+                *cls._current_points(job), mp.c.name.in_(short), mp.c.step >= lo, mp.c.step <= hi
+            )
+            for n in short:
+                out[n] = []
+            for p in await conn.execute(raw.order_by(mp.c.name, mp.c.step, mp.c.attempt, mp.c.id)):
+                out[p.name].append(series.SeriesPoint.single(int(p.step), float(p.value)))
+        return out
+
+    @staticmethod
+    async def _bucketed_blocks(
+        conn: AsyncConnection, job: Any, names: list[str], first: int, last: int, per_bucket: int
+    ) -> list[tuple[str, series.SeriesPoint]]:
+        """(name, bucket) of the rollup blocks first..last, per_bucket blocks to a bucket: one row per bucket, its
+        value the one at its last step (a probe of that step's block)."""
+        mb = store.metric_blocks
+        bucket = (mb.c.block // per_bucket).label("bucket")
         # OFFSET 0 keeps PostgreSQL from merging this subquery into the grouping: over a computed column it then
-        # expects few groups and hashes them in one pass, rather than sorting every point by bucket.
-        bucketed = select(pts.c.name, pts.c.step, pts.c.value, bucket).offset(0).subquery("bucketed")
+        # expects few groups and hashes them in one pass, rather than sorting every block by bucket.
+        blocks = (
+            select(mb.c.name, mb.c.n, mb.c.low, mb.c.high, mb.c.last_step, bucket)
+            .where(mb.c.job_id == job.id, mb.c.name.in_(names), mb.c.block >= first, mb.c.block <= last)
+            .offset(0)
+            .subquery("blocks")
+        )
+        agg = (
+            select(
+                blocks.c.name,
+                func.sum(blocks.c.n).label("n"),
+                func.min(blocks.c.low).label("low"),
+                func.max(blocks.c.high).label("high"),
+                func.max(blocks.c.last_step).label("last_step"),
+            )
+            .group_by(blocks.c.name, blocks.c.bucket)
+            .subquery("agg")
+        )
+        last_value = (
+            select(mb.c.last_value)
+            .where(mb.c.job_id == job.id, mb.c.name == agg.c.name, mb.c.block == agg.c.last_step // series.BLOCK_STEPS)
+            .scalar_subquery()
+        )
+        query = select(agg.c.name, agg.c.last_step, last_value.label("value"), agg.c.low, agg.c.high, agg.c.n)
+        return [
+            (r.name, series.SeriesPoint(int(r.last_step), float(r.value), float(r.low), float(r.high), int(r.n)))
+            for r in await conn.execute(query)
+        ]
+
+    @classmethod
+    async def _bucketed_points(
+        cls, conn: AsyncConnection, job: Any, names: list[str], ranges: list[tuple[int, int]], width: int
+    ) -> list[tuple[str, series.SeriesPoint]]:
+        """(name, bucket) of the points in these step ranges, in buckets of width steps: one row per bucket, its
+        value the one at its last step (an index probe; should two attempts hold that step, the latest one's)."""
+        mp = store.metric_points
+        in_ranges = or_(*[mp.c.step.between(a, b) for a, b in ranges])
+        bucketed = (  # OFFSET 0: as in _bucketed_blocks
+            select(mp.c.name, mp.c.step, mp.c.value, (mp.c.step // width).label("bucket"))
+            .where(*cls._current_points(job), mp.c.name.in_(names), in_ranges)
+            .offset(0)
+            .subquery("bucketed")
+        )
         agg = (
             select(
                 bucketed.c.name,
-                bucketed.c.bucket,
                 func.count().label("n"),
                 func.min(bucketed.c.value).label("low"),
                 func.max(bucketed.c.value).label("high"),
@@ -877,26 +973,11 @@ class Jobs:
             .limit(1)
             .scalar_subquery()
         )
-        if conn.dialect.name == "postgresql":
-            # For this transaction only: plan with the actual step range (a cached generic plan guesses a narrow
-            # one and walks the index over a whole series), and no JIT, whose compiling costs more than it saves
-            # on a query that answers in milliseconds.
-            await conn.exec_driver_sql(
-                "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('jit', 'off', true)"
-            )
         query = select(agg.c.name, agg.c.last_step, last_value.label("value"), agg.c.low, agg.c.high, agg.c.n)
-        out: dict[str, list[series.SeriesPoint]] = {}
-        for r in await conn.execute(query.order_by(agg.c.bucket)):
-            point = series.SeriesPoint(int(r.last_step), float(r.value), float(r.low), float(r.high), int(r.n))
-            out.setdefault(r.name, []).append(point)
-        short = [n for n, ps in out.items() if sum(p.count for p in ps) <= max_points and any(p.count > 1 for p in ps)]
-        if short:
-            raw = select(pts.c.name, pts.c.step, pts.c.value).where(pts.c.name.in_(short))
-            for n in short:
-                out[n] = []
-            for p in await conn.execute(raw.order_by(pts.c.name, pts.c.step, pts.c.id)):
-                out[p.name].append(series.SeriesPoint.single(int(p.step), float(p.value)))
-        return out
+        return [
+            (r.name, series.SeriesPoint(int(r.last_step), float(r.value), float(r.low), float(r.high), int(r.n)))
+            for r in await conn.execute(query)
+        ]
 
     async def events(self, job_id: str, after_id: int, limit: int) -> list[Any]:
         return await self._rows_after(store.job_events, job_id, after_id, limit)
@@ -1461,6 +1542,7 @@ class Jobs:
                     store.metric_points.c.step > step,
                 )
             )
+            await rebuild_metric_blocks(conn, job.id, attempt, step)
         return ClaimedJob(
             job=job,
             resume_from_uri=latest.uri if latest is not None else "",
@@ -1718,6 +1800,86 @@ def _printable(text: str) -> str:
     return text.replace("\0", "\ufffd")
 
 
+_BLOCK_COLUMNS = ("job_id", "name", "block", "n", "low", "high", "last_step", "last_value")
+# One statement for a batch's blocks: its arrays, one per column, unnested into rows merged with those stored.
+_UPSERT_BLOCKS_PG = """
+INSERT INTO metric_blocks AS b (job_id, name, block, n, low, high, last_step, last_value)
+SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::bigint[], $5::float8[], $6::float8[],
+                     $7::bigint[], $8::float8[])
+ON CONFLICT (job_id, name, block) DO UPDATE SET
+    n = b.n + excluded.n, low = least(b.low, excluded.low), high = greatest(b.high, excluded.high),
+    last_step = greatest(b.last_step, excluded.last_step),
+    last_value = CASE WHEN excluded.last_step >= b.last_step THEN excluded.last_value ELSE b.last_value END
+"""
+
+
+async def add_to_metric_blocks(conn: AsyncConnection, points: list[tuple[str, str, int, float]]) -> None:
+    """Merge points just stored, (job_id, name, step, value) in the order stored, into their rollup blocks
+    (series.roll_up): one statement whatever the number of blocks. Steps below 0, which no chart shows, have none.
+    """
+    blocks = series.roll_up(p for p in points if p[2] >= 0)
+    # In key order, so that two batches locking some of the same blocks lock them in the same order.
+    rows = [(*key, b.count, b.min, b.max, b.step, b.value) for key, b in sorted(blocks.items())]
+    if not rows:
+        return
+    if conn.dialect.driver == "asyncpg":
+        raw = await conn.get_raw_connection()
+        assert raw.driver_connection is not None
+        await raw.driver_connection.execute(_UPSERT_BLOCKS_PG, *(list(column) for column in zip(*rows, strict=True)))
+        return
+    mb = sqlite_insert(store.metric_blocks)
+    new, old = mb.excluded, store.metric_blocks.c
+    await conn.execute(
+        mb.on_conflict_do_update(
+            index_elements=[old.job_id, old.name, old.block],
+            set_={
+                "n": old.n + new.n,
+                "low": func.min(old.low, new.low),  # SQLite's min and max of several arguments: the scalar ones
+                "high": func.max(old.high, new.high),
+                "last_step": func.max(old.last_step, new.last_step),
+                "last_value": case((new.last_step >= old.last_step, new.last_value), else_=old.last_value),
+            },
+        ),
+        [dict(zip(_BLOCK_COLUMNS, row, strict=True)) for row in rows],
+    )
+
+
+async def rebuild_metric_blocks(conn: AsyncConnection, job_id: str, attempt: int, from_step: int) -> None:
+    """The job's rollup blocks from the one holding from_step on, made again from the points that stand: when
+    attempt resumes from from_step, the earlier attempts' points past it no longer do. With from_step 0 and
+    attempt 1, every block of the job (for points stored without them, as the query benchmark's COPY)."""
+    mb, mp = store.metric_blocks, store.metric_points
+    first = from_step // series.BLOCK_STEPS
+    await conn.execute(delete(mb).where(mb.c.job_id == job_id, mb.c.block >= first))
+    where = [mp.c.job_id == job_id, mp.c.step >= first * series.BLOCK_STEPS]
+    if attempt > 1:
+        where.append(or_(mp.c.attempt == attempt, mp.c.step <= from_step))
+    # The block number rendered as a constant, so that PostgreSQL sees one expression in the select and the group.
+    block = mp.c.step // literal_column(str(series.BLOCK_STEPS), BigInteger)
+    grouped = (
+        select(
+            mp.c.name,
+            block.label("block"),
+            func.count().label("n"),
+            func.min(mp.c.value).label("low"),
+            func.max(mp.c.value).label("high"),
+            func.max(mp.c.step).label("last_step"),
+        )
+        .where(*where)
+        .group_by(mp.c.name, block)
+        .subquery("grouped")
+    )
+    last_value = (  # the latest attempt's, then the latest stored: no superseded point is later than a standing one
+        select(mp.c.value)
+        .where(mp.c.job_id == job_id, mp.c.name == grouped.c.name, mp.c.step == grouped.c.last_step)
+        .order_by(mp.c.attempt.desc(), mp.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = select(literal(job_id, String), *[grouped.c[c] for c in _BLOCK_COLUMNS[1:-1]], last_value)
+    await conn.execute(mb.insert().from_select(list(_BLOCK_COLUMNS), rows))
+
+
 _POINT_COLUMNS = ("job_id", "attempt", "name", "step", "value", "recorded_at")
 _RECORDED_AT: Any = store.metric_points.c.recorded_at.type  # a UtcDateTime (TypeDecorator): its bind check
 
@@ -1835,3 +1997,4 @@ class _ReportBatch:
             await self.conn.execute(
                 store.metric_points.insert(), [dict(zip(_POINT_COLUMNS, p, strict=True)) for p in self.points]
             )
+        await add_to_metric_blocks(self.conn, [(p[0], p[2], p[3], p[4]) for p in self.points])

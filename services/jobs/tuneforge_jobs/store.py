@@ -117,6 +117,22 @@ metric_points = Table(
     Index("ix_metric_points_job_recorded_at", "job_id", "recorded_at"),
 )
 
+# Rollups of metric_points by blocks of series.BLOCK_STEPS steps, kept up as points are stored (and rebuilt past
+# the step a resumed attempt starts from), so that a chart of a million points reads blocks, not points.
+metric_blocks = Table(
+    "metric_blocks",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("block", BigInteger, primary_key=True),  # step // BLOCK_STEPS
+    Column("n", BigInteger, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    # The block's highest step and its value (of the point stored last, should several hold that step).
+    Column("last_step", BigInteger, nullable=False),
+    Column("last_value", Float, nullable=False),
+)
+
 log_lines = Table(
     "log_lines",
     metadata,
