@@ -222,6 +222,161 @@ async def test_bad_requests_are_refused(jobs):
         assert exc.value.violations[0].field == field
 
 
+# -- the rollup blocks (metric_blocks) charts read ---------------------------------------------------------------
+
+
+async def stored_blocks(jobs: Jobs, job_id: str) -> dict[tuple[str, int], series.SeriesPoint]:
+    mb = store.metric_blocks.c
+    async with jobs.engine.connect() as conn:
+        rows = await conn.execute(select(store.metric_blocks).where(mb.job_id == job_id))
+        return {(r.name, r.block): series.SeriesPoint(r.last_step, r.last_value, r.low, r.high, r.n) for r in rows}
+
+
+async def blocks_of_standing_points(jobs: Jobs, job_id: str) -> dict[tuple[str, int], series.SeriesPoint]:
+    """The reference: series.roll_up of the points that stand (a resumed attempt's, and its predecessors' up to
+    the step it resumed from), the later attempt's, then the later stored, last."""
+    job = await jobs.get(job_id)
+    mp = store.metric_points.c
+    async with jobs.engine.connect() as conn:
+        rows = await conn.execute(
+            select(mp.name, mp.step, mp.value)
+            .where(*Jobs._current_points(job), mp.step >= 0)
+            .order_by(mp.attempt, mp.id)
+        )
+        points = [(job_id, r.name, r.step, r.value) for r in rows]
+    return {(name, block): b for (_, name, block), b in series.roll_up(points).items()}
+
+
+async def lose_agent(jobs: Jobs, agent_id: str) -> None:
+    """The agent's lease lapsed long ago: the reaper requeues its job."""
+    async with jobs.engine.begin() as conn:
+        await conn.execute(
+            update(store.agents)
+            .where(store.agents.c.id == agent_id)
+            .values(last_heartbeat_at=T0 - dt.timedelta(days=1))
+        )
+    assert await jobs.reap_lost_agents() == 1
+
+
+async def test_rollup_blocks_equal_the_standing_points_after_report_batches_and_a_resume(jobs):
+    rng = random.Random(21)
+    job = await jobs.submit("m1", "d1", "sft-lora", {})
+    agent, _ = await jobs.register_agent("a", {}, 1)
+    claimed = await jobs.claim_next(agent)
+    seq = 1
+    await jobs.apply_reports([Report(job.id, 1, seq, "state", T0, agent_id=agent, state=JobState.RUNNING)])
+
+    async def batch(attempt: int, agent_id: str, steps: list[int]) -> None:
+        nonlocal seq
+        reports = []
+        for step in steps:
+            seq += 1
+            values = {"loss": rng.uniform(0, 3), "learning_rate": rng.choice([1e-4, 2e-4])}
+            reports.append(Report(job.id, attempt, seq, "metric", T0, agent_id=agent_id, step=step, values=values))
+        await jobs.apply_reports(reports)
+
+    # Batches that split blocks, and steps reported again (the later value stands): blocks merge batch by batch.
+    for steps in ([*range(0, 37)], [*range(37, 40), 39, 39], [*range(40, 120)], [119, 120, 121, 0]):
+        await batch(1, agent, steps)
+        assert await stored_blocks(jobs, job.id) == await blocks_of_standing_points(jobs, job.id)
+    assert (await stored_blocks(jobs, job.id))[("loss", 2)].count == 16 + 2
+
+    async with jobs.engine.begin() as conn:  # a checkpoint at step 90: block 5 holds steps 80..95
+        await conn.execute(
+            store.checkpoints.insert().values(
+                job_id=job.id, step=90, attempt=1, uri="/c/90", metrics="{}", created_at=jobs.clock()
+            )
+        )
+    await lose_agent(jobs, agent)
+    agent_2, _ = await jobs.register_agent("b", {}, 1)
+    claimed = await jobs.claim_next(agent_2)
+    assert (claimed.attempt, claimed.resume_from_step) == (2, 90)
+    blocks = await stored_blocks(jobs, job.id)
+    assert blocks == await blocks_of_standing_points(jobs, job.id)
+    assert max(block for _, block in blocks) == 5 and blocks[("loss", 5)].step == 90
+
+    await jobs.apply_reports([Report(job.id, 2, seq + 1, "state", T0, agent_id=agent_2, state=JobState.RUNNING)])
+    seq += 1
+    await batch(2, agent_2, [*range(90, 200)])  # step 90 again, from attempt 2
+    assert await stored_blocks(jobs, job.id) == await blocks_of_standing_points(jobs, job.id)
+    job_row = await jobs.get(job.id)
+    mp = store.metric_points.c
+    async with jobs.engine.connect() as conn:
+        rows = [
+            (r.name, r.step, r.value)
+            for r in await conn.execute(
+                select(mp.name, mp.step, mp.value).where(*Jobs._current_points(job_row)).order_by(mp.attempt, mp.id)
+            )
+        ]
+    for max_points in (5, 7, 12):  # buckets of 48, 32 and 32 steps: whole blocks
+        for s in await jobs.metric_series(job.id, [], max_points):
+            assert s.points == reference(rows, s.name, max_points, 0, 199), (s.name, max_points)
+
+
+async def test_the_block_path_matches_the_reference_on_random_series(jobs):
+    rng = random.Random(8)
+    for _ in range(4):
+        job_id = await make_job(jobs)
+        rows: Rows = []
+        for _ in range(3):  # batches, later ones reporting some steps again
+            start = rng.randint(0, 3_000)
+            population = range(start, start + rng.randint(200, 4_000))
+            steps = sorted(rng.sample(population, k=rng.randint(100, min(800, len(population)))))
+            batch = [(rng.choice(["loss", "acc"]), s, rng.choice([rng.uniform(-5, 5), 1.0])) for s in steps]
+            rows += batch
+            await insert(jobs, job_id, batch)
+        assert await stored_blocks(jobs, job_id) == await blocks_of_standing_points(jobs, job_id)
+        for _ in range(12):
+            max_points = rng.choice([1, 2, rng.randint(3, 40), rng.randint(40, 300)])
+            min_step = rng.choice([0, rng.randint(0, 4_000)])
+            max_step = rng.choice([0, min_step + rng.randint(0, 5_000)])
+            got = await jobs.metric_series(job_id, [], max_points, min_step, max_step)
+            in_range = [r for r in rows if r[1] >= min_step and (not max_step or r[1] <= max_step)]
+            if not in_range:
+                assert all(s.points == [] for s in got)
+                continue
+            lo, hi = min(r[1] for r in in_range), max(r[1] for r in in_range)
+            for s in got:
+                assert s.points == reference(in_range, s.name, max_points, lo, hi), (max_points, min_step, max_step)
+
+
+async def test_migrating_a_database_with_points_fills_their_rollup_blocks(database_url):
+    engine = make_engine(database_url)
+    await migrate(engine, MIGRATIONS, "alembic_version_jobs", revision="0008")
+    jobs = Jobs(engine=engine, catalog=StaticCatalog(), artifact_root="/a", subject_root="tuneforge")
+    try:
+        plain, resumed_id = await make_job(jobs), await make_job(jobs)
+        async with engine.begin() as conn:  # rows as reports stored them before revision 0009: no blocks
+            await conn.execute(
+                store.metric_points.insert(),
+                [
+                    dict(job_id=plain, attempt=1, name=n, step=s, value=v, recorded_at=T0)
+                    for n, s, v in training_curve(6, range(0, 300))
+                ]
+                + [
+                    dict(job_id=resumed_id, attempt=1, name="loss", step=s, value=float(s), recorded_at=T0)
+                    for s in range(1, 100)
+                ]
+                # Attempt 2 resumed from step 40; attempt 1's steps past it were left (they no longer stand).
+                + [
+                    dict(job_id=resumed_id, attempt=2, name="loss", step=s, value=-float(s), recorded_at=T0)
+                    for s in range(40, 60)
+                ],
+            )
+            await conn.execute(
+                update(store.jobs).where(store.jobs.c.id == resumed_id).values(attempt=2, resumed_from_step=40)
+            )
+        await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+        for job_id in (plain, resumed_id):
+            blocks = await stored_blocks(jobs, job_id)
+            assert blocks and blocks == await blocks_of_standing_points(jobs, job_id)
+        # Steps 32..47: attempt 1's 32..40 (its 40 too: the checkpoint's step stands) and attempt 2's 40..47.
+        assert (await stored_blocks(jobs, resumed_id))[("loss", 2)] == series.SeriesPoint(47, -47.0, -47.0, 40.0, 17)
+        assert ("loss", 4) not in await stored_blocks(jobs, resumed_id)  # steps 64..79: only attempt 1's, past 40
+    finally:
+        await engine.dispose()
+
+
 async def test_max_points_is_clamped_to_the_limit(jobs, monkeypatch):
     job_id = await make_job(jobs)
     await insert(jobs, job_id, [("loss", s, float(s)) for s in range(100)])

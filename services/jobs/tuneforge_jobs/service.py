@@ -14,10 +14,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     BigInteger,
+    Float,
     String,
     and_,
     bindparam,
     case,
+    cast,
     delete,
     func,
     literal,
@@ -26,6 +28,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -908,37 +911,46 @@ class Jobs:
         conn: AsyncConnection, job: Any, names: list[str], first: int, last: int, per_bucket: int
     ) -> list[tuple[str, series.SeriesPoint]]:
         """(name, bucket) of the rollup blocks first..last, per_bucket blocks to a bucket: one row per bucket, its
-        value the one at its last step (a probe of that step's block)."""
+        value the last value of the bucket's last block."""
         mb = store.metric_blocks
         bucket = (mb.c.block // per_bucket).label("bucket")
         # OFFSET 0 keeps PostgreSQL from merging this subquery into the grouping: over a computed column it then
         # expects few groups and hashes them in one pass, rather than sorting every block by bucket.
         blocks = (
-            select(mb.c.name, mb.c.n, mb.c.low, mb.c.high, mb.c.last_step, bucket)
+            select(mb.c.name, mb.c.n, mb.c.low, mb.c.high, mb.c.last_step, mb.c.last_value, bucket)
             .where(mb.c.job_id == job.id, mb.c.name.in_(names), mb.c.block >= first, mb.c.block <= last)
             .offset(0)
             .subquery("blocks")
         )
+        extremes = [
+            blocks.c.name,
+            func.sum(blocks.c.n).label("n"),
+            func.min(blocks.c.low).label("low"),
+            func.max(blocks.c.high).label("high"),
+        ]
+        if conn.dialect.name == "postgresql":
+            # The last step's value in the same pass: the greatest [last step, last value] pair (steps are exact
+            # as doubles up to 2**53). A probe per bucket for it took as long as the aggregation itself.
+            last = func.max(postgresql.array([cast(blocks.c.last_step, Float), blocks.c.last_value]))
+            query = select(*extremes, last.label("last")).group_by(blocks.c.name, blocks.c.bucket)
+            return [
+                (r.name, series.SeriesPoint(int(r.last[0]), float(r.last[1]), float(r.low), float(r.high), int(r.n)))
+                for r in await conn.execute(query)
+            ]
         agg = (
-            select(
-                blocks.c.name,
-                func.sum(blocks.c.n).label("n"),
-                func.min(blocks.c.low).label("low"),
-                func.max(blocks.c.high).label("high"),
-                func.max(blocks.c.last_step).label("last_step"),
-            )
+            select(*extremes, func.max(blocks.c.last_step).label("last_step"))
             .group_by(blocks.c.name, blocks.c.bucket)
             .subquery("agg")
         )
-        last_value = (
+        last_value = (  # SQLite: a probe of the block that holds the bucket's last step
             select(mb.c.last_value)
             .where(mb.c.job_id == job.id, mb.c.name == agg.c.name, mb.c.block == agg.c.last_step // series.BLOCK_STEPS)
             .scalar_subquery()
         )
-        query = select(agg.c.name, agg.c.last_step, last_value.label("value"), agg.c.low, agg.c.high, agg.c.n)
+        rows = select(agg.c.name, agg.c.last_step, last_value.label("value"), agg.c.low, agg.c.high, agg.c.n)
         return [
             (r.name, series.SeriesPoint(int(r.last_step), float(r.value), float(r.low), float(r.high), int(r.n)))
-            for r in await conn.execute(query)
+            for r in await conn.execute(rows)
         ]
 
     @classmethod
