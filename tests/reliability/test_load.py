@@ -171,11 +171,11 @@ async def test_reports_stored_together_are_acknowledged_to_their_own_stream_only
 
     def batch(job_id: str) -> list:
         return [
-            api.decode_report(
+            api.decode_reports(
                 apb.ReportJobRequest(
                     agent_id=owners[job_id], job_id=job_id, attempt=1, seq=step, metric=apb.MetricReport(step=step)
                 )
-            )
+            )[0]
             for step in range(1, 4)
         ]
 
@@ -201,7 +201,7 @@ async def _running(stubs, count: int) -> dict[str, str]:  # noqa: F811
 
 def _metric_reports(owners: dict[str, str], steps: range) -> list:
     return [
-        api.decode_report(
+        api.decode_reports(
             apb.ReportJobRequest(
                 agent_id=agent_id,
                 job_id=job_id,
@@ -209,7 +209,7 @@ def _metric_reports(owners: dict[str, str], steps: range) -> list:
                 seq=step,
                 metric=apb.MetricReport(step=step, values={"loss": 1.0 / step}),
             )
-        )
+        )[0]
         for job_id, agent_id in owners.items()
         for step in steps
     ]
@@ -307,7 +307,7 @@ async def test_watchers_of_one_replica_share_its_feed_and_see_another_replicas_p
                 await asyncio.sleep(0.05)
             await jobs.apply_reports(_metric_reports(owners, range(21, 41)))
             done = [
-                api.decode_report(
+                api.decode_reports(
                     apb.ReportJobRequest(
                         agent_id=agent_id,
                         job_id=job_id,
@@ -315,7 +315,7 @@ async def test_watchers_of_one_replica_share_its_feed_and_see_another_replicas_p
                         seq=41,
                         state=apb.StateReport(state=apb.REPORTED_STATE_SUCCEEDED),
                     )
-                )
+                )[0]
                 for job_id, agent_id in owners.items()
             ]
             await jobs.apply_reports(done)
@@ -373,9 +373,9 @@ async def test_a_stream_gone_while_its_batch_fails_to_store_leaves_the_writer_st
     engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nowhere")
     try:
         writer = api.ReportWriter(Jobs(engine, catalog=None, artifact_root=str(tmp_path), subject_root=""))
-        report = api.decode_report(
+        report = api.decode_reports(
             apb.ReportJobRequest(agent_id="a", job_id="j", attempt=1, seq=1, metric=apb.MetricReport(step=1))
-        )
+        )[0]
         gone = asyncio.create_task(writer.apply([report]))
         for _ in range(3):  # the writer takes the batch and starts connecting
             await asyncio.sleep(0)

@@ -20,6 +20,7 @@ from tuneforge_jobs import api, store
 from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
 from tuneforge_jobs.service import Jobs
+from tuneforge_trainer import agent
 from tuneforge_trainer.agent import Reporter, _Pending
 
 
@@ -132,16 +133,73 @@ async def test_reporter_resends_unacknowledged_reports_after_reconnect_without_d
     # Pretend the acks for the last two were lost in a dropped connection: they go out again.
     for i in (3, 4):
         reporter.pending.append(
-            _Pending(
-                apb.ReportJobRequest(
-                    agent_id=agent_id, job_id=job.id, attempt=1, seq=i + 1, log=apb.LogReport(text=f"line {i}")
-                )
-            )
+            _Pending(apb.JobReport(job_id=job.id, attempt=1, seq=i + 1, log=apb.LogReport(text=f"line {i}")))
         )
     reporter.add(job.id, 1, log=apb.LogReport(text="line 5"))
     await drain(reporter, stubs)
     lines = (await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id), timeout=5)).lines
     assert [line.text for line in lines] == [f"line {i}" for i in range(6)]
+
+
+async def test_a_backlog_goes_in_few_messages_and_is_stored_in_order(stubs):
+    job = await submit(stubs)
+    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1"), timeout=5)).agent_id
+    await next_assignment(stubs, agent_id)
+    reporter = Reporter(agent_id=agent_id)
+    for i in range(1200):
+        reporter.add(job.id, 1, log=apb.LogReport(text=f"line {i}"))
+    messages = list(agent._report_messages(agent_id, [p.request for p in reporter.pending]))
+    assert [len(m.reports) for m in messages] == [500, 500, 200]
+    assert all(m.agent_id == agent_id and not m.WhichOneof("report") for m in messages)
+    await drain(reporter, stubs)
+    first = await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id, page_size=1000), timeout=5)
+    rest = await stubs.jobs.ListJobLogs(
+        pb.ListJobLogsRequest(job_id=job.id, page_size=1000, page_token=first.next_page_token), timeout=5
+    )
+    assert [line.text for line in [*first.lines, *rest.lines]] == [f"line {i}" for i in range(1200)]
+
+
+def test_a_report_message_stays_under_its_byte_limit_and_a_report_over_it_goes_alone():
+    long = apb.JobReport(job_id="j", attempt=1, seq=1, log=apb.LogReport(text="x" * agent.REPORT_MESSAGE_BYTES))
+    short = [apb.JobReport(job_id="j", attempt=1, seq=i, log=apb.LogReport(text="y" * 300_000)) for i in (2, 3, 4, 5)]
+    messages = list(agent._report_messages("a", [short[0], long, *short[1:]]))
+    assert [[r.seq for r in m.reports] for m in messages] == [[2], [1], [3, 4, 5]]
+    assert all(m.ByteSize() <= agent.REPORT_MESSAGE_BYTES + 100 for m in messages if len(m.reports) > 1)
+
+
+async def test_a_message_with_its_own_report_and_more_stores_its_own_first_and_names_a_bad_one_by_index(stubs):
+    job = await submit(stubs)
+    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1"), timeout=5)).agent_id
+    await next_assignment(stubs, agent_id)
+    both = apb.ReportJobRequest(
+        agent_id=agent_id,
+        job_id=job.id,
+        attempt=1,
+        seq=1,
+        log=apb.LogReport(text="own"),
+        reports=[apb.JobReport(job_id=job.id, attempt=1, seq=2, log=apb.LogReport(text="more"))],
+    )
+    call = stubs.agents.ReportJob()
+    await call.write(both)
+    ack = await asyncio.wait_for(call.read(), 5)
+    assert (ack.job_id, ack.acked_seq, ack.stop) == (job.id, 2, False)
+    lines = (await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id), timeout=5)).lines
+    assert [line.text for line in lines] == ["own", "more"]
+    bad = apb.ReportJobRequest(
+        agent_id=agent_id,
+        reports=[
+            apb.JobReport(job_id=job.id, attempt=1, seq=3, log=apb.LogReport(text="fine")),
+            apb.JobReport(job_id=job.id, attempt=1, seq=4, checkpoint=apb.CheckpointReport(step=1)),
+        ],
+    )
+    await call.write(bad)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await asyncio.wait_for(call.read(), 5)
+    err = decode_error(exc.value)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in err.field_violations] == ["reports[1].checkpoint.uri"]
+    lines = (await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id), timeout=5)).lines
+    assert [line.text for line in lines] == ["own", "more"], "nothing of a refused message is stored"
 
 
 async def test_errors_carry_the_right_codes_and_fields(stubs):

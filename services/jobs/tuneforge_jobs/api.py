@@ -819,13 +819,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         checked_agents: set[str] = set()
         try:
             while (first := await queue.get()) is not None:
-                batch, ended = [decode_report(first)], False
+                batch, ended = decode_reports(first), False
                 while len(batch) < REPORT_BATCH and not queue.empty():
                     item = queue.get_nowait()
                     if item is None:
                         ended = True
                         break
-                    batch.append(decode_report(item))
+                    batch += decode_reports(item)
                 for agent_id in {r.agent_id for r in batch} - checked_agents:
                     await self.jobs.check_agent_caller(agent_id)  # then job ownership is fenced per report
                     checked_agents.add(agent_id)
@@ -843,14 +843,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await asyncio.gather(reader, return_exceptions=True)
 
 
-def decode_report(req: apb.ReportJobRequest) -> Report:
+def decode_reports(req: apb.ReportJobRequest) -> list[Report]:
+    """The reports of one message: its own (when it has one), then `reports` in their order."""
+    own = [decode_report(req, req.agent_id)] if req.WhichOneof("report") or not req.reports else []
+    return own + [decode_report(r, req.agent_id, f"reports[{i}].") for i, r in enumerate(req.reports)]
+
+
+def decode_report(req: apb.ReportJobRequest | apb.JobReport, agent_id: str, where: str = "") -> Report:
+    """One report, from a request's own fields or one of its `reports` (`where` prefixes the field names
+    that errors name)."""
     when = dt.datetime.fromtimestamp(req.time_unix, dt.UTC) if req.time_unix else dt.datetime.now(dt.UTC)
-    head = functools.partial(Report, req.job_id, req.attempt, req.seq, time=when, agent_id=req.agent_id)
+    head = functools.partial(Report, req.job_id, req.attempt, req.seq, time=when, agent_id=agent_id)
     kind = req.WhichOneof("report")
     if kind == "state":
         state = _REPORTED.get(req.state.state)
         if state is None:
-            raise InvalidArgument.for_field("state.state", "must be set")
+            raise InvalidArgument.for_field(f"{where}state.state", "must be set")
         return head(kind="state", state=state, reason=req.state.reason, output_uri=req.state.output_uri)
     if kind == "metric":
         m = req.metric
@@ -866,9 +874,9 @@ def decode_report(req: apb.ReportJobRequest) -> Report:
     if kind == "checkpoint":
         c = req.checkpoint
         if not c.uri:
-            raise InvalidArgument.for_field("checkpoint.uri", "is required")
+            raise InvalidArgument.for_field(f"{where}checkpoint.uri", "is required")
         return head(kind="checkpoint", step=c.step, output_uri=c.uri, values=dict(c.metrics))
-    raise InvalidArgument.for_field("report", "one of state, metric, log or checkpoint is required")
+    raise InvalidArgument.for_field(f"{where}report", "one of state, metric, log or checkpoint is required")
 
 
 def bindings(jobs: Jobs, changes: Notifier, router: InferenceRouter | None = None) -> list[ServiceBinding]:

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -282,9 +282,15 @@ def resolve_launch(
     return Launch(python, target, script_dir)
 
 
+# The most one ReportJob message carries: reports, and bytes (well under gRPC's 4 MiB message limit, as one log
+# report may be long).
+REPORTS_PER_MESSAGE = 500
+REPORT_MESSAGE_BYTES = 1 << 20
+
+
 @dataclass
 class _Pending:
-    request: apb.ReportJobRequest
+    request: apb.JobReport
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -305,9 +311,7 @@ class Reporter:
     def add(self, job_id: str, attempt: int, **report: Any) -> None:
         key = (job_id, attempt)
         self.seqs[key] = self.seqs.get(key, 0) + 1
-        req = apb.ReportJobRequest(
-            agent_id=self.agent_id, job_id=job_id, attempt=attempt, seq=self.seqs[key], time_unix=time.time(), **report
-        )
+        req = apb.JobReport(job_id=job_id, attempt=attempt, seq=self.seqs[key], time_unix=time.time(), **report)
         self.pending.append(_Pending(req))
         self.wake.set()
 
@@ -330,11 +334,15 @@ class Reporter:
         async def writer() -> None:
             while True:
                 self.wake.clear()
-                for item in list(self.pending):
-                    req = item.request
-                    if req.seq > sent.get((req.job_id, req.attempt), 0):
-                        req.agent_id = self.agent_id
-                        await call.write(req)
+                unsent = [
+                    p.request
+                    for p in self.pending
+                    if p.request.seq > sent.get((p.request.job_id, p.request.attempt), 0)
+                ]
+                # The backlog in few messages: each message costs both sides framing and a wake-up.
+                for message in _report_messages(self.agent_id, unsent):
+                    await call.write(message)
+                    for req in message.reports:
                         sent[(req.job_id, req.attempt)] = req.seq
                 await self.wake.wait()
 
@@ -356,6 +364,21 @@ class Reporter:
             await run_until_first_failure(writer(), reader())
         finally:
             call.cancel()
+
+
+def _report_messages(agent_id: str, reports: list[apb.JobReport]) -> Iterator[apb.ReportJobRequest]:
+    """The reports in order, as few ReportJob messages as REPORTS_PER_MESSAGE and REPORT_MESSAGE_BYTES allow."""
+    batch: list[apb.JobReport] = []
+    size = 0
+    for report in reports:
+        report_size = report.ByteSize()
+        if batch and (len(batch) >= REPORTS_PER_MESSAGE or size + report_size > REPORT_MESSAGE_BYTES):
+            yield apb.ReportJobRequest(agent_id=agent_id, reports=batch)
+            batch, size = [], 0
+        batch.append(report)
+        size += report_size
+    if batch:
+        yield apb.ReportJobRequest(agent_id=agent_id, reports=batch)
 
 
 def _flag_value(value: Any) -> Any:

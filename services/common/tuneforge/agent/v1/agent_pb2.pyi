@@ -567,10 +567,11 @@ class LogReport(_message.Message):
 Global___LogReport: _TypeAlias = LogReport  # noqa: Y015
 
 @_typing.final
-class ReportJobRequest(_message.Message):
+class JobReport(_message.Message):
+    """One numbered report of a job's attempt."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    AGENT_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
@@ -579,7 +580,6 @@ class ReportJobRequest(_message.Message):
     LOG_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     TIME_UNIX_FIELD_NUMBER: _builtins.int
-    agent_id: _builtins.str
     job_id: _builtins.str
     attempt: _builtins.int
     seq: _builtins.int
@@ -597,7 +597,6 @@ class ReportJobRequest(_message.Message):
     def __init__(
         self,
         *,
-        agent_id: _builtins.str = ...,
         job_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         seq: _builtins.int = ...,
@@ -609,7 +608,70 @@ class ReportJobRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "log", b"log", "metric", b"metric", "report", b"report", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "checkpoint", b"checkpoint", "job_id", b"job_id", "log", b"log", "metric", b"metric", "report", b"report", "seq", b"seq", "state", b"state", "time_unix", b"time_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint", b"checkpoint", "job_id", b"job_id", "log", b"log", "metric", b"metric", "report", b"report", "seq", b"seq", "state", b"state", "time_unix", b"time_unix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_report: _TypeAlias = _typing.Literal["state", "metric", "log", "checkpoint"]  # noqa: Y015
+    _WhichOneofArgType_report: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_report) -> _WhichOneofReturnType_report | None: ...
+
+Global___JobReport: _TypeAlias = JobReport  # noqa: Y015
+
+@_typing.final
+class ReportJobRequest(_message.Message):
+    """One report in its own fields (job_id .. checkpoint), or many in `reports`, or both: the own report is
+    stored first, then `reports` in their order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    LOG_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    job_id: _builtins.str
+    attempt: _builtins.int
+    seq: _builtins.int
+    """Increases by one per report within (job, attempt), from 1."""
+    time_unix: _builtins.float
+    """Wall-clock time the agent saw it, Unix seconds."""
+    @_builtins.property
+    def state(self) -> Global___StateReport: ...
+    @_builtins.property
+    def metric(self) -> Global___MetricReport: ...
+    @_builtins.property
+    def log(self) -> Global___LogReport: ...
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointReport: ...
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobReport]:
+        """Reports of this agent sent together, each numbered within its own (job, attempt). One gRPC message per
+        report cost the agent and the service more in framing and wake-ups than storing the report did.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        state: Global___StateReport | None = ...,
+        metric: Global___MetricReport | None = ...,
+        log: Global___LogReport | None = ...,
+        checkpoint: Global___CheckpointReport | None = ...,
+        time_unix: _builtins.float = ...,
+        reports: _abc.Iterable[Global___JobReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "log", b"log", "metric", b"metric", "report", b"report", "state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "checkpoint", b"checkpoint", "job_id", b"job_id", "log", b"log", "metric", b"metric", "report", b"report", "reports", b"reports", "seq", b"seq", "state", b"state", "time_unix", b"time_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_report: _TypeAlias = _typing.Literal["state", "metric", "log", "checkpoint"]  # noqa: Y015
     _WhichOneofArgType_report: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015

@@ -104,7 +104,8 @@ class AgentServiceServicer:
     def ReportJob(self, request_iterator, context):
         """Bidi stream: the agent sends numbered reports, the service answers with
         the highest sequence number it has stored, so a reconnect resends only
-        what was not acknowledged and nothing is stored twice.
+        what was not acknowledged and nothing is stored twice. A message may carry
+        many reports (`reports`): an agent sends its whole backlog in few messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,8 @@ class AgentServiceStub:
     ReportJob: _grpc.StreamStreamMultiCallable[_agent_pb2.ReportJobRequest, _agent_pb2.ReportJobResponse]
     """Bidi stream: the agent sends numbered reports, the service answers with
     the highest sequence number it has stored, so a reconnect resends only
-    what was not acknowledged and nothing is stored twice.
+    what was not acknowledged and nothing is stored twice. A message may carry
+    many reports (`reports`): an agent sends its whole backlog in few messages.
     """
     ServeInference: _grpc.StreamStreamMultiCallable[_agent_pb2.ServeInferenceRequest, _agent_pb2.ServeInferenceResponse]
     """Bidi stream carrying inference for the deployments (serve jobs) this agent runs: the agent opens it
@@ -74,7 +75,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     ReportJob: _aio.StreamStreamMultiCallable[_agent_pb2.ReportJobRequest, _agent_pb2.ReportJobResponse]  # type: ignore[assignment]
     """Bidi stream: the agent sends numbered reports, the service answers with
     the highest sequence number it has stored, so a reconnect resends only
-    what was not acknowledged and nothing is stored twice.
+    what was not acknowledged and nothing is stored twice. A message may carry
+    many reports (`reports`): an agent sends its whole backlog in few messages.
     """
     ServeInference: _aio.StreamStreamMultiCallable[_agent_pb2.ServeInferenceRequest, _agent_pb2.ServeInferenceResponse]  # type: ignore[assignment]
     """Bidi stream carrying inference for the deployments (serve jobs) this agent runs: the agent opens it
@@ -128,7 +130,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ReportJobResponse], _abc.AsyncIterator[_agent_pb2.ReportJobResponse]]:
         """Bidi stream: the agent sends numbered reports, the service answers with
         the highest sequence number it has stored, so a reconnect resends only
-        what was not acknowledged and nothing is stored twice.
+        what was not acknowledged and nothing is stored twice. A message may carry
+        many reports (`reports`): an agent sends its whole backlog in few messages.
         """
 
     @_abc_1.abstractmethod
