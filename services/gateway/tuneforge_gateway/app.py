@@ -1271,8 +1271,9 @@ def create_app(
     ) -> dict:
         """Each metric's points as [step, value] pairs under `series` (for charts), and the points themselves.
 
-        With max_points the service downsamples every series to equal-width step buckets, all over one step range;
-        a point is then the last one of its bucket and carries the bucket's min, max and count, so spikes show.
+        With max_points the service downsamples every series to equal-width step buckets aligned to multiples of
+        the width (above 16 steps a multiple of 16), all over one step range; a point is then the last one of its
+        bucket and carries the bucket's min, max and count, so spikes show.
         """
         if max_points:
             request = jpb.ListJobMetricsRequest(

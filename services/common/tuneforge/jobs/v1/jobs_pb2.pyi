@@ -721,7 +721,10 @@ Global___ComparedMetric: _TypeAlias = ComparedMetric  # noqa: Y015
 
 @_typing.final
 class MetricSeries(_message.Message):
-    """A metric over steps, downsampled to at most max_points buckets."""
+    """A metric over steps, downsampled to at most max_points buckets: buckets of one width aligned to its multiples
+    (bucket = step / width), the narrowest width of the rule that fits the range in max_points; above 16 steps a
+    multiple of 16, so the service sums its rollups of 16 steps. A series of at most max_points points comes raw.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1317,8 +1320,8 @@ class ListJobMetricsRequest(_message.Message):
     page_size: _builtins.int
     page_token: _builtins.str
     max_points: _builtins.int
-    """With max_points > 0 the answer is series downsampled to that many buckets per name (min and max
-    kept), between min_step and max_step (0: no bound); without it, raw points page by page.
+    """With max_points > 0 the answer is series downsampled to at most that many buckets per name (min and max
+    kept; see MetricSeries), between min_step and max_step (0: no bound); without it, raw points page by page.
     """
     min_step: _builtins.int
     max_step: _builtins.int
