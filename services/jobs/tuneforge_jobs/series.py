@@ -134,13 +134,23 @@ def downsample(
 def roll_up(points: Iterable[tuple[str, str, int, float]]) -> dict[tuple[str, str, int], SeriesPoint]:
     """(job_id, name, step, value) points, in the order stored, as rollup blocks: per (job_id, name, block of
     BLOCK_STEPS steps) the count, min, max and the last point (for equal steps the one stored later)."""
-    out: dict[tuple[str, str, int], SeriesPoint] = {}
+    # Mutable [count, min, max, last step, last value] per block while folding: this runs on every stored point,
+    # and a SeriesPoint made and merged per point cost the jobs service a fifth of its ingest CPU (py-spy).
+    acc: dict[tuple[str, str, int], list[Any]] = {}
     for job_id, name, step, value in points:
         key = (job_id, name, step // BLOCK_STEPS)
-        block = out.get(key)
-        point = SeriesPoint.single(step, value)
-        out[key] = point if block is None else block.merged(point)
-    return out
+        block = acc.get(key)
+        if block is None:
+            acc[key] = [1, value, value, step, value]
+            continue
+        block[0] += 1
+        if value < block[1]:
+            block[1] = value
+        if value > block[2]:
+            block[2] = value
+        if step >= block[3]:
+            block[3], block[4] = step, value
+    return {key: SeriesPoint(last_step, last, low, high, n) for key, (n, low, high, last_step, last) in acc.items()}
 
 
 def common_range(spans: Iterable[tuple[int, int] | None]) -> tuple[int, int] | None:
