@@ -52,13 +52,16 @@ async def jobs(database_url: str) -> AsyncIterator[Jobs]:
 
 
 async def insert(jobs: Jobs, job_id: str, rows: Rows, attempt: int = 1) -> None:
-    """Store points as reports do: the rows, and their rollup blocks kept up."""
+    """Store points as reports do: the rows, and their rollup blocks kept up (for the job's attempt: a job not
+    claimed yet is given it)."""
     async with jobs.engine.begin() as conn:
+        jc = store.jobs.c
+        await conn.execute(update(store.jobs).where(jc.id == job_id, jc.attempt < attempt).values(attempt=attempt))
         await conn.execute(
             store.metric_points.insert(),
             [dict(job_id=job_id, attempt=attempt, name=n, step=s, value=v, recorded_at=T0) for n, s, v in rows],
         )
-        await add_to_metric_blocks(conn, [(job_id, n, s, v) for n, s, v in rows])
+        await add_to_metric_blocks(conn, [(job_id, attempt, n, s, v) for n, s, v in rows])
 
 
 def training_curve(seed: int, steps: range, names: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")) -> Rows:
@@ -311,6 +314,19 @@ async def test_rollup_blocks_equal_the_standing_points_after_report_batches_and_
     for max_points in (5, 7, 12):  # buckets of 48, 32 and 32 steps: whole blocks
         for s in await jobs.metric_series(job.id, [], max_points):
             assert s.points == reference(rows, s.name, max_points, 0, 199), (s.name, max_points)
+
+
+async def test_a_batch_of_an_attempt_superseded_meanwhile_adds_nothing_to_the_blocks(postgres_url):
+    # PostgreSQL: a report batch checks its job's attempt first and stores its points later, and a claim may
+    # commit in between (on SQLite, one writer at a time, it cannot).
+    async with jobs_on(postgres_url) as jobs:
+        job_id = await make_job(jobs)
+        await insert(jobs, job_id, [("loss", s, float(s)) for s in range(0, 41)])
+        await resumed(jobs, job_id, attempt=2, from_step=20)
+        before = await stored_blocks(jobs, job_id)
+        async with jobs.engine.begin() as conn:
+            await add_to_metric_blocks(conn, [(job_id, 1, "loss", s, -1.0) for s in range(18, 36)])
+        assert await stored_blocks(jobs, job_id) == before == await blocks_of_standing_points(jobs, job_id)
 
 
 async def test_the_block_path_matches_the_reference_on_random_series(jobs):

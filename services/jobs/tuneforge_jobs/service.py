@@ -931,8 +931,8 @@ class Jobs:
         if conn.dialect.name == "postgresql":
             # The last step's value in the same pass: the greatest [last step, last value] pair (steps are exact
             # as doubles up to 2**53). A probe per bucket for it took as long as the aggregation itself.
-            last = func.max(postgresql.array([cast(blocks.c.last_step, Float), blocks.c.last_value]))
-            query = select(*extremes, last.label("last")).group_by(blocks.c.name, blocks.c.bucket)
+            last_pair = func.max(postgresql.array([cast(blocks.c.last_step, Float), blocks.c.last_value]))
+            query = select(*extremes, last_pair.label("last")).group_by(blocks.c.name, blocks.c.bucket)
             return [
                 (r.name, series.SeriesPoint(int(r.last[0]), float(r.last[1]), float(r.low), float(r.high), int(r.n)))
                 for r in await conn.execute(query)
@@ -1813,11 +1813,15 @@ def _printable(text: str) -> str:
 
 
 _BLOCK_COLUMNS = ("job_id", "name", "block", "n", "low", "high", "last_step", "last_value")
-# One statement for a batch's blocks: its arrays, one per column, unnested into rows merged with those stored.
+# One statement for a batch's blocks: its arrays, one per column, unnested into rows merged with those stored. Not
+# for an attempt that a claim superseded since the batch checked it (the claim rebuilt the blocks past its step
+# from the points that stand, which these are not).
 _UPSERT_BLOCKS_PG = """
 INSERT INTO metric_blocks AS b (job_id, name, block, n, low, high, last_step, last_value)
-SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::bigint[], $5::float8[], $6::float8[],
-                     $7::bigint[], $8::float8[])
+SELECT u.job_id, u.name, u.block, u.n, u.low, u.high, u.last_step, u.last_value
+FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::bigint[], $5::float8[], $6::float8[], $7::bigint[],
+            $8::float8[], $9::integer[]) AS u(job_id, name, block, n, low, high, last_step, last_value, attempt)
+WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id AND j.attempt = u.attempt)
 ON CONFLICT (job_id, name, block) DO UPDATE SET
     n = b.n + excluded.n, low = least(b.low, excluded.low), high = greatest(b.high, excluded.high),
     last_step = greatest(b.last_step, excluded.last_step),
@@ -1825,11 +1829,12 @@ ON CONFLICT (job_id, name, block) DO UPDATE SET
 """
 
 
-async def add_to_metric_blocks(conn: AsyncConnection, points: list[tuple[str, str, int, float]]) -> None:
-    """Merge points just stored, (job_id, name, step, value) in the order stored, into their rollup blocks
-    (series.roll_up): one statement whatever the number of blocks. Steps below 0, which no chart shows, have none.
-    """
-    blocks = series.roll_up(p for p in points if p[2] >= 0)
+async def add_to_metric_blocks(conn: AsyncConnection, points: list[tuple[str, int, str, int, float]]) -> None:
+    """Merge points just stored, (job_id, attempt, name, step, value) in the order stored, one attempt per job,
+    into their rollup blocks (series.roll_up): one statement whatever the number of blocks. Steps below 0, which
+    no chart shows, have none."""
+    attempts = {job_id: attempt for job_id, attempt, *_ in points}
+    blocks = series.roll_up((job_id, name, step, value) for job_id, _, name, step, value in points if step >= 0)
     # In key order, so that two batches locking some of the same blocks lock them in the same order.
     rows = [(*key, b.count, b.min, b.max, b.step, b.value) for key, b in sorted(blocks.items())]
     if not rows:
@@ -1837,8 +1842,10 @@ async def add_to_metric_blocks(conn: AsyncConnection, points: list[tuple[str, st
     if conn.dialect.driver == "asyncpg":
         raw = await conn.get_raw_connection()
         assert raw.driver_connection is not None
-        await raw.driver_connection.execute(_UPSERT_BLOCKS_PG, *(list(column) for column in zip(*rows, strict=True)))
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        await raw.driver_connection.execute(_UPSERT_BLOCKS_PG, *columns, [attempts[job_id] for job_id in columns[0]])
         return
+    # SQLite: one writer at a time, so no claim commits while this batch's transaction runs.
     mb = sqlite_insert(store.metric_blocks)
     new, old = mb.excluded, store.metric_blocks.c
     await conn.execute(
@@ -2009,4 +2016,4 @@ class _ReportBatch:
             await self.conn.execute(
                 store.metric_points.insert(), [dict(zip(_POINT_COLUMNS, p, strict=True)) for p in self.points]
             )
-        await add_to_metric_blocks(self.conn, [(p[0], p[2], p[3], p[4]) for p in self.points])
+        await add_to_metric_blocks(self.conn, [p[:5] for p in self.points])
