@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tuneforge_common.db import make_engine, migrate
+from tuneforge_common.db import fresh_postgres_databases, make_engine, migrate
 from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.service import CatalogInputs
 
@@ -22,18 +20,13 @@ from tuneforge_jobs.service import CatalogInputs
 @contextlib.asynccontextmanager
 async def jobs_database(admin_url: str) -> AsyncIterator[tuple[str, AsyncEngine]]:
     """A fresh PostgreSQL database with the jobs tables, dropped afterwards: (its libpq URL, an engine on it)."""
-    db = f"tuneforge_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{db}"')
-    pg_url = f"{admin_url.rsplit('/', 1)[0]}/{db}"
-    engine = make_engine(pg_url.replace("postgresql://", "postgresql+asyncpg://"))
-    try:
-        await migrate(engine, MIGRATIONS, "alembic_version_jobs")
-        yield pg_url, engine
-    finally:
-        await engine.dispose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        await admin.close()
+    async with fresh_postgres_databases(admin_url, "tuneforge_bench") as (url,):
+        engine = make_engine(url)
+        try:
+            await migrate(engine, MIGRATIONS, "alembic_version_jobs")
+            yield url.replace("postgresql+asyncpg://", "postgresql://"), engine
+        finally:
+            await engine.dispose()
 
 
 class FixedCatalog:

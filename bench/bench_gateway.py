@@ -30,12 +30,10 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import grpc
 import httpx
 from _support import Figure, add_figures_argument, percentile, write_figures  # bench/ is the script's directory
@@ -43,6 +41,7 @@ from _support import Figure, add_figures_argument, percentile, write_figures  # 
 from tuneforge.jobs.v1 import jobs_pb2 as pb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_cli.embedded import EmbeddedStack
+from tuneforge_common.db import create_postgres_database, drop_postgres_databases
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "datasets" / "sample-chat.jsonl"
@@ -53,22 +52,13 @@ TICKS = os.sysconf("SC_CLK_TCK")
 @contextlib.contextmanager
 def postgres_databases(admin_url: str, *names: str) -> Iterator[list[str]]:
     """Fresh PostgreSQL databases (their SQLAlchemy URLs), dropped afterwards even when the run fails."""
-
-    async def execute(statements: list[str]) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            for statement in statements:
-                await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    made = [f"tuneforge_bench_{name}_{uuid.uuid4().hex[:8]}" for name in names]
-    asyncio.run(execute([f'CREATE DATABASE "{db}"' for db in made]))
+    made: list[str] = []
     try:
-        base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-        yield [f"{base}/{db}" for db in made]
+        for name in names:
+            made.append(asyncio.run(create_postgres_database(admin_url, f"tuneforge_bench_{name}")))
+        yield made
     finally:
-        asyncio.run(execute([f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)' for db in made]))
+        asyncio.run(drop_postgres_databases(admin_url, made))
 
 
 def cpu_seconds(pid: int) -> float:

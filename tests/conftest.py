@@ -36,23 +36,13 @@ def require(url: str, port: int, what: str) -> None:
         pytest.fail(f"{what} is not reachable at {url}: these tests need it (they never skip)")
 
 
-async def _pg_admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 def _fresh_postgres_database() -> Iterator[str]:
+    from tuneforge_common.db import create_postgres_database, drop_postgres_databases
+
     require(PG_ADMIN_URL, 5432, "PostgreSQL")
-    name = f"tuneforge_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    yield f"{base}/{name}"
-    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    url = asyncio.run(create_postgres_database(PG_ADMIN_URL, f"tuneforge_test_{RUN_ID}"))
+    yield url
+    asyncio.run(drop_postgres_databases(PG_ADMIN_URL, [url]))
 
 
 @pytest.fixture

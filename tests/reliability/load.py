@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import httpx
 import nats
@@ -62,6 +61,7 @@ from tuneforge.jobs.v1 import jobs_pb2 as jpb
 from tuneforge.jobs.v1 import jobs_pb2_grpc
 from tuneforge_cli.embedded import free_port, tcp_open, wait_for
 from tuneforge_common.auth import call_credentials, credentials_metadata, new_key
+from tuneforge_common.db import create_postgres_database, drop_postgres_databases
 from tuneforge_trainer.agent import Reporter
 
 PG_ADMIN_URL = os.environ.get("TUNEFORGE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -259,14 +259,9 @@ class System:
         return f"TUNEFORGE_LOAD_{self.suffix}"
 
     async def _database(self) -> str:
-        name = f"tuneforge_load_{self.suffix}_{len(self.databases)}"
-        conn = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        self.databases.append(name)
-        return PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + f"/{name}"
+        url = await create_postgres_database(PG_ADMIN_URL, f"tuneforge_load_{self.suffix}")
+        self.databases.append(url)
+        return url
 
     def _spawn(self, name: str, env: dict[str, str]) -> subprocess.Popen:
         self.logs[name] = self.root / f"{name}.log"
@@ -339,12 +334,7 @@ class System:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     await asyncio.to_thread(proc.wait)
-        conn = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            for name in self.databases:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await drop_postgres_databases(PG_ADMIN_URL, self.databases)
         with contextlib.suppress(Exception):
             nc = await nats.connect(self.nats_url)
             try:

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from tuneforge_cli.embedded import EmbeddedStack, free_port
+from tuneforge_common.db import create_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "datasets" / "sample-chat.jsonl"
@@ -421,17 +422,8 @@ class PrivatePostgres:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
-        async def create() -> None:
-            import asyncpg
-
-            conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres")
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
-
-        asyncio.run(create())
-        return self.url(name)
+        """A new database on this cluster (`name` and a random suffix): its SQLAlchemy URL."""
+        return asyncio.run(create_postgres_database(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", name))
 
     def remove(self) -> None:
         with contextlib.suppress(Exception):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,44 @@ def make_engine(url: str) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+async def create_postgres_database(admin_url: str, prefix: str) -> str:
+    """A new empty PostgreSQL database, `prefix` and a random suffix, on the server of `admin_url` (a libpq URL);
+    its SQLAlchemy (asyncpg) URL. For tests and benchmarks: each makes its own, so runs never collide."""
+    import asyncpg  # here: SQLite deployments need no PostgreSQL driver
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{admin_url.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
+
+
+async def drop_postgres_databases(admin_url: str, urls: Iterable[str]) -> None:
+    """Drop databases made by create_postgres_database, by their URLs, sessions still on them or not."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        for url in urls:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_postgres_databases(admin_url: str, prefix: str, count: int = 1) -> AsyncIterator[list[str]]:
+    """`count` new PostgreSQL databases (their SQLAlchemy URLs), dropped afterwards even when the body fails."""
+    urls: list[str] = []
+    try:
+        for _ in range(count):
+            urls.append(await create_postgres_database(admin_url, prefix))
+        yield urls
+    finally:
+        await drop_postgres_databases(admin_url, urls)
 
 
 async def migrate(engine: AsyncEngine, migrations_dir: Path, version_table: str, revision: str = "head") -> None:
