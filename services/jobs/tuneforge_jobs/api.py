@@ -40,8 +40,8 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 WATCH_POLL_S = 1.0
 WATCH_PASS_S = 0.25
-# An agent's assignment stream looks again this often without a wake-up (a commit on this replica wakes it at
-# once): what it finds is another replica's doing. Every second, 50 idle agents' streams took a sixth of the jobs
+# The agents' assignment streams are looked at again this often without a wake-up (a commit on this replica wakes
+# them at once): what it finds is another replica's doing. Every second, 50 idle agents' streams took a sixth of the jobs
 # service's CPU under load (tests/reliability/load.py); heartbeats (every 3 s) also carry cancellations.
 ASSIGN_POLL_S = 3.0
 # The shared feed's pass: one for every watcher of this replica, so it can come often.
@@ -717,12 +717,68 @@ def _acks_of(acks: ReportAcks, reports: list[Report]) -> ReportAcks:
     return own
 
 
+class AssignmentWake:
+    """One assignment stream's wake-up: set when its agent could take a job or has jobs to stop (`stops`)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.stops = True  # a new stream sends the stops there are
+
+
+class AssignmentWakes:
+    """Wakes only the assignment streams of this replica that could act on a change, after one look at all of
+    their agents (Jobs.agents_to_wake): one with a free slot while a job is queued, one with jobs to stop.
+
+    Every job that ends wakes every scheduler on the Notifier. Each of 100 agents' streams then claimed on its
+    own, most of them full: their claims took the connections and the event loop from the claims that could
+    take a job, which waited 0.5-1.5 s (bench/bench_scheduler.py). The look also replaces each stream's own poll
+    for other replicas' changes.
+    """
+
+    def __init__(self, jobs: Jobs, changes: Notifier) -> None:
+        self.jobs = jobs
+        self.changes = changes
+        self.streams: dict[str, set[AssignmentWake]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def enter(self, agent_id: str) -> AssignmentWake:
+        wake = AssignmentWake()
+        self.streams.setdefault(agent_id, set()).add(wake)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self.run())
+        return wake
+
+    def leave(self, agent_id: str, wake: AssignmentWake) -> None:
+        streams = self.streams.get(agent_id, set())
+        streams.discard(wake)
+        if not streams:
+            self.streams.pop(agent_id, None)
+        if not self.streams and self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    async def run(self) -> None:
+        while True:
+            ticket = self.changes.ticket()  # before the look: a change that commits meanwhile makes another
+            try:
+                woken = await self.jobs.agents_to_wake(list(self.streams))
+            except Exception:
+                log.exception("looking for the agents to assign to failed; every assignment stream looks itself")
+                woken = dict.fromkeys(self.streams, True)
+            for agent_id, stops in woken.items():
+                for wake in self.streams.get(agent_id, ()):
+                    wake.stops |= stops
+                    wake.event.set()
+            await self.changes.wait(ASSIGN_POLL_S, ticket=ticket)
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, jobs: Jobs, changes: Notifier, router: InferenceRouter) -> None:
         self.jobs = jobs
         self.changes = changes
         self.router = router
         self.writer = ReportWriter(jobs)
+        self.assignments = AssignmentWakes(jobs, changes)
 
     @map_errors
     async def ServeInference(
@@ -765,41 +821,50 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         checkpoint_first for a pause. Each stop is sent once per stream (a reconnect sends it again)."""
         await self.jobs.check_agent_caller(request.agent_id)
         stops_sent: set[tuple[str, bool]] = set()
-        while True:
-            job = await self.jobs.claim_next(request.agent_id)
-            if job is not None:
-                stops_sent = {s for s in stops_sent if s[0] != job.id}  # a new attempt may be stopped again
-                yield apb.StreamAssignmentsResponse(
-                    assignment=apb.JobAssignment(
-                        job_id=job.id,
-                        attempt=job.attempt,
-                        method_id=job.method_id,
-                        entrypoint=job.entrypoint,
-                        model_uri=job.model_uri,
-                        dataset_uri=job.dataset_uri,
-                        parameters=struct(json.loads(job.parameters)),
-                        output_uri=job.output_uri,
-                        resume_from_uri=job.resume_from_uri,
-                        resume_from_step=job.resume_from_step,
-                        checkpoint_uri=job.checkpoint_uri,
-                        python_env=job.python_env,
-                        saving_entrypoint=job.saving_entrypoint,
-                        saving_python_env=job.saving_python_env,
-                        validation_dataset_uri=job.validation_dataset_uri,
-                        kind=job.kind,
-                        adapter_uri=job.adapter_uri,
-                        gpu_count=scheduler.ResourceRequest.from_json(job.resources).gpu_count,
-                    )
-                )
-                continue
-            for stop in await self.jobs.cancelling_jobs(request.agent_id):
-                if stop not in stops_sent:
-                    stops_sent.add(stop)
-                    job_id, checkpoint_first = stop
+        wake = self.assignments.enter(request.agent_id)
+        try:
+            while True:
+                wake.event.clear()  # before the claim: a wake-up while it runs makes another
+                job = await self.jobs.claim_next(request.agent_id)
+                if job is not None:
+                    stops_sent = {s for s in stops_sent if s[0] != job.id}  # a new attempt may be stopped again
                     yield apb.StreamAssignmentsResponse(
-                        cancellation=apb.JobCancellation(job_id=job_id, checkpoint_first=checkpoint_first)
+                        assignment=apb.JobAssignment(
+                            job_id=job.id,
+                            attempt=job.attempt,
+                            method_id=job.method_id,
+                            entrypoint=job.entrypoint,
+                            model_uri=job.model_uri,
+                            dataset_uri=job.dataset_uri,
+                            parameters=struct(json.loads(job.parameters)),
+                            output_uri=job.output_uri,
+                            resume_from_uri=job.resume_from_uri,
+                            resume_from_step=job.resume_from_step,
+                            checkpoint_uri=job.checkpoint_uri,
+                            python_env=job.python_env,
+                            saving_entrypoint=job.saving_entrypoint,
+                            saving_python_env=job.saving_python_env,
+                            validation_dataset_uri=job.validation_dataset_uri,
+                            kind=job.kind,
+                            adapter_uri=job.adapter_uri,
+                            gpu_count=scheduler.ResourceRequest.from_json(job.resources).gpu_count,
+                        )
                     )
-            await self.changes.wait(ASSIGN_POLL_S)
+                    if not job.agent_full:
+                        continue
+                    # Full: claiming again would only read that; a slot that frees wakes this stream.
+                if wake.stops:
+                    wake.stops = False
+                    for stop in await self.jobs.cancelling_jobs(request.agent_id):
+                        if stop not in stops_sent:
+                            stops_sent.add(stop)
+                            job_id, checkpoint_first = stop
+                            yield apb.StreamAssignmentsResponse(
+                                cancellation=apb.JobCancellation(job_id=job_id, checkpoint_first=checkpoint_first)
+                            )
+                await wake.event.wait()
+        finally:
+            self.assignments.leave(request.agent_id, wake)
 
     @map_errors
     async def ReportJob(

@@ -206,11 +206,21 @@ class ClaimedJob:
     resume_from_uri: str = ""  # the latest checkpoint; empty for a fresh start
     resume_from_step: int = 0
     checkpoint_uri: str = ""  # where the attempt saves checkpoints, each under <uri>/checkpoint-<step>
+    agent_full: bool = False  # no slot of the agent's is left free: no use claiming for it until one frees
 
     def __getattr__(self, name: str) -> Any:
         if name == "job":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.job, name)
+
+
+def _to_stop() -> Any:
+    """A job its agent should stop: cancelled, or asked to pause (it saves a checkpoint first)."""
+    j = store.jobs.c
+    return or_(
+        j.state == JobState.CANCELLING,
+        and_(j.pause_requested.is_(True), j.state.in_([JobState.STARTING, JobState.RUNNING])),
+    )
 
 
 def _training(job: Any, action: str) -> Any:
@@ -1416,16 +1426,45 @@ class Jobs:
                 stop += [j for j in dict.fromkeys(running_job_ids) if j not in owned and j not in stop]
             return stop
 
-    async def _agent_snapshot(self, conn: AsyncConnection, agent: Any) -> scheduler.AgentSnapshot:
-        held = await conn.execute(
-            select(store.jobs.c.resources).where(
-                store.jobs.c.agent_id == agent.id, store.jobs.c.state.in_([s.value for s in lifecycle.ON_AGENT])
+    async def _agent_snapshot(
+        self, conn: AsyncConnection, agent_id: str, lock: bool = False
+    ) -> tuple[scheduler.AgentSnapshot, bool]:
+        """The agent's capacity and the requests of the jobs it holds, and whether any job is queued: one statement
+        (raises NotFound when its lease lapsed). lock: as _active_agent's, the agent's row held until the
+        transaction ends."""
+        a, held = store.agents.c, store.jobs.c
+        queued = store.jobs.alias("queued_job")  # not the joined jobs: its own scan of the queue
+        query = (
+            select(
+                a.status,
+                a.resources,
+                a.slots,
+                held.id.label("held_id"),
+                held.resources.label("held_resources"),
+                select(queued.c.id).where(queued.c.state == JobState.QUEUED).exists().label("queued"),
             )
+            .select_from(
+                store.agents.outerjoin(
+                    store.jobs,
+                    and_(held.agent_id == a.id, held.state.in_([s.value for s in lifecycle.ON_AGENT])),
+                )
+            )
+            .where(a.id == agent_id)
         )
-        return scheduler.AgentSnapshot(
-            scheduler.AgentCapacity.from_json(agent.resources, agent.slots),
-            tuple(scheduler.ResourceRequest.from_json(r.resources) for r in held),
+        if lock:
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(of=store.agents)
+            else:
+                # SQLite has one writer: writing first takes its lock, which makes the whole claim serial.
+                await conn.execute(update(store.agents).where(a.id == agent_id).values(status=a.status))
+        rows = (await conn.execute(query)).all()
+        if not rows or rows[0].status != "ACTIVE":
+            raise NotFound(f"agent {agent_id!r} is not registered or its lease expired; register again")
+        snapshot = scheduler.AgentSnapshot(
+            scheduler.AgentCapacity.from_json(rows[0].resources, rows[0].slots),
+            tuple(scheduler.ResourceRequest.from_json(r.held_resources) for r in rows if r.held_id is not None),
         )
+        return snapshot, bool(rows[0].queued)
 
     async def _queue_pages(self, conn: AsyncConnection) -> AsyncGenerator[list[scheduler.QueuedJob], None]:
         """The queue in scheduling order, a page at a time (keyset paging: no row is skipped or repeated)."""
@@ -1469,31 +1508,36 @@ class Jobs:
         is claiming is skipped rather than waited for; the compare-and-set on the version guards the claim
         on every engine (SQLite has a single writer).
         """
+        # One connection and few statements: each statement is a round trip that waits its turn on a busy event
+        # loop, and a claim that took three connections (with their pings) and ~27 round trips made 100 agents'
+        # claims queue behind each other for 0.5-1 s (bench/bench_scheduler.py).
         async with self.engine.connect() as conn:
-            agent = await self._active_agent(conn, agent_id)
-            queued = await conn.execute(select(store.jobs.c.id).where(store.jobs.c.state == JobState.QUEUED).limit(1))
-            if queued.first() is None:  # the common idle case: no lock taken, nothing written
-                return None
-            # The common busy case: a full agent woken by a slot freed on another one (checked again under the lock).
-            if (await self._agent_snapshot(conn, agent)).free_slots == 0:
-                return None
-        async with self.engine.begin() as conn:
-            agent = await self._active_agent(conn, agent_id, lock=True)
-            snapshot = await self._agent_snapshot(conn, agent)
-            if snapshot.free_slots == 0:
-                return None
-            claimed = await self._claim_first_fitting(conn, snapshot, agent_id)
+            if conn.dialect.name != "postgresql":
+                # SQLite has one writer: the common cases (nothing queued, a full agent) take no lock. Then a new
+                # transaction, as a read one cannot take the writer's lock once another write committed after it.
+                snapshot, queued = await self._agent_snapshot(conn, agent_id)
+                if not queued or snapshot.free_slots == 0:
+                    return None
+                await conn.rollback()
+            snapshot, queued = await self._agent_snapshot(conn, agent_id, lock=True)
+            claimed = (
+                await self._claim_first_fitting(conn, snapshot, agent_id) if queued and snapshot.free_slots else None
+            )
             if claimed is None:
-                return None
+                return None  # rolled back as the connection closes
+            # The row as this claim wrote it, read in its own transaction rather than on another connection after.
+            job = (await conn.execute(select(store.jobs).where(store.jobs.c.id == claimed.job.id))).one()
+            await conn.commit()
         # Only the job's watchers: a claim frees no slot and queues nothing, and waking every agent's assignment
         # loop for each claim made each of 100 agents claim again in vain (bench/bench_scheduler.py).
         self._after_commit(claimed.job.id)
-        return dataclasses.replace(claimed, job=await self.get(claimed.job.id, scoped=False))
+        return dataclasses.replace(claimed, job=job, agent_full=snapshot.free_slots == 1)
 
     async def _claim_first_fitting(
         self, conn: AsyncConnection, snapshot: scheduler.AgentSnapshot, agent_id: str
     ) -> ClaimedJob | None:
-        j = store.jobs.c
+        j, cp = store.jobs.c, store.checkpoints.c
+        latest = select(cp.step, cp.uri).where(cp.job_id == j.id).order_by(cp.step.desc()).limit(1)
         async with contextlib.aclosing(self._queue_pages(conn)) as pages:
             async for page in pages:
                 ids = [candidate.job_id for candidate in scheduler.candidates(page, snapshot)]
@@ -1501,14 +1545,19 @@ class Jobs:
                     # The best candidate still queued and not being claimed, in one statement: with many agents
                     # claiming at once, a statement per candidate made the k-th claim read the k-1 taken before it
                     # one by one (bench/bench_scheduler.py). LIMIT 1 locks only the row it returns.
+                    # With its latest checkpoint (_claim_in resumes from it): a statement less per claim.
                     query = (
-                        select(store.jobs)
+                        select(
+                            store.jobs,
+                            latest.with_only_columns(cp.step).scalar_subquery().label("latest_checkpoint_step"),
+                            latest.with_only_columns(cp.uri).scalar_subquery().label("latest_checkpoint_uri"),
+                        )
                         .where(j.id.in_(ids[:CLAIM_WINDOW]), j.state == JobState.QUEUED)
                         .order_by(j.priority.desc(), j.created_at, j.id)
                         .limit(1)
                     )
                     if conn.dialect.name == "postgresql":
-                        query = query.with_for_update(skip_locked=True)
+                        query = query.with_for_update(skip_locked=True, of=store.jobs)
                     job = (await conn.execute(query)).first()
                     if job is None:  # these candidates claimed, cancelled or locked by another replica meanwhile
                         del ids[:CLAIM_WINDOW]
@@ -1522,15 +1571,8 @@ class Jobs:
     async def _claim_in(self, conn: AsyncConnection, job: Any, agent_id: str) -> ClaimedJob | None:
         """Start the job's next attempt on the agent, from its latest checkpoint when it has one."""
         attempt = job.attempt + 1
-        latest = (
-            await conn.execute(
-                select(store.checkpoints.c.step, store.checkpoints.c.uri)
-                .where(store.checkpoints.c.job_id == job.id)
-                .order_by(store.checkpoints.c.step.desc())
-                .limit(1)
-            )
-        ).first()
-        step = int(latest.step) if latest is not None else 0
+        resumes = job.latest_checkpoint_step is not None  # read with the row (_claim_first_fitting)
+        step = int(job.latest_checkpoint_step) if resumes else 0
         values: dict[str, Any] = {
             "agent_id": agent_id,
             "attempt": attempt,
@@ -1541,7 +1583,7 @@ class Jobs:
         if attempt > 1:  # progress restarts where this attempt starts
             values["current_step"] = step
             values["progress"] = lifecycle.progress_percent(step, job.total_steps)
-        reason = f"assigned to agent {agent_id}" + (f"; resumes from step {step}" if latest is not None else "")
+        reason = f"assigned to agent {agent_id}" + (f"; resumes from step {step}" if resumes else "")
         if not await self._transition_in(conn, job, JobState.STARTING, reason, **values):
             return None
         if attempt > 1:
@@ -1557,7 +1599,7 @@ class Jobs:
             await rebuild_metric_blocks(conn, job.id, attempt, step)
         return ClaimedJob(
             job=job,
-            resume_from_uri=latest.uri if latest is not None else "",
+            resume_from_uri=job.latest_checkpoint_uri if resumes else "",
             resume_from_step=step,
             checkpoint_uri=f"{self.artifact_root}/jobs/{job.id}/checkpoints",
         )
@@ -1567,16 +1609,37 @@ class Jobs:
         a checkpoint before they stop."""
         j = store.jobs.c
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(j.id, j.state).where(
-                    j.agent_id == agent_id,
-                    or_(
-                        j.state == JobState.CANCELLING,
-                        and_(j.pause_requested.is_(True), j.state.in_([JobState.STARTING, JobState.RUNNING])),
-                    ),
-                )
-            )
+            rows = await conn.execute(select(j.id, j.state).where(j.agent_id == agent_id, _to_stop()))
             return [(r.id, r.state != JobState.CANCELLING) for r in rows]
+
+    async def agents_to_wake(self, agent_ids: Sequence[str]) -> dict[str, bool]:
+        """Of these agents, those whose assignment loop could act now, each with whether it has jobs to stop
+        (cancelling_jobs): one with a free slot while a job is queued, one with a job to stop, and one whose lease
+        lapsed (its claim says so). The others, full with nothing to stop, would only read that again."""
+        if not agent_ids:
+            return {}
+        a, j = store.agents.c, store.jobs.c
+        held = (
+            select(func.count())
+            .select_from(store.jobs)
+            .where(j.agent_id == a.id, j.state.in_([s.value for s in lifecycle.ON_AGENT]))
+            .scalar_subquery()
+        )
+        query = select(
+            a.id,
+            a.status,
+            (held < a.slots).label("free"),
+            select(j.id).where(j.agent_id == a.id, _to_stop()).exists().label("stops"),
+            select(j.id).where(j.state == JobState.QUEUED).exists().label("queued"),
+        ).where(a.id.in_(list(agent_ids)))
+        async with self.engine.connect() as conn:
+            rows = {r.id: r for r in await conn.execute(query)}
+        woken = {}
+        for agent_id in agent_ids:
+            r = rows.get(agent_id)
+            if r is None or r.status != "ACTIVE" or r.stops or (r.free and r.queued):
+                woken[agent_id] = bool(r is not None and r.stops)
+        return woken
 
     async def reap_lost_agents(self) -> int:
         """Agents whose lease lapsed lose their jobs: requeued for another attempt, or failed past the limit;
