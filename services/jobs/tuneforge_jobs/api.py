@@ -62,16 +62,22 @@ _REPORTED = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
+def _parameters_struct(parameters_json: str) -> bytes:
+    """A job's stored parameters as a serialized Struct. They never change once submitted, and filling a Struct
+    key by key in Python cost about 250 us a job: most of ListJobs' CPU (py-spy, bench_gateway)."""
+    return struct(json.loads(parameters_json)).SerializeToString()
+
+
 def job_to_pb(row: Any, now: dt.datetime | None = None) -> pb.Job:
     elapsed, remaining = timing(row, now or dt.datetime.now(dt.UTC))
-    return pb.Job(
+    job = pb.Job(
         id=row.id,
         project_id=row.project_id or "",
         name=row.name,
         model_id=row.model_id,
         dataset_id=row.dataset_id,
         method_id=row.method_id,
-        parameters=struct(json.loads(row.parameters)),
         state=pb.JobState.Value(f"JOB_STATE_{row.state}"),
         state_reason=row.state_reason,
         attempt=row.attempt,
@@ -101,6 +107,8 @@ def job_to_pb(row: Any, now: dt.datetime | None = None) -> pb.Job:
         kind=pb.JobKind.Value(f"JOB_KIND_{row.kind.upper()}"),
         result_model_id=row.result_model_id,
     )
+    job.parameters.MergeFromString(_parameters_struct(row.parameters))
+    return job
 
 
 def resources_to_pb(data: dict[str, Any]) -> pb.ResourceRequest:
