@@ -329,6 +329,16 @@ async def test_a_batch_of_an_attempt_superseded_meanwhile_adds_nothing_to_the_bl
         assert await stored_blocks(jobs, job_id) == before == await blocks_of_standing_points(jobs, job_id)
 
 
+async def test_deleting_a_job_deletes_its_rollup_blocks(jobs):
+    job_id, other = await make_job(jobs), await make_job(jobs)
+    for j in (job_id, other):
+        await insert(jobs, j, training_curve(7, range(0, 100)))
+    await jobs.cancel(job_id)
+    await jobs.delete(job_id)
+    assert await stored_blocks(jobs, job_id) == {}
+    assert await stored_blocks(jobs, other) == await blocks_of_standing_points(jobs, other) != {}
+
+
 async def test_the_block_path_matches_the_reference_on_random_series(jobs):
     rng = random.Random(8)
     for _ in range(4):
