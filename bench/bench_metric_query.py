@@ -2,9 +2,10 @@
 
 Loads one job of `--names` metrics x `--steps` steps (5 x 200,000 = 1,000,000 points, by COPY) into a fresh
 PostgreSQL database, with their rollup blocks (metric_blocks, which the service keeps up as reports are stored:
-built here after the COPY, as migration 0009 builds them for stored points), then times `Jobs.metric_series` (what the jobs service's ListJobMetrics with max_points
-runs, under the gateway's GET /api/v1/jobs/{id}/metrics?max_points=...) for every name and for one name over a
-step range, `--reps` times each, against fetching the same raw rows those answers summarise. Each series is
+built here after the COPY, as migration 0009 builds them for stored points), then times `Jobs.metric_series`
+(what the jobs service's ListJobMetrics with max_points runs, under the gateway's
+GET /api/v1/jobs/{id}/metrics?max_points=...) for every name and for one name over a step range, `--reps` times
+each, against fetching the same raw rows those answers summarise. Each series is
 downsampled to at most `--max-points` buckets: 1,500 by default, the issue's chart size (the Details page asks
 5,000 at present; pass --max-points 5000 to measure that). Prints p50/p95 in ms and the ratio
 baseline/downsampled (how many times faster the chart query is). The goal: p95 < 200 ms for the chart of every
