@@ -403,6 +403,16 @@ async def test_migrating_a_database_with_points_fills_their_rollup_blocks(databa
         await engine.dispose()
 
 
+async def test_a_job_of_many_metric_names_charts_them_all(jobs):
+    # Their step ranges are read in one statement of a few hundred names at a time.
+    job_id = await make_job(jobs)
+    rows: Rows = [(f"layer_{i:04}.grad_norm", s, float(i + s)) for i in range(450) for s in (i, i + 1)]
+    await insert(jobs, job_id, rows)
+    got = await jobs.metric_series(job_id, [], 10)
+    assert len(got) == 450 and all(len(s.points) == 2 for s in got)
+    assert got[-1].points[-1] == series.SeriesPoint.single(450, 449.0 + 450)
+
+
 async def test_max_points_is_clamped_to_the_limit(jobs, monkeypatch):
     job_id = await make_job(jobs)
     await insert(jobs, job_id, [("loss", s, float(s)) for s in range(100)])

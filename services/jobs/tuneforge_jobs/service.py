@@ -779,7 +779,7 @@ class Jobs:
         job = await self.get(job_id)
         async with self.engine.connect() as conn:
             names = list(dict.fromkeys(names)) or await self._metric_names(conn, job_id)
-            span = series.common_range([await self._step_span(conn, job, n, min_step, max_step) for n in names])
+            span = series.common_range(await self._step_spans(conn, job, names, min_step, max_step))
             points = await self._downsampled(conn, job, names, span, max_points) if span else {}
         return [series.Series(job_id, name, points.get(name, [])) for name in names]
 
@@ -820,7 +820,7 @@ class Jobs:
                 for job_id in job_ids[1:]:
                     shared &= set(await self._metric_names(conn, job_id))
                 names = sorted(shared)
-            span = series.common_range([await self._step_span(conn, row, n, 0, 0) for row in rows for n in names])
+            span = series.common_range([s for row in rows for s in await self._step_spans(conn, row, names, 0, 0)])
             per_job = [await self._downsampled(conn, row, names, span, max_points) if span else {} for row in rows]
         metrics = [
             series.ComparedMetric(
@@ -853,19 +853,27 @@ class Jobs:
         return conditions
 
     @classmethod
-    async def _step_span(
-        cls, conn: AsyncConnection, job: Any, name: str, min_step: int, max_step: int
-    ) -> tuple[int, int] | None:
-        """First and last step of a series within [min_step, max_step] (0: no upper bound); None when empty.
-        Two index probes (separate subqueries so that SQLite, too, reads each from an end of the index)."""
+    async def _step_spans(
+        cls, conn: AsyncConnection, job: Any, names: list[str], min_step: int, max_step: int
+    ) -> list[tuple[int, int] | None]:
+        """First and last step of each named series within [min_step, max_step] (0: no upper bound); None when
+        empty. One statement of two index probes per name (separate subqueries so that SQLite, too, reads each
+        from an end of the index): a round trip per name cost more than its probes."""
         mp = store.metric_points
-        where = [*cls._current_points(job), mp.c.name == name, mp.c.step >= min_step]
-        if max_step:
-            where.append(mp.c.step <= max_step)
-        first = select(func.min(mp.c.step)).where(*where).scalar_subquery()
-        last = select(func.max(mp.c.step)).where(*where).scalar_subquery()
-        row = (await conn.execute(select(first, last))).one()
-        return None if row[0] is None else (int(row[0]), int(row[1]))
+        probes = []
+        for name in names:
+            where = [*cls._current_points(job), mp.c.name == name, mp.c.step >= min_step]
+            if max_step:
+                where.append(mp.c.step <= max_step)
+            probes += [
+                select(func.min(mp.c.step)).where(*where).scalar_subquery(),
+                select(func.max(mp.c.step)).where(*where).scalar_subquery(),
+            ]
+        spans: list[tuple[int, int] | None] = []
+        for at in range(0, len(probes), 400):  # within PostgreSQL's 1,664 and SQLite's 2,000 columns
+            row = (await conn.execute(select(*probes[at : at + 400]))).one()
+            spans += [None if row[i] is None else (int(row[i]), int(row[i + 1])) for i in range(0, len(row), 2)]
+        return spans
 
     @classmethod
     async def _downsampled(
