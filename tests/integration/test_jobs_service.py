@@ -388,3 +388,23 @@ async def test_a_claim_takes_the_best_job_not_locked_by_another_claim(postgres_u
         assert (await jobs.claim_next(agent)).id == ranked[2].id
     finally:
         await engine.dispose()
+
+
+async def test_a_checkpoint_dropped_in_a_rolled_back_batch_keeps_its_files_when_a_later_batch_commits(jobs, tmp_path):
+    await jobs.submit("m1", "d1", "sft-lora", {"save_total_limit": 1})
+    agent, _ = await jobs.register_agent("a", {}, 1)
+    job = await jobs.claim_next(agent)
+    first, second = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
+    for directory in (first, second):
+        directory.mkdir()
+        (directory / "adapter_model.safetensors").write_bytes(b"w")
+    await jobs.apply_reports([report(job, 1, "checkpoint", agent_id=agent, step=1, output_uri=str(first))])
+    naive = Report(job.id, 1, 3, "metric", dt.datetime.now(), agent_id=agent, step=2, values={"loss": 1.0})
+    with pytest.raises(ValueError):  # the checkpoint of step 2 dropped step 1's, then the batch failed
+        await jobs.apply_reports([report(job, 2, "checkpoint", agent_id=agent, step=2, output_uri=str(second)), naive])
+    await jobs.apply_reports([report(job, 2, "log", agent_id=agent, text="another batch commits")])
+    assert [c.step for c in await jobs.checkpoints(job.id)] == [1]
+    assert first.exists(), "the rolled-back drop removed the files of a checkpoint that is still listed"
+    await jobs.apply_reports([report(job, 3, "checkpoint", agent_id=agent, step=2, output_uri=str(second))])
+    assert [c.step for c in await jobs.checkpoints(job.id)] == [2]
+    assert not first.exists() and second.exists()

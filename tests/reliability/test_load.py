@@ -383,6 +383,6 @@ async def test_a_stream_gone_while_its_batch_fails_to_store_leaves_the_writer_st
         queued = asyncio.create_task(writer.apply([report]))
         with pytest.raises((DBAPIError, OSError)):  # the refused connection, as it reached the caller
             await asyncio.wait_for(queued, 10)
-        assert writer.task is not None and writer.task.exception() is None
+        assert not writer.tasks and not writer.waiting and not writer.storing
     finally:
         await engine.dispose()

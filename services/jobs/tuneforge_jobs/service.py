@@ -256,7 +256,6 @@ class Jobs:
     on_change: Callable[..., None] | None = None  # wakes schedulers and watchers (with job ids: theirs only)
     checkpoint_keep: int = 3  # checkpoints kept per job when its parameters don't say (save_total_limit)
     join_tokens: tuple[str, ...] = ()  # the operator's secrets that let a new trainer node join
-    _dropped_checkpoint_uris: list[str] = field(default_factory=list)
 
     def _after_commit(self, *job_ids: str) -> None:
         """Wake the outbox publisher, and the schedulers and watchers (only these jobs' watchers when given)."""
@@ -648,9 +647,10 @@ class Jobs:
             query = select(store.checkpoints).where(store.checkpoints.c.job_id == job_id)
             return list((await conn.execute(query.order_by(store.checkpoints.c.step))).all())
 
-    async def _record_checkpoint(self, conn: AsyncConnection, job: Any, r: Report) -> None:
+    async def _record_checkpoint(self, conn: AsyncConnection, job: Any, r: Report) -> list[str]:
         """Store a checkpoint once, then apply retention: the last K (save_total_limit, else
-        checkpoint_keep) plus the best by eval_loss (else loss); dropped ones lose their files too."""
+        checkpoint_keep) plus the best by eval_loss (else loss). Returns the dropped ones' URIs, whose files go
+        once the transaction commits (a rolled-back drop keeps them)."""
         c = store.checkpoints.c
         exists = await conn.execute(select(c.step).where(c.job_id == job.id, c.step == r.step))
         if exists.first() is None:
@@ -673,7 +673,7 @@ class Jobs:
         if dropped:
             dropped_steps = [d.step for d in dropped]
             await conn.execute(delete(store.checkpoints).where(c.job_id == job.id, c.step.in_(dropped_steps)))
-            self._dropped_checkpoint_uris.extend(d.uri for d in dropped)
+        return [d.uri for d in dropped]
 
     async def publish_checkpoint(self, job_id: str, step: int, name: str, description: str = "") -> str:
         """A kept checkpoint as a catalog model with lineage; with step 0, the best of the kept checkpoints and a
@@ -1862,9 +1862,8 @@ class Jobs:
                 self._after_commit(*{job_id for job_id, _ in changed})
             else:
                 self._after_commit()
-        if self._dropped_checkpoint_uris:  # after the commit: a rolled-back drop keeps its files
-            uris, self._dropped_checkpoint_uris = self._dropped_checkpoint_uris, []
-            await asyncio.to_thread(_remove_uris, uris)
+        if batch.dropped_uris:  # after the commit: a rolled-back drop keeps its files
+            await asyncio.to_thread(_remove_uris, batch.dropped_uris)
         return acks
 
 
@@ -1990,6 +1989,9 @@ class _ReportBatch:
         self.logs: list[dict[str, Any]] = []
         self.points: list[tuple[Any, ...]] = []  # rows in _POINT_COLUMNS order
         self.progress: dict[str, dict[str, Any]] = {}
+        # Files of checkpoints retention dropped in this transaction: their own batch's, so that a transaction
+        # storing beside this one (ReportWriter) or rolled back never removes another's.
+        self.dropped_uris: list[str] = []
 
     async def preload(self, job_ids: list[str]) -> None:
         """The rows of these jobs, in one query."""
@@ -2035,7 +2037,7 @@ class _ReportBatch:
                 "tokens_seen": int(tokens) if tokens is not None else before["tokens_seen"],
             }
         elif r.kind == "checkpoint":
-            await self.jobs._record_checkpoint(self.conn, job, r)
+            self.dropped_uris += await self.jobs._record_checkpoint(self.conn, job, r)
         elif r.kind == "state" and r.state is not None:
             await self.flush()  # progress and lines before the state that follows them
             target = r.state
