@@ -41,8 +41,8 @@ DEFAULT_PAGE = 100
 WATCH_POLL_S = 1.0
 WATCH_PASS_S = 0.25
 # The agents' assignment streams are looked at again this often without a wake-up (a commit on this replica wakes
-# them at once): what it finds is another replica's doing. Every second, 50 idle agents' streams took a sixth of the jobs
-# service's CPU under load (tests/reliability/load.py); heartbeats (every 3 s) also carry cancellations.
+# them at once): what it finds is another replica's doing. Every second, 50 idle agents' streams took a sixth of the
+# jobs service's CPU under load (tests/reliability/load.py); heartbeats (every 3 s) also carry cancellations.
 ASSIGN_POLL_S = 3.0
 # The shared feed's pass: one for every watcher of this replica, so it can come often.
 FEED_PASS_S = 0.1

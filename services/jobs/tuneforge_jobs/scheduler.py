@@ -18,6 +18,7 @@ time, since runs have no duration estimate to backfill against.)
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +65,13 @@ class ResourceRequest:
     @classmethod
     def from_json(cls, text: str | None) -> ResourceRequest:
         """From the jobs.resources column."""
-        return cls.from_dict(_loads(text))
+        return _request_from_json(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_from_json(text: str | None) -> ResourceRequest:
+    # Parsed once per distinct text: every claim reads a page of 100 queued jobs, most with the same few requests.
+    return ResourceRequest.from_dict(_loads(text))
 
 
 @dataclass(frozen=True)
