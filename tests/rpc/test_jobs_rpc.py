@@ -62,6 +62,14 @@ async def next_assignment(s: Stubs, agent_id: str) -> apb.JobAssignment:
     return msg.assignment
 
 
+async def assigned_job(s: Stubs) -> tuple[pb.Job, str]:
+    """A submitted job assigned to a newly registered agent, and the agent's id."""
+    job = await submit(s)
+    agent_id = (await s.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1"), timeout=5)).agent_id
+    await next_assignment(s, agent_id)
+    return job, agent_id
+
+
 async def drain(reporter: Reporter, s: Stubs) -> None:
     task = asyncio.create_task(reporter.run_stream(s.agents))
     for _ in range(100):
@@ -123,9 +131,7 @@ async def test_agent_pulls_a_job_reports_it_and_a_watcher_sees_everything_once(s
 
 
 async def test_reporter_resends_unacknowledged_reports_after_reconnect_without_duplicates(stubs):
-    job = await submit(stubs)
-    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1"), timeout=5)).agent_id
-    await next_assignment(stubs, agent_id)
+    job, agent_id = await assigned_job(stubs)
     reporter = Reporter(agent_id=agent_id)
     for i in range(5):
         reporter.add(job.id, 1, log=apb.LogReport(text=f"line {i}"))
@@ -142,9 +148,7 @@ async def test_reporter_resends_unacknowledged_reports_after_reconnect_without_d
 
 
 async def test_a_backlog_goes_in_few_messages_and_is_stored_in_order(stubs):
-    job = await submit(stubs)
-    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1"), timeout=5)).agent_id
-    await next_assignment(stubs, agent_id)
+    job, agent_id = await assigned_job(stubs)
     reporter = Reporter(agent_id=agent_id)
     for i in range(1200):
         reporter.add(job.id, 1, log=apb.LogReport(text=f"line {i}"))
@@ -168,9 +172,7 @@ def test_a_report_message_stays_under_its_byte_limit_and_a_report_over_it_goes_a
 
 
 async def test_a_message_with_its_own_report_and_more_stores_its_own_first_and_names_a_bad_one_by_index(stubs):
-    job = await submit(stubs)
-    agent_id = (await stubs.agents.RegisterAgent(apb.RegisterAgentRequest(name="n1"), timeout=5)).agent_id
-    await next_assignment(stubs, agent_id)
+    job, agent_id = await assigned_job(stubs)
     both = apb.ReportJobRequest(
         agent_id=agent_id,
         job_id=job.id,
