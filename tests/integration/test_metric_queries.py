@@ -29,7 +29,7 @@ from tuneforge_jobs import api, series, store
 from tuneforge_jobs.lifecycle import JobState
 from tuneforge_jobs.main import MIGRATIONS
 from tuneforge_jobs.notify import Notifier
-from tuneforge_jobs.service import Jobs, Report, add_to_metric_blocks, rebuild_metric_blocks
+from tuneforge_jobs.service import Jobs, Report, add_to_metric_blocks, rebuild_all_metric_blocks, rebuild_metric_blocks
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 Rows = list[tuple[str, int, float]]  # (name, step, value), in insertion order
@@ -316,17 +316,34 @@ async def test_rollup_blocks_equal_the_standing_points_after_report_batches_and_
             assert s.points == reference(rows, s.name, max_points, 0, 199), (s.name, max_points)
 
 
-async def test_a_batch_of_an_attempt_superseded_meanwhile_adds_nothing_to_the_blocks(postgres_url):
-    # PostgreSQL: a report batch checks its job's attempt first and stores its points later, and a claim may
-    # commit in between (on SQLite, one writer at a time, it cannot).
-    async with jobs_on(postgres_url) as jobs:
-        job_id = await make_job(jobs)
-        await insert(jobs, job_id, [("loss", s, float(s)) for s in range(0, 41)])
-        await resumed(jobs, job_id, attempt=2, from_step=20)
-        before = await stored_blocks(jobs, job_id)
-        async with jobs.engine.begin() as conn:
-            await add_to_metric_blocks(conn, [(job_id, 1, "loss", s, -1.0) for s in range(18, 36)])
-        assert await stored_blocks(jobs, job_id) == before == await blocks_of_standing_points(jobs, job_id)
+async def test_a_batch_of_an_attempt_superseded_meanwhile_adds_to_the_blocks_only_the_points_that_stand(jobs):
+    # A report batch checks its job's attempt before it stores its points (on SQLite its transaction begins only
+    # at its first write), and a claim may commit in between: of the late batch, the points at or before the
+    # step attempt 2 resumed from stand (block 0), those past it do not (blocks 1 and 2).
+    job_id = await make_job(jobs)
+    await insert(jobs, job_id, [("loss", s, float(s)) for s in range(0, 41)])
+    await resumed(jobs, job_id, attempt=2, from_step=20)
+    await insert(jobs, job_id, [("loss", s, -1.0) for s in [*range(0, 16), *range(21, 36)]], attempt=1)
+    assert await stored_blocks(jobs, job_id) == await blocks_of_standing_points(jobs, job_id)
+    assert (await stored_blocks(jobs, job_id))[("loss", 0)].count == 32
+
+
+async def test_rebuilding_every_jobs_rollups_makes_them_from_the_points_that_stand(jobs):
+    # Points stored without their blocks, as a jobs service older than the blocks would, and blocks gone stale.
+    fresh, resumed_one = await make_job(jobs), await make_job(jobs)
+    await insert(jobs, resumed_one, [("loss", s, float(s)) for s in range(0, 60)])
+    await resumed(jobs, resumed_one, attempt=2, from_step=40)
+    await insert(jobs, resumed_one, [("loss", s, -float(s)) for s in range(41, 50)], attempt=2)
+    async with jobs.engine.begin() as conn:
+        for job_id in (fresh, resumed_one):
+            await conn.execute(
+                store.metric_points.insert(),
+                [dict(job_id=job_id, attempt=2, name="acc", step=s, value=0.5, recorded_at=T0) for s in range(0, 70)],
+            )
+        await conn.execute(update(store.metric_blocks).where(store.metric_blocks.c.job_id == resumed_one).values(n=1))
+    assert await rebuild_all_metric_blocks(jobs.engine) == 2
+    for job_id in (fresh, resumed_one):
+        assert await stored_blocks(jobs, job_id) == await blocks_of_standing_points(jobs, job_id) != {}
 
 
 async def test_deleting_a_job_deletes_its_rollup_blocks(jobs):

@@ -1891,13 +1891,16 @@ def _printable(text: str) -> str:
 _BLOCK_COLUMNS = ("job_id", "name", "block", "n", "low", "high", "last_step", "last_value")
 # One statement for a batch's blocks: its arrays, one per column, unnested into rows merged with those stored. Not
 # for an attempt that a claim superseded since the batch checked it (the claim rebuilt the blocks past its step
-# from the points that stand, which these are not).
+# from the points that stand, which these are not), unless every point of the block is at or before the step the
+# new attempt resumed from: those points stand.
 _UPSERT_BLOCKS_PG = """
 INSERT INTO metric_blocks AS b (job_id, name, block, n, low, high, last_step, last_value)
 SELECT u.job_id, u.name, u.block, u.n, u.low, u.high, u.last_step, u.last_value
 FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::bigint[], $5::float8[], $6::float8[], $7::bigint[],
             $8::float8[], $9::integer[]) AS u(job_id, name, block, n, low, high, last_step, last_value, attempt)
-WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id AND j.attempt = u.attempt)
+WHERE EXISTS (
+    SELECT 1 FROM jobs j WHERE j.id = u.job_id AND (j.attempt = u.attempt OR u.last_step <= j.resumed_from_step)
+)
 ON CONFLICT (job_id, name, block) DO UPDATE SET
     n = b.n + excluded.n, low = least(b.low, excluded.low), high = greatest(b.high, excluded.high),
     last_step = greatest(b.last_step, excluded.last_step),
@@ -1921,7 +1924,22 @@ async def add_to_metric_blocks(conn: AsyncConnection, points: list[tuple[str, in
         columns = [list(column) for column in zip(*rows, strict=True)]
         await raw.driver_connection.execute(_UPSERT_BLOCKS_PG, *columns, [attempts[job_id] for job_id in columns[0]])
         return
-    # SQLite: one writer at a time, so no claim commits while this batch's transaction runs.
+    # SQLite: the points' INSERT began this transaction's write, so no claim commits until it ends; but the batch
+    # checked its attempts before (pysqlite begins at the first write), so the same rule as above, read now.
+    jobs = store.jobs.c
+    current = {
+        r.id: (r.attempt, r.resumed_from_step)
+        for r in await conn.execute(
+            select(jobs.id, jobs.attempt, jobs.resumed_from_step).where(jobs.id.in_(sorted(attempts)))
+        )
+    }
+    rows = [
+        row
+        for row in rows
+        if row[0] in current and (current[row[0]][0] == attempts[row[0]] or row[6] <= current[row[0]][1])
+    ]
+    if not rows:
+        return
     mb = sqlite_insert(store.metric_blocks)
     new, old = mb.excluded, store.metric_blocks.c
     await conn.execute(
@@ -1939,12 +1957,15 @@ async def add_to_metric_blocks(conn: AsyncConnection, points: list[tuple[str, in
     )
 
 
-async def rebuild_metric_blocks(conn: AsyncConnection, job_id: str, attempt: int, from_step: int) -> None:
-    """The job's rollup blocks from the one holding from_step on, made again from the points that stand: when
-    attempt resumes from from_step, the earlier attempts' points past it no longer do. With from_step 0 and
-    attempt 1, every block of the job (for points stored without them, as the query benchmark's COPY)."""
+async def rebuild_metric_blocks(
+    conn: AsyncConnection, job_id: str, attempt: int, from_step: int, first_step: int | None = None
+) -> None:
+    """The job's rollup blocks from the one holding from_step on (first_step, when given), made again from the
+    points that stand: when attempt resumes from from_step, the earlier attempts' points past it no longer do.
+    With from_step 0 and attempt 1, every block of the job (for points stored without them, as the query
+    benchmark's COPY); with first_step 0 and the job's own attempt and resumed_from_step, every block of it."""
     mb, mp = store.metric_blocks, store.metric_points
-    first = from_step // series.BLOCK_STEPS
+    first = (from_step if first_step is None else first_step) // series.BLOCK_STEPS
     await conn.execute(delete(mb).where(mb.c.job_id == job_id, mb.c.block >= first))
     where = [mp.c.job_id == job_id, mp.c.step >= first * series.BLOCK_STEPS]
     if attempt > 1:
@@ -1973,6 +1994,20 @@ async def rebuild_metric_blocks(conn: AsyncConnection, job_id: str, attempt: int
     )
     rows = select(literal(job_id, String), *[grouped.c[c] for c in _BLOCK_COLUMNS[1:-1]], last_value)
     await conn.execute(mb.insert().from_select(list(_BLOCK_COLUMNS), rows))
+
+
+async def rebuild_all_metric_blocks(engine: AsyncEngine, progress: Callable[[int, int], None] | None = None) -> int:
+    """Every job's rollup blocks made again from its standing points, a job a transaction: for points stored
+    without their blocks (a jobs service older than the blocks run against this schema). Returns the jobs done."""
+    jc = store.jobs.c
+    async with engine.connect() as conn:
+        jobs = (await conn.execute(select(jc.id, jc.attempt, jc.resumed_from_step).order_by(jc.id))).all()
+    for done, job in enumerate(jobs, 1):
+        async with engine.begin() as conn:
+            await rebuild_metric_blocks(conn, job.id, job.attempt, job.resumed_from_step, first_step=0)
+        if progress is not None:
+            progress(done, len(jobs))
+    return len(jobs)
 
 
 _POINT_COLUMNS = ("job_id", "attempt", "name", "step", "value", "recorded_at")
