@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -236,3 +237,12 @@ def test_identical_jobs_differ_in_nothing():
     params = {"lora_rank": 8, "learning_rate": 2e-4}
     assert parameter_differences([params, dict(params), dict(params)]) == []
     assert parameter_differences([{}, {}]) == []
+
+
+def test_roll_up_orders_nan_above_every_number_as_postgresql_does_whatever_comes_first():
+    nan = float("nan")
+    for values in ([nan, 1.0, 3.0], [1.0, nan, 3.0], [1.0, 3.0, nan]):
+        (block,) = roll_up(("j", "loss", step, v) for step, v in enumerate(values)).values()
+        assert (block.min, math.isnan(block.max), block.count) == (1.0, True, 3), values
+    (block,) = roll_up([("j", "loss", 0, nan), ("j", "loss", 1, nan)]).values()
+    assert math.isnan(block.min) and math.isnan(block.max)

@@ -144,7 +144,10 @@ def roll_up(points: Iterable[tuple[str, str, int, float]]) -> dict[tuple[str, st
             acc[key] = [1, value, value, step, value]
             continue
         block[0] += 1
-        if value < block[1]:
+        # NaN orders above every number, as in PostgreSQL, whose min and max of the points the blocks stand for.
+        if value != value:
+            block[2] = value
+        elif value < block[1] or block[1] != block[1]:
             block[1] = value
         if value > block[2]:
             block[2] = value
