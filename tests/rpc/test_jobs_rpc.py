@@ -321,3 +321,18 @@ async def test_heartbeat_names_the_jobs_an_agent_runs_that_are_no_longer_its_own
     ).agent_id
     beat = await stubs.agents.Heartbeat(apb.HeartbeatRequest(agent_id=new, running_job_ids=[job.id]), timeout=5)
     assert list(beat.cancel_job_ids) == [job.id]
+
+
+async def test_a_message_of_more_reports_than_one_batch_holds_is_refused_whole(stubs):
+    job, agent_id = await assigned_job(stubs)
+    too_many = [
+        apb.JobReport(job_id=job.id, attempt=1, seq=i, log=apb.LogReport(text=f"line {i}"))
+        for i in range(1, api.MAX_REPORTS_PER_MESSAGE + 2)
+    ]
+    call = stubs.agents.ReportJob()
+    await call.write(apb.ReportJobRequest(agent_id=agent_id, reports=too_many))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await asyncio.wait_for(call.read(), 5)
+    err = decode_error(exc.value)
+    assert (err.code, [f for f, _ in err.field_violations]) == (grpc.StatusCode.INVALID_ARGUMENT, ["reports"])
+    assert not (await stubs.jobs.ListJobLogs(pb.ListJobLogsRequest(job_id=job.id), timeout=5)).lines

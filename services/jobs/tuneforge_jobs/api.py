@@ -53,6 +53,7 @@ FEED_PASS_TIMEOUT_S = 30.0
 # with passes of its own from where it is, so the feed never holds more than this for it.
 FEED_BACKLOG = 4 * MAX_PAGE
 REPORT_BATCH = 1000
+MAX_REPORTS_PER_MESSAGE = REPORT_BATCH
 # Report transactions at once (ReportWriter): one stores while the next is being prepared.
 REPORT_WRITERS = 2
 _REPORTED = {
@@ -64,11 +65,23 @@ _REPORTED = {
 }
 
 
-@functools.lru_cache(maxsize=4096)
+# Parameters texts longer than this are converted each time rather than kept: the cache stays under ~64 MiB.
+CACHED_PARAMETERS_CHARS = 16_384
+
+
 def _parameters_struct(parameters_json: str) -> bytes:
     """A job's stored parameters as a serialized Struct. They never change once submitted, and filling a Struct
     key by key in Python cost about 250 us a job: most of ListJobs' CPU (py-spy, bench_gateway)."""
+    if len(parameters_json) > CACHED_PARAMETERS_CHARS:
+        return _serialized_struct(parameters_json)
+    return _cached_serialized_struct(parameters_json)
+
+
+def _serialized_struct(parameters_json: str) -> bytes:
     return struct(json.loads(parameters_json)).SerializeToString()
+
+
+_cached_serialized_struct = functools.lru_cache(maxsize=4096)(_serialized_struct)
 
 
 def job_to_pb(row: Any, now: dt.datetime | None = None) -> pb.Job:
@@ -783,7 +796,8 @@ class AssignmentWakes:
         wake = AssignmentWake()
         self.streams.setdefault(agent_id, set()).add(wake)
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self.run())
+            # Its own context: it looks for every agent's stream, so it carries none's credentials.
+            self.task = asyncio.create_task(self.run(), context=contextvars.Context())
         return wake
 
     def leave(self, agent_id: str, wake: AssignmentWake) -> None:
@@ -948,6 +962,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 def decode_reports(req: apb.ReportJobRequest) -> list[Report]:
     """The reports of one message: its own (when it has one), then `reports` in their order."""
+    if len(req.reports) > MAX_REPORTS_PER_MESSAGE:
+        # One message is one transaction's worth at most (an agent sends 500): more would make one batch of it.
+        raise InvalidArgument.for_field("reports", f"must hold at most {MAX_REPORTS_PER_MESSAGE} reports")
     own = [decode_report(req, req.agent_id)] if req.WhichOneof("report") or not req.reports else []
     return own + [decode_report(r, req.agent_id, f"reports[{i}].") for i, r in enumerate(req.reports)]
 
