@@ -358,6 +358,20 @@ def test_migrate_script_brings_a_fresh_database_to_head(svc: str, tmp_path: Path
     assert f"alembic_version_{svc}" in tables and "outbox" in tables
 
 
+def test_migrate_script_rebuilds_the_metric_rollups_of_jobs_only_when_asked(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TUNEFORGE_JOBS_DATABASE_URL": "sqlite+aiosqlite:///j.db"}
+    script = [sys.executable, str(DEPLOY / "migrate.py")]
+    done = subprocess.run(
+        [*script, "jobs", "--rebuild-metric-blocks"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "jobs: metric rollups rebuilt for 0 jobs" in done.stdout
+    refused = subprocess.run(
+        [*script, "catalog", "--rebuild-metric-blocks"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "--rebuild-metric-blocks" in refused.stderr
+
+
 def test_migrate_script_refuses_an_unknown_service() -> None:
     done = subprocess.run([sys.executable, str(DEPLOY / "migrate.py"), "gateway"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage: migrate.py catalog|jobs" in done.stderr
