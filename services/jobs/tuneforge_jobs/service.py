@@ -228,6 +228,10 @@ def _to_stop() -> Any:
     )
 
 
+def _agent_gone(agent_id: str) -> NotFound:
+    return NotFound(f"agent {agent_id!r} is not registered or its lease expired; register again")
+
+
 def _training(job: Any, action: str) -> Any:
     """The job, if it is a training: merges, evaluations and deployments are not copied, paused or published."""
     if job.kind != operations.TRAIN:
@@ -1395,21 +1399,11 @@ class Jobs:
             )
         return agent_id, False
 
-    async def _active_agent(self, conn: AsyncConnection, agent_id: str, lock: bool = False) -> Any:
-        """The agent's row if its lease holds. lock: hold the row until the transaction ends, so claims for
-        one agent (e.g. from two replicas while it reconnects) run one after the other and never overfill it."""
-        query = select(store.agents).where(store.agents.c.id == agent_id)
-        if lock:
-            if conn.dialect.name == "postgresql":
-                query = query.with_for_update()
-            else:
-                # SQLite has one writer: writing first takes its lock, which makes the whole claim serial.
-                await conn.execute(
-                    update(store.agents).where(store.agents.c.id == agent_id).values(status=store.agents.c.status)
-                )
-        agent = (await conn.execute(query)).first()
+    async def _active_agent(self, conn: AsyncConnection, agent_id: str) -> Any:
+        """The agent's row if its lease holds."""
+        agent = (await conn.execute(select(store.agents).where(store.agents.c.id == agent_id))).first()
         if agent is None or agent.status != "ACTIVE":
-            raise NotFound(f"agent {agent_id!r} is not registered or its lease expired; register again")
+            raise _agent_gone(agent_id)
         return agent
 
     async def heartbeat(self, agent_id: str, running_job_ids: Sequence[str] = ()) -> list[str]:
@@ -1445,8 +1439,7 @@ class Jobs:
         self, conn: AsyncConnection, agent_id: str, lock: bool = False
     ) -> tuple[scheduler.AgentSnapshot, bool]:
         """The agent's capacity and the requests of the jobs it holds, and whether any job is queued: one statement
-        (raises NotFound when its lease lapsed). lock: as _active_agent's, the agent's row held until the
-        transaction ends."""
+        (raises NotFound when its lease lapsed). lock: the agent's row held until the transaction ends."""
         a, held, queued = store.agents.c, store.jobs.c, _QUEUED_JOB.c
         query = (
             select(
@@ -1466,6 +1459,8 @@ class Jobs:
             .where(a.id == agent_id)
         )
         if lock:
+            # Held until the transaction ends, so that claims for one agent (e.g. from two replicas while it
+            # reconnects) run one after the other and never overfill it.
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(of=store.agents)
             else:
@@ -1473,7 +1468,7 @@ class Jobs:
                 await conn.execute(update(store.agents).where(a.id == agent_id).values(status=a.status))
         rows = (await conn.execute(query)).all()
         if not rows or rows[0].status != "ACTIVE":
-            raise NotFound(f"agent {agent_id!r} is not registered or its lease expired; register again")
+            raise _agent_gone(agent_id)
         snapshot = scheduler.AgentSnapshot(
             scheduler.AgentCapacity.from_json(rows[0].resources, rows[0].slots),
             tuple(scheduler.ResourceRequest.from_json(r.held_resources) for r in rows if r.held_id is not None),
