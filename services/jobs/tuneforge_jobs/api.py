@@ -700,8 +700,10 @@ class ReportWriter:
         return await future
 
     def _start(self) -> None:
-        while len(self.tasks) < REPORT_WRITERS and (batches := self._take()):
-            jobs = {r.job_id for reports, _ in batches for r in reports}
+        while len(self.tasks) < REPORT_WRITERS:
+            batches, jobs = self._take()
+            if not batches:
+                return
             self.storing |= jobs
             # Its own context: the writer stores every caller's reports, so it carries none's credentials.
             task = asyncio.create_task(self._store(batches), context=contextvars.Context())
@@ -715,15 +717,16 @@ class ReportWriter:
             log.error("report writer failed", exc_info=exc)
         self._start()
 
-    def _take(self) -> list[tuple[list[Report], asyncio.Future[ReportAcks]]]:
-        """Waiting batches, in arrival order, up to REPORT_BATCH reports, of none of the jobs being stored."""
+    def _take(self) -> tuple[list[tuple[list[Report], asyncio.Future[ReportAcks]]], set[str]]:
+        """Waiting batches, in arrival order, up to REPORT_BATCH reports, of none of the jobs being stored; and
+        their jobs."""
         taken: list[tuple[list[Report], asyncio.Future[ReportAcks]]] = []
         left: list[tuple[list[Report], asyncio.Future[ReportAcks]]] = []
-        size, busy = 0, set(self.storing)
+        size, busy, taken_jobs = 0, set(self.storing), set[str]()
         for reports, future in self.waiting:
-            jobs = {r.job_id for r in reports}
             if future.done():  # its caller is gone
                 continue
+            jobs = {r.job_id for r in reports}
             if (taken and size + len(reports) > REPORT_BATCH) or jobs & busy:
                 left.append((reports, future))
                 busy |= jobs  # a later batch of the same job waits behind this one
@@ -731,8 +734,9 @@ class ReportWriter:
             taken.append((reports, future))
             size += len(reports)
             busy |= jobs
+            taken_jobs |= jobs
         self.waiting = left
-        return taken
+        return taken, taken_jobs
 
     async def _store(self, batches: list[tuple[list[Report], asyncio.Future[ReportAcks]]]) -> None:
         try:
