@@ -246,3 +246,9 @@ def test_roll_up_orders_nan_above_every_number_as_postgresql_does_whatever_comes
         assert (block.min, math.isnan(block.max), block.count) == (1.0, True, 3), values
     (block,) = roll_up([("j", "loss", 0, nan), ("j", "loss", 1, nan)]).values()
     assert math.isnan(block.min) and math.isnan(block.max)
+
+
+def test_merged_buckets_order_nan_as_roll_up_does_whichever_side_holds_it():
+    nan, number = SeriesPoint.single(1, float("nan")), SeriesPoint.single(2, 1.0)
+    for merged in (nan.merged(number), number.merged(nan)):
+        assert merged.min == 1.0 and math.isnan(merged.max) and merged.count == 2

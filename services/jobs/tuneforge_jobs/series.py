@@ -44,7 +44,17 @@ class SeriesPoint:
     def merged(self, later: SeriesPoint) -> SeriesPoint:
         """One bucket of this one's points and `later`'s, stored after them: for equal last steps, later's wins."""
         last = (later.step, later.value) if later.step >= self.step else (self.step, self.value)
-        return SeriesPoint(*last, min(self.min, later.min), max(self.max, later.max), self.count + later.count)
+        return SeriesPoint(*last, lower(self.min, later.min), higher(self.max, later.max), self.count + later.count)
+
+
+# The order of values in a bucket's min and max: NaN above every number, as in PostgreSQL, which computes them for
+# the points and the rollup blocks these merge with (Python's min and max keep whichever NaN or number came first).
+def lower(a: float, b: float) -> float:
+    return b if a != a or b < a else a
+
+
+def higher(a: float, b: float) -> float:
+    return b if b != b or b > a else a
 
 
 @dataclass(frozen=True)
@@ -144,13 +154,7 @@ def roll_up(points: Iterable[tuple[str, str, int, float]]) -> dict[tuple[str, st
             acc[key] = [1, value, value, step, value]
             continue
         block[0] += 1
-        # NaN orders above every number, as in PostgreSQL, whose min and max of the points the blocks stand for.
-        if value != value:
-            block[2] = value
-        elif value < block[1] or block[1] != block[1]:
-            block[1] = value
-        if value > block[2]:
-            block[2] = value
+        block[1], block[2] = lower(block[1], value), higher(block[2], value)
         if step >= block[3]:
             block[3], block[4] = step, value
     return {key: SeriesPoint(last_step, last, low, high, n) for key, (n, low, high, last_step, last) in acc.items()}
