@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 from _support import Figure, add_figures_argument, percentile, write_figures  # bench/ is the script's directory
 
 from tuneforge.jobs.v1 import jobs_pb2 as pb
@@ -46,7 +46,6 @@ from tuneforge_common.db import create_postgres_database, drop_postgres_database
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "datasets" / "sample-chat.jsonl"
 PAGE_SIZE = 50
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -62,12 +61,12 @@ def postgres_databases(admin_url: str, *names: str) -> Iterator[list[str]]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far."""
+    """User + system CPU time of one process so far (0 for one that is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return times.user + times.system
 
 
 @dataclass
